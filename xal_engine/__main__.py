@@ -1,0 +1,3 @@
+from xal_engine.cli import main
+
+raise SystemExit(main())

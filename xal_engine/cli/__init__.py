@@ -1,0 +1,58 @@
+"""The ``xal-engine`` command line: a thin layer that maps flags to library calls.
+
+Each command lives in its own module exposing ``register(subparsers)``; the parser built there sets
+``func(args) -> int``. User mistakes raise :class:`~xal_engine.errors.XalError` and end as one line
+on stderr with exit code 2 (``pool validate`` findings: 1), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from xal_engine.errors import XalError
+
+# Command modules, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "xal_engine.cli.demo",
+    "xal_engine.cli.pool",
+]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``xal-engine pool create: error: …``) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="xal-engine",
+        description="Explainability-guided active learning for medical imaging pools.",
+    )
+    from xal_engine import __version__
+
+    parser.add_argument("--version", action="version", version=f"xal-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except XalError as err:
+        print(f"xal-engine {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"xal-engine {args.command}: interrupted", file=sys.stderr)
+        return 130
