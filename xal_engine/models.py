@@ -1,0 +1,230 @@
+"""Backbones for pool classification: torchvision architectures with the input and head adapted.
+
+A model is built as torchvision's 3-channel, 1000-class network (so a published or local state dict
+loads strictly), then its first convolution is adapted to ``in_channels`` and its head replaced by a
+fresh ``num_classes`` linear layer. A checkpoint is one ``torch.save`` file holding the
+architecture, shapes, class names, target layer, state dict, training config, pool fingerprint and
+metrics, enough for ``score`` and ``loop`` to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from xal_engine.errors import XalError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of one torchvision architecture live (dotted module names)."""
+
+    first_conv: str  # the stem convolution that reads the image, 3 input channels
+    head: str  # the final nn.Linear producing 1000 ImageNet logits
+    target_layer: str  # default Grad-CAM layer: the last convolutional block
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec("conv1", "fc", "layer4"),
+    "resnet34": ArchSpec("conv1", "fc", "layer4"),
+    "resnet50": ArchSpec("conv1", "fc", "layer4"),
+    # The paper's layer: the output of the last dense block (before the final norm).
+    "densenet121": ArchSpec("features.conv0", "classifier", "features.denseblock4"),
+    # features.8 is the final 1x1 Conv-BN-SiLU block (1280 channels).
+    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", "features.8"),
+    "convnext_tiny": ArchSpec("features.0.0", "classifier.2", "features.7"),
+}
+
+DEFAULT_TARGET_LAYERS: dict[str, str] = {name: spec.target_layer for name, spec in ARCHS.items()}
+
+
+def parse_arch(arch: str) -> ArchSpec:
+    """The spec of ``arch``, or an XalError listing the valid names."""
+    try:
+        return ARCHS[arch]
+    except KeyError:
+        raise XalError(f"unknown architecture {arch!r}; expected one of: {', '.join(ARCHS)}") from None
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted ``name`` (e.g. ``features.denseblock4``), or an XalError."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise XalError(f"model has no layer {name!r} (dotted module name expected)") from None
+
+
+def adapt_conv_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt RGB filters (O, 3, k, k) to ``in_channels`` inputs: (O, in_channels, k, k).
+
+    Each new channel gets the RGB mean scaled by 3 / in_channels, so a grey image (all channels equal)
+    gives the same response as before. For 1 channel this is the sum of the RGB filters.
+    """
+    if in_channels == weight.shape[1]:
+        return weight.clone()
+    mean = weight.mean(dim=1, keepdim=True)  # (O, 1, k, k)
+    return (mean * (weight.shape[1] / in_channels)).repeat(1, in_channels, 1, 1)
+
+
+def _replace_first_conv(model: nn.Module, spec: ArchSpec, in_channels: int) -> None:
+    old = model.get_submodule(spec.first_conv)
+    assert isinstance(old, nn.Conv2d)
+    if in_channels == old.in_channels:
+        return
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    with torch.no_grad():
+        new.weight.copy_(adapt_conv_weight(old.weight, in_channels))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    model.set_submodule(spec.first_conv, new)
+
+
+def _replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> None:
+    old = model.get_submodule(spec.head)
+    assert isinstance(old, nn.Linear)
+    model.set_submodule(spec.head, nn.Linear(old.in_features, num_classes))
+
+
+def _load_local_weights(model: nn.Module, path: Path, arch: str) -> None:
+    if not path.is_file():
+        raise XalError(f"pretrained weights file {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for a bad file
+        raise XalError(f"pretrained weights file {path} is not a readable state dict ({err})") from None
+    _load_state(model, state, f"pretrained weights file {path}", arch)
+
+
+def _load_published_weights(model: nn.Module, arch: str) -> None:
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:  # torch.hub cache under $TORCH_HOME first, else a download
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # URLError, OSError, hash mismatch: all mean "not available here"
+        home = os.environ.get("TORCH_HOME", "~/.cache/torch")
+        raise XalError(
+            f"published {arch} weights are not available offline ({type(err).__name__}: {err}); "
+            f"place {Path(weights.url).name} under {home}/hub/checkpoints or pass a local file"
+        ) from None
+    _load_state(model, state, f"published {arch} weights", arch)
+
+
+def _load_state(model: nn.Module, state: object, what: str, arch: str) -> None:
+    if not isinstance(state, dict):
+        raise XalError(f"{what} is not a state dict (got {type(state).__name__})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise XalError(f"{what} does not fit torchvision {arch} (3 channels, 1000 classes): "
+                       f"{first}") from None
+
+
+def build_model(arch: str, num_classes: int, in_channels: int,
+                pretrained: str | Path | None = None) -> nn.Module:
+    """A torchvision ``arch`` reading ``in_channels`` and giving ``num_classes`` logits.
+
+    ``pretrained``: None (random init), ``"imagenet"`` (torchvision's published weights, from the
+    torch.hub cache or a download; an XalError when unavailable), or a path to a torchvision state
+    dict of the 3-channel, 1000-class model. The first conv is adapted by :func:`adapt_conv_weight`;
+    the head is always freshly initialised.
+    """
+    spec = parse_arch(arch)
+    if num_classes < 2:
+        raise XalError(f"num_classes must be at least 2, got {num_classes}")
+    if in_channels < 1:
+        raise XalError(f"in_channels must be at least 1, got {in_channels}")
+    model = torchvision.models.get_model(arch, weights=None)
+    if pretrained is not None:
+        if str(pretrained) == "imagenet":
+            _load_published_weights(model, arch)
+        else:
+            _load_local_weights(model, Path(pretrained), arch)
+    _replace_first_conv(model, spec, in_channels)
+    _replace_head(model, spec, num_classes)
+    return model
+
+
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_KEY = "xal_checkpoint"  # its value is the format version
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything but the weights: what rebuilds the model and says where it came from."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    classes: tuple[str, ...]
+    target_layer: str
+    config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict
+    pool: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, image size, dtype
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = CHECKPOINT_FORMAT
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
+    """Write ``model``'s weights and ``info`` to ``path`` atomically (temp file, then rename)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise XalError(f"output directory {path.parent} does not exist")
+    payload = asdict(info)
+    payload["classes"] = list(info.classes)
+    payload[_CHECKPOINT_KEY] = info.format_version
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise XalError(f"checkpoint file {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, …: one line, no traceback
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise XalError(f"checkpoint file {path} is corrupt or not a torch file ({reason})") from None
+    if not isinstance(payload, dict) or _CHECKPOINT_KEY not in payload:
+        raise XalError(f"{path} is not an xal-engine checkpoint (no {_CHECKPOINT_KEY!r} entry)")
+    version = payload[_CHECKPOINT_KEY]
+    if version != CHECKPOINT_FORMAT:
+        raise XalError(f"checkpoint {path} has format version {version}; "
+                       f"this xal-engine reads version {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model saved at ``path`` on ``device``, in eval mode, with its :class:`Checkpoint`."""
+    path = Path(path)
+    payload = _read_checkpoint(path)
+    try:
+        info = Checkpoint(
+            arch=str(payload["arch"]), num_classes=int(payload["num_classes"]),
+            in_channels=int(payload["in_channels"]), classes=tuple(payload["classes"]),
+            target_layer=str(payload["target_layer"]), config=dict(payload["config"]),
+            pool=dict(payload["pool"]), metrics=dict(payload["metrics"]),
+            format_version=int(payload[_CHECKPOINT_KEY]))
+        state = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise XalError(f"checkpoint {path} is incomplete or malformed ({err!r})") from None
+    model = build_model(info.arch, info.num_classes, info.in_channels)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise XalError(f"checkpoint {path}: weights do not fit {info.arch} "
+                       f"({info.in_channels} channels, {info.num_classes} classes): "
+                       f"{str(err).splitlines()[0]}") from None
+    resolve_layer(model, info.target_layer)
+    return model.to(device).eval(), info
