@@ -1,0 +1,188 @@
+"""Grad-CAM capture: activations A and gradients G of target layers, with no parameter gradient.
+
+Inside :class:`GradCamCapture` the model is in eval mode with every parameter frozen. A forward hook
+turns the first target layer that runs into a detached leaf (no graph is built upstream of it); target
+layers further downstream stay graph tensors, so one ``torch.autograd.grad(Σ_b score_b, [A_1, …])``
+gives every G. No host copy, no retained graph; hooks, train/eval flags and ``requires_grad`` are
+restored on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xal_engine.errors import XalError
+
+LayerSpec = Union[nn.Module, str]
+# One target per image: None (predicted class), class indices (B,), or logits (B, K) -> scores (B,).
+Targets = Union[None, Tensor, np.ndarray, Sequence[int], Callable[[Tensor], Tensor]]
+
+
+@dataclass(frozen=True)
+class CamCapture:
+    """What one capture returns; every tensor is detached and stays on the model's device."""
+
+    logits: Tensor  # (B, K) model output, model dtype
+    scores: Tensor  # (B,) fp32 target score per image (raw logit for a class target)
+    activations: tuple[Tensor, ...]  # per target layer: A (B, C, h, w)
+    gradients: tuple[Tensor, ...]  # per target layer: G = d(Σ_b score_b)/dA, same shape and dtype as A
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+    """(dotted name, module) of a target layer given as a submodule or a dotted name like ``layer4``."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer and name:
+                return name, module
+        raise XalError(f"target layer {type(layer).__name__} is not a submodule of {type(model).__name__}")
+    if not isinstance(layer, str):
+        raise XalError(f"target layer must be a module or a dotted name, got {type(layer).__name__}")
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return layer, modules[layer]
+    close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f"close names: {', '.join(close)}" if close else "see model.named_modules() for names"
+    raise XalError(f"target layer '{layer}' not found in {type(model).__name__}; {hint}")
+
+
+def target_scores(logits: Tensor, targets: Targets) -> Tensor:
+    """Σ-able (B,) fp32 scores: the raw logit of the target class (like ClassifierOutputTarget)."""
+    if logits.ndim != 2:
+        raise XalError(f"model output must be logits of shape (B, K), got {tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if callable(targets) and not isinstance(targets, Tensor):
+        scores = targets(logits)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != (batch,):
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise XalError(f"targets callable must return one score per image, shape ({batch},); got {shape}")
+        return scores.float()
+    if targets is None:
+        index = logits.detach().argmax(dim=1)
+    else:
+        if not isinstance(targets, (Tensor, np.ndarray)):
+            targets = list(targets)  # host ints: check the range here, where it costs no sync
+            if any(not 0 <= int(t) < classes for t in targets):
+                raise XalError(f"targets must be class indices in [0, {classes}), got {targets}")
+        index = torch.as_tensor(targets, device=logits.device)
+        if index.ndim != 1 or index.shape[0] != batch:
+            raise XalError(f"targets must give one class per image: expected shape ({batch},), "
+                           f"got {tuple(index.shape)}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise XalError(f"targets must be integer class indices, got dtype {index.dtype}")
+    return logits.float().gather(1, index.long()[:, None])[:, 0]  # (B,)
+
+
+class GradCamCapture:
+    """Context manager capturing A and G of ``target_layers`` for batches of images.
+
+    >>> with GradCamCapture(model, "layer4") as capture:
+    ...     out = capture(images)              # targets=None: the predicted class
+    ...     a, g = out.activations[0], out.gradients[0]
+    """
+
+    def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec]) -> None:
+        layers = [target_layers] if isinstance(target_layers, (nn.Module, str)) else list(target_layers)
+        if not layers:
+            raise XalError("at least one target layer is required")
+        self.model = model
+        resolved = [resolve_layer(model, layer) for layer in layers]
+        self.layer_names = [name for name, _ in resolved]
+        self.layers = [module for _, module in resolved]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._training: list[tuple[nn.Module, bool]] = []
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._acts: list[Tensor | None] = []
+        self._active = False
+
+    def __enter__(self) -> GradCamCapture:
+        self._training = [(m, m.training) for m in self.model.modules()]
+        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            self.model.eval()  # BatchNorm running stats, no Dropout
+            for p, _ in self._requires_grad:
+                p.requires_grad_(False)
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.register_forward_hook(self._hook(i)))
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, mode in self._training:
+            module.training = mode  # per module: a caller's mixed train/eval state comes back as it was
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._training, self._requires_grad, self._acts = [], [], []
+        self._active = False
+
+    def _hook(self, index: int) -> Callable[[nn.Module, object, object], Tensor]:
+        def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
+            name = self.layer_names[index]
+            if not isinstance(output, Tensor) or output.ndim != 4:
+                got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise XalError(f"target layer '{name}' must output feature maps (B, C, h, w), got {got}")
+            if self._acts[index] is not None:
+                raise XalError(f"target layer '{name}' ran twice in one forward pass; pick a layer that runs once")
+            downstream = output.requires_grad and any(a is not None for a in self._acts)
+            # The first target layer becomes a leaf: nothing upstream is recorded. Later target layers
+            # downstream of it stay graph tensors so the one autograd.grad reaches all of them.
+            act = output if downstream else output.detach().requires_grad_()
+            self._acts[index] = act
+            # Downstream gets a copy: an in-place op right after the layer (ReLU(inplace=True), +=)
+            # then changes neither the recorded A nor a leaf (in-place on a grad leaf is an error).
+            return act.clone()
+
+        return hook
+
+    def __call__(self, images: Tensor, targets: Targets = None) -> CamCapture:
+        """One forward and a backward down to the target layers only."""
+        if not self._active:
+            raise RuntimeError("GradCamCapture must be used inside a `with` block")
+        self._acts = [None] * len(self.layers)
+        try:
+            with torch.enable_grad():
+                logits = self.model(images)
+                if not isinstance(logits, Tensor):
+                    raise XalError(f"model must return a logits tensor (B, K), got {type(logits).__name__}")
+                missing = [n for n, a in zip(self.layer_names, self._acts) if a is None]
+                if missing:
+                    raise XalError(f"target layer(s) {', '.join(missing)} did not run in the forward pass")
+                scores = target_scores(logits, targets)
+                if not scores.requires_grad:
+                    raise XalError(f"the model output does not depend on target layer(s) "
+                                   f"{', '.join(self.layer_names)}")
+                acts = [a for a in self._acts if a is not None]
+                # Σ_b score_b: image b's score depends only on image b (eval mode), so dΣ/dA_b = dscore_b/dA_b.
+                grads = torch.autograd.grad(scores.sum(), acts, materialize_grads=True)
+        finally:
+            self._acts = []
+        return CamCapture(
+            logits=logits.detach(),
+            scores=scores.detach(),
+            activations=tuple(a.detach() for a in acts),
+            gradients=tuple(grads),
+        )
+
+
+def capture(model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec], images: Tensor,
+            targets: Targets = None) -> CamCapture:
+    """One-shot :class:`GradCamCapture`: enter, capture one batch, restore the model."""
+    with GradCamCapture(model, target_layers) as cap:
+        return cap(images, targets)
