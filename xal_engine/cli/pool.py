@@ -1,0 +1,123 @@
+"""``xal-engine pool create|info|validate``: flags to library calls, results to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from typing import Any
+
+from xal_engine.errors import XalError
+from xal_engine.pool import SPLIT_NAMES, Pool
+from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
+
+MIB = float(1 << 20)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pool", help="create, inspect and validate pools",
+                                   description="Create, inspect and validate pools (Zarr v3).")
+    sub = parser.add_subparsers(dest="pool_command", metavar="SUBCOMMAND", required=True)
+
+    create = sub.add_parser("create", help="write a new pool (synthetic phantoms for now)",
+                            description="Write a synthetic phantom pool to OUT (via OUT.partial).")
+    create.add_argument("--synthetic", action="store_true", help="generate phantom images")
+    create.add_argument("--out", required=True, help="pool path to write (e.g. pool.zarr)")
+    create.add_argument("--overwrite", action="store_true", help="replace an existing pool at --out")
+    defaults = SyntheticConfig()
+    helps = {"n": "number of images", "size": "image side in pixels", "classes": "lesion classes",
+             "channels": "image channels", "seed": "random seed (same seed: identical pool)",
+             "shortcut": "fraction of train/val images with a class-coded corner marker",
+             "roi_fraction": "fraction of images with an expert ROI",
+             "test_fraction": "fraction of images in the test split",
+             "val_fraction": "fraction of images in the validation split"}
+    for f in fields(SyntheticConfig):
+        value = getattr(defaults, f.name)
+        create.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(value),
+                            default=value, metavar=f.name.upper(),
+                            help=f"{helps[f.name]} (default {value})")
+    create.set_defaults(func=run_create)
+
+    for name, func, text in (("info", run_info, "summarise a pool"),
+                             ("validate", run_validate, "decode every chunk and check every value")):
+        command = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        command.add_argument("pool", metavar="POOL", help="pool path")
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(func=func)
+
+
+def run_create(args: argparse.Namespace) -> int:
+    if not args.synthetic:
+        raise XalError("pool create needs --synthetic (for real data use `xal-engine ingest`)")
+    config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+    began = time.perf_counter()
+    pool = create_synthetic_pool(config, args.out, overwrite=args.overwrite)
+    seconds = time.perf_counter() - began
+    info = pool.info()
+    print(f"created {pool.path}: {pool.n} images {pool.channels}x{pool.height}x{pool.width} "
+          f"{pool.image_dtype}, {len(pool.classes)} classes, "
+          f"{info['storage']['total']['stored_bytes'] / MIB:.2f} MiB stored "
+          f"(images ratio {info['compression_ratio']:.2f}) in {seconds:.1f} s "
+          f"({pool.n / max(seconds, 1e-9):.0f} img/s)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = Pool.open(args.pool).info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    pool = Pool.open(args.pool)
+    problems = pool.validate()
+    if args.json:
+        print(json.dumps({"path": str(pool.path), "valid": not problems, "problems": problems}, indent=2))
+    elif problems:
+        print("\n".join(f"  - {p}" for p in problems))
+        print(f"{pool.path}: INVALID, {len(problems)} problem(s)")
+    else:
+        print(f"{pool.path}: valid ({pool.n} images, {pool.n_chunks} chunk(s) decoded and checked)")
+    return 1 if problems else 0
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                      enumerate(zip(row, widths))) for row in rows]
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable ``pool info``: one table of counts per split and class, then storage."""
+    c, h, w = info["shape"]
+    classes = info["classes"]
+    lines = [f"{info['path']}  (pool format v{info['format_version']}, source {info['source'] or '-'}, "
+             f"modality {info['modality'] or '-'})",
+             f"images: {info['n']} x {c}x{h}x{w} {info['dtype']}",
+             f"classes: {', '.join(classes)}", ""]
+    rows = [["split", "images", "labelled", "has_roi", *classes, "unknown"]]
+    for name in SPLIT_NAMES:
+        s = info["splits"][name]
+        rows.append([name, str(s["n"]), str(s["labelled"]), str(s["has_roi"]),
+                     *(str(s["per_class"][k]) for k in classes), str(s["unknown"])])
+    lines += _table(rows)
+    roi = info["roi_coverage"]
+    chunking, storage = info["chunking"], info["storage"]
+    images, total = storage["images"], storage["total"]
+    lines += ["",
+              f"ROI coverage: {roi['has_roi']}/{info['n']} images ({100 * roi['fraction']:.1f}%)",
+              f"chunking: {chunking['images_per_chunk']} images per chunk, {chunking['chunks']} "
+              f"chunk(s), {chunking['chunk_bytes'] / MIB:.2f} MiB raw per image chunk",
+              f"storage: images {images['stored_bytes'] / MIB:.2f} MiB stored / "
+              f"{images['raw_bytes'] / MIB:.2f} MiB raw (ratio {_ratio(images['ratio'])}); all arrays "
+              f"{total['stored_bytes'] / MIB:.2f} MiB (ratio {_ratio(total['ratio'])})",
+              f"score runs: {', '.join(info['score_runs']) or '(none)'}",
+              f"AL experiments: {', '.join(info['al_experiments']) or '(none)'}"]
+    if info["other_members"]:
+        lines.append(f"other members: {', '.join(info['other_members'])}")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
