@@ -1,0 +1,154 @@
+"""The ingest driver: list items, decode them (in workers), write them in order through PoolWriter.
+
+Resume: before each item's images are appended, a line (item index, image count, skips) goes to
+``<out>.ingest.progress.jsonl``. After a crash, ``PoolWriter(resume=True)`` keeps its whole chunks
+(``n_written`` images); items wholly inside them are not decoded again (their skips come from the
+log), the item straddling the boundary is decoded again and its first images dropped. The log's
+first line fingerprints the settings and the item list, so a changed source or flag is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xal_engine.errors import XalError
+from xal_engine.ingest.common import SPLIT_NAMES, IngestConfig, IngestSource, Item, Skip, assign_splits
+from xal_engine.ingest.workers import ordered_map
+from xal_engine.pool import Pool, PoolWriter
+from xal_engine.progress import progress
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ingest.json")
+
+
+def progress_log_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ingest.progress.jsonl")
+
+
+class ProgressLog:
+    """Append-only record of the items already handed to the writer (see the module docstring)."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+
+    def start(self, n_written: int) -> tuple[int, int, list[Skip]]:
+        """(first item to decode, images of it to drop, skips of the items already done)."""
+        records = self._read() if n_written > 0 else []
+        start, cum, skips = 0, 0, []
+        for rec in records:
+            if rec["index"] != start or cum + rec["n"] > n_written:
+                break
+            cum += rec["n"]
+            skips += [Skip(*s) for s in rec["skipped"]]
+            start += 1
+        with open(self.path, "w") as f:  # keep only what the pool holds
+            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            f.writelines(json.dumps(rec) + "\n" for rec in records[:start])
+        self._file = open(self.path, "a", buffering=1)
+        return start, n_written - cum, skips
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []  # no log: decode from the start, drop the images already written
+        lines = self.path.read_text().splitlines()
+        if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
+            raise XalError(f"--resume: {self.path} was written with other settings or another item "
+                           "list; rerun with the same flags and source, or start over with --overwrite")
+        records = []
+        for line in lines[1:]:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line
+                break
+        return records
+
+    def record(self, index: int, n: int, skipped: tuple[Skip, ...]) -> None:
+        self._file.write(json.dumps({"index": index, "n": n, "skipped": [list(s) for s in skipped]}) + "\n")
+
+    def finish(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _fingerprint(settings: dict[str, Any], items: list[Item]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for item in items:
+        h.update(item.key.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _counts(pool: Pool) -> dict[str, Any]:
+    labels, split = pool.group["labels"][:], pool.group["split"][:]
+    per_class = {name: int((labels == k).sum()) for k, name in enumerate(pool.classes)}
+    if (labels < 0).any():
+        per_class["unknown"] = int((labels < 0).sum())
+    return {"images": pool.n, "per_class": per_class,
+            "per_split": {name: int((split == k).sum()) for k, name in enumerate(SPLIT_NAMES)},
+            "with_roi": int(pool.group["has_roi"][:].sum())}
+
+
+def ingest(source: IngestSource, out: Path | str, config: IngestConfig = IngestConfig()) -> dict[str, Any]:
+    """Build the pool at ``out`` from ``source``; returns the report also written to <out>.ingest.json."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    items, skipped = source.scan()
+    if not items:
+        first = f"; first: {skipped[0].item}: {skipped[0].reason}" if skipped else ""
+        raise XalError(f"{source.root}: no usable {source.name} data found ({len(skipped)} skipped{first})")
+    splits = assign_splits([it.group for it in items], config.test_fraction, config.val_fraction, config.seed)
+    settings = {"format": source.name, "size": config.size, "test_fraction": config.test_fraction,
+                "val_fraction": config.val_fraction, "seed": config.seed,
+                "split_unit": "patient/case (brats), image (vindr, folder), study (siim)",
+                **source.settings()}
+    writer = PoolWriter(out, channels=source.channels, height=config.size, width=config.size,
+                        dtype=source.dtype, classes=source.classes, modality=source.modality,
+                        source=str(source.root.resolve()), attrs={"ingest": settings},
+                        overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume)
+    log = ProgressLog(progress_log_path(out), _fingerprint(settings, items))
+    with writer:
+        resumed_from = writer.n_written
+        start, drop, done_skips = log.start(resumed_from)
+        skipped += done_skips
+        bar = progress(len(items), f"ingest {source.name}", unit="item", enabled=config.show_progress)
+        bar.update(start)
+        appended = 0
+        for index, (item, result) in enumerate(ordered_map(source, items[start:], config.workers), start):
+            item_skips = tuple(Skip(s.item, " ".join(s.reason.split())) for s in result.skipped)  # one line each
+            log.record(index, len(result), item_skips)   # before append: the log covers the pool
+            skipped += item_skips
+            n, first = len(result), min(drop, len(result))
+            drop -= first
+            appended += n - first
+            if n > first:
+                part = slice(first, n)
+                writer.append(result.images[part], result.rois[part], result.has_roi[part],
+                              result.labels[part], list(result.ids[part]),
+                              np.full(n - first, splits[item.group], np.uint8))
+            bar.update(1)
+        bar.close()
+        if resumed_from + appended == 0:
+            raise XalError(f"{source.root}: no usable {source.name} images "
+                           f"({len(skipped)} skipped; first: {skipped[0].item}: {skipped[0].reason})")
+        pool = writer.close()
+    log.finish()
+    report = {"format": source.name, "source": str(source.root), "pool": str(out), "items": len(items),
+              **_counts(pool), "classes": pool.classes, "resumed_from": resumed_from,
+              "skipped_count": len(skipped), "skipped": [s._asdict() for s in skipped],
+              "settings": settings, "seconds": round(time.perf_counter() - t0, 3)}
+    report_path(out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The one-line summary the CLI prints."""
+    splits = " / ".join(f"{k} {v}" for k, v in report["per_split"].items())
+    return (f"ingest {report['format']}: {report['images']} images from {report['items']} items "
+            f"({report['skipped_count']} skipped) -> {report['pool']} [{splits}]; "
+            f"report {report_path(Path(report['pool']))}")
