@@ -18,6 +18,7 @@ from xal_engine.errors import XalError
 COMMAND_MODULES = [
     "xal_engine.cli.demo",
     "xal_engine.cli.pool",
+    "xal_engine.cli.ingest",
 ]
 
 
