@@ -31,7 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     d = IngestConfig()
     p.add_argument("src", metavar="SRC", help="the dataset's folder")
     p.add_argument("--out", required=True, help="pool to write (Zarr v3 group, e.g. pool.zarr)")
-    p.add_argument("--size", type=int, default=d.size, help="output images are SIZE x SIZE (default: %(default)s)")
+    p.add_argument("--size", type=int, default=224, help="output images are SIZE x SIZE (default: %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="decoding processes; 1 decodes in this process (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,
@@ -118,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from xal_engine.ingest import IngestConfig, ingest, summary
 
-    config = IngestConfig(size=args.size, workers=args.workers, test_fraction=args.test_fraction,
+    config = IngestConfig(workers=args.workers, test_fraction=args.test_fraction,
                           val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
                           resume=args.resume, chunk_size=args.chunk_size)
     report = ingest(args.make_source(args), Path(args.out), config)

@@ -27,7 +27,6 @@ DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16), "float16":
 class IngestConfig:
     """Settings shared by every format (the CLI maps flags onto these defaults)."""
 
-    size: int = 224                 # output images are size x size
     workers: int = 1                # decoding processes; 1 = decode in this process
     test_fraction: float = 0.2      # of split groups (patients), not of images
     val_fraction: float = 0.1
@@ -38,8 +37,6 @@ class IngestConfig:
     show_progress: bool | None = None  # None = only on an interactive stderr
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise XalError(f"--size: expected a positive number of pixels, got {self.size}")
         if self.workers < 1:
             raise XalError(f"--workers: expected at least 1, got {self.workers}")
         for flag, frac in (("--test-fraction", self.test_fraction), ("--val-fraction", self.val_fraction)):
@@ -99,7 +96,9 @@ class IngestSource(abc.ABC):
     dtype: np.dtype
 
     def __init__(self, root: Path, size: int) -> None:
-        self.root, self.size = Path(root), size
+        if size < 1:
+            raise XalError(f"--size: expected a positive number of pixels, got {size}")
+        self.root, self.size = Path(root), size   # output images are size x size
 
     @abc.abstractmethod
     def scan(self) -> tuple[list[Item], list[Skip]]:

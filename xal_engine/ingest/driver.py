@@ -103,11 +103,11 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig = IngestC
         first = f"; first: {skipped[0].item}: {skipped[0].reason}" if skipped else ""
         raise XalError(f"{source.root}: no usable {source.name} data found ({len(skipped)} skipped{first})")
     splits = assign_splits([it.group for it in items], config.test_fraction, config.val_fraction, config.seed)
-    settings = {"format": source.name, "size": config.size, "test_fraction": config.test_fraction,
+    settings = {"format": source.name, "size": source.size, "test_fraction": config.test_fraction,
                 "val_fraction": config.val_fraction, "seed": config.seed,
                 "split_unit": "patient/case (brats), image (vindr, folder), study (siim)",
                 **source.settings()}
-    writer = PoolWriter(out, channels=source.channels, height=config.size, width=config.size,
+    writer = PoolWriter(out, channels=source.channels, height=source.size, width=source.size,
                         dtype=source.dtype, classes=source.classes, modality=source.modality,
                         source=str(source.root.resolve()), attrs={"ingest": settings},
                         overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume)
