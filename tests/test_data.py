@@ -17,6 +17,7 @@ from xal_engine.data import (
     augment_batch,
     block_loader,
     rebatch,
+    resolve_device,
     select_indices,
     to_unit_float,
 )
@@ -178,3 +179,15 @@ def test_augment_keeps_image_and_roi_aligned() -> None:
     assert not torch.equal(out, images)
     ident, ident_rois = augment_batch(images, rois, g, AugmentConfig(hflip=0.0, vflip=0.0, max_shift=0.0))
     assert torch.equal(ident, images) and torch.equal(ident_rois, rois)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(XalError, match="device 'tpu' is not valid"):
+        resolve_device("tpu")
+    with pytest.raises(XalError, match="device 'meta' is not supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(XalError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -46,6 +46,21 @@ def to_unit_float(images: torch.Tensor, mean: tuple[float, ...] | None = None,
     return x
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA request without CUDA is an XalError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise XalError(f"device {name!r} is not valid; expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise XalError(f"device {name!r} requested but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise XalError(f"device {name!r} is not supported; expected cpu, cuda, cuda:N or auto")
+    return device
+
+
 def select_indices(pool: Pool, split: int | None = None, known_labels: bool = True,
                    labelled_only: str | None = None) -> np.ndarray:
     """Sorted int64 pool positions: in ``split`` (None: any), with a label >= 0 when

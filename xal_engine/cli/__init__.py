@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.demo",
     "xal_engine.cli.pool",
     "xal_engine.cli.ingest",
+    "xal_engine.cli.train",
 ]
 
 

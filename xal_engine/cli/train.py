@@ -1,0 +1,78 @@
+"""`xal-engine train`: train a classifier on a pool and write one checkpoint file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from xal_engine.models import ARCHS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from xal_engine.training import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a classifier on a pool's train split and write a checkpoint",
+        description=(
+            "Supervised training on split 0 images with a known label (or only those an AL experiment "
+            "labelled); the epoch with the best validation balanced accuracy is kept. The test split "
+            "is never read. Writes OUT atomically."
+        ),
+    )
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to train on")
+    p.add_argument("--arch", default=d.arch, help=f"{', '.join(ARCHS)} (default: %(default)s)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (its folder must exist)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--labelled-only", metavar="EXPERIMENT", default=None,
+                   help="train only on images labelled by this AL experiment (al/EXPERIMENT/labelled_round)")
+    p.add_argument("--pretrained", metavar="PATH", default=None,
+                   help="torchvision state dict of the 3-channel ImageNet model, or 'imagenet' for the "
+                        "published weights (torch.hub cache or download)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="loader processes decoding Zarr chunks (default: %(default)s)")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
+    p.add_argument("--no-class-weighting", action="store_true",
+                   help="plain cross entropy instead of inverse-frequency class weights")
+    p.add_argument("--no-augment", action="store_true", help="no random flips or shifts")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xal_engine.errors import XalError
+    from xal_engine.models import parse_arch, save_checkpoint
+    from xal_engine.pool import Pool
+    from xal_engine.training import TrainConfig, train
+
+    parse_arch(args.arch)  # before opening anything: a typo fails at once
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise XalError(f"--out {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise XalError(f"--out {out} is a directory; expected a file path such as {out / 'model.pt'}")
+    config = TrainConfig(
+        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device, amp=not args.no_amp,
+        class_weighting=not args.no_class_weighting, augment=not args.no_augment,
+        num_workers=args.num_workers, labelled_only=args.labelled_only,
+    )
+    result = train(Pool.open(args.pool), config, pretrained=args.pretrained)
+    save_checkpoint(out, result.model, result.checkpoint)
+    m = result.metrics
+    summary = {"out": str(out), **{k: v for k, v in m.items() if k != "history"}}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        scores = (f"val bal acc {m['val_balanced_accuracy']:.3f}, val acc {m['val_accuracy']:.3f}"
+                  if "val_accuracy" in m else f"train loss {m['train_loss']:.4f} (no validation split)")
+        print(f"trained {args.arch} on {m['n_train']} images; epoch {m['best_epoch']} kept "
+              f"({scores}) -> {out}")
+    return 0

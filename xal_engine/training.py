@@ -1,0 +1,300 @@
+"""Supervised training of a pool classifier, with model selection on the validation split.
+
+Training images: split 0 (train pool) with a known label, or only those an AL experiment labelled
+(``al/<experiment>/labelled_round >= 0``). Selection: the epoch with the best validation balanced
+accuracy, ties broken by the lower validation loss. The test split (2) is never read here. A pool
+without labelled validation images still trains: the epoch with the lowest training loss is kept and
+``metrics["selected_by"]`` says ``"train_loss"`` (the log warns), so an AL round on a pool without a
+validation split works but cannot claim a validated model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xal_engine.data import (
+    AugmentConfig,
+    Block,
+    BlockDataset,
+    EpochPermutation,
+    augment_batch,
+    block_loader,
+    read_labelled_round,
+    rebatch,
+    resolve_device,
+    to_unit_float,
+)
+from xal_engine.errors import XalError
+from xal_engine.models import DEFAULT_TARGET_LAYERS, Checkpoint, build_model, parse_arch, resolve_layer
+from xal_engine.pool import SPLIT_TRAIN, SPLIT_VAL, Pool
+from xal_engine.progress import progress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults of ``xal-engine train``; the CLI maps its flags onto these fields."""
+
+    arch: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
+    amp: bool = True  # autocast (bf16 where supported, else fp16 + grad scaling) on CUDA only
+    class_weighting: bool = True  # cross entropy weighted by inverse class frequency
+    augment: bool = True
+    num_workers: int = 2  # DataLoader worker processes decoding blocks
+    labelled_only: str | None = None  # AL experiment whose labelled images are the training set
+    target_layer: str | None = None  # Grad-CAM layer stored in the checkpoint; None: per-arch default
+    normalize_mean: tuple[float, ...] | None = None  # applied after scaling to [0, 1]
+    normalize_std: tuple[float, ...] | None = None
+    shuffle_buffer: int = 256  # images shuffled together (blocks are shuffled as wholes)
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: nn.Module  # best epoch's weights, eval mode, on the training device
+    checkpoint: Checkpoint
+    metrics: dict[str, Any]  # also in checkpoint.metrics
+    history: list[dict[str, float]]  # one row per epoch
+
+
+def parse_config(config: TrainConfig) -> TrainConfig:
+    """Check every field; an XalError names the field and what was expected."""
+    parse_arch(config.arch)
+    checks = [(config.epochs >= 1, "epochs must be >= 1"),
+              (config.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images)"),
+              (config.lr > 0, "lr must be > 0"), (config.weight_decay >= 0, "weight_decay must be >= 0"),
+              (config.num_workers >= 0, "num_workers must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise XalError(f"{message}, got {config}")
+    return config
+
+
+def training_indices(pool: Pool, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val) sorted pool positions and the (N,) labels. Only splits 0 and 1 are selected."""
+    labels = np.asarray(pool.group["labels"][:]).astype(np.int64)  # (N,)
+    split = np.asarray(pool.group["split"][:])  # (N,)
+    k = len(pool.classes)
+    known = labels >= 0
+    train = (split == SPLIT_TRAIN) & known
+    if config.labelled_only is not None:
+        name = config.labelled_only
+        marked = read_labelled_round(pool, name) >= 0
+        if np.any(marked & (split != SPLIT_TRAIN)):
+            raise XalError(f"pool {pool.path}: al/{name}/labelled_round marks "
+                           f"{int(np.sum(marked & (split != SPLIT_TRAIN)))} image(s) outside the train split")
+        if np.any(marked & ~known):
+            raise XalError(f"pool {pool.path}: al/{name}/labelled_round marks "
+                           f"{int(np.sum(marked & ~known))} image(s) whose label is -1")
+        train &= marked
+    val = (split == SPLIT_VAL) & known
+    if np.any(labels[train | val] >= k):
+        raise XalError(f"pool {pool.path}: labels must be < {k} (number of classes)")
+    if not train.any():
+        what = f"labelled by experiment {config.labelled_only!r}" if config.labelled_only else "with a label"
+        raise XalError(f"pool {pool.path} has no training images (split 0, {what})")
+    return np.flatnonzero(train), np.flatnonzero(val), labels
+
+
+def class_weights(train_labels: np.ndarray, k: int) -> torch.Tensor:
+    """Inverse frequency n / (K · n_k), so a balanced set weighs 1 per class; absent classes get 1."""
+    counts = np.bincount(train_labels, minlength=k).astype(np.float64)
+    weights = np.where(counts > 0, len(train_labels) / (k * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def pool_fingerprint(pool: Pool, train: np.ndarray, val: np.ndarray) -> str:
+    """sha256 of the pool's shape, classes, labels, splits and the selected index sets."""
+    h = hashlib.sha256()
+    meta = [pool.n, pool.channels, pool.height, pool.width, str(pool.image_dtype), list(pool.classes)]
+    h.update(json.dumps(meta).encode())
+    for name in ("labels", "split"):
+        h.update(np.ascontiguousarray(pool.group[name][:]).tobytes())
+    h.update(train.astype(np.int64).tobytes())
+    h.update(val.astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def confusion_metrics(confusion: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of a (K, K) confusion matrix [true, pred]; balanced accuracy is
+    the mean recall over the classes present."""
+    c = confusion.to(torch.float64)
+    support = c.sum(dim=1)  # (K,)
+    present = support > 0
+    accuracy = float(c.trace() / support.sum())
+    balanced = float((c.diagonal()[present] / support[present]).mean())
+    return accuracy, balanced
+
+
+class _Trainer:
+    """One training run: the device-side loop, kept apart from index selection and bookkeeping."""
+
+    def __init__(self, pool: Pool, config: TrainConfig, model: nn.Module, device: torch.device,
+                 weights: torch.Tensor | None, show_progress: bool | None) -> None:
+        self.pool, self.config, self.device = pool, config, device
+        self.k = len(pool.classes)
+        cuda = device.type == "cuda"
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        amp = config.amp and cuda
+        self.amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.autocast = (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if amp else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.amp_dtype == torch.float16)
+        self.pin = cuda
+        self.show_progress = show_progress
+        # Three seeded streams: block order (sampler), row shuffling, augmentation draws.
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.augment_gen = torch.Generator().manual_seed(config.seed + 2)
+
+    def _inputs(self, batch: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        x = to_unit_float(images, self.config.normalize_mean, self.config.normalize_std)
+        y = batch["labels"].to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format), y
+
+    def batches(self, loader: Any, shuffle: bool) -> Iterator[Block]:
+        return rebatch(loader, self.config.batch_size, self.shuffle_gen if shuffle else None,
+                       self.config.shuffle_buffer if shuffle else 0, min_last=2 if shuffle else 1)
+
+    def train_epoch(self, loader: Any, n_images: int, desc: str) -> float:
+        """One pass over the training set; the mean (weighted) training loss."""
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        seen = 0
+        with progress(n_images, desc, enabled=self.show_progress) as bar:
+            for batch in self.batches(loader, shuffle=True):
+                x, y = self._inputs(batch)
+                if self.config.augment:
+                    x, _ = augment_batch(x, None, self.augment_gen, self.config.augmentation)
+                with self.autocast():
+                    loss = self.loss_fn(self.model(x).float(), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total += loss.detach() * len(y)
+                seen += len(y)
+                bar.update(len(y))
+        return float(total) / max(seen, 1)  # one synchronisation per epoch
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> tuple[float, float, float]:
+        """(mean unweighted loss, accuracy, balanced accuracy) over the validation set."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        confusion = torch.zeros(self.k * self.k, dtype=torch.int64, device=self.device)
+        for batch in self.batches(loader, shuffle=False):
+            x, y = self._inputs(batch)
+            with self.autocast():
+                logits = self.model(x).float()  # (B, K)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            confusion += torch.bincount(y * self.k + logits.argmax(dim=1), minlength=self.k * self.k)
+        confusion = confusion.view(self.k, self.k).cpu()  # one host copy per evaluation
+        accuracy, balanced = confusion_metrics(confusion)
+        return float(loss_sum) / int(confusion.sum()), accuracy, balanced
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | Path | None = None,
+          show_progress: bool | None = None, log: Callable[[str], None] = _stderr) -> TrainResult:
+    """Train ``config.arch`` on ``pool`` and return the selected epoch's model and metrics.
+
+    ``pretrained``: see :func:`~xal_engine.models.build_model`. ``log`` receives one metrics line per
+    epoch (and warnings); a progress bar shows images/s on an interactive stderr.
+    """
+    config = parse_config(config)
+    k = len(pool.classes)
+    if k < 2:
+        raise XalError(f"pool {pool.path} lists {k} class(es) in its 'classes' attribute; training needs >= 2")
+    target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
+    device = resolve_device(config.device)
+    train_idx, val_idx, labels = training_indices(pool, config)
+    weights = class_weights(labels[train_idx], k) if config.class_weighting else None
+    selected_by = "val_balanced_accuracy" if len(val_idx) else "train_loss"
+    if not len(val_idx):
+        log(f"warning: pool {pool.path} has no labelled validation images (split 1); "
+            "keeping the epoch with the lowest training loss")
+
+    torch.manual_seed(config.seed)  # model initialisation
+    model = build_model(config.arch, k, pool.channels, pretrained)
+    resolve_layer(model, target_layer)
+    trainer = _Trainer(pool, config, model, device, weights, show_progress)
+
+    train_ds = BlockDataset(pool, train_idx)
+    sampler = EpochPermutation(len(train_ds), seed=config.seed)
+    train_loader = block_loader(train_ds, sampler, config.num_workers, trainer.pin)
+    val_loader = None
+    if len(val_idx):
+        val_ds = BlockDataset(pool, val_idx)
+        val_loader = block_loader(val_ds, EpochPermutation(len(val_ds), None), config.num_workers, trainer.pin)
+
+    history: list[dict[str, float]] = []
+    best_key: tuple[float, float] | None = None
+    best_row: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] = {}
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        row: dict[str, float] = {"epoch": epoch, "train_loss": trainer.train_epoch(
+            train_loader, len(train_idx), f"epoch {epoch}/{config.epochs}")}
+        if val_loader is not None:
+            row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"] = trainer.evaluate(val_loader)
+            key = (row["val_balanced_accuracy"], -row["val_loss"])
+        else:
+            key = (-row["train_loss"], 0.0)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, best_row = key, row
+            best_state = {n: t.detach().clone() for n, t in trainer.model.state_dict().items()}
+        log(_epoch_line(row, config.epochs, improved))
+
+    trainer.model.load_state_dict(best_state)
+    trainer.model.eval()
+    metrics: dict[str, Any] = {
+        "selected_by": selected_by, "best_epoch": int(best_row["epoch"]),
+        **{name: best_row[name] for name in ("train_loss", "val_loss", "val_accuracy",
+                                             "val_balanced_accuracy") if name in best_row},
+        "n_train": len(train_idx), "n_val": len(val_idx),
+        "train_class_counts": np.bincount(labels[train_idx], minlength=k).tolist(),
+        "history": history,
+    }
+    config_dict = asdict(config)
+    info = Checkpoint(
+        arch=config.arch, num_classes=k, in_channels=pool.channels, classes=tuple(pool.classes),
+        target_layer=target_layer, config=config_dict,
+        pool={"path": str(pool.path), "fingerprint": pool_fingerprint(pool, train_idx, val_idx),
+              "height": pool.height, "width": pool.width, "image_dtype": str(pool.image_dtype)},
+        metrics=metrics)
+    return TrainResult(model=trainer.model, checkpoint=info, metrics=metrics, history=history)
+
+
+def _epoch_line(row: dict[str, float], epochs: int, best: bool) -> str:
+    parts = [f"epoch {int(row['epoch'])}/{epochs}", f"train loss {row['train_loss']:.4f}"]
+    if "val_loss" in row:
+        parts += [f"val loss {row['val_loss']:.4f}", f"val acc {row['val_accuracy']:.3f}",
+                  f"val bal acc {row['val_balanced_accuracy']:.3f}"]
+    parts.append(f"{row['seconds']:.1f} s" + (" *" if best else ""))
+    return "  ".join(parts)
