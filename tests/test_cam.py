@@ -141,7 +141,7 @@ def test_state_restored_also_after_errors(x: Tensor) -> None:
         out = cap(x)
     assert snapshot(net) == before
     # eval mode inside: same as an eval-mode plain computation (BatchNorm stats, no dropout)
-    ref_a, ref_g = plain_capture(make_net(), ["block1"], x, out.logits.argmax(dim=1))
+    _, ref_g = plain_capture(make_net(), ["block1"], x, out.logits.argmax(dim=1))
     torch.testing.assert_close(out.gradients[0], ref_g[0], rtol=1e-5, atol=1e-7)
     net.train()
     net.block1.eval()
@@ -150,6 +150,9 @@ def test_state_restored_also_after_errors(x: Tensor) -> None:
     assert snapshot(net) == before
     with pytest.raises(XalError, match="one class per image"), GradCamCapture(net, "block2") as cap:
         cap(x, [0])
+    assert snapshot(net) == before
+    with pytest.raises(RuntimeError, match="already active"), cap, cap:
+        pass
     assert snapshot(net) == before
     assert all(p.grad is None for p in net.parameters())
 

@@ -13,7 +13,6 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Union
 
 import numpy as np
 import torch
@@ -21,9 +20,9 @@ from torch import Tensor, nn
 
 from xal_engine.errors import XalError
 
-LayerSpec = Union[nn.Module, str]
+LayerSpec = nn.Module | str
 # One target per image: None (predicted class), class indices (B,), or logits (B, K) -> scores (B,).
-Targets = Union[None, Tensor, np.ndarray, Sequence[int], Callable[[Tensor], Tensor]]
+Targets = None | Tensor | np.ndarray | Sequence[int] | Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,8 @@ class GradCamCapture:
         self._active = False
 
     def __enter__(self) -> GradCamCapture:
+        if self._active:  # a second enter would save the frozen state as the one to restore
+            raise RuntimeError("GradCamCapture is already active; use one `with` block at a time")
         self._training = [(m, m.training) for m in self.model.modules()]
         self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
