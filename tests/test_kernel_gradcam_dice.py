@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xal_engine import reference
 from xal_engine.reference import RoiAgreement
@@ -168,3 +170,19 @@ def test_launch_config_bounds() -> None:
     cfg = kg._launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
     assert cfg["BLOCK_C"] * cfg["BLOCK_HW"] <= 4096 and cfg["BLOCK_Y"] * cfg["BLOCK_X"] <= 1024
     assert kg._launch_config(channels=3, pixels=1, height=1, width=1)["BLOCK_C"] == 4
+
+
+def test_empty_batch() -> None:
+    a, g, rois = random_inputs(0, 3, 4, 5, (6, 7), seed=0)
+    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), return_cam=True)
+    assert got.dice.shape == (0,) and got.hit.shape == (0,) and got.cam.shape == (0, 4, 5)
+
+
+@settings(max_examples=10, deadline=None)  # the interpreter takes ~0.2 s per example
+@given(
+    c=st.integers(1, 9), h=st.integers(1, 8), w=st.integers(1, 8),
+    big_h=st.integers(1, 40), big_w=st.integers(1, 140), seed=st.integers(0, 2**16),
+)
+def test_matches_reference_on_any_shape(c: int, h: int, w: int, big_h: int, big_w: int, seed: int) -> None:
+    got, ref = run_both(*random_inputs(2, c, h, w, (big_h, big_w), seed=seed))
+    assert_matches(got, ref, hit=False)  # run_both compared the hits away from near-ties

@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xal_engine.reference import gradcam_dice, gradcam_maps, low_res_cam, roi_agreement
 
@@ -188,3 +190,16 @@ def test_roi_agreement_on_given_maps() -> None:
     torch.testing.assert_close(soft, torch.tensor([1.4 / 4.3, 0.0]))
     torch.testing.assert_close(energy, torch.tensor([0.7 / 2.3, 0.0]))
     assert hit.tolist() == [False, False]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
+    big_h=st.integers(1, 40), big_w=st.integers(1, 40), seed=st.integers(0, 2**16),
+)
+def test_maps_match_numpy_cv2_on_any_shape(c: int, h: int, w: int, big_h: int, big_w: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((2, c, h, w), dtype=np.float32)
+    g = rng.standard_normal((2, c, h, w), dtype=np.float32)
+    s = gradcam_maps(torch.from_numpy(a), torch.from_numpy(g), (big_h, big_w)).numpy()
+    np.testing.assert_allclose(s, gradcam_numpy(a, g, (big_h, big_w)), rtol=0, atol=1e-5)
