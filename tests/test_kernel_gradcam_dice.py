@@ -186,3 +186,15 @@ def test_empty_batch() -> None:
 def test_matches_reference_on_any_shape(c: int, h: int, w: int, big_h: int, big_w: int, seed: int) -> None:
     got, ref = run_both(*random_inputs(2, c, h, w, (big_h, big_w), seed=seed))
     assert_matches(got, ref, hit=False)  # run_both compared the hits away from near-ties
+
+
+def test_first_maximum_wins_across_tiles() -> None:
+    # Identity size 1x200 (two column tiles of 128): exact maxima at x = 5 and x = 133, the same lane
+    # of both tiles. The first one is in the ROI, the second is not: hit must be True.
+    m = torch.zeros(1, 1, 1, 200)
+    m[..., 5] = m[..., 133] = 1024.0
+    rois = torch.zeros(1, 1, 200, dtype=torch.bool)
+    rois[..., 5] = True
+    got, ref = run_both(m, torch.ones_like(m), rois)
+    assert got.hit.item() and ref.hit.item()
+    assert_matches(got, ref, atol=0)

@@ -203,3 +203,9 @@ def test_maps_match_numpy_cv2_on_any_shape(c: int, h: int, w: int, big_h: int, b
     g = rng.standard_normal((2, c, h, w), dtype=np.float32)
     s = gradcam_maps(torch.from_numpy(a), torch.from_numpy(g), (big_h, big_w)).numpy()
     np.testing.assert_allclose(s, gradcam_numpy(a, g, (big_h, big_w)), rtol=0, atol=1e-5)
+
+
+def test_hit_uses_the_first_maximum_in_row_major_order() -> None:
+    a, g = single_channel([[1024.0, 0.0], [0.0, 1024.0]])  # S = 1 - 2**-23 at (0, 0) and (1, 1)
+    assert gradcam_dice(a, g, mask([[1, 0], [0, 0]])).hit.item()
+    assert not gradcam_dice(a, g, mask([[0, 0], [0, 1]])).hit.item()
