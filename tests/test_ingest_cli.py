@@ -41,8 +41,7 @@ def test_brats_command(brats_src: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_folder_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import cv2
-
+    cv2 = pytest.importorskip("cv2")
     (tmp_path / "img").mkdir()
     cv2.imwrite(str(tmp_path / "img" / "a.png"), np.full((6, 6), 7, np.uint8))
     write_csv(tmp_path / "labels.csv", ("id", "class"), [("a", "ill")])

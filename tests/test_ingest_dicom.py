@@ -65,3 +65,18 @@ def test_unreadable_dicom_becomes_a_skip(tmp_path: Path) -> None:
     good.write_bytes(good.read_bytes()[:-40])          # pixel data cut short
     r = load_radiograph("t", good, 0, np.empty((0, 4)), 8, np.dtype(np.uint8))
     assert len(r) == 0 and "unreadable DICOM" in r.skipped[0].reason
+
+
+def test_voi_lut_sequence_without_window(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    path = write_dicom(tmp_path / "lut.dcm", np.array([[0, 1], [2, 3]], np.uint16), bits_stored=8)
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]                      # 4 entries, first input value 0, 8-bit output
+    item.add_new(0x00283006, "US", [0, 10, 200, 250])   # LUT Data
+    ds.VOILUTSequence = [item]
+    ds.save_as(path)
+    # LUT output 0, 10, 200, 250, then min-max to [0, 1]
+    np.testing.assert_allclose(read_dicom(path), [[0, 10 / 250], [200 / 250, 1]], atol=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -14,6 +13,7 @@ from xal_engine.ingest.folder import FolderSettings, FolderSource
 from xal_engine.ingest.samples import write_csv
 from xal_engine.pool import Pool
 
+cv2 = pytest.importorskip("cv2")
 N = 10
 
 
@@ -92,3 +92,16 @@ def test_no_classes_is_an_error(tmp_path: Path) -> None:
     write(tmp_path / "images" / "a.png", np.zeros((N, N), np.uint8))
     with pytest.raises(XalError, match="--classes: a pool needs class names"):
         ingest(FolderSource(tmp_path / "images", N), tmp_path / "p.zarr")
+
+
+def test_masks_inside_the_image_folder_are_not_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = np.zeros((N, N), np.uint8)
+    mask[1:3, 1:3] = 255
+    write(tmp_path / "images" / "a.png", np.zeros((N, N), np.uint8))
+    write(tmp_path / "images" / "masks" / "a.png", mask)
+    monkeypatch.chdir(tmp_path)                                          # relative paths, as typed
+    ingest(FolderSource(Path("images"), N, FolderSettings(masks=Path("images/masks"), classes=("x",))),
+           Path("p.zarr"))
+    b = Pool.open(tmp_path / "p.zarr").read(0, 1)
+    assert Pool.open(tmp_path / "p.zarr").n == 1 and list(b.ids) == ["a"]
+    np.testing.assert_array_equal(b.rois[0], mask > 0)

@@ -59,7 +59,8 @@ def dicom_to_unit(ds: Any, use_window: bool = True) -> np.ndarray:
         func = str(ds.get("VOILUTFunction", "LINEAR")).strip() or "LINEAR"
         y = window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), func)
     elif use_window and "VOILUTSequence" in ds:
-        y = minmax(np.asarray(apply_voi_lut(x, ds, prefer_lut=True), np.float64), (0, 1))
+        lut_in = np.rint(x).astype(np.int64)          # a LUT is indexed by integer modality values
+        y = minmax(np.asarray(apply_voi_lut(lut_in, ds, prefer_lut=True), np.float64), (0, 1))
     else:
         y = minmax(x, (0, 1))
     if not np.isfinite(y).all():

@@ -131,6 +131,7 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig = IngestC
                 writer.append(result.images[part], result.rois[part], result.has_roi[part],
                               result.labels[part], list(result.ids[part]),
                               np.full(n - first, splits[item.group], np.uint8))
+            bar.set_postfix(images=resumed_from + appended, refresh=False)
             bar.update(1)
         bar.close()
         if resumed_from + appended == 0:

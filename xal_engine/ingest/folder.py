@@ -120,7 +120,7 @@ class FolderSource(IngestSource):
         if not self.root.is_dir():
             raise XalError(f"{self.root}: expected a folder of images")
         masks_dir = Path(self.opts.masks) if self.opts.masks else None
-        files, skipped = index_images(self.root, exclude=masks_dir.resolve() if masks_dir else None)
+        files, skipped = index_images(self.root.resolve(), exclude=masks_dir.resolve() if masks_dir else None)
         masks = index_images(masks_dir)[0] if masks_dir else {}
         labels, label_skips = self._labels()
         if not self.classes:
