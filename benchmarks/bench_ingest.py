@@ -38,7 +38,7 @@ SIZE = 224
 
 def formats(root: Path, scale: float) -> dict[str, Callable[[], IngestSource]]:
     """Generate each dataset once; return a factory of its source."""
-    n = lambda k: max(2, int(k * scale))  # noqa: E731
+    n = lambda k: max(2, int(k * scale))
     make_brats(root / "brats", n(6), shape=(160, 160, 60))          # ~25 tumour slices a case
     make_vindr(root / "vindr", n(40), shape=(1024, 1024))           # 12-bit radiographs, 2 MiB each
     make_siim(root / "siim", n(40), shape=(1024, 1024))

@@ -53,9 +53,9 @@ def make_case(root: Path, case: str, layout: str = "2020", ext: str = ".nii.gz",
     return vols
 
 
-def run(src: Path, out: Path, size: int = 24, settings: BratsSettings = BratsSettings(), **kw) -> dict:
+def run(src: Path, out: Path, size: int = 24, settings: BratsSettings | None = None, **kw) -> dict:
     kw = {"test_fraction": 0.0, "val_fraction": 0.0, **kw}
-    return ingest(BratsSource(src, size, settings), out, IngestConfig(**kw))
+    return ingest(BratsSource(src, size, settings or BratsSettings()), out, IngestConfig(**kw))
 
 
 def test_both_layouts_slices_classes_rois_and_channels(tmp_path: Path) -> None:

@@ -26,8 +26,18 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from xal_engine.errors import XalError
-from xal_engine.ingest.common import (DTYPES, IngestSource, Item, ItemResult, Skip, dedupe, minmax,
-                                      quantise, resize_images, resize_masks)
+from xal_engine.ingest.common import (
+    DTYPES,
+    IngestSource,
+    Item,
+    ItemResult,
+    Skip,
+    dedupe,
+    minmax,
+    quantise,
+    resize_images,
+    resize_masks,
+)
 
 CLASSES = ["edema", "necrotic_core", "enhancing"]
 CHANNELS = ["t1ce", "flair", "t2"]

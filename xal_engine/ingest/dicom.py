@@ -21,8 +21,17 @@ except ImportError:  # pragma: no cover - the "dicom" extra is missing
 
 from xal_engine.errors import XalError
 from xal_engine.ingest.boxes import boxes_mask
-from xal_engine.ingest.common import (DTYPES, IngestSource, Item, ItemResult, Skip, dedupe, minmax, quantise,
-                                      resize_images)
+from xal_engine.ingest.common import (
+    DTYPES,
+    IngestSource,
+    Item,
+    ItemResult,
+    Skip,
+    dedupe,
+    minmax,
+    quantise,
+    resize_images,
+)
 
 
 def require_pydicom() -> None:
@@ -81,7 +90,7 @@ def load_radiograph(key: str, path: Path, label: int, boxes: np.ndarray, size: i
     """One DICOM radiograph -> a 1-channel pool image with the ROI of its boxes (original pixels)."""
     try:
         x = read_dicom(path, use_window)                                    # (H, W) in [0, 1]
-    except Exception as err:  # pydicom raises many types for damaged files
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for damaged files
         return ItemResult.only_skips(Skip(key, f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})"))
     height, width = x.shape
     roi = boxes_mask(boxes, height, width, size)

@@ -51,7 +51,7 @@ class ProgressLog:
         with open(self.path, "w") as f:  # keep only what the pool holds
             f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
             f.writelines(json.dumps(rec) + "\n" for rec in records[:start])
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open until finish()
         return start, n_written - cum, skips
 
     def _read(self) -> list[dict[str, Any]]:
@@ -94,8 +94,9 @@ def _counts(pool: Pool) -> dict[str, Any]:
             "with_roi": int(pool.group["has_roi"][:].sum())}
 
 
-def ingest(source: IngestSource, out: Path | str, config: IngestConfig = IngestConfig()) -> dict[str, Any]:
+def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = None) -> dict[str, Any]:
     """Build the pool at ``out`` from ``source``; returns the report also written to <out>.ingest.json."""
+    config = config or IngestConfig()
     t0 = time.perf_counter()
     out = Path(out)
     items, skipped = source.scan()

@@ -18,8 +18,18 @@ from typing import Any
 import numpy as np
 
 from xal_engine.errors import XalError
-from xal_engine.ingest.common import (DTYPES, IngestSource, Item, ItemResult, Skip, dedupe, quantise,
-                                      read_table, resize_images, resize_masks)
+from xal_engine.ingest.common import (
+    DTYPES,
+    IngestSource,
+    Item,
+    ItemResult,
+    Skip,
+    dedupe,
+    quantise,
+    read_table,
+    resize_images,
+    resize_masks,
+)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # R, G, B weights (BT.601)

@@ -23,7 +23,7 @@ def safe_load(source: IngestSource, item: Item) -> ItemResult:
     """``source.load(item)``; an unexpected error is reported as the item's skip reason."""
     try:
         return source.load(item)
-    except Exception as err:  # bad input of a kind the format did not foresee: report, go on
+    except Exception as err:  # noqa: BLE001 - bad input of a kind the format did not foresee: report, go on
         return ItemResult.only_skips(Skip(item.key, f"{type(err).__name__}: {err}"))
 
 
