@@ -10,6 +10,10 @@ Outputs are pre-filled with a sentinel (-7, and the negated expected hit) so an 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -30,8 +34,8 @@ SENTINEL = -7.0  # outside [0, 1] and not NaN
 
 def poisoned(expected: RoiAgreement, h: int, w: int) -> RoiAgreement:
     b = expected.dice.shape[0]
-    full = lambda *shape: torch.full(shape, SENTINEL, device=DEVICE)  # noqa: E731
-    return RoiAgreement(full(b), full(b), full(b), ~expected.hit.to(DEVICE), full(b, h, w))
+    full = [torch.full(shape, SENTINEL, device=DEVICE) for shape in ((b,), (b,), (b,), (b, h, w))]
+    return RoiAgreement(full[0], full[1], full[2], ~expected.hit.to(DEVICE), full[3])
 
 
 def ambiguous_hits(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
@@ -198,3 +202,34 @@ def test_first_maximum_wins_across_tiles() -> None:
     got, ref = run_both(m, torch.ones_like(m), rois)
     assert got.hit.item() and ref.hit.item()
     assert_matches(got, ref, atol=0)
+
+
+COMPILE_CHECK = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xal_engine.kernels.gradcam_dice import _gradcam_dice_kernel as fn, _launch_config
+
+cfg = _launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
+warps = cfg.pop("num_warps")
+ptrs = {"a_ptr": "*bf16", "g_ptr": "*fp16", "roi_ptr": "*u8", "hit_ptr": "*u8"}
+floats = ("scale_y", "scale_x", "threshold")
+sig = {n: "constexpr" if n in cfg else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+       for n in fn.arg_names}
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cfg.items()})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+print(sorted(set(re.findall(r"div\\.[a-z]+\\.f32", ptx))))
+"""
+
+
+def test_compiles_for_cuda_without_a_gpu() -> None:
+    # The interpreter accepts programs the compiler rejects: compile for sm_90 ahead of time (Triton
+    # bundles ptxas), in a fresh process without TRITON_INTERPRET. Divisions must be IEEE (div.rn).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], check=False, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this Triton build has no CUDA backend")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['div.rn.f32']"
