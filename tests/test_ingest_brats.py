@@ -122,7 +122,7 @@ def test_each_volume_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     make_case(tmp_path / "src", "BraTS20_Training_001")
     reads: list[str] = []
     original = brats_mod.read_volume
-    monkeypatch.setattr(brats_mod, "read_volume", lambda p: reads.append(p.name) or original(p))
+    monkeypatch.setattr(brats_mod, "read_volume", lambda p, dtype=None: reads.append(p.name) or original(p, dtype))
     run(tmp_path / "src", tmp_path / "p.zarr")
     assert sorted(reads) == sorted(f"BraTS20_Training_001_{m}.nii.gz" for m in ("t1ce", "flair", "t2", "seg"))
 

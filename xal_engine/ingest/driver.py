@@ -135,6 +135,9 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
             bar.set_postfix(images=resumed_from + appended, refresh=False)
             bar.update(1)
         bar.close()
+        if drop > 0:
+            raise XalError(f"--resume: {source.root} now yields {drop} images fewer than the interrupted "
+                           "ingest wrote; start over with --overwrite")
         if resumed_from + appended == 0:
             raise XalError(f"{source.root}: no usable {source.name} images "
                            f"({len(skipped)} skipped; first: {skipped[0].item}: {skipped[0].reason})")
