@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xal_engine import reference
+from xal_engine.errors import XalError
 from xal_engine.reference import RoiAgreement
 
 triton = pytest.importorskip("triton")
@@ -94,6 +95,31 @@ SHAPES = [  # (B, C, h, w, (H, W)): what each exercises
 def test_matches_reference_fp32(b: int, c: int, h: int, w: int, size: tuple[int, int]) -> None:
     got, ref = run_both(*random_inputs(b, c, h, w, size, seed=b * 100 + c + h))
     assert_matches(got, ref, hit=False)
+
+
+ON_GPU_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="~40 s per megapixel in the interpreter")
+
+
+@pytest.mark.parametrize(
+    "b, c, h, w, size",
+    [
+        (1, 4096, 2, 2, (8, 8)),  # C = 4096 in one channel block
+        (1, 3, 64, 64, (70, 90)),  # 64x64 feature map: BLOCK_HW = 4096, one channel per block
+        (1, 2, 150, 100, (20, 20)),  # 15000 feature pixels, close to MAX_FEATURE_PIXELS
+        (1, 2, 3, 5, (1030, 3)),  # a tall ROI: 1030 rows
+        pytest.param(2, 2048, 14, 14, (1024, 1024), marks=ON_GPU_ONLY),
+        pytest.param(2, 64, 64, 64, (1100, 1030), marks=ON_GPU_ONLY),
+    ],
+)
+def test_matches_reference_at_the_size_limits(b: int, c: int, h: int, w: int, size: tuple[int, int]) -> None:
+    got, ref = run_both(*random_inputs(b, c, h, w, size, seed=c + h))
+    assert_matches(got, ref, hit=False)
+
+
+def test_feature_map_over_the_limit_is_a_clear_error() -> None:
+    a, g, rois = random_inputs(1, 1, 129, 128, (4, 4), seed=0)
+    with pytest.raises(XalError, match="activations: feature map 129x128 exceeds"):
+        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
