@@ -197,6 +197,17 @@ def _launch_config(channels: int, pixels: int, height: int, width: int) -> dict[
             "num_warps": num_warps}
 
 
+def _check_out(out: RoiAgreement, batch: int, h: int, w: int, device: torch.device) -> None:
+    """Preallocated outputs must be contiguous, on ``device``, with the shapes and dtypes written."""
+    for name, shape, dtype in (("dice", (batch,), torch.float32), ("soft_dice", (batch,), torch.float32),
+                               ("energy", (batch,), torch.float32), ("hit", (batch,), torch.bool),
+                               ("cam", (batch, h, w), torch.float32)):
+        t = getattr(out, name)
+        if not (isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
+                and t.is_contiguous()):
+            raise XalError(f"out.{name}: expected a contiguous {dtype} tensor of shape {shape} on {device}")
+
+
 def gradcam_dice_triton(
     activations: Tensor,
     gradients: Tensor,
@@ -229,6 +240,7 @@ def gradcam_dice_triton(
         out = RoiAgreement(torch.empty(batch, **f32), torch.empty(batch, **f32), torch.empty(batch, **f32),
                            torch.empty(batch, dtype=torch.bool, device=device),
                            torch.empty(batch, h, w, **f32))
+    _check_out(out, batch, h, w, device)
     if batch == 0:
         return out._replace(cam=out.cam if return_cam else None)
     a, g = _pixel_view(activations), _pixel_view(gradients)

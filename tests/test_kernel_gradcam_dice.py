@@ -259,3 +259,11 @@ def test_compiles_for_cuda_without_a_gpu() -> None:
         pytest.skip("this Triton build has no CUDA backend")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "['div.rn.f32']"
+
+
+def test_preallocated_outputs_are_checked() -> None:
+    a, g, rois = random_inputs(2, 3, 4, 5, (6, 7), seed=0)
+    ref = reference.gradcam_dice(a, g, rois, return_cam=True)
+    out = poisoned(ref, 4, 5)._replace(cam=torch.empty(2, 5, 4, device=DEVICE))
+    with pytest.raises(XalError, match=r"out.cam: expected a contiguous torch.float32 tensor of shape \(2, 4, 5\)"):
+        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), out=out)
