@@ -15,6 +15,8 @@ map is never written. Offsets into A, G and the ROIs are int64.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -181,7 +183,8 @@ def _launch_config(channels: int, pixels: int, height: int, width: int) -> dict[
 
     A (BLOCK_C, BLOCK_HW) load block holds <= 4096 elements (one whole feature map per program); a
     tile of the upsampled map holds <= 1024 pixels, four per thread at 8 warps, which keeps the eight
-    per-lane accumulators in about 126 registers on sm_90 (two programs per SM, no spills).
+    per-lane accumulators in about 126 registers on sm_90 (two programs per SM, no spills; feature
+    maps above 64x64 run at 16 warps and spill a few hundred bytes).
     """
     block_hw = triton.next_power_of_2(pixels)
     block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw))
@@ -245,14 +248,17 @@ def gradcam_dice_triton(
         return out._replace(cam=out.cam if return_cam else None)
     a, g = _pixel_view(activations), _pixel_view(gradients)
     roi_bytes = rois.view(torch.uint8)
-    _gradcam_dice_kernel[(batch,)](
-        a, g, roi_bytes, out.cam, out.dice, out.soft_dice, out.energy, out.hit.view(torch.uint8),
-        channels, h * w, h, w, height, width,
-        a.stride(0), a.stride(1), a.stride(3), g.stride(0), g.stride(1), g.stride(3),
-        roi_bytes.stride(0), roi_bytes.stride(1), roi_bytes.stride(2),
-        float(np.float32(h) / np.float32(height)), float(np.float32(w) / np.float32(width)), float(threshold),
-        **_launch_config(channels, h * w, height, width),
-    )
+    # torch's scales: fp32(h) / fp32(H), correctly rounded here rather than approximated on the device
+    scale_y, scale_x = float(np.float32(h) / np.float32(height)), float(np.float32(w) / np.float32(width))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _gradcam_dice_kernel[(batch,)](
+            a, g, roi_bytes, out.cam, out.dice, out.soft_dice, out.energy, out.hit.view(torch.uint8),
+            channels, h * w, h, w, height, width,
+            a.stride(0), a.stride(1), a.stride(3), g.stride(0), g.stride(1), g.stride(3),
+            roi_bytes.stride(0), roi_bytes.stride(1), roi_bytes.stride(2),
+            scale_y, scale_x, float(threshold),
+            **_launch_config(channels, h * w, height, width),
+        )
     return out._replace(cam=out.cam if return_cam else None)
 
 
