@@ -15,9 +15,9 @@ from scipy.ndimage import binary_dilation
 from xal_engine.errors import XalError
 from xal_engine.pool import PER_IMAGE_ARRAYS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.synthetic import (
-    BLOCK,
     SyntheticConfig,
     assign_splits,
+    block_size,
     class_names,
     create_synthetic_pool,
     generate_block,
@@ -30,7 +30,8 @@ CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 4-neighbour
 
 def blocks(config: SyntheticConfig) -> list:
     split = assign_splits(config.n, config.test_fraction, config.val_fraction, config.seed)
-    return [generate_block(config, i, split[a:a + BLOCK]) for i, a in enumerate(range(0, config.n, BLOCK))]
+    step = block_size(config.size)
+    return [generate_block(config, i, split[a:a + step]) for i, a in enumerate(range(0, config.n, step))]
 
 
 def test_same_seed_gives_byte_identical_pools(tmp_path: Path) -> None:
@@ -69,6 +70,10 @@ def test_splits_have_exact_fractions() -> None:
     assert (split == SPLIT_TEST).sum() == 200 and (split == SPLIT_VAL).sum() == 100
     assert (split == SPLIT_TRAIN).sum() == 701
     assert not np.array_equal(split, assign_splits(1001, 0.2, 0.1, seed=1))
+
+
+def test_block_size_bounds_the_working_set() -> None:
+    assert [block_size(s) for s in (32, 64, 100, 256, 1024, 4096)] == [256, 256, 104, 16, 1, 1]
 
 
 def test_class_names_are_distinct() -> None:

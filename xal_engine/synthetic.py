@@ -12,8 +12,9 @@ marker in a corner of the image: corner = k % 4, pattern = k // 4 (filled, hollo
 boxes lie outside the lesion disk by several pixels (checked again per image), so a marker never
 overlaps or touches the ROI.
 
-Images are generated in blocks of ``BLOCK`` with a generator seeded from (seed, block index): the
-same config gives byte-identical arrays, memory stays flat in N.
+Images are generated in blocks of ``block_size(S)`` images (about 1M pixels: 4 MiB float32
+temporaries at any S) with a generator seeded from (seed, block index): the same config gives
+byte-identical arrays, memory stays flat in N.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from xal_engine.errors import XalError
 from xal_engine.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 from xal_engine.progress import progress
 
-BLOCK = 256            # images per random stream
+BLOCK_PIXELS = 1 << 20  # pixels per generated block (float32 working arrays of 4 MiB)
+MAX_BLOCK = 256         # images per block at most
 MAX_CLASSES = 12       # 3 shapes x 4 variants (and 4 corners x 3 marker patterns)
 MIN_SIZE = 32          # smallest size at which the marker corners clear the lesion disk
 LESION_DISK = 0.40     # lesions lie within this radius (fraction of S) of the image centre
@@ -87,6 +89,11 @@ def class_names(classes: int) -> list[str]:
         variant = k // 3
         names.append(BASES[k % 3] + ("_dark" if variant & 1 else "") + ("_cored" if variant & 2 else ""))
     return names
+
+
+def block_size(size: int) -> int:
+    """Images per generated block (one random stream each): 256 at 64², 16 at 256², 1 from 1024²."""
+    return max(1, min(MAX_BLOCK, BLOCK_PIXELS // (size * size)))
 
 
 def marker_size(size: int) -> int:
@@ -214,7 +221,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
 
 def generate_block(config: SyntheticConfig, block: int, split: np.ndarray) -> SyntheticBlock:
-    """Images [block·BLOCK, block·BLOCK + len(split)) from the stream seeded by (seed, block)."""
+    """Images [block·B, block·B + len(split)), B = block_size(S), from the stream seeded by (seed, block)."""
     rng = np.random.default_rng([config.seed, 0, block])
     b, size = len(split), config.size
     labels = rng.integers(0, config.classes, b).astype(np.int16)
@@ -234,7 +241,7 @@ def generate_block(config: SyntheticConfig, block: int, split: np.ndarray) -> Sy
     np.putmask(pixels, np.broadcast_to(markers[:, None], pixels.shape), 1.0)
     np.clip(pixels, 0.0, 1.0, out=pixels)
     images = (pixels * 255.0 + 0.5).astype(np.uint8)
-    start = block * BLOCK
+    start = block * block_size(size)
     ids = np.char.mod("phantom_%06d", np.arange(start, start + b)).astype(np.str_)
     return SyntheticBlock(images=images, rois=lesions & has_roi[:, None, None], has_roi=has_roi,
                           labels=labels, ids=ids, split=split.astype(np.uint8), lesions=lesions,
@@ -250,8 +257,9 @@ def create_synthetic_pool(config: SyntheticConfig, out: str | Path, overwrite: b
                     source="synthetic", attrs={"synthetic": asdict(config)},
                     overwrite=overwrite) as writer, \
             progress(config.n, "pool create", enabled=show_progress) as bar:
-        for block, start in enumerate(range(0, config.n, BLOCK)):
-            stop = min(config.n, start + BLOCK)
+        step = block_size(config.size)
+        for block, start in enumerate(range(0, config.n, step)):
+            stop = min(config.n, start + step)
             g = generate_block(config, block, split[start:stop])
             writer.append(g.images, g.rois, g.has_roi, g.labels, g.ids, g.split)
             bar.update(stop - start)
