@@ -151,3 +151,26 @@ def test_python_m_pool_info_exit_codes(pool_path: Path, tmp_path: Path,
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == (f"xal-engine pool: error: {tmp_path / 'not_a_pool'} is not a pool: "
                           "no zarr.json (expected a Zarr v3 group)\n")
+
+
+def test_interrupted_create_leaves_no_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import xal_engine.synthetic as synthetic
+
+    real = synthetic.generate_block
+
+    def interrupted(config: SyntheticConfig, block: int, split: np.ndarray) -> synthetic.SyntheticBlock:
+        if block == 2:
+            raise KeyboardInterrupt
+        return real(config, block, split)
+
+    monkeypatch.setattr(synthetic, "generate_block", interrupted)
+    path = tmp_path / "p.zarr"
+    assert main([*CREATE[:2], "--synthetic", "--n", "5000", "--size", "32", "--out", str(path)]) == 130
+    assert capsys.readouterr().err == "xal-engine pool: interrupted\n"
+    assert not path.exists() and partial_path(path).exists()
+    assert run(["pool", "info", str(path)]) == 2
+    assert "unfinished pool whose writing was interrupted" in error_line(capsys)
+    monkeypatch.setattr(synthetic, "generate_block", real)
+    assert main([*CREATE, "--out", str(path)]) == 0  # a new create starts afresh
+    assert Pool.open(path).n == 120 and not partial_path(path).exists()
