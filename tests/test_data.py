@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -37,7 +37,7 @@ class _Batch:
 class FakePool:
     """The Pool contract's read side over numpy arrays, with a read log."""
 
-    registry: dict[str, FakePool] = {}
+    registry: ClassVar[dict[str, FakePool]] = {}
 
     def __init__(self, n: int, chunk: int, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
@@ -191,3 +191,23 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(XalError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_real_pool_blocks_in_forked_workers_match_direct_reads(tmp_path: Path) -> None:
+    from xal_engine.pool import Pool, PoolWriter
+
+    rng = np.random.default_rng(2)
+    n = 40
+    images = rng.integers(0, 65536, (n, 2, 4, 3), dtype=np.uint16)
+    with PoolWriter(tmp_path / "p.zarr", channels=2, height=4, width=3, dtype="uint16",
+                    classes=["x", "y"], chunk_size=8) as w:
+        w.append(images, rng.random((n, 4, 3)) > 0.5, np.ones(n, bool), (np.arange(n) % 2).astype(np.int16),
+                 np.array([f"i{i}" for i in range(n)]), np.zeros(n, np.uint8))
+    pool = Pool.open(tmp_path / "p.zarr")
+    idx = np.array([0, 5, 9, 17, 18, 39])
+    ds = BlockDataset(pool, idx)
+    blocks = list(block_loader(ds, EpochPermutation(len(ds), None), num_workers=2))
+    got = torch.cat([b["images"] for b in blocks])
+    assert got.dtype == torch.uint16 and np.array_equal(got.numpy(), images[idx])
+    assert torch.cat([b["index"] for b in blocks]).tolist() == idx.tolist()
+    assert to_unit_float(got).max() <= 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import urllib.error
 from pathlib import Path
 
@@ -136,8 +137,13 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     good = save_checkpoint(tmp_path / "m.pt", model, _info())
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(XalError, match=r"corrupt\.pt is corrupt or not a torch file"):
-        load_checkpoint(corrupt)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    code = tmp_path / "code.pt"
+    torch.save(argparse.Namespace(a=1), code)  # arbitrary objects: refused by weights_only
+    for bad in (corrupt, junk, code):
+        with pytest.raises(XalError, match=rf"{bad.name} cannot be read: corrupt, not a torch file"):
+            load_checkpoint(bad)
     foreign = tmp_path / "foreign.pt"
     torch.save(model.state_dict(), foreign)
     with pytest.raises(XalError, match=r"foreign\.pt is not an xal-engine checkpoint"):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import xal_engine.cli as cli
+from xal_engine import cli
 from xal_engine.data import BlockDataset
 from xal_engine.errors import XalError
 from xal_engine.models import load_checkpoint
@@ -19,6 +21,15 @@ from xal_engine.training import TrainConfig, class_weights, confusion_metrics, t
 
 N, SIDE, K = 96, 32, 3
 FAST = TrainConfig(arch="resnet18", epochs=3, batch_size=16, lr=3e-3, num_workers=0, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine two threads contend and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_pool(path: Path, splits: np.ndarray | None = None, seed: int = 0) -> Pool:
@@ -104,7 +115,7 @@ def test_poisoned_test_labels_do_not_matter(tmp_path: Path) -> None:
     path = tmp_path / "p.zarr"
     clean = make_pool(path)
     test = np.flatnonzero(np.asarray(clean.group["split"][:]) == SPLIT_TEST)
-    one = TrainConfig(**{**FAST.__dict__, "epochs": 1})
+    one = replace(FAST, epochs=1)
     before = train(clean, one, log=lambda _: None)
     group = Pool.open(path, "r+").group
     labels = np.asarray(group["labels"][:])
@@ -124,14 +135,14 @@ def test_labelled_only_uses_exactly_the_labelled_images(tmp_path: Path, yielded:
     rounds[chosen] = 0
     group = Pool.open(path, "r+").group
     group.create_array("al/exp1/labelled_round", data=rounds)
-    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 1, "labelled_only": "exp1"})
+    cfg = replace(FAST, epochs=1, labelled_only="exp1")
     result = train(Pool.open(path), cfg, log=lambda _: None)
     seen = np.unique(np.concatenate(yielded))
     assert np.array_equal(seen[split[seen] == SPLIT_TRAIN], chosen)
     assert set(split[seen]) == {SPLIT_TRAIN, SPLIT_VAL}
     assert result.metrics["n_train"] == len(chosen)
     with pytest.raises(XalError, match="no AL experiment 'missing'"):
-        train(Pool.open(path), TrainConfig(**{**cfg.__dict__, "labelled_only": "missing"}))
+        train(Pool.open(path), replace(cfg, labelled_only="missing"))
     rounds[np.flatnonzero(split == SPLIT_TEST)[0]] = 1
     group["al/exp1/labelled_round"][:] = rounds
     with pytest.raises(XalError, match="marks 1 image.* outside the train split"):
@@ -142,7 +153,7 @@ def test_without_validation_selects_on_training_loss(tmp_path: Path) -> None:
     splits = np.where(np.arange(N) % 8 == 0, SPLIT_TEST, SPLIT_TRAIN)
     pool = make_pool(tmp_path / "p.zarr", splits=splits)
     logs: list[str] = []
-    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 2, "augment": False})
+    cfg = replace(FAST, epochs=2, augment=False)
     result = train(pool, cfg, log=logs.append)
     assert logs[0].startswith("warning:") and "no labelled validation images" in logs[0]
     best = min(result.history, key=lambda r: r["train_loss"])
@@ -179,7 +190,7 @@ def test_cli_train_writes_loadable_checkpoint(pool: Pool, tmp_path: Path, monkey
     assert (info.arch, info.num_classes, info.in_channels, info.target_layer) == ("resnet18", 3, 1, "layer4")
     assert info.config["epochs"] == 1 and info.metrics["n_val"] == 18
     # The library run with the same config gives the very same weights.
-    lib = train(pool, TrainConfig(**{**FAST.__dict__, "epochs": 1}), log=lambda _: None).model
+    lib = train(pool, replace(FAST, epochs=1), log=lambda _: None).model
     x = torch.rand(2, 1, SIDE, SIDE)
     with torch.no_grad():
         assert torch.equal(model(x), lib(x))
@@ -200,6 +211,5 @@ def test_cli_errors_are_one_line(pool: Pool, tmp_path: Path, monkeypatch: pytest
     code, stdout, err = _cli(monkeypatch, capsys, *argv, "--num-workers", "0", "--epochs", "1")
     assert code == 2 and stdout == ""
     assert err.count("\n") == 1 and err.startswith("xal-engine train: error: ")
-    import re
     assert re.search(message, err), err
     assert not (tmp_path / "m.pt").exists()

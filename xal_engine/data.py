@@ -229,7 +229,7 @@ def augment_batch(images: torch.Tensor, rois: torch.Tensor | None, generator: to
     """Random flips and integer shifts of a batch, one draw per image, applied to images (B,C,H,W)
     and rois (B,H,W) alike, as two gathers. Random numbers come from the CPU ``generator`` (so a seed
     reproduces them on any device); only (B,)-sized draws are copied to the device."""
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     u = torch.rand(b, 2, generator=generator)
     sy, sx = int(config.max_shift * h), int(config.max_shift * w)
     dy = torch.randint(-sy, sy + 1, (b,), generator=generator)

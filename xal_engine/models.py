@@ -92,13 +92,19 @@ def _replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> None:
     model.set_submodule(spec.head, nn.Linear(old.in_features, num_classes))
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def _load_local_weights(model: nn.Module, path: Path, arch: str) -> None:
     if not path.is_file():
         raise XalError(f"pretrained weights file {path} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors for a bad file
-        raise XalError(f"pretrained weights file {path} is not a readable state dict ({err})") from None
+    except Exception as err:  # noqa: BLE001  (any failure of torch.load: see _read_checkpoint)
+        raise XalError(f"pretrained weights file {path} is not a readable state dict "
+                       f"({_first_line(err)})") from None
     _load_state(model, state, f"pretrained weights file {path}", arch)
 
 
@@ -106,7 +112,7 @@ def _load_published_weights(model: nn.Module, arch: str) -> None:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:  # torch.hub cache under $TORCH_HOME first, else a download
         state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # URLError, OSError, hash mismatch: all mean "not available here"
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError; bad hash: RuntimeError
         home = os.environ.get("TORCH_HOME", "~/.cache/torch")
         raise XalError(
             f"published {arch} weights are not available offline ({type(err).__name__}: {err}); "
@@ -191,11 +197,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise XalError(f"checkpoint file {path} not found")
+    # torch.load raises anything for a foreign file (UnpicklingError, BadZipFile, even KeyError for a
+    # text file): every failure here means "not a checkpoint", reported as one line.
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, …: one line, no traceback
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise XalError(f"checkpoint file {path} is corrupt or not a torch file ({reason})") from None
+    except Exception as err:  # noqa: BLE001
+        raise XalError(f"checkpoint file {path} cannot be read: corrupt, not a torch file, or not plain "
+                       f"data ({_first_line(err)})") from None
     if not isinstance(payload, dict) or _CHECKPOINT_KEY not in payload:
         raise XalError(f"{path} is not an xal-engine checkpoint (no {_CHECKPOINT_KEY!r} entry)")
     version = payload[_CHECKPOINT_KEY]
