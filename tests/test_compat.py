@@ -151,6 +151,18 @@ def test_no_lasting_side_effects(x: Tensor) -> None:
     np.testing.assert_allclose(got, ref, rtol=0, atol=MAP_ATOL)
 
 
+def test_bf16_model_gives_fp32_maps(x: Tensor) -> None:
+    """The reference fails on bf16 (``.numpy()``); here S is fp32. Tolerance 0.1: bf16 errors in the
+    stage-1 map N are ~0.02 (measured in test_scoring), and bilinear weights are a convex combination,
+    so they reach S scaled only by the stage-2 min-max of a map whose range is already ~1."""
+    net = model("resnet18")
+    cam = GradCAM(net, "layer4")  # a bare layer name works too
+    want = cam(input_tensor=x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cam(input_tensor=x)
+    assert got.dtype == np.float32 and 0 < np.abs(got - want).max() < 0.1
+
+
 def test_unsupported_options(x: Tensor) -> None:
     net = model("resnet18")
     with pytest.raises(XalError, match="aug_smooth and eigen_smooth are not supported"):

@@ -67,12 +67,13 @@ def _per_row(targets: list[Any]) -> Callable[[Tensor], Tensor]:
 class GradCAM:
     """``pytorch_grad_cam.GradCAM`` with the same call; the model's train/eval mode is left as found."""
 
-    def __init__(self, model: nn.Module, target_layers: Sequence[LayerSpec],
+    def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec],
                  reshape_transform: Callable[[Tensor], Tensor] | None = None) -> None:
         if reshape_transform is not None:
             raise XalError("reshape_transform is not supported: target layers must output (B, C, h, w)")
         self.model = model
-        self.target_layers = list(target_layers)
+        single = isinstance(target_layers, (nn.Module, str))  # a bare layer, not a list of characters
+        self.target_layers = [target_layers] if single else list(target_layers)
         GradCamCapture(model, self.target_layers)  # checks the layers now, as the reference hooks them now
 
     def maps(self, input_tensor: Tensor, targets: Sequence[Any] | Targets = None) -> Tensor:
