@@ -469,22 +469,26 @@ class PoolWriter:
         return group
 
     def _reopen(self, meta: dict[str, Any]) -> zarr.Group:
-        """Continue ``<path>.partial`` after its last durable chunk, dropping anything later."""
+        """Continue ``<path>.partial`` after its last durable chunk, dropping anything later.
+
+        A crash inside a flush can leave the arrays at different lengths: all are cut back to
+        ``xal_pool_written`` first, then the layout must match this writer's.
+        """
         group = _open_group(self.partial, "r+")
-        if WRITING_ATTR not in group.attrs or _structure_problems(group):
+        arrays = {name: group.get(name) for name in PER_IMAGE_ARRAYS}
+        if WRITING_ATTR not in group.attrs or not all(isinstance(a, zarr.Array) for a in arrays.values()):
             raise PoolError(f"{self.partial} cannot be resumed: it is not an unfinished pool")
-        images = group["images"]
-        if images.shape[1:] != self.shape or images.dtype != self.dtype \
-                or images.chunks[0] != self.chunk_size:
-            raise PoolError(f"{self.partial} cannot be resumed: it holds {images.dtype} images "
-                            f"{images.shape[1:]} in chunks of {images.chunks[0]}, this write "
-                            f"{self.dtype} {self.shape} in chunks of {self.chunk_size}")
         for stray in self.partial.rglob(f"*{PARTIAL_SUFFIX}"):  # half-written chunk files
             stray.unlink()
         n = int(group.attrs[WRITING_ATTR])
-        for array in group.array_values():
-            if array.name.strip("/") in PER_IMAGE_ARRAYS:
-                array.resize((n, *array.shape[1:]))
+        for array in arrays.values():
+            array.resize((n, *array.shape[1:]))
+        images = arrays["images"]
+        if _structure_problems(group) or images.shape[1:] != self.shape \
+                or images.dtype != self.dtype or images.chunks[0] != self.chunk_size:
+            raise PoolError(f"{self.partial} cannot be resumed: it holds {images.dtype} images "
+                            f"{images.shape[1:]} in chunks of {images.chunks[0]}, this write "
+                            f"{self.dtype} {self.shape} in chunks of {self.chunk_size}")
         group.attrs.update(meta)
         return group
 
