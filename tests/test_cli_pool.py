@@ -147,7 +147,7 @@ def test_python_m_pool_info_exit_codes(pool_path: Path, tmp_path: Path,
     assert capsys.readouterr().err == ""
     (tmp_path / "not_a_pool").mkdir()
     bad = subprocess.run([sys.executable, "-m", "xal_engine", "pool", "info", str(tmp_path / "not_a_pool")],
-                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+                         check=False, capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == (f"xal-engine pool: error: {tmp_path / 'not_a_pool'} is not a pool: "
                           "no zarr.json (expected a Zarr v3 group)\n")
@@ -155,7 +155,7 @@ def test_python_m_pool_info_exit_codes(pool_path: Path, tmp_path: Path,
 
 def test_interrupted_create_leaves_no_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import xal_engine.synthetic as synthetic
+    from xal_engine import synthetic
 
     real = synthetic.generate_block
 

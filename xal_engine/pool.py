@@ -17,6 +17,7 @@ so an interrupted write never leaves anything that :meth:`Pool.open` accepts.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -243,7 +244,7 @@ class Pool:
             raise PoolError(f"{self.path}: range {start}..{stop} is outside a pool of {self.n}")
         cuts = range((start // self.chunk_size + 1) * self.chunk_size, stop, self.chunk_size)
         edges = [start, *cuts, stop]
-        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
     def subgroups(self, name: str) -> list[str]:
         """Names under ``scores/`` or ``al/`` (score runs, AL experiments)."""
@@ -317,7 +318,7 @@ class _Checker:
     def _read(self, name: str, start: int, stop: int) -> np.ndarray | None:
         try:
             return self.pool.group[name][start:stop]
-        except Exception as err:  # checksum mismatch or undecodable chunk: report, keep going
+        except Exception as err:  # noqa: BLE001  checksum mismatch, undecodable chunk: report, go on
             chunk = start // self.pool.chunk_size
             self.problems.append(f"array '{name}' chunk {chunk} (images {start}..{stop - 1}) cannot "
                                  f"be decoded: {type(err).__name__}: {err}")
@@ -566,7 +567,7 @@ class PoolWriter:
             self.partial.rename(self.path)
         return Pool.open(self.path)
 
-    def __enter__(self) -> PoolWriter:
+    def __enter__(self) -> PoolWriter:  # noqa: PYI034  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -92,8 +92,8 @@ def format_info(info: dict[str, Any]) -> str:
     """The human-readable ``pool info``: one table of counts per split and class, then storage."""
     c, h, w = info["shape"]
     classes = info["classes"]
-    lines = [f"{info['path']}  (pool format v{info['format_version']}, source {info['source'] or '-'}, "
-             f"modality {info['modality'] or '-'})",
+    lines = [(f"{info['path']}  (pool format v{info['format_version']}, source {info['source'] or '-'}, "
+              f"modality {info['modality'] or '-'})"),
              f"images: {info['n']} x {c}x{h}x{w} {info['dtype']}",
              f"classes: {', '.join(classes)}", ""]
     rows = [["split", "images", "labelled", "has_roi", *classes, "unknown"]]
@@ -107,11 +107,11 @@ def format_info(info: dict[str, Any]) -> str:
     images, total = storage["images"], storage["total"]
     lines += ["",
               f"ROI coverage: {roi['has_roi']}/{info['n']} images ({100 * roi['fraction']:.1f}%)",
-              f"chunking: {chunking['images_per_chunk']} images per chunk, {chunking['chunks']} "
-              f"chunk(s), {chunking['chunk_bytes'] / MIB:.2f} MiB raw per image chunk",
-              f"storage: images {images['stored_bytes'] / MIB:.2f} MiB stored / "
-              f"{images['raw_bytes'] / MIB:.2f} MiB raw (ratio {_ratio(images['ratio'])}); all arrays "
-              f"{total['stored_bytes'] / MIB:.2f} MiB (ratio {_ratio(total['ratio'])})",
+              (f"chunking: {chunking['images_per_chunk']} images per chunk, {chunking['chunks']} "
+               f"chunk(s), {chunking['chunk_bytes'] / MIB:.2f} MiB raw per image chunk"),
+              (f"storage: images {images['stored_bytes'] / MIB:.2f} MiB stored / "
+               f"{images['raw_bytes'] / MIB:.2f} MiB raw (ratio {_ratio(images['ratio'])}); all arrays "
+               f"{total['stored_bytes'] / MIB:.2f} MiB (ratio {_ratio(total['ratio'])})"),
               f"score runs: {', '.join(info['score_runs']) or '(none)'}",
               f"AL experiments: {', '.join(info['al_experiments']) or '(none)'}"]
     if info["other_members"]:
