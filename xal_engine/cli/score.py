@@ -1,0 +1,52 @@
+"""`xal-engine score`: score every image of a pool (uncertainty + Grad-CAM agreement with the ROI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a pool: uncertainty and Grad-CAM/ROI agreement per image",
+        description=(
+            "One streaming pass over the pool: forward, backward down to the Grad-CAM layer, fused "
+            "Grad-CAM -> Dice kernel. Results go to POOL/scores/RUN/. Resumable: rerunning the same "
+            "command after an interruption computes only the work units not yet done."
+        ),
+    )
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to score")
+    p.add_argument("--model", required=True, help="checkpoint written by `xal-engine train`")
+    p.add_argument("--run", default="default", help="name of the score run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="CAM threshold tau for the hard Dice (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="model precision under autocast (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="loader processes decoding Zarr chunks (default: %(default)s)")
+    p.add_argument("--targets", choices=("pred", "label"), default="pred",
+                   help="Grad-CAM target class: predicted, or the known label (default: %(default)s)")
+    p.add_argument("--shard-id", type=int, default=0, help="this process's shard (default: 0)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the run's work units between this many processes (default: 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of this name made with another model or config")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xal_engine.score_pool import ScoreConfig, score_pool
+
+    config = ScoreConfig(
+        run=args.run, batch_size=args.batch_size, device=args.device, threshold=args.threshold,
+        precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
+        num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite,
+    )
+    summary = score_pool(args.pool, args.model, config)
+    print(json.dumps(asdict(summary)) if args.json else summary.line())
+    return 0

@@ -1,0 +1,195 @@
+"""The stored results of a scoring run: ``scores/<run>/`` inside a pool (pool format v1).
+
+Layout (N = pool size, K = classes, U = number of work units):
+
+    probs            (N, K) float16
+    pred             (N,)   int16
+    entropy, margin, least_confidence, dice, soft_dice, energy   (N,) float32 (ROI metrics NaN without ROI)
+    hit              (N,)   bool
+    done             (U,)   bool, one chunk per flag
+
+A work unit is one chunk of the pool's per-image arrays, and every result array uses the same chunk
+length, so writing a unit is one chunk-aligned assignment per array. A unit's `done` flag is set only
+after all its arrays are written; a crash before that leaves it pending and a rerun recomputes it, so
+a run is idempotent. Each flag is its own chunk: shards that write different units never touch the
+same chunk (Zarr has no locks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from xal_engine.errors import XalError
+
+PER_IMAGE_FIELDS: dict[str, str] = {
+    "pred": "int16",
+    "entropy": "float32",
+    "margin": "float32",
+    "least_confidence": "float32",
+    "dice": "float32",
+    "soft_dice": "float32",
+    "energy": "float32",
+    "hit": "bool",
+}
+FILL = {"int16": -1, "float32": float("nan"), "bool": False, "float16": float("nan")}
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """Numpy results of one work unit, rows in pool order."""
+
+    probs: np.ndarray  # [n, K]
+    pred: np.ndarray  # [n]
+    entropy: np.ndarray
+    margin: np.ndarray
+    least_confidence: np.ndarray
+    dice: np.ndarray
+    soft_dice: np.ndarray
+    energy: np.ndarray
+    hit: np.ndarray
+
+
+def check_run_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise XalError(f"--run must be letters, digits, '-', '_' or '.', got {name!r}")
+    return name
+
+
+class ScoreRun:
+    """One run's arrays in an open pool group (mode "r+" to write)."""
+
+    def __init__(self, group: zarr.Group, name: str, n: int, unit_size: int) -> None:
+        self.group = group
+        self.name = name
+        self.n = n
+        self.unit_size = unit_size
+        self.n_units = math.ceil(n / unit_size)
+
+    # ---------------------------------------------------------------- creation and opening
+    @classmethod
+    def create_or_resume(
+        cls,
+        pool_group: zarr.Group,
+        name: str,
+        *,
+        n: int,
+        n_classes: int,
+        unit_size: int,
+        fingerprint: dict[str, Any],
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+    ) -> ScoreRun:
+        """Open run `name` for writing; create it when new.
+
+        An existing run with another fingerprint (model, target layer, threshold, precision, …) is
+        refused unless `overwrite`, which deletes it first.
+        """
+        check_run_name(name)
+        scores = pool_group.require_group("scores")
+        if name in scores:
+            existing = scores[name]
+            if overwrite:
+                del scores[name]
+            else:
+                old = existing.attrs.get("fingerprint")
+                if old != _jsonable(fingerprint):
+                    diff = _describe_difference(old, fingerprint)
+                    raise XalError(
+                        f"run {name!r} exists in this pool with a different {diff}; "
+                        "choose another --run or pass --overwrite"
+                    )
+                run = cls(existing, name, n, unit_size)
+                run.clean_partial_files()
+                return run
+        group = scores.require_group(name)
+        for field, dtype in PER_IMAGE_FIELDS.items():
+            group.create_array(field, shape=(n,), chunks=(unit_size,), dtype=dtype,
+                               fill_value=FILL[dtype], overwrite=True)
+        group.create_array("probs", shape=(n, n_classes), chunks=(unit_size, n_classes),
+                           dtype="float16", fill_value=FILL["float16"], overwrite=True)
+        group.create_array("done", shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
+                           fill_value=False, overwrite=True)
+        group.attrs.update({**_jsonable(attrs), "fingerprint": _jsonable(fingerprint),
+                            "unit_size": unit_size})
+        return cls(group, name, n, unit_size)
+
+    @classmethod
+    def open(cls, pool_group: zarr.Group, name: str) -> ScoreRun:
+        """An existing run, for reading (select, report)."""
+        check_run_name(name)
+        if "scores" not in pool_group or name not in pool_group["scores"]:
+            runs = sorted(pool_group["scores"].group_keys()) if "scores" in pool_group else []
+            known = f"; runs in this pool: {', '.join(runs)}" if runs else "; this pool has no score runs"
+            raise XalError(f"no score run {name!r} in the pool{known}")
+        group = pool_group["scores"][name]
+        n = group["pred"].shape[0]
+        return cls(group, name, n, int(group.attrs.get("unit_size", group["pred"].chunks[0])))
+
+    # ---------------------------------------------------------------- units
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        start = unit * self.unit_size
+        return start, min(start + self.unit_size, self.n)
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def pending_units(self, shard_id: int = 0, num_shards: int = 1) -> list[int]:
+        """Units of this shard not marked done. Shards own contiguous, disjoint unit ranges."""
+        lo = self.n_units * shard_id // num_shards
+        hi = self.n_units * (shard_id + 1) // num_shards
+        done = self.done_mask()
+        return [u for u in range(lo, hi) if not done[u]]
+
+    def write_unit(self, unit: int, result: UnitResult) -> None:
+        """Write one unit's rows (one chunk per array), then mark it done."""
+        start, stop = self.unit_range(unit)
+        if result.pred.shape[0] != stop - start:
+            raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
+        for field, dtype in PER_IMAGE_FIELDS.items():
+            self.group[field][start:stop] = np.asarray(getattr(result, field), dtype=dtype)
+        self.group["probs"][start:stop] = np.asarray(result.probs, dtype="float16")
+        self.group["done"][unit] = True
+
+    def is_complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    def read(self, fields: tuple[str, ...] = tuple(PER_IMAGE_FIELDS) + ("probs",)) -> dict[str, np.ndarray]:
+        return {f: np.asarray(self.group[f][:]) for f in fields}
+
+    def clean_partial_files(self) -> int:
+        """Remove `*.partial` files a killed writer left behind (local stores only); returns the count."""
+        root = _local_path(self.group)
+        if root is None:
+            return 0
+        removed = 0
+        for path in root.rglob("*.partial"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _local_path(group: zarr.Group) -> Path | None:
+    store = group.store
+    root = getattr(store, "root", None)
+    if root is None:
+        return None
+    return Path(root) / group.path
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _describe_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "configuration"
+    new = _jsonable(new)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "configuration (" + ", ".join(keys) + ")" if keys else "configuration"
