@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "xal_engine.cli.pool",
     "xal_engine.cli.ingest",
     "xal_engine.cli.train",
+    "xal_engine.cli.score",
+    "xal_engine.cli.select",
 ]
 
 
@@ -46,7 +48,10 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a flag error already printed by argparse
+        return int(exit_.code or 0)
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
