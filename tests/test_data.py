@@ -16,6 +16,7 @@ from xal_engine.data import (
     EpochPermutation,
     augment_batch,
     block_loader,
+    imagenet_normalization,
     rebatch,
     resolve_device,
     select_indices,
@@ -79,6 +80,12 @@ def test_to_unit_float_by_dtype() -> None:
     assert out.flatten().tolist() == pytest.approx([1.0, 3.0])
     with pytest.raises(XalError, match="expected uint8, uint16 or a float"):
         to_unit_float(torch.zeros(2, dtype=torch.int32))
+
+
+def test_imagenet_normalization_per_channel_count() -> None:
+    assert imagenet_normalization(3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = imagenet_normalization(2)
+    assert mean == pytest.approx((0.449, 0.449)) and std == pytest.approx((0.226, 0.226))
 
 
 def test_select_indices_by_split_label_and_experiment() -> None:

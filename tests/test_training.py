@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xal_engine import cli
-from xal_engine.data import BlockDataset
+from xal_engine.data import BlockDataset, imagenet_normalization
 from xal_engine.errors import XalError
 from xal_engine.models import load_checkpoint
 from xal_engine.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
@@ -167,6 +167,8 @@ def test_no_training_images_is_a_clear_error(tmp_path: Path) -> None:
         train(pool, FAST)
     with pytest.raises(XalError, match="batch_size must be >= 2"):
         train(pool, TrainConfig(batch_size=1))
+    with pytest.raises(XalError, match="normalize_mean has 3 values; the pool has 1 channel"):
+        train(pool, replace(FAST, normalize_mean=(0.1, 0.2, 0.3)))
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -182,15 +184,17 @@ def test_cli_train_writes_loadable_checkpoint(pool: Pool, tmp_path: Path, monkey
     out = tmp_path / "model.pt"
     code, stdout, _ = _cli(monkeypatch, capsys, "--pool", str(pool.path), "--out", str(out), "--epochs", "1",
                            "--batch-size", "16", "--device", "cpu", "--num-workers", "0", "--seed", "0",
-                           "--lr", "3e-3", "--json")
+                           "--lr", "3e-3", "--normalize", "imagenet", "--json")
     assert code == 0
     summary = json.loads(stdout)
     assert summary["out"] == str(out) and summary["n_train"] == 60 and summary["best_epoch"] == 1
     model, info = load_checkpoint(out)
     assert (info.arch, info.num_classes, info.in_channels, info.target_layer) == ("resnet18", 3, 1, "layer4")
     assert info.config["epochs"] == 1 and info.metrics["n_val"] == 18
+    mean, std = imagenet_normalization(1)
+    assert tuple(info.config["normalize_mean"]) == mean and tuple(info.config["normalize_std"]) == std
     # The library run with the same config gives the very same weights.
-    lib = train(pool, replace(FAST, epochs=1), log=lambda _: None).model
+    lib = train(pool, replace(FAST, epochs=1, normalize_mean=mean, normalize_std=std), log=lambda _: None).model
     x = torch.rand(2, 1, SIDE, SIDE)
     with torch.no_grad():
         assert torch.equal(model(x), lib(x))

@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 Block = dict[str, torch.Tensor]
 
 _SCALE = {torch.uint8: 1.0 / 255.0, torch.uint16: 1.0 / 65535.0}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def imagenet_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for ImageNet-pretrained weights: the RGB values for 3 channels, else
+    their averages for every channel (matching the averaged stem filters of adapt_conv_weight)."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
 
 
 def to_unit_float(images: torch.Tensor, mean: tuple[float, ...] | None = None,

@@ -227,6 +227,11 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
     k = len(pool.classes)
     if k < 2:
         raise XalError(f"pool {pool.path} lists {k} class(es) in its 'classes' attribute; training needs >= 2")
+    for name, values in (("normalize_mean", config.normalize_mean), ("normalize_std", config.normalize_std)):
+        if values is not None and len(values) not in (1, pool.channels):
+            raise XalError(f"{name} has {len(values)} values; the pool has {pool.channels} channel(s)")
+    if config.normalize_std is not None and min(config.normalize_std) <= 0:
+        raise XalError(f"normalize_std must be > 0, got {config.normalize_std}")
     target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
     device = resolve_device(config.device)
     train_idx, val_idx, labels = training_indices(pool, config)

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", metavar="PATH", default=None,
                    help="torchvision state dict of the 3-channel ImageNet model, or 'imagenet' for the "
                         "published weights (torch.hub cache or download)")
+    p.add_argument("--normalize", choices=("none", "imagenet"), default="none",
+                   help="input normalisation after scaling to [0, 1]; 'imagenet' suits ImageNet "
+                        "weights (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="loader processes decoding Zarr chunks (default: %(default)s)")
@@ -47,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xal_engine.data import imagenet_normalization
     from xal_engine.errors import XalError
     from xal_engine.models import parse_arch, save_checkpoint
     from xal_engine.pool import Pool
@@ -58,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
         raise XalError(f"--out {out}: directory {out.parent} does not exist")
     if out.is_dir():
         raise XalError(f"--out {out} is a directory; expected a file path such as {out / 'model.pt'}")
+    pool = Pool.open(args.pool)
+    mean, std = imagenet_normalization(pool.channels) if args.normalize == "imagenet" else (None, None)
     config = TrainConfig(
         arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, amp=not args.no_amp,
         class_weighting=not args.no_class_weighting, augment=not args.no_augment,
-        num_workers=args.num_workers, labelled_only=args.labelled_only,
+        num_workers=args.num_workers, labelled_only=args.labelled_only, normalize_mean=mean,
+        normalize_std=std,
     )
-    result = train(Pool.open(args.pool), config, pretrained=args.pretrained)
+    result = train(pool, config, pretrained=args.pretrained)
     save_checkpoint(out, result.model, result.checkpoint)
     m = result.metrics
     summary = {"out": str(out), **{k: v for k, v in m.items() if k != "history"}}
