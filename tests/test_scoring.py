@@ -139,3 +139,5 @@ def test_bad_arguments(model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
         score_batch(model, "layer5", images, rois)
     with pytest.raises(XalError, match="one class per image"):
         score_batch(model, "layer4", images, rois, targets=[0, 1])
+    with pytest.raises(XalError, match="backend: expected one of auto, triton, torch, got 'cuda'"):
+        score_batch(model, "layer4", images, rois, backend="cuda")  # passed through to gradcam_dice
