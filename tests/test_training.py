@@ -147,6 +147,13 @@ def test_labelled_only_uses_exactly_the_labelled_images(tmp_path: Path, yielded:
     group["al/exp1/labelled_round"][:] = rounds
     with pytest.raises(XalError, match="marks 1 image.* outside the train split"):
         train(Pool.open(path), cfg)
+    rounds[np.flatnonzero(split == SPLIT_TEST)[0]] = -1
+    group["al/exp1/labelled_round"][:] = rounds
+    labels = np.asarray(group["labels"][:])
+    labels[chosen[:2]] = -1
+    group["labels"][:] = labels
+    with pytest.raises(XalError, match=r"marks 2 image\(s\) whose label is -1"):
+        train(Pool.open(path), cfg)
 
 
 def test_without_validation_selects_on_training_loss(tmp_path: Path) -> None:
@@ -165,7 +172,7 @@ def test_no_training_images_is_a_clear_error(tmp_path: Path) -> None:
     pool = make_pool(tmp_path / "p.zarr", splits=np.full(N, SPLIT_VAL))
     with pytest.raises(XalError, match=r"has no training images \(split 0, with a label\)"):
         train(pool, FAST)
-    with pytest.raises(XalError, match="batch_size must be >= 2"):
+    with pytest.raises(XalError, match=r"batch_size must be >= 2 \(batch norm needs two images\), got 1"):
         train(pool, TrainConfig(batch_size=1))
     with pytest.raises(XalError, match="normalize_mean has 3 values; the pool has 1 channel"):
         train(pool, replace(FAST, normalize_mean=(0.1, 0.2, 0.3)))

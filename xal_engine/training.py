@@ -34,6 +34,7 @@ from xal_engine.data import (
     read_labelled_round,
     rebatch,
     resolve_device,
+    select_indices,
     to_unit_float,
 )
 from xal_engine.errors import XalError
@@ -74,42 +75,43 @@ class TrainResult:
 
 
 def parse_config(config: TrainConfig) -> TrainConfig:
-    """Check every field; an XalError names the field and what was expected."""
+    """Check every field; an XalError names the field, its value and what was expected."""
     parse_arch(config.arch)
-    checks = [(config.epochs >= 1, "epochs must be >= 1"),
-              (config.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images)"),
-              (config.lr > 0, "lr must be > 0"), (config.weight_decay >= 0, "weight_decay must be >= 0"),
-              (config.num_workers >= 0, "num_workers must be >= 0")]
-    for ok, message in checks:
+    checks = [("epochs", config.epochs >= 1, ">= 1"),
+              ("batch_size", config.batch_size >= 2, ">= 2 (batch norm needs two images)"),
+              ("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+              ("num_workers", config.num_workers >= 0, ">= 0"),
+              ("shuffle_buffer", config.shuffle_buffer >= 0, ">= 0")]
+    for name, ok, expected in checks:
         if not ok:
-            raise XalError(f"{message}, got {config}")
+            raise XalError(f"{name} must be {expected}, got {getattr(config, name)}")
     return config
 
 
+def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
+    """An experiment may only have labelled train-split images whose label is known."""
+    marked = read_labelled_round(pool, experiment) >= 0  # (N,)
+    for bad, what in ((marked & (split != SPLIT_TRAIN), "outside the train split"),
+                      (marked & (labels < 0), "whose label is -1")):
+        if bad.any():
+            raise XalError(f"pool {pool.path}: al/{experiment}/labelled_round marks {int(bad.sum())} "
+                           f"image(s) {what}")
+
+
 def training_indices(pool: Pool, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val) sorted pool positions and the (N,) labels. Only splits 0 and 1 are selected."""
+    """(train, val) sorted pool positions and the (N,) int64 labels. Only splits 0 and 1 are selected."""
     labels = np.asarray(pool.group["labels"][:]).astype(np.int64)  # (N,)
-    split = np.asarray(pool.group["split"][:])  # (N,)
-    k = len(pool.classes)
-    known = labels >= 0
-    train = (split == SPLIT_TRAIN) & known
     if config.labelled_only is not None:
-        name = config.labelled_only
-        marked = read_labelled_round(pool, name) >= 0
-        if np.any(marked & (split != SPLIT_TRAIN)):
-            raise XalError(f"pool {pool.path}: al/{name}/labelled_round marks "
-                           f"{int(np.sum(marked & (split != SPLIT_TRAIN)))} image(s) outside the train split")
-        if np.any(marked & ~known):
-            raise XalError(f"pool {pool.path}: al/{name}/labelled_round marks "
-                           f"{int(np.sum(marked & ~known))} image(s) whose label is -1")
-        train &= marked
-    val = (split == SPLIT_VAL) & known
-    if np.any(labels[train | val] >= k):
-        raise XalError(f"pool {pool.path}: labels must be < {k} (number of classes)")
-    if not train.any():
+        _check_labelled(pool, config.labelled_only, labels, np.asarray(pool.group["split"][:]))
+    train = select_indices(pool, SPLIT_TRAIN, labelled_only=config.labelled_only)
+    val = select_indices(pool, SPLIT_VAL)
+    k = len(pool.classes)
+    if np.any(labels[train] >= k) or np.any(labels[val] >= k):
+        raise XalError(f"pool {pool.path}: train/val labels must be < {k} (number of classes)")
+    if not len(train):
         what = f"labelled by experiment {config.labelled_only!r}" if config.labelled_only else "with a label"
         raise XalError(f"pool {pool.path} has no training images (split 0, {what})")
-    return np.flatnonzero(train), np.flatnonzero(val), labels
+    return train, val, labels
 
 
 def class_weights(train_labels: np.ndarray, k: int) -> torch.Tensor:
