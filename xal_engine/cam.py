@@ -96,19 +96,21 @@ class GradCamCapture:
         self.layer_names = [name for name, _ in resolved]
         self.layers = [module for _, module in resolved]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._training: list[tuple[nn.Module, bool]] = []
-        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._training: list[nn.Module] = []  # modules that were in train mode on entry
+        self._frozen: list[nn.Parameter] = []  # parameters that required grad on entry
         self._acts: list[Tensor | None] = []
         self._active = False
 
     def __enter__(self) -> GradCamCapture:
         if self._active:  # a second enter would save the frozen state as the one to restore
             raise RuntimeError("GradCamCapture is already active; use one `with` block at a time")
-        self._training = [(m, m.training) for m in self.model.modules()]
-        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        # Only what differs is recorded and flipped: entering with an eval, frozen model costs two scans.
+        self._training = [m for m in self.model.modules() if m.training]
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
         try:
-            self.model.eval()  # BatchNorm running stats, no Dropout
-            for p, _ in self._requires_grad:
+            if self._training:
+                self.model.eval()  # BatchNorm running stats, no Dropout
+            for p in self._frozen:
                 p.requires_grad_(False)
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._hook(i)))
@@ -126,11 +128,11 @@ class GradCamCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, mode in self._training:
-            module.training = mode  # per module: a caller's mixed train/eval state comes back as it was
-        for p, flag in self._requires_grad:
-            p.requires_grad_(flag)
-        self._training, self._requires_grad, self._acts = [], [], []
+        for module in self._training:
+            module.training = True  # per module: a caller's mixed train/eval state comes back as it was
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._training, self._frozen, self._acts = [], [], []
         self._active = False
 
     def _hook(self, index: int) -> Callable[[nn.Module, object, object], Tensor]:
