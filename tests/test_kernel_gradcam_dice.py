@@ -16,7 +16,8 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from xal_engine import reference
@@ -214,7 +215,14 @@ def test_empty_batch() -> None:
     big_h=st.integers(1, 40), big_w=st.integers(1, 140), seed=st.integers(0, 2**16),
 )
 def test_matches_reference_on_any_shape(c: int, h: int, w: int, big_h: int, big_w: int, seed: int) -> None:
-    got, ref = run_both(*random_inputs(2, c, h, w, (big_h, big_w), seed=seed))
+    a, g, rois = random_inputs(2, c, h, w, (big_h, big_w), seed=seed)
+    # S = (U - min U) / (range U + 1e-7) turns ~2e-7 of bilinear float noise (torch's CPU kernel vs
+    # the op-by-op formula) into O(1) when U is nearly constant, e.g. a map resized to one column:
+    # there no two implementations agree. Keep maps that are all-zero or spread over >= 0.05.
+    n = reference.low_res_cam(a, g)
+    u = F.interpolate(n[:, None], size=(big_h, big_w), mode="bilinear", align_corners=False).flatten(1)
+    assume(bool(((n.flatten(1).amax(1) == 0) | (u.amax(1) - u.amin(1) >= 0.05)).all()))
+    got, ref = run_both(a, g, rois)
     assert_matches(got, ref, hit=False)  # run_both compared the hits away from near-ties
 
 

@@ -26,6 +26,11 @@ Edge cases:
   energy, a NaN map and hit False for that image only. Any non-finite A or G makes some entry of the
   pre-ReLU sum non-finite (inf * 0 = NaN, inf * x = +-inf), so the check runs on that sum, before
   the ReLU could turn -inf into 0.
+
+Conditioning: stage 2 divides by max U - min U + 1e-7, so where U is nearly constant (a map resized
+to a single row or column, say) the ~1e-7 float noise of any bilinear implementation becomes O(1)
+in S; backends agree on S to about 2e-7 / (max U - min U + 1e-7). Upsampled maps (H >= h, W >= w)
+of a non-zero CAM typically spread over most of [0, 1] and are well conditioned.
 """
 
 from __future__ import annotations
