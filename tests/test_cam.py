@@ -139,6 +139,7 @@ def test_state_restored_also_after_errors(x: Tensor) -> None:
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         assert snapshot(net)[2] == 1
         out = cap(x)
+        torch.testing.assert_close(net(x), out.logits)  # a plain forward inside the block still works
     assert snapshot(net) == before
     # eval mode inside: same as an eval-mode plain computation (BatchNorm stats, no dropout)
     _, ref_g = plain_capture(make_net(), ["block1"], x, out.logits.argmax(dim=1))

@@ -135,8 +135,10 @@ class GradCamCapture:
         self._training, self._frozen, self._acts = [], [], []
         self._active = False
 
-    def _hook(self, index: int) -> Callable[[nn.Module, object, object], Tensor]:
-        def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
+    def _hook(self, index: int) -> Callable[[nn.Module, object, object], Tensor | None]:
+        def hook(module: nn.Module, inputs: object, output: object) -> Tensor | None:
+            if not self._acts:  # a plain model(x) inside the `with` block: leave the output alone
+                return None
             name = self.layer_names[index]
             if not isinstance(output, Tensor) or output.ndim != 4:
                 got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
