@@ -150,6 +150,8 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         load_checkpoint(foreign)
     with pytest.raises(XalError, match="output directory .* does not exist"):
         save_checkpoint(tmp_path / "nope" / "m.pt", model, _info())
+    with pytest.raises(XalError, match="is a directory"):
+        save_checkpoint(tmp_path, model, _info())
 
 
 def test_checkpoint_weights_must_fit_arch(tmp_path: Path) -> None:

@@ -212,14 +212,16 @@ def test_cli_train_writes_loadable_checkpoint(pool: Pool, tmp_path: Path, monkey
     (["--pool", "{tmp}/none.zarr", "--out", "{tmp}/m.pt"], "none.zarr does not exist"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--arch", "vgg"], "unknown architecture 'vgg'; expected one of: resnet18"),
     (["--pool", "{pool}", "--out", "{tmp}/no/m.pt"], "--out .*m.pt: directory .*no does not exist"),
+    (["--pool", "{pool}", "--out", "{tmp}"], "--out .* is a directory"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--device", "tpu"], "device 'tpu' is not"),
+    (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--epochs", "0"], "epochs must be >= 1, got 0"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--labelled-only", "x"], "no AL experiment 'x'"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--pretrained", "{tmp}/w.pth"], "w.pth not found"),
 ])
 def test_cli_errors_are_one_line(pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     argv = [a.format(tmp=tmp_path, pool=pool.path) for a in args]
-    code, stdout, err = _cli(monkeypatch, capsys, *argv, "--num-workers", "0", "--epochs", "1")
+    code, stdout, err = _cli(monkeypatch, capsys, "--num-workers", "0", "--epochs", "1", *argv)
     assert code == 2 and stdout == ""
     assert err.count("\n") == 1 and err.startswith("xal-engine train: error: ")
     assert re.search(message, err), err

@@ -181,6 +181,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
     path = Path(path)
     if not path.parent.is_dir():
         raise XalError(f"output directory {path.parent} does not exist")
+    if path.is_dir():
+        raise XalError(f"checkpoint path {path} is a directory; expected a file name such as model.pt")
     payload = asdict(info)
     payload["classes"] = list(info.classes)
     payload[_CHECKPOINT_KEY] = info.format_version

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise XalError(f"--out {out}: directory {out.parent} does not exist")
     if out.is_dir():
-        raise XalError(f"--out {out} is a directory; expected a file path such as {out / 'model.pt'}")
+        raise XalError(f"--out {out} is a directory; expected a file name such as {out / 'model.pt'}")
     pool = Pool.open(args.pool)
     mean, std = imagenet_normalization(pool.channels) if args.normalize == "imagenet" else (None, None)
     config = TrainConfig(
