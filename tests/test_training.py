@@ -226,3 +226,11 @@ def test_cli_errors_are_one_line(pool: Pool, tmp_path: Path, monkeypatch: pytest
     assert err.count("\n") == 1 and err.startswith("xal-engine train: error: ")
     assert re.search(message, err), err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_same_weights_with_forked_loader_workers(pool: Pool) -> None:
+    # Block order comes from the sampler in the main process, so workers change nothing numerically.
+    cfg = replace(FAST, epochs=1)
+    a = train(pool, cfg, log=lambda _: None).model.state_dict()
+    b = train(pool, replace(cfg, num_workers=2), log=lambda _: None).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
