@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from xal_engine import __version__
 from xal_engine.data import resolve_device, to_unit_float
 from xal_engine.errors import XalError
-from xal_engine.models import load_checkpoint
+from xal_engine.models import Checkpoint, load_checkpoint
 from xal_engine.pool import Pool
 from xal_engine.progress import progress
 from xal_engine.score_store import ScoreRun, UnitResult, check_run_name
@@ -204,36 +204,8 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
     device = resolve_device(config.device)
     model_path = Path(model_path)
     pool = Pool.open(pool_path, mode="r+")
-    model, ckpt = load_checkpoint(model_path, device=device)
-    check_model_fits_pool(ckpt, pool, model_path)
-    norm_mean = ckpt.config.get("normalize_mean")  # the input scaling the model was trained with
-    norm_std = ckpt.config.get("normalize_std")
-    channels_last = device.type == "cuda"  # NHWC convolutions on tensor cores
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
-        raise XalError("--targets label needs the model's classes to equal the pool's")
-
-    fingerprint = {
-        "model_sha256": file_sha256(model_path),
-        "arch": ckpt.arch,
-        "target_layer": ckpt.target_layer,
-        "threshold": config.threshold,
-        "precision": config.precision,
-        "targets": config.targets,
-        "n_images": pool.n,
-    }
-    attrs = {
-        "model": str(model_path),
-        "classes": list(ckpt.classes),
-        "config": asdict(config),
-        "versions": {"xal_engine": __version__, "torch": torch.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    run = ScoreRun.create_or_resume(
-        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
-        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
-    )
+    model, ckpt = load_scoring_model(model_path, device)
+    run = open_run(pool, model_path, ckpt, config)
     lo = run.n_units * config.shard_id // config.num_shards
     hi = run.n_units * (config.shard_id + 1) // config.num_shards
     pending = run.pending_units(config.shard_id, config.num_shards)
@@ -245,7 +217,6 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
         batch_size=None, shuffle=False, num_workers=config.num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if config.num_workers else None,
     )
-    autocast = PRECISIONS[config.precision]
     n_images = sum(run.unit_range(u)[1] - run.unit_range(u)[0] for u in pending)
     dice_sum, dice_count = 0.0, 0
     writer = UnitWriter(run)
@@ -253,20 +224,7 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
     bar = progress(n_images, desc=f"score {config.run}", enabled=show_progress)
     try:
         for item in to_device(loader, device):
-            targets = None
-            if config.targets == "label":
-                labels = item["labels"]
-                targets = _label_or_prediction(labels)
-            images = to_unit_float(item["images"], norm_mean, norm_std)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                scores = score_batch(
-                    model, ckpt.target_layer, images, rois=item["rois"],
-                    has_roi=item["has_roi"], targets=targets, threshold=config.threshold,
-                    backend=config.backend,
-                )
-            host = _to_host(scores)  # one device→host copy per batch
+            host = score_item(model, ckpt, item, config, device)
             finite = np.isfinite(host.dice)
             dice_sum += float(host.dice[finite].sum())
             dice_count += int(finite.sum())
@@ -284,6 +242,61 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
         mean_dice=dice_sum / dice_count if dice_count else math.nan,
         complete=run.is_complete(), device=str(device),
     )
+
+
+def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
+    """The checkpoint's model on `device`, channels-last on CUDA (NHWC convolutions on tensor cores)."""
+    model, ckpt = load_checkpoint(model_path, device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt
+
+
+def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> ScoreRun:
+    """Check the model against the pool, then create or resume run `config.run`.
+
+    The fingerprint decides whether two invocations (local, sharded or distributed) are the same run.
+    """
+    check_model_fits_pool(ckpt, pool, model_path)
+    if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
+        raise XalError("--targets label needs the model's classes to equal the pool's")
+    fingerprint = {
+        "model_sha256": file_sha256(model_path),
+        "arch": ckpt.arch,
+        "target_layer": ckpt.target_layer,
+        "threshold": config.threshold,
+        "precision": config.precision,
+        "targets": config.targets,
+        "n_images": pool.n,
+    }
+    attrs = {
+        "model": str(model_path),
+        "classes": list(ckpt.classes),
+        "config": asdict(config),
+        "versions": {"xal_engine": __version__, "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return ScoreRun.create_or_resume(
+        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
+        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
+    )
+
+
+def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
+               device: torch.device) -> UnitResult:
+    """Score one `UnitBlocks` item already on `device`; one device→host copy."""
+    targets = _label_or_prediction(item["labels"]) if config.targets == "label" else None
+    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
+    images = to_unit_float(item["images"], mean, std)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = PRECISIONS[config.precision]
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        scores = score_batch(
+            model, ckpt.target_layer, images, rois=item["rois"], has_roi=item["has_roi"],
+            targets=targets, threshold=config.threshold, backend=config.backend,
+        )
+    return _to_host(scores)
 
 
 def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
