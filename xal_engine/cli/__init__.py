@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.train",
     "xal_engine.cli.score",
     "xal_engine.cli.select",
+    "xal_engine.cli.loop",
     "xal_engine.cli.label",
 ]
 

@@ -1,0 +1,92 @@
+"""`xal-engine loop`: simulated active-learning rounds (labels revealed from the pool) into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from xal_engine.acquisition import BALANCES, STRATEGIES
+
+if TYPE_CHECKING:
+    from xal_engine.loop import LoopConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from xal_engine.loop import LoopConfig
+
+    d = LoopConfig()
+    t = d.train
+    p = sub.add_parser(
+        "loop",
+        help="simulate active-learning rounds: train, score, evaluate, select, reveal labels",
+        description=(
+            "For every seed and strategy: label an initial train-split set (drawn by the seed, "
+            "stratified by true label, the same for every strategy), then each round train "
+            "(model selection on the validation split), score the pool, evaluate on the test split "
+            "and select the next batch. Writes RUN_DIR/config.json, metrics.csv/json and per round "
+            "<strategy>/seed<k>/round<r>/{model.pt,selected.csv}. Rerunning resumes after the last "
+            "complete round."
+        ),
+    )
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) with labels for every train image")
+    p.add_argument("--arch", default=t.arch, help="backbone (default: %(default)s)")
+    p.add_argument("--strategy", action="append", choices=STRATEGIES, required=True,
+                   help="acquisition strategy; repeat for several")
+    p.add_argument("--initial", type=int, required=True, help="images labelled in round 0")
+    p.add_argument("--per-round", type=int, required=True, help="images selected per round")
+    p.add_argument("--rounds", type=int, required=True, help="selection rounds after round 0")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds 0..K-1 (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created or resumed)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam,
+                   help="dual: weight of entropy (default: %(default)s)")
+    p.add_argument("--dice", choices=("hard", "soft"), default=d.dice, help="(default: %(default)s)")
+    p.add_argument("--balance", choices=BALANCES, default=d.balance,
+                   help="class balance of a batch: predicted class (default), none, or oracle (TRUE "
+                        "labels, as the paper's code; leaks labels)")
+    p.add_argument("--retrain", choices=("scratch", "finetune"), default=d.retrain,
+                   help="fresh weights each round, or continue from the previous round (default: %(default)s)")
+    p.add_argument("--explanation-loss", type=float, default=0.0, metavar="W",
+                   help="add W * (1 - soft Dice(Grad-CAM, ROI)) on labelled images with an ROI (default: 0)")
+    p.add_argument("--target-layer", default=None,
+                   help="Grad-CAM layer (dotted module name; default: the architecture's last block)")
+    p.add_argument("--epochs", type=int, default=t.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="(default: %(default)s)")
+    p.add_argument("--device", default=t.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=t.num_workers,
+                   help="loader processes decoding Zarr chunks (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run folder with another configuration and start afresh")
+    p.add_argument("--json", action="store_true", help="print the metrics rows as JSON")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> LoopConfig:
+    from dataclasses import replace
+
+    from xal_engine.loop import LoopConfig
+    from xal_engine.models import parse_arch
+
+    parse_arch(args.arch)
+    d = LoopConfig()
+    train_fields = {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
+                    "device": args.device, "num_workers": args.num_workers,
+                    "target_layer": args.target_layer}
+    if args.explanation_loss:
+        train_fields["explanation_weight"] = args.explanation_loss
+    return LoopConfig(strategies=tuple(args.strategy), seeds=args.seeds, initial=args.initial,
+                      per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
+                      balance=args.balance, retrain=args.retrain, train=replace(d.train, **train_fields))
+
+
+def run(args: argparse.Namespace) -> int:
+    from xal_engine.loop import run_loop
+
+    config = config_from_args(args)
+    rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{len(rows)} rounds recorded ({', '.join(config.strategies)}; {config.seeds} seed(s)) "
+              f"-> {args.out}/metrics.csv")
+    return 0
