@@ -1,0 +1,131 @@
+"""Ray scoring: equals the local scorer bit for bit, survives a killed worker, resumes, refuses bad input.
+
+One local Ray instance (2 CPUs) serves the whole module; Ray's start-up dominates the run time.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+from test_score_pool import UNIT, make_model, make_pool, read_run
+
+from xal_engine.errors import XalError
+from xal_engine.pool import Pool
+from xal_engine.score_pool import ScoreConfig, score_pool
+from xal_engine.score_ray import FAULT_ENV, MISSING_RAY, RayConfig, import_ray, score_pool_ray
+from xal_engine.score_store import ScoreRun
+
+N = 48  # 6 work units of 8 images; 64x64 gives layer4 a 2x2 map, so the CAMs are not constant
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'xal-engine[ray]')")
+    root = tmp_path_factory.mktemp("ray")
+    fault = root / "kill-one-actor"  # the fault-injection switch, armed by one test only
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {FAULT_ENV: str(fault)}})
+    yield root, fault
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(cluster):
+    root, fault = cluster
+    pool = make_pool(root / "pool.zarr", n=N, size=64)
+    model = make_model(root / "model.pt")
+    local = score_pool(pool, model, config("ref"))
+    assert local.complete and local.images == N
+    ref = read_run(pool, "ref")
+    assert np.nanmax(ref["dice"]) > 0 and np.unique(ref["soft_dice"][np.isfinite(ref["soft_dice"])]).size > 10
+    return pool, model, local, ref, fault
+
+
+def config(run: str, **kw) -> ScoreConfig:
+    return ScoreConfig(run=run, batch_size=UNIT, num_workers=0, device="cpu", **kw)
+
+
+def assert_bit_equal(got: dict, want: dict) -> None:
+    for field, value in want.items():
+        np.testing.assert_array_equal(got[field], value, err_msg=field)  # NaNs compare equal
+
+
+def test_ray_run_equals_the_local_scorer_bit_for_bit(setup):
+    pool, model, local, ref, _ = setup
+    summary = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2, batches_per_call=1))
+    assert summary.complete and summary.images == N and summary.units == N // UNIT
+    assert summary.units_already_done == 0 and summary.device == "ray:2xcpu"
+    assert_bit_equal(read_run(pool, "ray"), ref)
+    assert summary.mean_dice == pytest.approx(local.mean_dice, rel=1e-12)
+    assert sum(w.images for w in summary.workers) == N
+    assert sum(w.units for w in summary.workers) == N // UNIT
+    assert all(w.images_per_s > 0 for w in summary.workers)
+
+
+def test_rerun_after_completion_does_no_work_on_either_backend(setup):
+    pool, model, _, _, _ = setup
+    again = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2))
+    assert (again.images, again.units, again.units_already_done) == (0, 0, N // UNIT)
+    assert again.complete and again.workers == ()
+    local = score_pool(pool, model, config("ray"))  # same fingerprint: the local scorer agrees
+    assert local.images == 0 and local.complete
+
+
+def test_a_killed_worker_is_retried_and_the_run_completes(setup):
+    pool, model, _, ref, fault = setup
+    fault.touch()  # the first actor call that finds it dies (os._exit) after writing its units
+    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=2, batches_per_call=1))
+    assert not fault.exists(), "no actor died"
+    assert summary.complete and summary.images == N  # the retried call is counted once
+    assert sum(w.units for w in summary.workers) == N // UNIT
+    assert_bit_equal(read_run(pool, "fault"), ref)
+
+
+def test_ray_finishes_a_run_the_local_scorer_left_half_done(setup):
+    pool, model, _, ref, _ = setup
+    half = score_pool(pool, model, config("mixed", shard_id=0, num_shards=2))  # as if killed midway
+    assert not half.complete
+    summary = score_pool_ray(pool, model, config("mixed"), RayConfig(workers=2))
+    assert summary.units_already_done == half.units and summary.images == N - half.images
+    assert summary.complete
+    assert_bit_equal(read_run(pool, "mixed"), ref)
+
+
+def test_a_ray_shard_scores_only_its_own_units(setup):
+    pool, model, _, _, _ = setup
+    summary = score_pool_ray(pool, model, config("shard", shard_id=1, num_shards=2), RayConfig(workers=1))
+    done = ScoreRun.open(Pool.open(pool).group, "shard").done_mask()
+    assert not summary.complete and summary.images == N // 2
+    assert done[done.size // 2:].all() and not done[: done.size // 2].any()
+
+
+def test_gpu_requests_without_gpus_are_refused(setup):
+    pool, model, _, _, _ = setup
+    with pytest.raises(XalError, match="needs GPUs on the Ray cluster"):
+        score_pool_ray(pool, model, ScoreConfig(run="gpu", device="cuda"), RayConfig(workers=1))
+    with pytest.raises(XalError, match="--device cpu conflicts"):
+        score_pool_ray(pool, model, config("gpu"), RayConfig(workers=1, num_gpus_per_worker=1))
+
+
+def test_another_config_under_the_same_run_name_is_refused(setup):
+    pool, model, _, _, _ = setup
+    with pytest.raises(XalError, match=r"different configuration \(threshold\)"):
+        score_pool_ray(pool, model, config("ray", threshold=0.3), RayConfig(workers=1))
+
+
+@pytest.mark.parametrize("kw, flag", [
+    ({"workers": 0}, "--workers"),
+    ({"num_gpus_per_worker": -1}, "--num-gpus-per-worker"),
+    ({"num_cpus_per_worker": 0}, "--num-cpus-per-worker"),
+    ({"batches_per_call": 0}, "--batches-per-call"),
+])
+def test_ray_config_errors_name_the_flag(kw, flag):
+    with pytest.raises(XalError, match=flag):
+        RayConfig(**kw)
+
+
+def test_missing_ray_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(XalError) as err:
+        import_ray()
+    assert str(err.value) == MISSING_RAY
