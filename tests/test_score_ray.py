@@ -3,12 +3,19 @@
 One local Ray instance (2 CPUs) serves the whole module; Ray's start-up dominates the run time.
 """
 
+import contextlib
+import io
+import json
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from test_score_pool import UNIT, make_model, make_pool, read_run
 
+from xal_engine.cli import main
 from xal_engine.errors import XalError
 from xal_engine.pool import Pool
 from xal_engine.score_pool import ScoreConfig, score_pool
@@ -39,6 +46,17 @@ def setup(cluster):
     ref = read_run(pool, "ref")
     assert np.nanmax(ref["dice"]) > 0 and np.unique(ref["soft_dice"][np.isfinite(ref["soft_dice"])]).size > 10
     return pool, model, local, ref, fault
+
+
+def cli_has_ray_flags() -> bool:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["score", "--help"])
+    return "--address" in out.getvalue()
+
+
+needs_cli = pytest.mark.skipif(not cli_has_ray_flags(),
+                               reason="xal_engine/cli/score.py does not have --backend ray yet")
 
 
 def config(run: str, **kw) -> ScoreConfig:
@@ -74,29 +92,53 @@ def test_rerun_after_completion_does_no_work_on_either_backend(setup):
 def test_a_killed_worker_is_retried_and_the_run_completes(setup):
     pool, model, _, ref, fault = setup
     fault.touch()  # the first actor call that finds it dies (os._exit) after writing its units
-    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=2, batches_per_call=1))
+    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=1, batches_per_call=1))
     assert not fault.exists(), "no actor died"
     assert summary.complete and summary.images == N  # the retried call is counted once
     assert sum(w.units for w in summary.workers) == N // UNIT
     assert_bit_equal(read_run(pool, "fault"), ref)
 
 
-def test_ray_finishes_a_run_the_local_scorer_left_half_done(setup):
+def test_ray_and_local_shards_together_equal_one_run(setup):
     pool, model, _, ref, _ = setup
-    half = score_pool(pool, model, config("mixed", shard_id=0, num_shards=2))  # as if killed midway
-    assert not half.complete
-    summary = score_pool_ray(pool, model, config("mixed"), RayConfig(workers=2))
-    assert summary.units_already_done == half.units and summary.images == N - half.images
-    assert summary.complete
+    second = score_pool_ray(pool, model, config("mixed", shard_id=1, num_shards=2), RayConfig(workers=1))
+    done = ScoreRun.open(Pool.open(pool).group, "mixed").done_mask()
+    assert not second.complete and second.images == N // 2
+    assert done[done.size // 2:].all() and not done[: done.size // 2].any()  # only its own units
+    first = score_pool(pool, model, config("mixed", shard_id=0, num_shards=2))
+    assert first.complete and first.images == N // 2
     assert_bit_equal(read_run(pool, "mixed"), ref)
 
 
-def test_a_ray_shard_scores_only_its_own_units(setup):
-    pool, model, _, _, _ = setup
-    summary = score_pool_ray(pool, model, config("shard", shard_id=1, num_shards=2), RayConfig(workers=1))
-    done = ScoreRun.open(Pool.open(pool).group, "shard").done_mask()
-    assert not summary.complete and summary.images == N // 2
-    assert done[done.size // 2:].all() and not done[: done.size // 2].any()
+def test_a_killed_driver_resumes_from_the_done_flags(setup, tmp_path):
+    import ray
+
+    _, model, _, _, _ = setup
+    pool = make_pool(tmp_path / "big.zarr", n=12 * UNIT, size=64)
+    # a second driver on the same cluster (--address), SIGKILLed once it has finished some units
+    script = ("import sys; from xal_engine.score_pool import ScoreConfig; "
+              "from xal_engine.score_ray import RayConfig, score_pool_ray; "
+              f"score_pool_ray(sys.argv[1], sys.argv[2], ScoreConfig(run='r', batch_size={UNIT}, "
+              "num_workers=0, device='cpu'), RayConfig(address=sys.argv[3], workers=1, batches_per_call=1))")
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pool), str(model), address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_dir = pool / "scores" / "r" / "done" / "c"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    n_done = int(ScoreRun.open(Pool.open(pool).group, "r").done_mask().sum())
+    assert 0 < n_done < 12, f"the kill was not mid-way ({n_done} of 12 units done): {err.decode()[-300:]}"
+    resumed = score_pool_ray(pool, model, config("r"), RayConfig(workers=1))
+    # the killed job's actor may finish one more unit before Ray reaps it
+    assert resumed.units_already_done >= n_done and resumed.complete
+    assert resumed.images == 12 * UNIT - UNIT * resumed.units_already_done
+    score_pool(pool, model, config("whole"))
+    assert_bit_equal(read_run(pool, "r"), read_run(pool, "whole"))
 
 
 def test_gpu_requests_without_gpus_are_refused(setup):
@@ -129,3 +171,24 @@ def test_missing_ray_is_one_clear_error(monkeypatch):
     with pytest.raises(XalError) as err:
         import_ray()
     assert str(err.value) == MISSING_RAY
+
+
+@needs_cli
+def test_score_cli_backend_ray_prints_per_worker_throughput(setup, capsys):
+    pool, model, _, ref, _ = setup
+    rc = main(["score", "--pool", str(pool), "--model", str(model), "--run", "cli", "--batch-size", str(UNIT),
+               "--device", "cpu", "--backend", "ray", "--workers", "1", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["complete"] and summary["images"] == N and summary["device"] == "ray:1xcpu"
+    assert sum(w["images"] for w in summary["workers"]) == N
+    assert_bit_equal(read_run(pool, "cli"), ref)
+
+
+@needs_cli
+def test_score_cli_without_ray_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # checked before the pool and the model are read
+    argv = ["--pool", str(tmp_path / "p.zarr"), "--model", str(tmp_path / "m.pt"), "--backend", "ray"]
+    assert main(["score", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and MISSING_RAY in err
