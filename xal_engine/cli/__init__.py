@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.select",
     "xal_engine.cli.loop",
     "xal_engine.cli.label",
+    "xal_engine.cli.report",
 ]
 
 
