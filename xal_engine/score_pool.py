@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -128,6 +129,12 @@ class UnitBlocks(Dataset):
         return item
 
 
+def loader_context() -> str | None:
+    """Fork loader workers on Linux even where the default start method is spawn (a spawned parent,
+    Ray): a spawned worker re-imports torch, seconds per worker. Forked workers reopen the pool."""
+    return "fork" if sys.platform.startswith("linux") else None
+
+
 def group_units(run: ScoreRun, units: list[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
     """Consecutive pending units grouped so each item holds about `batch_size` images."""
     per_item = max(1, batch_size // run.unit_size)
@@ -216,6 +223,7 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
         UnitBlocks(str(pool.path), items, with_labels=config.targets == "label"),
         batch_size=None, shuffle=False, num_workers=config.num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if config.num_workers else None,
+        multiprocessing_context=loader_context() if config.num_workers else None,
     )
     n_images = sum(run.unit_range(u)[1] - run.unit_range(u)[0] for u in pending)
     dice_sum, dice_count = 0.0, 0

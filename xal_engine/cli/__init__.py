@@ -35,7 +35,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> ArgumentParser:
+def command_name(module: str) -> str:
+    return module.rsplit(".", 1)[1]
+
+
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The parser; with `only`, just that command's module is imported (torch loads only when needed)."""
     parser = ArgumentParser(
         prog="xal-engine",
         description="Explainability-guided active learning for medical imaging pools.",
@@ -45,12 +50,21 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xal-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        if only is None or command_name(name) == only:
+            importlib.import_module(name).register(sub)
     return parser
 
 
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The command named on the line, when it is a known one (the first word not starting with '-')."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    known = {command_name(m) for m in COMMAND_MODULES}
+    return first if first in known else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=requested_command(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a flag error already printed by argparse
@@ -66,3 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xal-engine {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,101 @@
+"""Measuring: timed repeats with synchronisation, peak memory, and result rows with their provenance.
+
+Every benchmark row carries the device, versions, date and git commit, so that a figure can always be
+traced to what produced it. Rows are appended to CSV files under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from xal_engine import __version__
+
+
+def versions() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    return {"xal_engine": __version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "-"
+    except (OSError, subprocess.SubprocessError):
+        return "-"
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    return {"device": device_name(device), **versions(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": git_commit()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
+           budget_s: float = 30.0) -> list[float]:
+    """Seconds per call for `repeats` calls after `warmup` (stops early past `budget_s`)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return times
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    """Median, 20th and 80th percentile, in milliseconds."""
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
+    return {"median_ms": 1e3 * statistics.median(ordered), "p20_ms": 1e3 * pick(0.2),
+            "p80_ms": 1e3 * pick(0.8)}
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its waited-for children), MiB (Linux: KiB units)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Append rows to a CSV (header written when the file is new); unknown keys are an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
