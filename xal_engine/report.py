@@ -212,7 +212,8 @@ def _alc(n_labelled: np.ndarray, values: np.ndarray) -> float:
     span = float(n_labelled[-1] - n_labelled[0])
     if span <= 0:
         return math.nan
-    return float(np.trapezoid(values, n_labelled) / span)
+    area = np.sum(0.5 * (values[1:] + values[:-1]) * np.diff(n_labelled))  # trapezoids (numpy 1.x too)
+    return float(area / span)
 
 
 def summarise(run: RunData) -> list[StrategySummary]:
