@@ -43,6 +43,10 @@ CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
 TABLE_METRICS = {**CURVE_METRICS, "auroc": "AUROC", "test_soft_dice": "Test soft Dice",
                  "test_energy": "Test energy", "test_hit_rate": "Test hit rate"}
 CURVES_PNG = "learning_curves.png"
+SHEETS_TITLE = "Last selected batches"
+SHEETS_KEY = ("Grad-CAM (jet) over each image, the expert ROI's contour in magenta; captions: id, predicted "
+              "class, H = predictive entropy (nats), Dice of the CAM thresholded at the run's threshold "
+              "with the ROI.")
 
 
 @dataclass(frozen=True)
@@ -382,7 +386,7 @@ def render_markdown(c: ReportContent) -> str:
     for title, header, rows in c.tables:
         parts += [f"## {title}", _markdown_table(header, rows) if rows else "_no rounds completed yet_"]
     if c.sheets:
-        parts.append("## Last selected batches (Grad-CAM overlay, expert ROI contour in magenta)")
+        parts += [f"## {SHEETS_TITLE}", SHEETS_KEY]
         parts += [f"{caption}\n\n![{caption}]({name})" for caption, name in c.sheets]
     if c.notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in c.notes)]
@@ -396,7 +400,7 @@ def render_html(c: ReportContent) -> str:
     for title, header, rows in c.tables:
         parts += [f"<h2>{e(title)}</h2>", _html_table(header, rows) if rows else "<p>no rounds completed yet</p>"]
     if c.sheets:
-        parts.append("<h2>Last selected batches (Grad-CAM overlay, expert ROI contour in magenta)</h2>")
+        parts += [f"<h2>{e(SHEETS_TITLE)}</h2>", f"<p>{e(SHEETS_KEY)}</p>"]
         parts += [f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption>'
                   "</figure>" for caption, name in c.sheets]
     if c.notes:
