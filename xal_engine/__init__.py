@@ -4,4 +4,25 @@ For every pool image: uncertainty of the model, its Grad-CAM attention map, and 
 map with the expert's region of interest (Dice), computed in one fused pass.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+# Public functions, imported on first use so that `import xal_engine` (and the CLI) stays light.
+_LAZY = {
+    "gradcam_dice": "xal_engine.ops",
+    "score_batch": "xal_engine.scoring",
+    "BatchScores": "xal_engine.scoring",
+    "RoiAgreement": "xal_engine.reference",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'xal_engine' has no attribute {name!r}")

@@ -1,0 +1,31 @@
+"""The package's public surface: lazy exports, and a CLI that loads torch only for commands needing it."""
+
+import subprocess
+import sys
+
+import pytest
+
+import xal_engine
+
+
+def test_lazy_exports_are_the_library_functions():
+    from xal_engine import ops, reference, scoring
+
+    assert xal_engine.gradcam_dice is ops.gradcam_dice
+    assert xal_engine.score_batch is scoring.score_batch
+    assert xal_engine.RoiAgreement is reference.RoiAgreement
+    with pytest.raises(AttributeError, match="no_such_name"):
+        xal_engine.no_such_name  # noqa: B018
+
+
+def test_light_commands_do_not_import_torch():
+    code = ("import sys; from xal_engine.cli import main; rc = main(['pool', '--help']); "
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["0", "False"]
+
+
+def test_unknown_command_is_one_line_exit_2():
+    out = subprocess.run([sys.executable, "-m", "xal_engine", "nonsense"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "invalid choice" in out.stderr
