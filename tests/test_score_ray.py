@@ -6,10 +6,12 @@ One local Ray instance (2 CPUs) serves the whole module; Ray's start-up dominate
 import contextlib
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +19,17 @@ from test_score_pool import UNIT, make_model, make_pool, read_run
 
 from xal_engine.cli import main
 from xal_engine.errors import XalError
+from xal_engine.models import load_checkpoint
 from xal_engine.pool import Pool
-from xal_engine.score_pool import ScoreConfig, score_pool
-from xal_engine.score_ray import FAULT_ENV, MISSING_RAY, RayConfig, import_ray, score_pool_ray
+from xal_engine.score_pool import ScoreConfig, open_run, score_pool
+from xal_engine.score_ray import (
+    FAULT_ENV,
+    MISSING_RAY,
+    RayConfig,
+    ScorerActor,
+    import_ray,
+    score_pool_ray,
+)
 from xal_engine.score_store import ScoreRun
 
 N = 48  # 6 work units of 8 images; 64x64 gives layer4 a 2x2 map, so the CAMs are not constant
@@ -153,6 +163,34 @@ def test_another_config_under_the_same_run_name_is_refused(setup):
     pool, model, _, _, _ = setup
     with pytest.raises(XalError, match=r"different configuration \(threshold\)"):
         score_pool_ray(pool, model, config("ray", threshold=0.3), RayConfig(workers=1))
+
+
+def corrupt_copy(pool: Path, dest: Path, model: Path, run: str) -> Path:
+    """A copy of `pool` with run `run` created and unit 1's image chunk overwritten with garbage."""
+    shutil.copytree(pool, dest)
+    open_run(Pool.open(dest, mode="r+"), model, load_checkpoint(model)[1], config(run))
+    (dest / "images" / "c" / "1" / "0" / "0" / "0").write_bytes(b"not a blosc chunk")
+    return dest
+
+
+def test_actor_returns_user_errors_as_rows_and_leaves_the_unit_pending(tmp_path):
+    pool = make_pool(tmp_path / "pool.zarr", n=2 * UNIT)
+    model = make_model(tmp_path / "model.pt")
+    bad = corrupt_copy(pool, tmp_path / "bad.zarr", model, "r")
+    actor = ScorerActor(str(bad), str(model), config("r"), "cpu")  # in-process: no Ray needed
+    out = actor({"first_unit": np.array([0, 1]), "stop_unit": np.array([1, 2])})
+    assert out["unit"].tolist() == [-1] and "images" in out["error"][0] and "8..15" in out["error"][0]
+    assert ScoreRun.open(Pool.open(bad).group, "r").done_mask().tolist() == [True, False]
+    lost = ScorerActor(str(tmp_path / "elsewhere.zarr"), str(model), config("r"), "cpu")
+    out = lost({"first_unit": np.array([0]), "stop_unit": np.array([1])})
+    assert "elsewhere.zarr does not exist" in out["error"][0] and out["error"][0].startswith("worker ")
+
+
+def test_an_actor_error_reaches_the_driver_as_one_xal_error(setup, tmp_path):
+    pool, model, _, _, _ = setup
+    bad = corrupt_copy(pool, tmp_path / "bad.zarr", model, "r")
+    with pytest.raises(XalError, match=r"images.*8\.\.15"):
+        score_pool_ray(bad, model, config("r"), RayConfig(workers=1))
 
 
 @pytest.mark.parametrize("kw, flag", [

@@ -83,7 +83,7 @@ from xal_engine.score_store import ScoreRun
 
 FAULT_ENV = "XAL_RAY_FAULT_FILE"
 MISSING_RAY = "--backend ray needs the 'ray' extra: pip install 'xal-engine[ray]'"
-STAT_FIELDS = ("unit", "images", "seconds", "dice_sum", "dice_count", "worker")
+STAT_FIELDS = ("unit", "images", "seconds", "dice_sum", "dice_count", "worker", "error")
 
 
 @dataclass(frozen=True)
@@ -118,21 +118,45 @@ class WorkerStats:
 class RayScoreSummary(ScoreSummary):
     workers: tuple[WorkerStats, ...] = field(default_factory=tuple)
 
+    def line(self) -> str:
+        rates = ", ".join(f"{w.images_per_s:.1f}" for w in self.workers)
+        return super().line() + (f"; {len(self.workers)} workers at {rates} img/s" if self.workers else "")
+
 
 class ScorerActor:
     """One Ray actor: the model loaded once, the pool opened once; scores batches of unit ranges."""
 
     def __init__(self, pool_path: str, model_path: str, config: ScoreConfig, device: str) -> None:
         self.config = config
-        self.device = resolve_device(device)
-        self.model, self.ckpt = load_scoring_model(Path(model_path), self.device)
-        pool = Pool.open(pool_path, mode="r+")
-        self.run = ScoreRun.open(pool.group, config.run)
-        self.blocks = UnitBlocks(pool_path, [], with_labels=config.targets == "label")
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        # A user error (a pool this node cannot see, say) travels back as data: Ray would retry a
+        # failing __init__ and then report the error without its type.
+        self.error = ""
+        try:
+            self.device = resolve_device(device)
+            self.model, self.ckpt = load_scoring_model(Path(model_path), self.device)
+            pool = Pool.open(pool_path, mode="r+")
+            self.run = ScoreRun.open(pool.group, config.run)
+        except XalError as err:
+            self.error = f"worker {self.worker}: {err}"
+        self.blocks = UnitBlocks(pool_path, [], with_labels=config.targets == "label")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """batch: {"first_unit", "stop_unit"} (R,) int64 rows of consecutive units -> one row per unit."""
+        """batch: {"first_unit", "stop_unit"} (R,) int64 rows of consecutive units -> one row per unit
+        with the STAT_FIELDS, or a single row whose "error" is set."""
+        if not self.error:
+            try:
+                return self._score(batch)
+            except XalError as err:  # e.g. a corrupted chunk: that unit stays pending
+                return self._error_row(f"worker {self.worker}: {err}")
+        return self._error_row(self.error)
+
+    def _error_row(self, message: str) -> dict[str, np.ndarray]:
+        row = {f: np.zeros(1, dtype=np.int64) for f in STAT_FIELDS}
+        return {**row, "unit": np.full(1, -1), "worker": np.asarray([self.worker]),
+                "error": np.asarray([message])}
+
+    def _score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         self.blocks.items = [[(u, *self.run.unit_range(u)) for u in range(int(a), int(b))]
                              for a, b in zip(batch["first_unit"], batch["stop_unit"])]
@@ -165,6 +189,7 @@ class ScorerActor:
             "dice_sum": np.asarray(dice_sum, dtype=np.float64),
             "dice_count": np.asarray(dice_count, dtype=np.int64),
             "worker": np.asarray([self.worker] * len(units)),
+            "error": np.asarray([""] * len(units)),
         }
 
 
@@ -189,17 +214,18 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
         try:
             gpus = _gpus_per_worker(ray, config, ray_config)
             actor_device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
-            device = f"ray:{ray_config.workers}x{actor_device}"
             rows = [{"first_unit": g[0][0], "stop_unit": g[-1][0] + 1} for g in groups]
             # smaller calls when there is little work, so that every actor gets some
             per_call = min(ray_config.batches_per_call, math.ceil(len(rows) / ray_config.workers))
             n_calls = math.ceil(len(rows) / per_call)
+            actors = min(ray_config.workers, n_calls)
+            device = f"ray:{actors}x{actor_device}"
             ds = ray.data.from_items(rows, override_num_blocks=n_calls)  # one block = one call
             ds = ds.map_batches(
                 ScorerActor,
                 fn_constructor_kwargs={"pool_path": str(pool.path), "model_path": str(model_path),
                                        "config": config, "device": actor_device},
-                compute=ray.data.ActorPoolStrategy(size=min(ray_config.workers, n_calls)),
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 batch_size=per_call, batch_format="numpy",
                 num_cpus=ray_config.num_cpus_per_worker, num_gpus=gpus,
             )  # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: dead actors
@@ -207,16 +233,13 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
             bar = progress(n_images, desc=f"score {config.run} (ray)", enabled=show_progress)
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if errors := [e for e in out["error"].tolist() if e]:
+                        raise XalError(errors[0])
                     for f in STAT_FIELDS:
                         stats[f].append(out[f])
                     bar.update(int(out["images"].sum()))
             finally:
                 bar.close()
-        except Exception as err:  # an XalError raised inside an actor arrives wrapped by Ray
-            cause = _xal_cause(err)
-            if cause is None:
-                raise
-            raise XalError(str(cause)) from None
         finally:
             if started:
                 ray.shutdown()
@@ -285,17 +308,6 @@ def _gpus_per_worker(ray: ModuleType, config: ScoreConfig, cfg: RayConfig) -> fl
     if config.device == "cpu" and gpus > 0:
         raise XalError("--device cpu conflicts with --num-gpus-per-worker > 0")
     return gpus
-
-
-def _xal_cause(err: BaseException | None) -> XalError | None:
-    """The XalError inside Ray's wrappers (RayTaskError.cause, __cause__ chains), if any."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, XalError):
-            return err
-        seen.add(id(err))
-        err = getattr(err, "cause", None) or err.__cause__
-    return None
 
 
 def _inject_fault() -> None:
