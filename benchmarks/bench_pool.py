@@ -25,22 +25,41 @@ import tempfile
 import time
 from pathlib import Path
 
+import baseline
 import numpy as np
 import torch
+from compare import (
+    CHECK_NONE,
+    CHECK_PASS,
+    CHECK_REFERENCE,
+    GRAD_CAM,
+    BenchError,
+    add_ratios,
+    check,
+    near_tie_hits,
+)
+from table import finish
 
-from xal_engine.benchmarking import append_rows, peak_rss_mb, provenance, synchronize
+from xal_engine.benchmarking import peak_rss_mb, provenance, synchronize
 from xal_engine.data import resolve_device, to_unit_float
-from xal_engine.models import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from xal_engine.models import Checkpoint, build_model, load_checkpoint, parse_arch, save_checkpoint
 from xal_engine.pool import Pool
 from xal_engine.score_pool import (
-    PRECISIONS, ScoreConfig, UnitBlocks, group_units, loader_context, score_pool, to_device,
+    PRECISIONS,
+    ScoreConfig,
+    UnitBlocks,
+    group_units,
+    loader_context,
+    score_pool,
+    to_device,
 )
 from xal_engine.score_store import ScoreRun
-from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
+from xal_engine.synthetic import SyntheticConfig, class_names, create_synthetic_pool
 
+LEVEL = "pool"
 RESULTS = Path(__file__).resolve().parent / "results" / "pool.csv"
 COLUMNS = ["benchmark", "provider", "sizes", "dtype", "n_images", "seconds", "images_per_s",
-           "ratio_vs_plain", "peak_rss_mb", "peak_gpu_mb", "device", "xal_engine", "torch", "triton",
+           "speedup_vs_grad_cam", "ratio_vs_plain", "check", "peak_rss_mb", "peak_gpu_mb", "device", "xal_engine", "torch", "triton",
            "date", "git_commit"]
 PROVIDERS = ("loader", "plain", "xal-engine", "grad-cam")
 
@@ -87,7 +106,7 @@ def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.
                     probs = model(x).float().softmax(1)
                     probs.argmax(1).cpu()  # the one host copy a real pipeline makes
             else:
-                grad_cam_pipeline(cam, x, item["rois"].cpu().numpy())
+                baseline.pipeline(cam, x, item["rois"].cpu().numpy())
         synchronize(device)
     seconds = time.perf_counter() - t0
     return {"provider": provider, "seconds": seconds, "n_images": n,
@@ -95,25 +114,9 @@ def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0}
 
 
-def grad_cam_pipeline(cam, x: torch.Tensor, rois: np.ndarray) -> dict[str, np.ndarray]:
-    """What a user writes with pytorch-grad-cam: maps, then numpy uncertainty and ROI agreement."""
-    maps = cam(input_tensor=x, targets=None)  # (B, H, W) float32 numpy, predicted class
-    logits = cam.outputs.detach().float().cpu().numpy()
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    entropy = -(p * np.log(np.clip(p, 1e-30, None))).sum(1)
-    r = rois.astype(np.float32)
-    inter = (maps * r).sum((1, 2))
-    soft = np.where(maps.sum((1, 2)) + r.sum((1, 2)) > 0,
-                    2 * inter / np.maximum(maps.sum((1, 2)) + r.sum((1, 2)), 1e-30), 0.0)
-    hard_mask = (maps >= 0.5).astype(np.float32)
-    den = hard_mask.sum((1, 2)) + r.sum((1, 2))
-    dice = np.where(den > 0, 2 * (hard_mask * r).sum((1, 2)) / np.maximum(den, 1e-30), 0.0)
-    return {"entropy": entropy, "soft_dice": soft, "dice": dice}
-
-
-def check_agreement(pool_path: str, model_path: str, args: argparse.Namespace) -> float:
-    """Max |soft Dice| difference between the grad-cam pipeline and the engine's run, first batch."""
+def check_agreement(pool_path: str, model_path: str, args: argparse.Namespace) -> dict[str, float]:
+    """Max errors of the engine's stored run vs the grad-cam pipeline on the first batch, within the
+    fp32 parity tolerances (ParityError otherwise)."""
     from pytorch_grad_cam import GradCAM
 
     from xal_engine.models import resolve_layer
@@ -122,15 +125,26 @@ def check_agreement(pool_path: str, model_path: str, args: argparse.Namespace) -
     model, ckpt = load_checkpoint(model_path)
     batch = pool.read(0, min(pool.n, args.batch_size))
     x = to_unit_float(torch.from_numpy(batch.images))
-    ref = grad_cam_pipeline(GradCAM(model=model, target_layers=[resolve_layer(model, ckpt.target_layer)]),
+    ref = baseline.pipeline(GradCAM(model=model, target_layers=[resolve_layer(model, ckpt.target_layer)]),
                             x, batch.rois)
-    run = ScoreRun.open(pool.group, "bench").read(("soft_dice",))["soft_dice"][: len(x)]
-    ok = batch.has_roi
-    return float(np.abs(run[ok] - ref["soft_dice"][ok]).max()) if ok.any() else 0.0
+    stored = ScoreRun.open(pool.group, "bench").read(("dice", "soft_dice", "energy", "entropy", "hit"))
+    got = {k: v[: len(x)] for k, v in stored.items()}
+    # The run has NaN ROI metrics where has_roi is False; a pixel within 1e-5 of tau may flip the Dice.
+    near_tau = (np.abs(ref["maps"] - 0.5) < 1e-5).any((1, 2))
+    nan = np.full(len(x), np.nan)
+    ref = {**ref, "dice": np.where(batch.has_roi & ~near_tau, ref["dice"], nan),
+           "soft_dice": np.where(batch.has_roi, ref["soft_dice"], nan),
+           "energy": np.where(batch.has_roi, ref["energy"], nan)}
+    got["hit"] = np.where(batch.has_roi, got["hit"], ref["hit"])
+    return check("xal-engine", got, ref, {"dice": 1e-4, "soft_dice": 1e-4, "energy": 1e-4, "entropy": 1e-4},
+                 near_tie_hits(ref["maps"], batch.rois))
 
 
 def _child(conn, provider, pool_path, model_path, args) -> None:
-    conn.send(run_provider(provider, pool_path, model_path, args))
+    try:
+        conn.send(run_provider(provider, pool_path, model_path, args))
+    except Exception as err:  # noqa: BLE001 - any failure is reported by the parent as one line
+        conn.send({"error": f"{type(err).__name__}: {err}"})
 
 
 def measure(provider: str, pool_path: str, model_path: str, args: argparse.Namespace) -> dict:
@@ -141,17 +155,20 @@ def measure(provider: str, pool_path: str, model_path: str, args: argparse.Names
     child.close()
     while not parent.poll(1.0):  # a child that dies sends nothing: do not wait for it forever
         if not proc.is_alive():
-            raise SystemExit(f"provider {provider} died (exit code {proc.exitcode})")
+            raise BenchError(f"provider {provider} died (exit code {proc.exitcode})")
     result = parent.recv()
     proc.join()
+    if "error" in result:
+        raise BenchError(f"provider {provider} failed: {result['error']}")
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small pools for a CPU check (overrides sizes)")
-    p.add_argument("--sizes", default="2000,10000", help="pool sizes, comma-separated")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--quick", action="store_true",
+                   help="small pools for a CPU check: sizes 256,1024 (unless given)")
+    p.add_argument("--sizes", default=None, help="pool sizes, comma-separated (default 2000,10000)")
+    p.add_argument("--image-size", type=int, default=None, help="H = W (default 64)")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch-size", type=int, default=64)
@@ -168,10 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    if args.quick:
-        args.sizes, args.image_size, args.batch_size = "256,1024", 32, 64
+def run(args: argparse.Namespace) -> list[dict]:
+    """Build the pools and model, time every provider in a fresh process, check; the rows."""
+    args.sizes = args.sizes or ("256,1024" if args.quick else "2000,10000")
+    args.image_size = args.image_size or 64  # 64: a 2x2 layer4 map (32 gives 1x1, an all-zero CAM)
     sizes = [int(s) for s in args.sizes.split(",")]
     providers = [p for p in args.providers.split(",") if p]
     device = resolve_device(args.device)
@@ -180,11 +197,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         torch.manual_seed(0)
         model_path = str(Path(tmp) / "model.pt")
-        info = Checkpoint(arch=args.arch, num_classes=3, in_channels=args.channels,
-                          classes=("round", "ringed", "stippled"), target_layer="")
-        from xal_engine.models import parse_arch
-
-        info = Checkpoint(**{**info.__dict__, "target_layer": parse_arch(args.arch).target_layer})
+        info = Checkpoint(arch=args.arch, num_classes=3, in_channels=args.channels, classes=tuple(class_names(3)),
+                          target_layer=parse_arch(args.arch).target_layer)
         save_checkpoint(model_path, build_model(args.arch, 3, args.channels), info)
         for n in sizes:
             pool_path = str(Path(tmp) / f"pool{n}.zarr")
@@ -198,28 +212,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results[provider] = measure(provider, pool_path, model_path, args)
                 print(f"N={n:>7} {provider:>10}: {n / results[provider]['seconds']:9.1f} img/s, "
                       f"peak RSS {results[provider]['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-            if "xal-engine" in results and "grad-cam" in results and args.precision == "fp32":
-                delta = check_agreement(pool_path, model_path, args)
-                if delta > 1e-4:
-                    raise SystemExit(f"grad-cam and xal-engine disagree: max |soft Dice diff| = {delta:.2e}")
-            plain = results.get("plain")
-            for provider, r in results.items():
-                rows.append({
-                    "benchmark": "pool", "provider": provider,
-                    "sizes": f"N={n} {args.channels}x{args.image_size}x{args.image_size} {args.arch} "
-                             f"batch={args.batch_size} workers={args.workers}",
-                    "dtype": args.precision, "n_images": n, "seconds": round(r["seconds"], 3),
-                    "images_per_s": round(n / r["seconds"], 1),
-                    "ratio_vs_plain": round(plain["seconds"] / r["seconds"], 3) if plain else "",
-                    "peak_rss_mb": round(r["peak_rss_mb"], 1), "peak_gpu_mb": round(r["peak_gpu_mb"], 1),
-                    **meta,
-                })
-    if not args.no_write:
-        append_rows(args.out, rows, COLUMNS)
-    for row in rows:
-        print(f"{row['sizes']:<48} {row['provider']:>10} {row['images_per_s']:>9} img/s  "
-              f"x{row['ratio_vs_plain'] or '-':<6} vs plain  {row['peak_rss_mb']:>7} MiB")
+            checked = "xal-engine" in results and GRAD_CAM in results and args.precision == "fp32"
+            if checked:
+                errors = check_agreement(pool_path, model_path, args)
+                print(f"N={n:>7} xal-engine vs grad-cam: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
+                      file=sys.stderr)
+            case_rows = [{
+                "benchmark": f"pool_N{n}", "provider": provider,
+                "sizes": f"N={n} {args.channels}x{args.image_size}x{args.image_size} {args.arch} "
+                         f"batch={args.batch_size} workers={args.workers}",
+                "dtype": args.precision, "n_images": n, "seconds": round(r["seconds"], 3),
+                "images_per_s": round(n / r["seconds"], 1),
+                "check": {"xal-engine": CHECK_PASS, GRAD_CAM: CHECK_REFERENCE}.get(provider, CHECK_NONE)
+                if checked else CHECK_NONE,
+                "peak_rss_mb": round(r["peak_rss_mb"], 1), "peak_gpu_mb": round(r["peak_gpu_mb"], 1), **meta,
+            } for provider, r in results.items()]
+            add_ratios(case_rows, "seconds")
+            rows += case_rows
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    return finish(LEVEL, run(args), args.out, COLUMNS, write=not args.no_write)
 
 
 if __name__ == "__main__":
