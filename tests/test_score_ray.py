@@ -27,6 +27,7 @@ from xal_engine.score_ray import (
     MISSING_RAY,
     RayConfig,
     ScorerActor,
+    check_reachable,
     import_ray,
     score_pool_ray,
 )
@@ -202,6 +203,13 @@ def test_an_actor_error_reaches_the_driver_as_one_xal_error(setup, tmp_path):
 def test_ray_config_errors_name_the_flag(kw, flag):
     with pytest.raises(XalError, match=flag):
         RayConfig(**kw)
+
+
+def test_an_address_nobody_listens_on_fails_fast():
+    with pytest.raises(XalError, match="--address 127.0.0.1:1: no Ray cluster answers there"):
+        check_reachable("127.0.0.1:1")  # port 1: connection refused at once
+    check_reachable("auto")  # names Ray resolves itself are left to Ray
+    check_reachable("ray://head:10001")
 
 
 def test_missing_ray_is_one_clear_error(monkeypatch):

@@ -287,12 +287,24 @@ def _init_ray(ray: ModuleType, cfg: RayConfig) -> bool:
         ray.init(num_cpus=math.ceil(cfg.workers * cfg.num_cpus_per_worker), include_dashboard=False,
                  log_to_driver=False)
     else:
+        check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise XalError(f"--address {cfg.address}: cannot connect to a Ray cluster "
                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://…": Ray resolves these
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise XalError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 def _gpus_per_worker(ray: ModuleType, config: ScoreConfig, cfg: RayConfig) -> float:
