@@ -12,11 +12,12 @@ How it works
     which draws the progress bar and the summary (with per-worker throughput in ``--json``).
 
 Fault tolerance
-    A unit is marked done only after all its arrays are written, and every unit has exactly one writer
-    at a time. Actors run with ``max_restarts=-1`` and ``max_task_retries=-1``: a worker process that
+    A unit is marked done only after all its arrays are written, and it is given to one actor at a
+    time (to another only after that one died). Actors run with ``max_restarts=-1`` and ``max_task_retries=-1``: a worker process that
     dies is restarted and its unfinished calls are retried, and a retried call rewrites the same chunks
     with the same values (idempotent). If the driver dies, rerunning the same command scores only the
-    units not marked done, like the local scorer.
+    units not marked done, like the local scorer (Ray ends a dead driver's actors; one that is still
+    finishing a unit meanwhile writes the same bytes as its replacement).
 
 Running it
     Local machine (starts a private Ray instance with ``--workers`` CPUs, one actor per CPU)::
@@ -30,7 +31,9 @@ Running it
             --address HEAD:6379 --workers 8 --num-gpus-per-worker 1
 
     ``--num-gpus-per-worker`` defaults to 1 when the cluster has GPUs and ``--device`` is not ``cpu``,
-    else 0; fractions (0.5) put two actors on one GPU.
+    else 0; fractions (0.5) put two actors on one GPU; Ray picks the GPU (``cuda:N`` means any).
+    Actors read their chunks in-process, so ``--num-workers`` (loader processes) does not apply;
+    ``--batches-per-call`` sets how many batches one actor call scores (default 4).
 
 Where the pool must live
     Every actor opens the pool and the checkpoint by the driver's absolute path, so both must be on a
@@ -43,6 +46,24 @@ Without Ray (Slurm, torchrun, plain processes)
     a Slurm array ``sbatch --array=0-7`` running
     ``xal-engine score --pool /shared/pool.zarr --model m.pt --shard-id $SLURM_ARRAY_TASK_ID
     --num-shards 8``. Each shard resumes on its own; the run is complete when every shard is.
+
+Measured (benchmarks/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32; a shared 2-core VM
+whose load average was 5-8 from other work, so these are contention figures, not scaling limits)
+
+    | images | backend        | wall s | img/s end to end | img/s busy (actors) |
+    |--------|----------------|--------|------------------|---------------------|
+    | 256    | local          | 10.6   | 24.3             |                     |
+    | 256    | ray, 1 worker  | 11.8   | 21.6             | 53.7                |
+    | 256    | ray, 2 workers | 16.0   | 16.0             | 36.4                |
+    | 512    | local          | 23.9   | 21.4             |                     |
+    | 512    | ray, 1 worker  | 16.0   | 32.0             | 54.6                |
+    | 512    | ray, 2 workers | 21.8   | 23.5             | 55.9                |
+
+    A second actor adds no throughput on two already oversubscribed cores, and its start-up
+    (importing torch, loading the model: about 6 s here) costs wall time; Ray pays off with
+    free cores or one GPU per actor. Wall time includes actor start-up, not ray.init. One actor
+    beat the local scorer here because actors run torch with one thread (Ray sets OMP_NUM_THREADS
+    to the actor's CPUs) while the local scorer used two intra-op threads on busy cores.
 
 Fault-injection hook (tests only)
     If the environment variable ``XAL_RAY_FAULT_FILE`` names a file that exists, the first actor call
