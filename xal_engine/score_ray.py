@@ -77,9 +77,12 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -172,6 +175,12 @@ class ScorerActor:
                 return self._error_row(f"worker {self.worker}: {err}")
         return self._error_row(self.error)
 
+    def _read_ahead(self) -> Iterator[dict[str, Any]]:
+        """The call's items in order, decoded by a thread ahead of the compute (blosc releases the
+        GIL); at most one call's images (--batches-per-call batches) are held."""
+        with ThreadPoolExecutor(1, thread_name_prefix="xal-read") as reader:
+            yield from reader.map(self.blocks.__getitem__, range(len(self.blocks)))
+
     def _error_row(self, message: str) -> dict[str, np.ndarray]:
         row = {f: np.zeros(1, dtype=np.int64) for f in STAT_FIELDS}
         return {**row, "unit": np.full(1, -1), "worker": np.asarray([self.worker]),
@@ -187,8 +196,7 @@ class ScorerActor:
         dice_count: list[int] = []
         writer = UnitWriter(self.run)  # Zarr encoding of group i overlaps the compute of group i+1
         try:
-            blocks = (self.blocks[i] for i in range(len(self.blocks)))
-            for item in to_device(blocks, self.device):
+            for item in to_device(self._read_ahead(), self.device):
                 host = score_item(self.model, self.ckpt, item, self.config, self.device)
                 for unit, (a, b) in zip(item["units"].tolist(), item["bounds"].tolist()):
                     part = _slice(host, a, b)
