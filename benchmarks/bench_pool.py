@@ -148,6 +148,8 @@ def _child(conn, provider, pool_path, model_path, args) -> None:
 
 
 def measure(provider: str, pool_path: str, model_path: str, args: argparse.Namespace) -> dict:
+    if args.in_process:
+        return run_provider(provider, pool_path, model_path, args)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(child, provider, pool_path, model_path, args))
@@ -179,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--grad-cam-max", type=int, default=5000,
                    help="skip the (slow) grad-cam provider on pools larger than this")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every provider in this process (for CI: no fresh interpreter each; peak RSS "
+                        "is then the largest so far, not the provider's own)")
     p.add_argument("--workdir", default=None, help="where pools are built (default: a temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true", help="print only, append nothing")

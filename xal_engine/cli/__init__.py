@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.loop",
     "xal_engine.cli.label",
     "xal_engine.cli.report",
+    "xal_engine.cli.bench",
 ]
 
 
