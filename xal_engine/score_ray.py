@@ -47,23 +47,24 @@ Without Ray (Slurm, torchrun, plain processes)
     ``xal-engine score --pool /shared/pool.zarr --model m.pt --shard-id $SLURM_ARRAY_TASK_ID
     --num-shards 8``. Each shard resumes on its own; the run is complete when every shard is.
 
-Measured (benchmarks/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32; a shared 2-core VM
-whose load average was 5-8 from other work, so these are contention figures, not scaling limits)
+Measured (benchmarks/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32, median of 3; a shared
+2-core VM whose load average was 7-9 from other work, so these are contention figures, not limits)
 
     | images | backend        | wall s | img/s end to end | img/s busy (actors) |
     |--------|----------------|--------|------------------|---------------------|
-    | 256    | local          | 10.6   | 24.3             |                     |
-    | 256    | ray, 1 worker  | 11.8   | 21.6             | 53.7                |
-    | 256    | ray, 2 workers | 16.0   | 16.0             | 36.4                |
-    | 512    | local          | 23.9   | 21.4             |                     |
-    | 512    | ray, 1 worker  | 16.0   | 32.0             | 54.6                |
-    | 512    | ray, 2 workers | 21.8   | 23.5             | 55.9                |
+    | 256    | local          | 10.2   | 25.1             |                     |
+    | 256    | ray, 1 worker  | 11.4   | 22.5             | 53.0                |
+    | 256    | ray, 2 workers | 17.0   | 15.1             | 39.3                |
+    | 512    | local          | 24.1   | 21.3             |                     |
+    | 512    | ray, 1 worker  | 15.4   | 33.3             | 55.8                |
+    | 512    | ray, 2 workers | 18.2   | 28.1             | 68.0                |
 
-    A second actor adds no throughput on two already oversubscribed cores, and its start-up
-    (importing torch, loading the model: about 6 s here) costs wall time; Ray pays off with
-    free cores or one GPU per actor. Wall time includes actor start-up, not ray.init. One actor
-    beat the local scorer here because actors run torch with one thread (Ray sets OMP_NUM_THREADS
-    to the actor's CPUs) while the local scorer used two intra-op threads on busy cores.
+    A second actor adds little throughput on two already oversubscribed cores (x1.22 busy at 512
+    images, less at 256), and its start-up (importing torch, loading the model: about 6 s here)
+    costs more wall time than it saves; Ray pays off with free cores or one GPU per actor. Wall time
+    includes actor start-up, not ray.init. One actor beat the local scorer at 512 images because
+    actors run torch with one thread (Ray sets OMP_NUM_THREADS to the actor's CPUs) while the local
+    scorer used two intra-op threads on busy cores.
 
 Fault-injection hook (tests only)
     If the environment variable ``XAL_RAY_FAULT_FILE`` names a file that exists, the first actor call
