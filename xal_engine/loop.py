@@ -318,7 +318,7 @@ class ALLoop:
         c, tc = self.config, self.config.train
         score_pool(self.pool_path, model_path, ScoreConfig(
             run=run_name, batch_size=c.score_batch_size, device=tc.device, threshold=c.threshold,
-            num_workers=tc.num_workers, overwrite=True), show_progress=self.show_progress)
+            num_workers=tc.num_workers, targets="pred", overwrite=True), show_progress=self.show_progress)
         t2 = time.perf_counter()
         row: dict[str, Any] = {"strategy": self.strategy, "seed": self.seed, "round": r,
                                "n_labelled": n_labelled, **evaluate_run(Pool.open(self.pool_path), run_name),
