@@ -237,7 +237,7 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
             dice_sum += float(host.dice[finite].sum())
             dice_count += int(finite.sum())
             for unit, (a, b) in zip(item["units"].tolist(), item["bounds"].tolist()):
-                writer.put(unit, _slice(host, a, b))
+                writer.put(unit, slice_result(host, a, b))
             bar.update(host.pred.shape[0])
     finally:
         bar.close()
@@ -348,5 +348,5 @@ def _to_host(scores: Any) -> UnitResult:
                       hit=packed[:, 7] > 0.5, **columns)
 
 
-def _slice(result: UnitResult, a: int, b: int) -> UnitResult:
+def slice_result(result: UnitResult, a: int, b: int) -> UnitResult:
     return UnitResult(**{k: v[a:b] for k, v in result.__dict__.items()})

@@ -97,7 +97,7 @@ from xal_engine.score_pool import (
     ScoreSummary,
     UnitBlocks,
     UnitWriter,
-    _slice,
+    slice_result,
     group_units,
     load_scoring_model,
     open_run,
@@ -200,7 +200,7 @@ class ScorerActor:
             for item in to_device(self._read_ahead(), self.device):
                 host = score_item(self.model, self.ckpt, item, self.config, self.device)
                 for unit, (a, b) in zip(item["units"].tolist(), item["bounds"].tolist()):
-                    part = _slice(host, a, b)
+                    part = slice_result(host, a, b)
                     writer.put(unit, part)
                     finite = np.isfinite(part.dice)
                     units.append(unit)

@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="split the run's work units between this many processes (default: 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run of this name made with another model or config")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: actors on a Ray cluster (default: %(default)s)")
+    ray = p.add_argument_group("--backend ray")
+    ray.add_argument("--address", default=None,
+                     help="running Ray cluster (HOST:6379, auto, ray://...); default: a local instance")
+    ray.add_argument("--workers", type=int, default=2, help="scoring actors (default: %(default)s)")
+    ray.add_argument("--num-gpus-per-worker", type=float, default=None,
+                     help="GPUs per actor (default: 1 on a cluster with GPUs unless --device cpu, else 0)")
+    ray.add_argument("--num-cpus-per-worker", type=float, default=1.0,
+                     help="CPUs per actor (default: %(default)s)")
+    ray.add_argument("--batches-per-call", type=int, default=4,
+                     help="batches of --batch-size images per actor call (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -47,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite,
     )
-    summary = score_pool(args.pool, args.model, config)
+    if args.backend == "ray":
+        from xal_engine.score_ray import RayConfig, score_pool_ray
+
+        ray_config = RayConfig(
+            address=args.address, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+            num_cpus_per_worker=args.num_cpus_per_worker, batches_per_call=args.batches_per_call,
+        )
+        summary = score_pool_ray(args.pool, args.model, config, ray_config)
+    else:
+        summary = score_pool(args.pool, args.model, config)
     print(json.dumps(asdict(summary)) if args.json else summary.line())
     return 0
