@@ -41,10 +41,10 @@ from compare import (
     near_tie_hits,
 )
 from pytorch_grad_cam import GradCAM
-from table import add_run_args, finish
+from table import add_run_args, finish, interleaved_times
 
 from xal_engine import reference
-from xal_engine.benchmarking import provenance, summarise, synchronize, timeit
+from xal_engine.benchmarking import provenance, summarise, synchronize
 from xal_engine.data import resolve_device, to_unit_float
 from xal_engine.models import build_model, parse_arch, resolve_layer
 from xal_engine.scoring import BatchScores, score_batch
@@ -164,6 +164,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, meta: d
             (lambda: baseline.pipeline(cam, inputs.images, inputs.rois_host, args.threshold)) if dtype == "fp32"
             else f"not supported by pytorch-grad-cam ({dtype} tensors fail in .numpy())")
         providers[(PLAIN, dtype)] = lambda dtype=dtype: plain(inputs, dtype)
+    times = interleaved_times({k: fn for k, fn in providers.items() if not isinstance(fn, str)}, device,
+                              args.warmup, args.repeats, args.budget_s)
     rows = []
     for (provider, dtype), fn in providers.items():
         row = {"benchmark": case.name, "provider": provider, "sizes": case.sizes, "dtype": dtype,
@@ -171,7 +173,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, meta: d
         if isinstance(fn, str):
             row["note"] = fn
         else:
-            stats = summarise(timeit(fn, device, args.warmup, args.repeats, args.budget_s))
+            stats = summarise(times[(provider, dtype)])
             row.update({k: round(v, 3) for k, v in stats.items()},
                        images_per_s=round(case.batch / stats["median_ms"] * 1e3, 1))
         rows.append(row)

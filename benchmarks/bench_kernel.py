@@ -27,10 +27,10 @@ import baseline
 import numpy as np
 import torch
 from compare import CHECK_PASS, CHECK_REFERENCE, GRAD_CAM, BenchError, add_ratios, check, near_tie_hits
-from table import add_run_args, finish
+from table import add_run_args, finish, interleaved_times
 
 from xal_engine import reference
-from xal_engine.benchmarking import provenance, summarise, timeit
+from xal_engine.benchmarking import provenance, summarise
 from xal_engine.data import resolve_device
 
 LEVEL = "kernel"
@@ -88,8 +88,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, meta: d
 
     moved = a.numel() * a.element_size() + g.numel() * g.element_size() + rois.numel()  # bytes read
     rows = []
-    for provider, fn in providers.items():
-        stats = summarise(timeit(fn, device, args.warmup, args.repeats, args.budget_s))
+    times = interleaved_times(providers, device, args.warmup, args.repeats, args.budget_s)
+    for provider in providers:
+        stats = summarise(times[provider])
         median_s = stats["median_ms"] / 1e3
         rows.append({"benchmark": case.name, "provider": provider, "sizes": case.sizes, "dtype": args.dtype,
                      **{k: round(v, 4) for k, v in stats.items()},

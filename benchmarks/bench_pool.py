@@ -177,7 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads of the scoring process (0: torch's default; 1: on a shared CPU "
+                        "more threads make timings erratic)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--grad-cam-max", type=int, default=5000,
                    help="skip the (slow) grad-cam provider on pools larger than this")

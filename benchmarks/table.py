@@ -1,5 +1,5 @@
-"""What every benchmark script shares around its measurements: the common flags, one aligned text
-table for every level, and the CSV append.
+"""What every benchmark script shares around its measurements: the common flags, interleaved timing,
+one aligned text table for every level, and the CSV append.
 
 Time is the median per call at the kernel and batch levels, and the whole pass at the pool level
 (``seconds``); ``vs grad-cam`` and ``vs plain`` are the ratios of :mod:`compare` (> 1: faster).
@@ -8,9 +8,13 @@ Time is the median per call at the kernel and batch levels, and the whole pass a
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
-from xal_engine.benchmarking import append_rows
+import torch
+
+from xal_engine.benchmarking import append_rows, synchronize
 
 HEADER = ("level", "case", "provider", "dtype", "ms", "img/s", "vs grad-cam", "vs plain", "check", "note")
 
@@ -27,6 +31,31 @@ def add_run_args(parser: argparse.ArgumentParser, results: Path, warmup: int, re
                              "and a shared CPU makes multi-threaded timings erratic)")
     parser.add_argument("--out", type=Path, default=results, help="CSV the rows are appended to")
     parser.add_argument("--no-write", action="store_true", help="print only, append nothing")
+
+
+def interleaved_times(fns: Mapping[Hashable, Callable[[], object]], device: torch.device, warmup: int,
+                      repeats: int, budget_s: float) -> dict[Hashable, list[float]]:
+    """Seconds per call of every provider, timed in rounds of one call each (synchronised on CUDA).
+
+    Rounds rather than one provider after another: on a shared machine the load drifts, and a drift
+    then slows every provider alike instead of biasing their ratios. Stops after ``repeats`` rounds,
+    or after 3 once ``budget_s`` per provider is spent.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[Hashable, list[float]] = {key: [] for key in fns}
+    start = time.perf_counter()
+    for done in range(1, repeats + 1):
+        for key, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[key].append(time.perf_counter() - t0)
+        if done >= 3 and time.perf_counter() - start > budget_s * len(fns):
+            break
+    return times
 
 
 def _ms(row: dict) -> str:

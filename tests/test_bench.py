@@ -168,3 +168,13 @@ def test_plot_draws_the_latest_run_of_each_level(tmp_path: Path) -> None:
     assert plot.plot_results(tmp_path) == [tmp_path / "batch_speedup.png"]
     assert (tmp_path / "batch_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_interleaved_times_run_one_call_of_each_provider_per_round() -> None:
+    import torch
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = table.interleaved_times(fns, torch.device("cpu"), warmup=1, repeats=3, budget_s=60.0)
+    assert calls == ["a", "b", "c"] * 4  # one warm-up round, then three timed rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
