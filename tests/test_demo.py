@@ -80,8 +80,8 @@ def test_summary_lines_report_the_last_round_of_each_experiment() -> None:
     row = {"seed": 0, "n_labelled": 10, "accuracy": 0.5, "balanced_accuracy": 0.25, "test_dice": 0.125,
            "test_hit_rate": 1.0}
     rows = [row | {"strategy": "dual", "round": 0}, row | {"strategy": "dual", "round": 1, "n_labelled": 20},
-            row | {"strategy": "random", "round": 0}]
+            row | {"strategy": "random", "round": 0, "test_dice": None}]
     assert summary_lines(rows) == [
         "            dual seed 0: round 1, 20 labelled, test acc 0.500, bal acc 0.250, Dice 0.125, hit 1.000",
-        "          random seed 0: round 0, 10 labelled, test acc 0.500, bal acc 0.250, Dice 0.125, hit 1.000"]
+        "          random seed 0: round 0, 10 labelled, test acc 0.500, bal acc 0.250, Dice n/a, hit 1.000"]
 

@@ -210,13 +210,17 @@ def test_another_config_in_the_run_folder_is_refused_unless_overwrite(done: dict
 
 def test_loop_stops_when_no_candidate_is_left(tmp_path: Path) -> None:
     pool = tmp_path / "pool.zarr"
-    create_synthetic_pool(replace(POOL, n=48), pool)  # 34 train images (seeded split)
+    create_synthetic_pool(replace(POOL, n=48, roi_fraction=0.0), pool)  # no ROI anywhere
     n_train = int((arrays(pool)["split"] == SPLIT_TRAIN).sum())
     config = replace(TINY, strategies=("entropy",), initial=n_train - 4, per_round=10, rounds=3)
     lines: list[str] = []
     rows = run_loop(pool, tmp_path / "run", config, log=lines.append)
     assert [(r["round"], r["n_labelled"]) for r in rows] == [(0, n_train - 4), (1, n_train)]
     assert "entropy-seed0: no unlabelled train images left; stopping after round 1" in lines
+    # no test image has an ROI: attention metrics are null in JSON (strict JSON), nan in CSV
+    assert all(r[f] is None for r in rows for f in ("test_dice", "test_soft_dice", "test_energy", "test_hit_rate"))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == rows
+    assert {r["test_dice"] for r in read_metrics_csv(tmp_path / "run" / "metrics.csv")} == {"nan"}
 
 
 def test_classification_metrics_match_scikit_learn() -> None:

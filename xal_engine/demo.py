@@ -90,8 +90,11 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         key = (row["strategy"], int(row["seed"]))
         if key not in last or row["round"] > last[key]["round"]:
             last[key] = row
-    return [f"{s:>16} seed {k}: round {r['round']}, {r['n_labelled']} labelled, test acc {r['accuracy']:.3f}, "
-            f"bal acc {r['balanced_accuracy']:.3f}, Dice {r['test_dice']:.3f}, hit {r['test_hit_rate']:.3f}"
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"  # None: not measurable (e.g. no test ROI)
+
+    return [f"{s:>16} seed {k}: round {r['round']}, {r['n_labelled']} labelled, test acc {num(r['accuracy'])}, "
+            f"bal acc {num(r['balanced_accuracy'])}, Dice {num(r['test_dice'])}, hit {num(r['test_hit_rate'])}"
             for (s, k), r in last.items()]
 
 

@@ -258,18 +258,20 @@ class RunDir:
         return n
 
     def add_row(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics and rewrite metrics.json and metrics.csv atomically."""
+        """Append one round's metrics and rewrite metrics.json and metrics.csv atomically. A NaN
+        (no test image with an ROI, no class with both outcomes) is null in JSON, nan in CSV."""
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         self.rows = [r for r in self.rows if (r["strategy"], int(r["seed"]), int(r["round"]))
                      != (row["strategy"], row["seed"], row["round"])] + [row]
-        _atomic_write_text(self.path / "metrics.json", json.dumps(self.rows, indent=1) + "\n")
+        _atomic_write_text(self.path / "metrics.json", json.dumps(self.rows, indent=1, allow_nan=False) + "\n")
         lines = [",".join(METRIC_FIELDS)] + [",".join(_csv_value(r[f]) for f in METRIC_FIELDS) for r in self.rows]
         _atomic_write_text(self.path / "metrics.csv", "\n".join(lines) + "\n")
 
 
 def _csv_value(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
+    if v is None:
+        return "nan"
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:
