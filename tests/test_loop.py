@@ -208,6 +208,16 @@ def test_another_config_in_the_run_folder_is_refused_unless_overwrite(done: dict
         RunDir.prepare(tmp_path / "stranger", record, overwrite=True)
 
 
+def test_resuming_an_experiment_another_run_folder_rewrote_is_refused(done: dict[str, Any], tmp_path: Path) -> None:
+    """Round 0 of this folder is complete, but al/dual-seed0 in the pool belongs to the fixture's run."""
+    run_dir = RunDir.prepare(tmp_path / "run", config_record(done["pool"], TINY), overwrite=False)
+    run_dir.add_row({f: 0 for f in METRIC_FIELDS} | {"strategy": "dual"})
+    step = loop.ALLoop(done["pool"], run_dir, TINY, "dual", 0, log=lambda line: None)
+    assert step.round == 1
+    with pytest.raises(XalError, match=r"AL experiment 'dual-seed0' now belongs to run folder .*pass --overwrite"):
+        step.step()
+
+
 def test_loop_stops_when_no_candidate_is_left(tmp_path: Path) -> None:
     pool = tmp_path / "pool.zarr"
     create_synthetic_pool(replace(POOL, n=48, roi_fraction=0.0), pool)  # no ROI anywhere

@@ -334,6 +334,8 @@ class ALLoop:
 
     def _label(self, pool: Pool, r: int, out: Path) -> int | None:
         """Reveal round r's images; the labelled count, or None when no candidate is left."""
+        if r > 0:
+            self._check_owner(pool)
         labelled = self._round_array(pool, fresh=r == 0)
         rounds = np.asarray(labelled[:])
         rounds[rounds >= r] = -1  # a half-done round (or a later one) is undone
@@ -357,13 +359,22 @@ class ALLoop:
         labelled[:] = rounds
         return int((rounds >= 0).sum())
 
+    def _check_owner(self, pool: Pool) -> None:
+        """A resumed experiment must still be this run's: another run folder on the same pool reuses
+        the experiment name and rewrites its labelled set."""
+        group = pool.group.get(f"{AL_GROUP}/{self.experiment}")
+        owner = group.attrs.get("run_dir") if group is not None else None
+        if owner != str(self.run_dir.path.resolve()):
+            raise XalError(f"pool {pool.path}: AL experiment {self.experiment!r} now belongs to run folder "
+                           f"{owner}, not {self.run_dir.path}; pass --overwrite to restart this run")
+
     def _round_array(self, pool: Pool, fresh: bool) -> Any:
         """al/<experiment>/labelled_round, created (all -1) when ``fresh``; the config in its attrs."""
         group = pool.group.require_group(AL_GROUP).require_group(self.experiment)
         if fresh or ROUND_ARRAY not in group:
             group.create_array(ROUND_ARRAY, shape=(pool.n,), chunks=(pool.chunk_size,), dtype=np.int16,
                                fill_value=-1, overwrite=True)
-            group.attrs.update({"strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path),
+            group.attrs.update({"strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path.resolve()),
                                 "loop": _jsonable(asdict(self.config))})
         return group[ROUND_ARRAY]
 
