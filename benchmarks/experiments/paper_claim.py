@@ -36,6 +36,7 @@ with two threads for models this small).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import platform
@@ -57,7 +58,7 @@ from xal_engine.brain_phantom import BrainPhantomConfig, create_brain_phantom_po
 from xal_engine.errors import PoolError, XalError
 from xal_engine.loop import LoopConfig, run_loop
 from xal_engine.pool import Pool
-from xal_engine.report import RunData, Stat, format_stat, load_run, make_report, summarise
+from xal_engine.report import RunData, Stat, format_stat, load_run, make_report, stat, summarise
 from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
 from xal_engine.training import TrainConfig
 
@@ -81,21 +82,23 @@ class ExperimentConfig:
     threads: int = 1  # torch threads per pool process
 
 
-# resnet18 at 48 px: layer3 is 3 x 3 (layer4 would be 2 x 2). Batches of 16: enough optimiser steps
-# per epoch on ~100 images for batch-norm statistics to settle; no loader workers on a small pool.
-_TRAIN = TrainConfig(arch="resnet18", epochs=12, batch_size=16, target_layer="layer3", num_workers=0,
+# resnet18 at 48 px with Grad-CAM on layer2: a 6 x 6 map, about the paper's 7 x 7 (DenseNet-121 at
+# 224 px); layer3 (3 x 3) gave test Dice near 0 for every model. Batches of 8: from scratch on 60-180
+# images, batches of 16 left the phantom model at chance after 10 epochs. Sizes: one experiment
+# (4 rounds, 60 -> 180 labels) took 92 s on the quiet 2-core machine with both pools in parallel, so
+# 18 experiments per pool process take about 28 min.
+_TRAIN = TrainConfig(arch="resnet18", epochs=10, batch_size=8, target_layer="layer2", num_workers=0,
                      device="cpu")
 FULL = ExperimentConfig(
-    pools=(PoolSpec("phantom", SyntheticConfig(n=700, size=48, classes=3, channels=1, seed=0, shortcut=0.7)),
-           PoolSpec("brain", BrainPhantomConfig(n=700, size=48, seed=0))),
-    loop=LoopConfig(strategies=STRATEGIES, seeds=3, initial=40, per_round=40, rounds=4, lam=0.3,
+    pools=(PoolSpec("phantom", SyntheticConfig(n=600, size=48, classes=3, channels=1, seed=0, shortcut=0.7)),
+           PoolSpec("brain", BrainPhantomConfig(n=600, size=48, seed=0))),
+    loop=LoopConfig(strategies=STRATEGIES, seeds=3, initial=60, per_round=40, rounds=3, lam=0.3,
                     train=_TRAIN))
 # --quick: every strategy and two seeds (a std needs two) at a smoke-test size
 QUICK = ExperimentConfig(
     pools=(PoolSpec("phantom", replace(FULL.pools[0].config, n=160, size=32)),
            PoolSpec("brain", replace(FULL.pools[1].config, n=160, size=32))),
-    loop=replace(FULL.loop, seeds=2, initial=16, per_round=8, rounds=1,
-                 train=replace(_TRAIN, epochs=1, batch_size=8, target_layer="layer2")))
+    loop=replace(FULL.loop, seeds=2, initial=16, per_round=8, rounds=1, train=replace(_TRAIN, epochs=1)))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -111,21 +114,32 @@ def make_pool(spec: PoolSpec, path: Path) -> None:
     create(spec.config, path, overwrite=True, show_progress=False)  # type: ignore[arg-type]
 
 
-def run_pool(spec: PoolSpec, config: ExperimentConfig, work: Path, overwrite: bool) -> float:
-    """Pool, then every (seed, strategy) loop into work/<name>-run; the wall seconds. Runs in a child."""
+class StopExperiment(Exception):
+    """Raised from the loop's log after a completed round once the --stop-at time has passed."""
+
+
+def run_pool(spec: PoolSpec, config: ExperimentConfig, work: Path, overwrite: bool,
+             stop_at: float | None = None) -> float:
+    """Pool, then every (seed, strategy) loop into work/<name>-run; the wall seconds. Runs in a child.
+
+    ``stop_at`` (epoch seconds): stop after the first round that completes later; a rerun resumes."""
     torch.set_num_threads(config.threads)
     began = time.perf_counter()
     pool = work / f"{spec.name}-pool.zarr"
     make_pool(spec, pool)
-    log_file = (work / f"{spec.name}.log").open("a")
+    with (work / f"{spec.name}.log").open("a") as log_file:
+        def log(line: str) -> None:
+            print(f"[{spec.name} {time.strftime('%H:%M:%S')}] {line}", file=log_file, flush=True)
+            if " round " in line:  # a round's metrics row is written: a clean place to stop
+                print(f"[{spec.name}] {line}", file=sys.stderr, flush=True)
+                if stop_at is not None and time.time() > stop_at:
+                    raise StopExperiment(line)
 
-    def log(line: str) -> None:
-        print(f"[{spec.name} {time.strftime('%H:%M:%S')}] {line}", file=log_file, flush=True)
-        if " round " in line:
-            print(f"[{spec.name}] {line}", file=sys.stderr, flush=True)
-
-    run_loop(pool, work / f"{spec.name}-run", config.loop, overwrite=overwrite, log=log, show_progress=False)
-    log_file.close()
+        try:
+            run_loop(pool, work / f"{spec.name}-run", config.loop, overwrite=overwrite, log=log,
+                     show_progress=False)
+        except StopExperiment:
+            log("stopped at --stop-at; rerun to resume")
     return time.perf_counter() - began
 
 
@@ -152,6 +166,25 @@ def paired_verdict(dual: dict[int, float], other: dict[int, float]) -> tuple[Sta
     return s, int((diff > 0).sum()), verdict
 
 
+def batch_overlap(run: RunData, a: str, b: str) -> Stat:
+    """Jaccard overlap of the batches strategies ``a`` and ``b`` selected, over seeds and rounds >= 1
+    (each round's candidates depend on earlier picks, so this describes, it does not pair rounds)."""
+    values = []
+    for seed in sorted(set(run.seed.tolist())):
+        for r in sorted(set(run.round.tolist()) - {0}):
+            picked = [_selected(run.path / s / f"seed{seed}" / f"round{r}" / "selected.csv") for s in (a, b)]
+            if picked[0] is not None and picked[1] is not None:
+                values.append(len(picked[0] & picked[1]) / max(1, len(picked[0] | picked[1])))
+    return stat(np.asarray(values))
+
+
+def _selected(path: Path) -> set[int] | None:
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return {int(row["index"]) for row in csv.DictReader(f)}
+
+
 def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[str]:
     summaries = {s.strategy: s for s in summarise(run)}
     cfg = run.config.get("loop", {})
@@ -161,7 +194,9 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
              f"rounds, λ = {cfg.get('lam')}, Dice {cfg.get('dice')}, balance {cfg.get('balance')}; "
              f"{run.config.get('arch')} {cfg.get('train', {}).get('epochs')} epochs, batch "
              f"{cfg.get('train', {}).get('batch_size')}, Grad-CAM layer {cfg.get('train', {}).get('target_layer')}",
-             f"wall time: {seconds / 60:.1f} min" if seconds is not None else "wall time: (resumed run)",
+             f"seeds in the tables: {', '.join(str(k) for k in sorted(set(run.seed.tolist())))} (a seed counts "
+             "when every strategy completed every round)",
+             f"wall time: {seconds / 60:.1f} min" if seconds is not None else "wall time: (collected only)",
              f"mean seconds per round: train {np.nanmean(_column(run, 'train_seconds')):.1f}, "
              f"score {np.nanmean(_column(run, 'score_seconds')):.1f}", "",
              "Final round (mean ± std over seeds) and area under the learning curve (ALC, mean over the "
@@ -188,13 +223,16 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
                 s, wins, verdict = paired_verdict(final_values(run, "dual", metric, at),
                                                   final_values(run, base, metric, at))
                 lines.append(f"| dual vs {base} | {title} | {format_stat(s)} | {wins}/{s.count} | {verdict} |")
+    overlaps = [(other, batch_overlap(run, "dual", other)) for other in ("entropy", "misalignment", "random")
+                if other in summaries and "dual" in summaries]
+    if overlaps:
+        lines += ["", "Overlap of the batches dual selected with those of other strategies (Jaccard, mean ± std "
+                  "over seeds and rounds): " + "; ".join(f"{o} {format_stat(v, 2)}" for o, v in overlaps)]
     return lines + [""]
 
 
 def _column(run: RunData, name: str) -> np.ndarray:
     """A metrics.csv column that RunData does not keep (timings)."""
-    import csv
-
     with open(run.path / "metrics.csv", newline="") as f:
         return np.asarray([float(r[name]) for r in csv.DictReader(f)], dtype=np.float64)
 
@@ -228,15 +266,39 @@ def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData],
     return path
 
 
-def collect(spec: PoolSpec, work: Path, out: Path) -> RunData:
-    """Copy the run's metrics and config to out/<pool>/ and write the report there."""
+def complete_seeds(run: RunData, config: ExperimentConfig) -> list[int]:
+    """Seeds whose every strategy completed every round (a stopped run compares like with like)."""
+    done = []
+    for seed in range(config.loop.seeds):
+        rounds = [set(run.round[(run.strategy == s) & (run.seed == seed)].tolist()) for s in config.loop.strategies]
+        if all(r >= set(range(config.loop.rounds + 1)) for r in rounds):
+            done.append(seed)
+    return done
+
+
+def collect(spec: PoolSpec, config: ExperimentConfig, work: Path, out: Path) -> RunData:
+    """Copy the run's config and the metrics of its complete seeds to out/<pool>/, and write the
+    report (curves, tables, contact sheets) of those seeds to out/<pool>/report/."""
     run_dir = work / f"{spec.name}-run"
+    seeds = complete_seeds(load_run(run_dir), config)
+    view = work / f"{spec.name}-complete"  # the run folder restricted to complete seeds
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    shutil.copyfile(run_dir / "config.json", view / "config.json")
+    with open(run_dir / "metrics.csv", newline="") as f:
+        lines = f.read().splitlines()
+    seed_col = lines[0].split(",").index("seed")
+    kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[seed_col]) in seeds]
+    (view / "metrics.csv").write_text("\n".join(kept) + "\n")
+    for strategy in config.loop.strategies:
+        if (run_dir / strategy).is_dir():
+            (view / strategy).symlink_to(run_dir / strategy)  # the reports' contact sheets read the rounds
     dest = out / spec.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.csv", "config.json"):
-        shutil.copyfile(run_dir / name, dest / name)
-    make_report(run_dir, dest / "report", pool=work / f"{spec.name}-pool.zarr")
-    return load_run(run_dir)
+        shutil.copyfile(view / name, dest / name)
+    make_report(view, dest / "report", pool=work / f"{spec.name}-pool.zarr")
+    return load_run(view)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -250,7 +312,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pools", nargs="+", choices=("phantom", "brain"), default=["phantom", "brain"])
     p.add_argument("--jobs", type=int, default=2, help="pools run in parallel processes (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="restart the loops instead of resuming them")
+    p.add_argument("--stop-at", metavar="HH:MM", help="UTC time after which each pool stops at the end of "
+                   "its current round; the summary then covers the seeds that every strategy completed")
+    p.add_argument("--collect-only", action="store_true", help="only write the results of the runs in --work")
     return p.parse_args(argv)
+
+
+def parse_stop_at(text: str) -> float:
+    """Epoch seconds of the next HH:MM (UTC)."""
+    try:
+        hour, minute = (int(v) for v in text.split(":"))
+        now = time.time()
+        today = now - now % 86400 + hour * 3600 + minute * 60
+    except ValueError:
+        raise XalError(f"--stop-at must be HH:MM (UTC), got {text!r}") from None
+    return today if today > now else today + 86400
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     (work / "experiment.json").write_text(json.dumps(asdict(config), indent=1, default=str))
     command = shlex.join(["python", "benchmarks/experiments/paper_claim.py", *(argv or sys.argv[1:])])
     seconds: dict[str, float] = {}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as ex:
-        futures = {spec.name: ex.submit(run_pool, spec, config, work, args.overwrite) for spec in config.pools}
-        for name, future in futures.items():
-            seconds[name] = future.result()
-    runs = {spec.name: collect(spec, work, out) for spec in config.pools}
+    if not args.collect_only:
+        stop_at = parse_stop_at(args.stop_at) if args.stop_at else None
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as ex:
+            futures = {spec.name: ex.submit(run_pool, spec, config, work, args.overwrite, stop_at)
+                       for spec in config.pools}
+            for name, future in futures.items():
+                seconds[name] = future.result()
+    runs = {spec.name: collect(spec, config, work, out) for spec in config.pools}
     path = write_summary(out, config, runs, seconds, command)
     print(path.read_text())
     return 0
