@@ -39,6 +39,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -237,9 +238,17 @@ def _column(run: RunData, name: str) -> np.ndarray:
         return np.asarray([float(r[name]) for r in csv.DictReader(f)], dtype=np.float64)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData], seconds: dict[str, float],
-                  command: str) -> Path:
-    prov = provenance(torch.device("cpu"))
+                  command: str, prov: dict[str, str], jobs: int) -> Path:
+    """summary.md; ``prov`` (device, versions, date, commit) as taken when the runs started."""
     try:
         import nilearn
 
@@ -247,10 +256,10 @@ def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData],
     except ImportError:
         nilearn_version = "-"
     header = ["# The paper's claim: dual (λ·entropy + (1−λ)·(1−Dice)) vs random and entropy sampling", "",
-              f"- reproduce: `{command}`",
-              f"- date: {prov['date']}; commit: {prov['git_commit']}",
-              f"- device: {prov['device']} x {config.threads} thread(s) per pool process, "
-              f"{len(config.pools)} pool process(es) in parallel; machine: {platform.platform()}",
+              f"- reproduce (from the repository root, with the project and nilearn installed): `{command}`",
+              f"- started: {prov['date']} (UTC) at commit {prov['git_commit']}",
+              f"- device: {cpu_name()}, {os.cpu_count()} logical cores; {config.threads} torch thread(s) per "
+              f"pool process, {min(jobs, len(config.pools))} pool process(es) in parallel; {platform.platform()}",
               f"- versions: xal_engine {prov['xal_engine']}, torch {prov['torch']}, numpy {np.__version__}, "
               f"nilearn {nilearn_version}, python {platform.python_version()}",
               f"- strategies: {', '.join(config.loop.strategies)}; seeds: {config.loop.seeds}; "
@@ -340,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "experiment.json").write_text(json.dumps(asdict(config), indent=1, default=str))
     command = shlex.join(["python", "benchmarks/experiments/paper_claim.py", *(argv or sys.argv[1:])])
     seconds: dict[str, float] = {}
+    prov = provenance(torch.device("cpu"))  # the commit and date the runs start from
     if not args.collect_only:
         stop_at = parse_stop_at(args.stop_at) if args.stop_at else None
         with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as ex:
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, future in futures.items():
                 seconds[name] = future.result()
     runs = {spec.name: collect(spec, config, work, out) for spec in config.pools}
-    path = write_summary(out, config, runs, seconds, command)
+    path = write_summary(out, config, runs, seconds, command, prov, max(1, args.jobs))
     print(path.read_text())
     return 0
 
