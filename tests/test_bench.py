@@ -21,7 +21,8 @@ from suite import BenchConfig, level_argv, run_suite
 
 TINY = {
     "batch": ("--archs", "resnet18", "--batch-size", "2", "--image-size", "64"),
-    "pool": ("--sizes", "64", "--workers", "0", "--in-process", "--providers", "loader,plain,xal-engine,grad-cam"),
+    "pool": ("--sizes", "64", "--rounds", "1", "--workers", "0", "--in-process",
+             "--providers", "loader,plain,xal-engine,grad-cam"),
 }
 
 
@@ -178,3 +179,11 @@ def test_interleaved_times_run_one_call_of_each_provider_per_round() -> None:
     times = table.interleaved_times(fns, torch.device("cpu"), warmup=1, repeats=3, budget_s=60.0)
     assert calls == ["a", "b", "c"] * 4  # one warm-up round, then three timed rounds
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_pool_rounds_report_the_median_pass_and_the_largest_memory() -> None:
+    from bench_pool import median_pass
+
+    passes = [{"seconds": s, "peak_rss_mb": m, "peak_gpu_mb": 0.0} for s, m in ((3.0, 10.0), (1.0, 30.0), (2.0, 20.0))]
+    assert median_pass(passes) == {"seconds": 2.0, "peak_rss_mb": 30.0, "peak_gpu_mb": 0.0}
+    assert median_pass(passes[:2])["seconds"] == 1.0  # an even count takes the lower middle pass
