@@ -55,7 +55,8 @@ class Case:
 
 
 FULL_CASES = (Case("resnet_7x7_224", 256, 512, 7, 224), Case("resnet50_14x14_512", 256, 2048, 14, 512))
-QUICK_CASES = (Case("quick_7x7_64", 16, 64, 7, 64), Case("quick_14x14_128", 8, 128, 14, 128))
+QUICK_CASES = (Case("quick_7x7_64", 16, 64, 7, 64), Case("quick_14x14_128", 8, 128, 14, 128),
+               Case("quick_7x7_224", 16, 512, 7, 224))  # resnet18/34 layer4 at the usual input size
 
 
 def as_numpy(result: reference.RoiAgreement) -> dict[str, np.ndarray]:

@@ -22,6 +22,10 @@ import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("kernel", "batch", "pool")
+# One colour per provider and dtype across the charts (others take matplotlib's cycle).
+COLOURS = {"xal-engine fp32": "tab:blue", "xal-engine bf16": "tab:cyan", "triton fp32": "tab:blue",
+           "torch fp32": "tab:purple", "grad-cam fp32": "tab:red", "plain fp32": "tab:green",
+           "plain bf16": "tab:olive", "loader fp32": "tab:gray"}
 
 
 def latest_run(rows: list[dict]) -> list[dict]:
@@ -43,18 +47,18 @@ def plot_level(level: str, rows: list[dict], out: Path) -> Path | None:
     series = list(dict.fromkeys(f"{r['provider']} {r['dtype']}" for r in rows))
     speedup = {(r["benchmark"], f"{r['provider']} {r['dtype']}"): float(r["speedup_vs_grad_cam"]) for r in rows}
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) * max(1, len(series) / 3)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) * max(1, len(series) / 3)), 5.0))
     for i, name in enumerate(series):
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(cases))]
         ys = [speedup.get((case, name), float("nan")) for case in cases]
-        bars = ax.bar(xs, ys, width, label=name)
+        bars = ax.bar(xs, ys, width, label=name, color=COLOURS.get(name))
         ax.bar_label(bars, labels=[f"{y:.2g}x" if math.isfinite(y) else "" for y in ys], fontsize=7, padding=2)
     ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(cases)), cases, rotation=15, fontsize=8)
     ax.set_ylabel("speed relative to pytorch-grad-cam (x)")
     ax.set_title(f"{level} level: {rows[0]['device']}, {rows[0]['date']}", fontsize=9)
-    ax.legend(fontsize=7, ncols=min(3, len(series)))
+    ax.legend(fontsize=7, ncols=min(3, len(series)), loc="upper left", bbox_to_anchor=(0.0, -0.18))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -39,7 +39,8 @@ def by_provider(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
 
 def test_every_level_checked_its_results_against_pytorch_grad_cam(sections: dict[str, list[dict]]) -> None:
     kernel, batch, pool = (by_provider(sections[level]) for level in ("kernel", "batch", "pool"))
-    assert set(kernel) == {(c, p, "fp32") for c in ("quick_7x7_64", "quick_14x14_128") for p in ("torch", "grad-cam")}
+    cases = ("quick_7x7_64", "quick_14x14_128", "quick_7x7_224")
+    assert set(kernel) == {(c, p, "fp32") for c in cases for p in ("torch", "grad-cam")}
     assert {r["check"] for (_, p, _), r in kernel.items() if p == "grad-cam"} == {"pass"}
     assert {r["check"] for (_, p, _), r in kernel.items() if p == "torch"} == {"reference"}
 
@@ -87,7 +88,7 @@ def test_cli_prints_one_table_and_writes_nothing_with_no_write(capsys: pytest.Ca
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out[0].split()[:4] == ["level", "case", "provider", "dtype"]
-    assert sum(line.startswith("kernel ") for line in out) == 4 and len(out) == 6
+    assert sum(line.startswith("kernel ") for line in out) == 6 and len(out) == 8
     assert {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("*.csv")} == before
 
 
