@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("kernel", "batch", "pool")
@@ -55,6 +56,10 @@ def plot_level(level: str, rows: list[dict], out: Path) -> Path | None:
         ax.bar_label(bars, labels=[f"{y:.2g}x" if math.isfinite(y) else "" for y in ys], fontsize=7, padding=2)
     ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
     ax.set_yscale("log")
+    plain_numbers = FuncFormatter(lambda y, _: f"{y:g}")  # 0.5, 1, 10 rather than 5x10^-1
+    ax.yaxis.set_major_formatter(plain_numbers)
+    ax.yaxis.set_minor_formatter(plain_numbers)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(cases)), cases, rotation=15, fontsize=8)
     ax.set_ylabel("speed relative to pytorch-grad-cam (x)")
     ax.set_title(f"{level} level: {rows[0]['device']}, {rows[0]['date']}", fontsize=9)
