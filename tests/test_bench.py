@@ -12,7 +12,10 @@ import pytest
 from xal_engine.cli import bench as bench_cli
 from xal_engine.cli import main
 
-BENCHMARKS = bench_cli.benchmarks_dir()  # also puts the scripts on sys.path
+try:
+    BENCHMARKS = bench_cli.benchmarks_dir()  # also puts the scripts on sys.path
+except XalError:  # an installed package without the checkout's benchmarks/ folder
+    pytest.skip("benchmarks/ folder not found next to the package", allow_module_level=True)
 
 import compare
 import plot
