@@ -11,6 +11,7 @@ import pytest
 
 from xal_engine.cli import bench as bench_cli
 from xal_engine.cli import main
+from xal_engine.errors import XalError
 
 try:
     BENCHMARKS = bench_cli.benchmarks_dir()  # also puts the scripts on sys.path
