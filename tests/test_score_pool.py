@@ -101,6 +101,16 @@ def test_batches_spanning_several_units_give_the_same_scores(setup):
         np.testing.assert_allclose(a[f], b[f], rtol=1e-5, atol=1e-6, err_msg=f)
 
 
+def test_batches_smaller_than_a_unit_split_it(setup):
+    _, pool, model, _ = setup
+    summary = score_pool(pool, model, ScoreConfig(run="narrow", batch_size=3, num_workers=0))
+    assert summary.images == 60  # each 8-image unit scored as batches of 3, 3 and 2
+    a, b = read_run(pool, "ref"), read_run(pool, "narrow")
+    np.testing.assert_array_equal(a["pred"], b["pred"])
+    for f in ("entropy", "dice", "soft_dice", "energy"):
+        np.testing.assert_allclose(a[f], b[f], rtol=1e-5, atol=1e-6, err_msg=f)
+
+
 def test_two_shards_together_equal_one_run(setup):
     _, pool, model, _ = setup
     first = score_pool(pool, model, ScoreConfig(run="sharded", batch_size=UNIT, num_workers=0,

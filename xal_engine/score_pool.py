@@ -253,11 +253,10 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
 
 
 def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
-    """The checkpoint's model on `device`, channels-last on CUDA (NHWC convolutions on tensor cores)."""
+    """The checkpoint's model on `device`, channels-last: NHWC convolutions (tensor cores on CUDA;
+    on CPU the forward measured 18 % faster for resnet18, 33 % for densenet121 at 128²)."""
     model, ckpt = load_checkpoint(model_path, device=device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+    return model.to(memory_format=torch.channels_last), ckpt
 
 
 def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> ScoreRun:
@@ -292,16 +291,30 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
 
 def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
                device: torch.device) -> UnitResult:
-    """Score one `UnitBlocks` item already on `device`; one device→host copy."""
-    targets = _label_or_prediction(item["labels"]) if config.targets == "label" else None
+    """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
+    is whole chunks and may hold more); one device→host copy per batch."""
+    n = item["images"].shape[0]
+    parts = [score_images(model, ckpt, {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item},
+                          config, device)
+             for a in range(0, n, config.batch_size)]
+    if len(parts) == 1:
+        return parts[0]
+    return UnitResult(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in UnitResult.__dataclass_fields__})
+
+
+BATCH_KEYS = ("images", "rois", "has_roi", "labels")
+
+
+def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
+                 device: torch.device) -> UnitResult:
+    """One batch: forward, backward to the target layer, fused kernel, one device→host copy."""
+    targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
     mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
-    images = to_unit_float(item["images"], mean, std)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
     autocast = PRECISIONS[config.precision]
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         scores = score_batch(
-            model, ckpt.target_layer, images, rois=item["rois"], has_roi=item["has_roi"],
+            model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
             targets=targets, threshold=config.threshold, backend=config.backend,
         )
     return _to_host(scores)
