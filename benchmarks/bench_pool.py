@@ -12,8 +12,8 @@ model (random init: speed does not depend on the weights) and batch size:
     grad-cam    loader + pytorch_grad_cam.GradCAM (full backward, host copies, cv2) + numpy softmax/Dice
 Each provider runs in a fresh process, so its peak RSS is its own (loader workers included); with
 --rounds R every provider makes R passes, in rounds, and the median pass is reported. Two pool sizes
-show cost linear in N and memory flat. A loader item is a run of whole work units (chunks), so a batch
-holds max(--batch-size, images per chunk) images: at 64x64 a chunk holds 1024. Before any figure is
+show cost linear in N and memory flat. A loader item is a run of whole work units (chunks; at 64x64 a
+chunk holds 1024 images), scored --batch-size images at a time. Before any figure is
 written, the engine's stored Dice, soft Dice, energy, entropy and hit on the first batch are compared
 with the grad-cam pipeline's (fp32 parity tolerances): no speed is reported for a wrong answer. Rows
 go to benchmarks/results/pool.csv.
