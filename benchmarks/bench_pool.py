@@ -51,6 +51,7 @@ from xal_engine.score_pool import (
     PRECISIONS,
     ScoreConfig,
     UnitBlocks,
+    load_scoring_model,
     group_units,
     loader_context,
     score_pool,
@@ -92,7 +93,9 @@ def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.
             run="bench", batch_size=args.batch_size, device=str(device), precision=args.precision,
             num_workers=args.workers, overwrite=True), show_progress=False)
     else:
-        model, ckpt = load_checkpoint(model_path, device=device)
+        # plain inference as well as it is done: the scorer's channels-last model and batch size
+        model, ckpt = (load_scoring_model(Path(model_path), device) if provider == "plain"
+                       else load_checkpoint(model_path, device=device))
         loader = all_units_loader(pool_path, args.batch_size, args.workers, device)
         if provider == "grad-cam":
             from pytorch_grad_cam import GradCAM
@@ -103,13 +106,16 @@ def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.
         for item in to_device(loader, device):
             if provider == "loader":
                 continue
-            x = to_unit_float(item["images"])
-            if provider == "plain":
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    probs = model(x).float().softmax(1)
-                    probs.argmax(1).cpu()  # the one host copy a real pipeline makes
-            else:
-                baseline.pipeline(cam, x, item["rois"].cpu().numpy())
+            for a in range(0, item["images"].shape[0], args.batch_size):  # an item is whole chunks
+                x = to_unit_float(item["images"][a:a + args.batch_size])
+                if provider == "plain":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.no_grad(), torch.autocast(device.type, dtype=autocast,
+                                                         enabled=autocast is not None):
+                        probs = model(x).float().softmax(1)
+                        probs.argmax(1).cpu()  # the one host copy a real pipeline makes
+                else:
+                    baseline.pipeline(cam, x, item["rois"][a:a + args.batch_size].cpu().numpy())
         synchronize(device)
     seconds = time.perf_counter() - t0
     return {"provider": provider, "seconds": seconds, "n_images": n,
