@@ -97,11 +97,11 @@ from xal_engine.score_pool import (
     ScoreSummary,
     UnitBlocks,
     UnitWriter,
-    slice_result,
     group_units,
     load_scoring_model,
     open_run,
     score_item,
+    slice_result,
     to_device,
 )
 from xal_engine.score_store import ScoreRun
