@@ -79,7 +79,7 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 2, repe
 def summarise(times: list[float]) -> dict[str, float]:
     """Median, 20th and 80th percentile, in milliseconds."""
     ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
     return {"median_ms": 1e3 * statistics.median(ordered), "p20_ms": 1e3 * pick(0.2),
             "p80_ms": 1e3 * pick(0.8)}
 
