@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
+from xal_engine.errors import XalError
 from xal_engine.explanation import ExplanationTerm, cam_soft_dice, explanation_loss
 from xal_engine.reference import gradcam_dice
 
@@ -96,3 +101,46 @@ def test_term_hooks_the_layer_and_backpropagates_into_both_paths() -> None:
     assert net.fc.weight.grad is not None and net.fc.weight.grad.abs().sum() > 0
     assert net.conv.weight.grad is not None and net.conv.weight.grad.abs().sum() > 0
     assert not net.act._forward_hooks  # removed on exit
+
+
+# ------------------------------------------------------------------------------ training integration
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
+
+    path = tmp_path_factory.mktemp("expl") / "pool.zarr"
+    create_synthetic_pool(SyntheticConfig(n=64, size=32, classes=3, shortcut=0.9, seed=1), path)
+    return path
+
+
+def test_explanation_weight_changes_training_and_leaves_no_hook(tiny_pool: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from xal_engine import explanation, training
+    from xal_engine.pool import Pool
+
+    terms: list[float] = []
+    original = explanation.explanation_loss
+
+    def recording(*args: Any) -> torch.Tensor:
+        loss = original(*args)
+        terms.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(explanation, "explanation_loss", recording)
+    base = training.TrainConfig(epochs=1, batch_size=16, num_workers=0, device="cpu", target_layer="layer2",
+                                augment=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = training.train(Pool.open(tiny_pool), base, log=lambda line: None)
+        assert terms == []  # W = 0: the term is never computed
+        guided = training.train(Pool.open(tiny_pool), replace(base, explanation_weight=1.0), log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(terms) >= 2 and all(0.0 < t <= 1.0 for t in terms)  # one term per training batch
+    a, b = plain.model.state_dict(), guided.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert guided.checkpoint.config["explanation_weight"] == 1.0
+    assert not any(m._forward_hooks for m in guided.model.modules())
+    with pytest.raises(XalError, match="explanation_weight must be >= 0"):
+        training.train(Pool.open(tiny_pool), replace(base, explanation_weight=-0.1))

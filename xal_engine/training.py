@@ -14,7 +14,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from xal_engine.data import (
     to_unit_float,
 )
 from xal_engine.errors import XalError
+from xal_engine.explanation import ExplanationTerm
 from xal_engine.models import DEFAULT_TARGET_LAYERS, Checkpoint, build_model, parse_arch, resolve_layer
 from xal_engine.pool import SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.progress import progress
@@ -64,6 +65,7 @@ class TrainConfig:
     normalize_std: tuple[float, ...] | None = None
     shuffle_buffer: int = 256  # images shuffled together (blocks are shuffled as wholes)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    explanation_weight: float = 0.0  # W: adds W·(1 − soft Dice(Grad-CAM, ROI)) on images with an ROI
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def parse_config(config: TrainConfig) -> TrainConfig:
               ("batch_size", config.batch_size >= 2, ">= 2 (batch norm needs two images)"),
               ("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
               ("num_workers", config.num_workers >= 0, ">= 0"),
-              ("shuffle_buffer", config.shuffle_buffer >= 0, ">= 0")]
+              ("shuffle_buffer", config.shuffle_buffer >= 0, ">= 0"),
+              ("explanation_weight", config.explanation_weight >= 0, ">= 0")]
     for name, ok, expected in checks:
         if not ok:
             raise XalError(f"{name} must be {expected}, got {getattr(config, name)}")
@@ -148,7 +151,7 @@ class _Trainer:
     """One training run: the device-side loop, kept apart from index selection and bookkeeping."""
 
     def __init__(self, pool: Pool, config: TrainConfig, model: nn.Module, device: torch.device,
-                 weights: torch.Tensor | None, show_progress: bool | None) -> None:
+                 weights: torch.Tensor | None, show_progress: bool | None, target_layer: str) -> None:
         self.pool, self.config, self.device = pool, config, device
         self.k = len(pool.classes)
         cuda = device.type == "cuda"
@@ -161,6 +164,9 @@ class _Trainer:
         self.autocast = (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if amp else nullcontext
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.amp_dtype == torch.float16)
         self.pin = cuda
+        # Explanation loss: a hook keeps the target layer's output of each training forward.
+        self.explanation = (ExplanationTerm(resolve_layer(self.model, target_layer), config.explanation_weight)
+                            if config.explanation_weight > 0 else None)
         self.show_progress = show_progress
         # Three seeded streams: block order (sampler), row shuffling, augmentation draws.
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -184,10 +190,15 @@ class _Trainer:
         with progress(n_images, desc, enabled=self.show_progress) as bar:
             for batch in self.batches(loader, shuffle=True):
                 x, y = self._inputs(batch)
-                if self.config.augment:
-                    x, _ = augment_batch(x, None, self.augment_gen, self.config.augmentation)
+                rois = batch["rois"].to(self.device, non_blocking=True) if self.explanation is not None else None
+                if self.config.augment:  # the ROI moves with its image
+                    x, rois = augment_batch(x, rois, self.augment_gen, self.config.augmentation)
                 with self.autocast():
-                    loss = self.loss_fn(self.model(x).float(), y)
+                    logits = self.model(x).float()  # (B, K)
+                    loss = self.loss_fn(logits, y)
+                if self.explanation is not None:
+                    has_roi = batch["has_roi"].to(self.device, non_blocking=True)
+                    loss = loss + self.explanation(logits, y, rois, has_roi)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -219,11 +230,15 @@ def _stderr(line: str) -> None:
 
 
 def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | Path | None = None,
-          show_progress: bool | None = None, log: Callable[[str], None] = _stderr) -> TrainResult:
+          show_progress: bool | None = None, log: Callable[[str], None] = _stderr,
+          initial_state: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train ``config.arch`` on ``pool`` and return the selected epoch's model and metrics.
 
-    ``pretrained``: see :func:`~xal_engine.models.build_model`. ``log`` receives one metrics line per
-    epoch (and warnings); a progress bar shows images/s on an interactive stderr.
+    ``pretrained``: see :func:`~xal_engine.models.build_model`. ``initial_state``: a state dict of
+    the same model to start from (fine-tuning an earlier round) instead of a fresh initialisation.
+    ``log`` receives one metrics line per epoch (and warnings); a progress bar shows images/s on an
+    interactive stderr. ``config.explanation_weight`` W > 0 adds W·(1 − soft Dice(Grad-CAM, ROI)) of
+    the true class on training images with an ROI (:mod:`xal_engine.explanation`).
     """
     config = parse_config(config)
     k = len(pool.classes)
@@ -245,8 +260,14 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
 
     torch.manual_seed(config.seed)  # model initialisation
     model = build_model(config.arch, k, pool.channels, pretrained)
+    if initial_state is not None:
+        try:
+            model.load_state_dict(initial_state)
+        except RuntimeError as err:
+            raise XalError(f"initial weights do not fit {config.arch} with {k} classes and {pool.channels} "
+                           f"channel(s): {str(err).splitlines()[0]}") from None
     resolve_layer(model, target_layer)
-    trainer = _Trainer(pool, config, model, device, weights, show_progress)
+    trainer = _Trainer(pool, config, model, device, weights, show_progress, target_layer)
 
     train_ds = BlockDataset(pool, train_idx)
     sampler = EpochPermutation(len(train_ds), seed=config.seed)
@@ -278,6 +299,8 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
             best_state = {n: t.detach().clone() for n, t in trainer.model.state_dict().items()}
         log(_epoch_line(row, config.epochs, improved))
 
+    if trainer.explanation is not None:
+        trainer.explanation.close()  # the returned model carries no hook
     trainer.model.load_state_dict(best_state)
     trainer.model.eval()
     metrics: dict[str, Any] = {
