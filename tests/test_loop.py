@@ -233,6 +233,39 @@ def test_loop_stops_when_no_candidate_is_left(tmp_path: Path) -> None:
     assert {r["test_dice"] for r in read_metrics_csv(tmp_path / "run" / "metrics.csv")} == {"nan"}
 
 
+def test_finetune_starts_each_round_from_the_previous_checkpoint(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = tmp_path / "pool.zarr"
+    create_synthetic_pool(replace(POOL, n=48), pool)
+    starts: list[dict[str, torch.Tensor] | None] = []
+    original = loop.train
+
+    def spy(*args: Any, initial_state: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        starts.append(initial_state)
+        return original(*args, initial_state=initial_state, **kwargs)
+
+    monkeypatch.setattr(loop, "train", spy)
+    config = replace(TINY, strategies=("margin",), initial=10, per_round=6, rounds=1, retrain="finetune")
+    run_loop(pool, tmp_path / "run", config, log=lambda line: None)
+    assert len(starts) == 2 and starts[0] is None
+    round0, _ = load_checkpoint(tmp_path / "run" / "margin" / "seed0" / "round0" / "model.pt")
+    previous = round0.state_dict()
+    assert starts[1] is not None and all(torch.equal(starts[1][k], previous[k]) for k in previous)
+
+
+def test_cli_maps_the_explanation_loss_and_retrain_flags() -> None:
+    from xal_engine.cli import build_parser
+    from xal_engine.cli.loop import config_from_args
+
+    args = build_parser().parse_args(["loop", "--pool", "p", "--strategy", "dual", "--initial", "5", "--per-round",
+                                      "2", "--rounds", "1", "--out", "o", "--explanation-loss", "0.1",
+                                      "--retrain", "finetune", "--balance", "oracle", "--dice", "soft"])
+    config = config_from_args(args)
+    assert (config.train.explanation_weight, config.retrain, config.balance, config.dice) == (
+        0.1, "finetune", "oracle", "soft")
+    assert config.train.target_layer is None and config.strategies == ("dual",)
+
+
 def test_classification_metrics_match_scikit_learn() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 200)

@@ -384,8 +384,8 @@ class ALLoop:
         if self.config.retrain == "finetune" and r > 0:
             previous = self.run_dir.round_dir(self.strategy, self.seed, r - 1) / "model.pt"
             initial_state = load_checkpoint(previous)[0].state_dict()
-        extra = {"initial_state": initial_state} if initial_state is not None else {}
-        result = train(pool, config, show_progress=self.show_progress, log=self.log, **extra)
+        result = train(pool, config, initial_state=initial_state, show_progress=self.show_progress,
+                       log=self.log)
         return save_checkpoint(model_path, result.model, result.checkpoint)
 
 

@@ -71,9 +71,7 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
     d = LoopConfig()
     train_fields = {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
                     "device": args.device, "num_workers": args.num_workers,
-                    "target_layer": args.target_layer}
-    if args.explanation_loss:
-        train_fields["explanation_weight"] = args.explanation_loss
+                    "target_layer": args.target_layer, "explanation_weight": args.explanation_loss}
     return LoopConfig(strategies=tuple(args.strategy), seeds=args.seeds, initial=args.initial,
                       per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
                       balance=args.balance, retrain=args.retrain, train=replace(d.train, **train_fields))
