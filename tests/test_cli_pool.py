@@ -1,4 +1,4 @@
-"""``xal-engine pool create|info|validate`` and ``demo``: outputs, exit codes, one-line errors."""
+"""``xal-engine pool create|info|validate``: outputs, exit codes, one-line errors (``demo``: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -129,16 +129,6 @@ def test_existing_out_is_refused_then_overwritten(pool_path: Path,
     np.testing.assert_array_equal(Pool.open(pool_path).read(0, 120).images, before)
     assert main([*CREATE[:-6], "--seed", "2", "--out", str(pool_path), "--overwrite"]) == 0
     assert not np.array_equal(Pool.open(pool_path).read(0, 120).images, before)
-
-
-def test_demo_creates_a_pool_with_a_shortcut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    pool = Pool.open(out / "pool.zarr")
-    assert pool.n == 600 and pool.attrs["synthetic"]["shortcut"] == 0.5
-    assert "images: 600 x 1x64x64 uint8" in text and "score runs: (none)" in text
-    assert main(["demo", "--out", str(out)]) == 0  # rerunnable: replaces its own pool
 
 
 def test_python_m_pool_info_exit_codes(pool_path: Path, tmp_path: Path,

@@ -85,3 +85,18 @@ def test_summary_lines_report_the_last_round_of_each_experiment() -> None:
         "            dual seed 0: round 1, 20 labelled, test acc 0.500, bal acc 0.250, Dice 0.125, hit 1.000",
         "          random seed 0: round 0, 10 labelled, test acc 0.500, bal acc 0.250, Dice n/a, hit 1.000"]
 
+
+def test_cli_demo_runs_the_library_and_says_where_the_report_is(demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from xal_engine import cli
+    from xal_engine import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "QUICK", TINY)  # --quick at the tiny size: the fixture's run, resumed
+    monkeypatch.setattr(loop, "train", None)  # nothing may train again
+    assert cli.main(["demo", "--out", str(demo["out"]), "--quick"]) == 0
+    run_dir = demo["result"].run_dir
+    assert capsys.readouterr().out == (f"demo complete: 4 rounds recorded in {run_dir}; "
+                                       f"report {run_dir / 'report' / 'report.html'}\n")
+    (demo["out"] / "file").write_text("x")
+    assert cli.main(["demo", "--out", str(demo["out"] / "file"), "--quick"]) == 2
+    assert "--out" in capsys.readouterr().err

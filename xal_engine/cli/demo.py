@@ -1,38 +1,27 @@
-"""``xal-engine demo``: the embedded default end to end (for now: a phantom pool with a shortcut cue)."""
+"""``xal-engine demo``: the embedded default end to end (library side: :mod:`xal_engine.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from xal_engine.cli.pool import format_info
-from xal_engine.errors import XalError
-from xal_engine.pool import Pool
-from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
-
-# A small pool a CPU handles in seconds: half of the train/val images carry the class marker.
-DEMO_POOL = SyntheticConfig(n=600, size=64, classes=3, channels=1, seed=0, shortcut=0.5)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the embedded default end to end",
-                                   description="Create a small synthetic pool with a shortcut cue "
-                                               "under DIR and summarise it.")
-    parser.add_argument("--out", default="demo-out", metavar="DIR",
-                        help="output folder (default ./demo-out)")
+    parser = subparsers.add_parser(
+        "demo", help="run the embedded default end to end",
+        description="Create a synthetic phantom pool whose train/val images carry a shortcut cue, run "
+                    "random vs dual active-learning rounds on it (resnet18, CPU or GPU), and write the "
+                    "report. Everything goes under DIR; a rerun resumes after the last complete round.")
+    parser.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default ./demo-out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke-test size: 300 images, one round, 3 epochs")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out))
+    from xal_engine import demo
+
+    result = demo.run_demo(Path(args.out), demo.QUICK if args.quick else demo.DEFAULT)
+    where = f"report {result.report}" if result.report else f"metrics {result.run_dir / 'metrics.csv'}"
+    print(f"demo complete: {len(result.rows)} rounds recorded in {result.run_dir}; {where}")
     return 0
-
-
-def run_demo(out: Path, config: SyntheticConfig = DEMO_POOL) -> Pool:
-    """Write ``out/pool.zarr`` (replacing an earlier demo pool) and print its summary."""
-    if out.exists() and not out.is_dir():
-        raise XalError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    pool = create_synthetic_pool(config, out / "pool.zarr", overwrite=True)
-    print(format_info(pool.info()))
-    return pool
