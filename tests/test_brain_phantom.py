@@ -150,3 +150,21 @@ def test_pool_holds_the_generated_blocks(tmp_path: Path) -> None:
 def test_bad_config_names_the_flag(field: str, value: float, flag: str) -> None:
     with pytest.raises(XalError, match=f"^{flag} must be"):
         BrainPhantomConfig(**{field: value})
+
+
+def test_cli_pool_create_brain_phantom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xal_engine.cli import main
+
+    out = tmp_path / "cli.zarr"
+    assert main(["pool", "create", "--brain-phantom", "--n", "30", "--size", "32", "--seed", "2",
+                 "--min-brain", "0.7", "--out", str(out)]) == 0
+    pool = Pool.open(out)
+    assert pool.attrs["brain_phantom"] == asdict(BrainPhantomConfig(n=30, size=32, seed=2, min_brain=0.7))
+    assert pool.classes == list(CLASSES) and pool.channels == 3
+    capsys.readouterr()
+    for argv, message in ((["--brain-phantom", "--classes", "4"], "--classes does not apply to --brain-phantom"),
+                          (["--brain-phantom", "--synthetic"], "not both"),
+                          (["--brain-phantom", "--min-brain", "2"], "--min-brain must be")):
+        assert main(["pool", "create", *argv, "--out", str(tmp_path / "x.zarr")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

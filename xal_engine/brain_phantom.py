@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,7 @@ from scipy.ndimage import distance_transform_edt
 
 from xal_engine.errors import XalError
 from xal_engine.pool import SPLIT_TEST, Pool, PoolWriter
-from xal_engine.progress import progress
-from xal_engine.synthetic import SyntheticConfig, assign_splits, block_size, marker_masks
+from xal_engine.synthetic import SyntheticConfig, assign_splits, block_size, marker_masks, write_blocks
 
 CLASSES = ("edema", "necrotic_core", "enhancing")
 CHANNELS = ("t1ce", "flair", "t2")
@@ -233,12 +232,5 @@ def create_brain_phantom_pool(config: BrainPhantomConfig, out: str | Path, overw
              "template": f"MNI152 T1 2 mm (nilearn {tpl.version}), {len(tpl.slices)} axial slices"}
     with PoolWriter(out, channels=len(CHANNELS), height=config.size, width=config.size, dtype=np.uint8,
                     classes=list(CLASSES), modality="MR-phantom", source="brain_phantom", attrs=attrs,
-                    overwrite=overwrite) as writer, \
-            progress(config.n, "pool create", enabled=show_progress) as bar:
-        step = block_size(config.size)
-        for block, start in enumerate(range(0, config.n, step)):
-            stop = min(config.n, start + step)
-            g = generate_block(config, block, split[start:stop])
-            writer.append(g.images, g.rois, g.has_roi, g.labels, g.ids, g.split)
-            bar.update(stop - start)
-        return writer.close()
+                    overwrite=overwrite) as writer:
+        return write_blocks(writer, split, config.size, partial(generate_block, config), show_progress)

@@ -20,8 +20,11 @@ byte-identical arrays, memory stays flat in N.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -248,6 +251,22 @@ def generate_block(config: SyntheticConfig, block: int, split: np.ndarray) -> Sy
                           markers=markers)
 
 
+def write_blocks(writer: PoolWriter, split: np.ndarray, size: int,
+                 generate: Callable[[int, np.ndarray], Any],
+                 show_progress: bool | None = None) -> Pool:
+    """Append ``generate(block, split[a:b])`` for the blocks of ``block_size(size)`` images covering
+    ``split`` (n,), then close the writer; any generator whose blocks carry the six pool arrays."""
+    n = len(split)
+    with progress(n, "pool create", enabled=show_progress) as bar:
+        step = block_size(size)
+        for block, start in enumerate(range(0, n, step)):
+            stop = min(n, start + step)
+            g = generate(block, split[start:stop])
+            writer.append(g.images, g.rois, g.has_roi, g.labels, g.ids, g.split)
+            bar.update(stop - start)
+    return writer.close()
+
+
 def create_synthetic_pool(config: SyntheticConfig, out: str | Path, overwrite: bool = False,
                           show_progress: bool | None = None) -> Pool:
     """Write a phantom pool to ``out`` (via ``out.partial``) block by block; memory flat in N."""
@@ -255,12 +274,5 @@ def create_synthetic_pool(config: SyntheticConfig, out: str | Path, overwrite: b
     with PoolWriter(out, channels=config.channels, height=config.size, width=config.size,
                     dtype=np.uint8, classes=class_names(config.classes), modality="phantom",
                     source="synthetic", attrs={"synthetic": asdict(config)},
-                    overwrite=overwrite) as writer, \
-            progress(config.n, "pool create", enabled=show_progress) as bar:
-        step = block_size(config.size)
-        for block, start in enumerate(range(0, config.n, step)):
-            stop = min(config.n, start + step)
-            g = generate_block(config, block, split[start:stop])
-            writer.append(g.images, g.rois, g.has_roi, g.labels, g.ids, g.split)
-            bar.update(stop - start)
-        return writer.close()
+                    overwrite=overwrite) as writer:
+        return write_blocks(writer, split, config.size, partial(generate_block, config), show_progress)

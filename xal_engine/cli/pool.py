@@ -20,9 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Create, inspect and validate pools (Zarr v3).")
     sub = parser.add_subparsers(dest="pool_command", metavar="SUBCOMMAND", required=True)
 
-    create = sub.add_parser("create", help="write a new pool (synthetic phantoms for now)",
-                            description="Write a synthetic phantom pool to OUT (via OUT.partial).")
+    create = sub.add_parser("create", help="write a new pool (synthetic phantoms or BraTS-like brain slices)",
+                            description="Write a synthetic phantom pool or a semi-synthetic BraTS-like pool "
+                                        "(--brain-phantom) to OUT (via OUT.partial).")
     create.add_argument("--synthetic", action="store_true", help="generate phantom images")
+    create.add_argument("--brain-phantom", action="store_true",
+                        help="MNI152 T1 slices with BraTS-like tumours, 3 classes x 3 channels (needs nilearn)")
+    create.add_argument("--min-brain", type=float, default=0.6, metavar="MIN_BRAIN",
+                        help="--brain-phantom: slices whose brain area is at least this fraction of the "
+                             "largest (default 0.6)")
     create.add_argument("--out", required=True, help="pool path to write (e.g. pool.zarr)")
     create.add_argument("--overwrite", action="store_true", help="replace an existing pool at --out")
     defaults = SyntheticConfig()
@@ -48,11 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    if not args.synthetic:
-        raise XalError("pool create needs --synthetic (for real data use `xal-engine ingest`)")
-    config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+    if args.synthetic and args.brain_phantom:
+        raise XalError("pool create takes --synthetic or --brain-phantom, not both")
+    if not (args.synthetic or args.brain_phantom):
+        raise XalError("pool create needs --synthetic or --brain-phantom (for real data use `xal-engine ingest`)")
     began = time.perf_counter()
-    pool = create_synthetic_pool(config, args.out, overwrite=args.overwrite)
+    if args.brain_phantom:
+        pool = create_brain_phantom(args)
+    else:
+        config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+        pool = create_synthetic_pool(config, args.out, overwrite=args.overwrite)
     seconds = time.perf_counter() - began
     info = pool.info()
     print(f"created {pool.path}: {pool.n} images {pool.channels}x{pool.height}x{pool.width} "
@@ -61,6 +72,18 @@ def run_create(args: argparse.Namespace) -> int:
           f"(images ratio {info['compression_ratio']:.2f}) in {seconds:.1f} s "
           f"({pool.n / max(seconds, 1e-9):.0f} img/s)")
     return 0
+
+
+def create_brain_phantom(args: argparse.Namespace) -> Pool:
+    from xal_engine.brain_phantom import BrainPhantomConfig, create_brain_phantom_pool  # torch, nilearn
+
+    defaults = SyntheticConfig()
+    for name in ("classes", "channels"):
+        if getattr(args, name) != getattr(defaults, name):
+            raise XalError(f"--{name} does not apply to --brain-phantom (3 classes, 3 channels T1ce/FLAIR/T2)")
+    shared = {f.name: getattr(args, f.name) for f in fields(BrainPhantomConfig) if f.name != "min_brain"}
+    config = BrainPhantomConfig(**shared, min_brain=args.min_brain)
+    return create_brain_phantom_pool(config, args.out, overwrite=args.overwrite)
 
 
 def run_info(args: argparse.Namespace) -> int:
