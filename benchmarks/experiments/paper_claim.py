@@ -83,17 +83,18 @@ class ExperimentConfig:
     threads: int = 1  # torch threads per pool process
 
 
-# resnet18 at 48 px with Grad-CAM on layer2: a 6 x 6 map, about the paper's 7 x 7 (DenseNet-121 at
-# 224 px); layer3 (3 x 3) gave test Dice near 0 for every model. Batches of 8: from scratch on 60-180
-# images, batches of 16 left the phantom model at chance after 10 epochs. Sizes: one experiment
-# (4 rounds, 60 -> 180 labels) took 92 s on the quiet 2-core machine with both pools in parallel, so
-# 18 experiments per pool process take about 28 min.
-_TRAIN = TrainConfig(arch="resnet18", epochs=10, batch_size=8, target_layer="layer2", num_workers=0,
+# resnet18 with Grad-CAM on layer2: at 40 px a 5 x 5 map (the paper: 7 x 7, DenseNet-121 at 224 px);
+# layer3 at 48 px (3 x 3) gave test Dice near 0 for every model. Batches of 8: from scratch on 60-140
+# images, batches of 16 left the phantom model at chance after 10 epochs. Sizes: at 48 px, 10 epochs,
+# 600 images and 3 rounds one experiment took 92 s on the quiet machine but 190 s with the machine
+# shared (load 4-5), i.e. ~57 min for the 36 experiments; cut to 40 px, 6 epochs, 450 images, 2 rounds
+# (about 55 s per experiment shared) so that 3 seeds of every strategy fit in ~20 min.
+_TRAIN = TrainConfig(arch="resnet18", epochs=6, batch_size=8, target_layer="layer2", num_workers=0,
                      device="cpu")
 FULL = ExperimentConfig(
-    pools=(PoolSpec("phantom", SyntheticConfig(n=600, size=48, classes=3, channels=1, seed=0, shortcut=0.7)),
-           PoolSpec("brain", BrainPhantomConfig(n=600, size=48, seed=0))),
-    loop=LoopConfig(strategies=STRATEGIES, seeds=3, initial=60, per_round=40, rounds=3, lam=0.3,
+    pools=(PoolSpec("phantom", SyntheticConfig(n=450, size=40, classes=3, channels=1, seed=0, shortcut=0.7)),
+           PoolSpec("brain", BrainPhantomConfig(n=450, size=40, seed=0))),
+    loop=LoopConfig(strategies=STRATEGIES, seeds=3, initial=60, per_round=40, rounds=2, lam=0.3,
                     train=_TRAIN))
 # --quick: every strategy and two seeds (a std needs two) at a smoke-test size
 QUICK = ExperimentConfig(
