@@ -92,13 +92,14 @@ def test_training_reduces_loss_deterministically_and_never_reads_test(
     losses = [row["train_loss"] for row in first.history]
     assert losses[-1] < 0.7 * losses[0]
     assert len(logs) == 3 and logs[0].startswith("epoch 1/3  train loss") and "val bal acc" in logs[0]
-    # Only train and val images were ever handed out; each epoch saw every training image once.
+    # Only train and val images were ever handed out; each epoch read every training image twice
+    # (the training pass, then the batch-norm recalibration pass) and every validation image once.
     split = np.asarray(pool.group["split"][:])
     seen = np.concatenate(yielded)
     assert not np.any(split[seen] == SPLIT_TEST)
     train_idx = np.flatnonzero(split == SPLIT_TRAIN)
     counts = np.bincount(seen, minlength=N)
-    assert np.all(counts[train_idx] == 3) and np.all(counts[split == SPLIT_VAL] == 3)
+    assert np.all(counts[train_idx] == 2 * 3) and np.all(counts[split == SPLIT_VAL] == 3)
     # Same seed => same weights, same history (CPU).
     second = train(pool, FAST, log=lambda _: None)
     a, b = first.model.state_dict(), second.model.state_dict()
@@ -234,3 +235,18 @@ def test_same_weights_with_forked_loader_workers(pool: Pool) -> None:
     a = train(pool, cfg, log=lambda _: None).model.state_dict()
     b = train(pool, replace(cfg, num_workers=2), log=lambda _: None).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_norm_statistics_are_recomputed_over_the_training_set(pool: Pool) -> None:
+    # 60 training images in 4 equal batches of 15: the average of the batch means that the
+    # recalibration accumulates equals the per-channel mean of bn1's input over all of them.
+    result = train(pool, replace(FAST, epochs=1, batch_size=15), log=lambda _: None)
+    model = result.model
+    split = np.asarray(pool.group["split"][:])
+    images = pool.read(0, pool.n).images[split == SPLIT_TRAIN]
+    with torch.no_grad():
+        bn_input = model.conv1(torch.from_numpy(images).float() / 255.0)  # (60, 64, 16, 16)
+    torch.testing.assert_close(model.bn1.running_mean, bn_input.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model.bn1.momentum == 0.1  # the layer's own momentum is restored afterwards
+    stale = train(pool, replace(FAST, epochs=1, batch_size=15, recalibrate_bn=False), log=lambda _: None)
+    assert not torch.allclose(stale.model.bn1.running_mean, bn_input.mean(dim=(0, 2, 3)), atol=1e-3)

@@ -58,6 +58,7 @@ class TrainConfig:
     amp: bool = True  # autocast (bf16 where supported, else fp16 + grad scaling) on CUDA only
     class_weighting: bool = True  # cross entropy weighted by inverse class frequency
     augment: bool = True
+    recalibrate_bn: bool = True  # exact batch-norm statistics after each epoch (see _Trainer)
     num_workers: int = 2  # DataLoader worker processes decoding blocks
     labelled_only: str | None = None  # AL experiment whose labelled images are the training set
     target_layer: str | None = None  # Grad-CAM layer stored in the checkpoint; None: per-arch default
@@ -209,6 +210,27 @@ class _Trainer:
         return float(total) / max(seen, 1)  # one synchronisation per epoch
 
     @torch.no_grad()
+    def recalibrate_batch_norm(self, loader: Any) -> None:
+        """Batch-norm running statistics recomputed over the (unaugmented) training set with the
+        epoch's final weights: the average of its batches' statistics (momentum None). The default running average (momentum 0.1) trails weights
+        that moved a lot in the few steps a small labelled set gives, which made validation swing
+        between chance and 0.9 from one epoch to the next. One forward pass, no gradients."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        self.model.train()
+        for batch in rebatch(loader, self.config.batch_size, None, 0, min_last=2):  # BN needs >= 2
+            x, _ = self._inputs(batch)
+            with self.autocast():
+                self.model(x)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+    @torch.no_grad()
     def evaluate(self, loader: Any) -> tuple[float, float, float]:
         """(mean unweighted loss, accuracy, balanced accuracy) over the validation set."""
         self.model.eval()
@@ -286,6 +308,8 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
         sampler.set_epoch(epoch)
         row: dict[str, float] = {"epoch": epoch, "train_loss": trainer.train_epoch(
             train_loader, len(train_idx), f"epoch {epoch}/{config.epochs}")}
+        if config.recalibrate_bn:
+            trainer.recalibrate_batch_norm(train_loader)
         if val_loader is not None:
             row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"] = trainer.evaluate(val_loader)
             key = (row["val_balanced_accuracy"], -row["val_loss"])
