@@ -10,7 +10,6 @@ timed; every repeat writes a fresh pool (--overwrite), so compression and the re
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -25,6 +24,7 @@ import pydicom
 import torch
 import zarr
 
+from xal_engine.benchmarking import append_rows
 from xal_engine.ingest import IngestConfig, IngestSource, ingest
 from xal_engine.ingest.brats import BratsSource
 from xal_engine.ingest.folder import FolderSettings, FolderSource
@@ -81,13 +81,7 @@ def main() -> None:
                              "images_per_s": f"{images / med:.1f}", "speedup_vs_1": f"{base / med:.2f}", **meta})
                 print(f"{name:7s} workers={workers}: {images} images, median {med:.3f} s, "
                       f"{images / med:.1f} images/s, x{base / med:.2f} vs 1 worker")
-    new = not RESULTS.exists()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(RESULTS, rows, list(rows[0]))
 
 
 if __name__ == "__main__":

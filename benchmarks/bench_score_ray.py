@@ -13,7 +13,6 @@ torch with one thread; the local scorer uses torch's default thread count and on
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -28,6 +27,7 @@ import ray
 import torch
 import zarr
 
+from xal_engine.benchmarking import append_rows
 from xal_engine.models import Checkpoint, build_model, save_checkpoint
 from xal_engine.pool import PoolWriter
 from xal_engine.score_pool import ScoreConfig, ScoreSummary, score_pool
@@ -100,13 +100,7 @@ def main() -> None:
                   f"end to end, {busy:.1f} images/s busy, x{base[provider][0] / med:.2f} vs 1 worker",
                   file=sys.stderr)
         ray.shutdown()
-    new = not RESULTS.exists()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(RESULTS, rows, list(rows[0]))
 
 
 if __name__ == "__main__":
