@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,7 @@ TINY = LoopConfig(strategies=("random", "dual"), seeds=1, initial=20, per_round=
 TIMING = ("train_seconds", "score_seconds")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: two threads on a shared 2-core machine run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def arrays(pool_path: Path) -> dict[str, np.ndarray]:

@@ -23,13 +23,7 @@ N, SIDE, K = 96, 32, 3
 FAST = TrainConfig(arch="resnet18", epochs=3, batch_size=16, lr=3e-3, num_workers=0, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two threads contend and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pool(path: Path, splits: np.ndarray | None = None, seed: int = 0) -> Pool:

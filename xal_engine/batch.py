@@ -99,8 +99,8 @@ def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Pat
         "oracle_balance": selection.config.balance == "oracle",
     }
     sidecar = out.with_name(out.name + ".json")
-    _atomic_write(out, lambda f: _write_csv(f, selection.rows))
-    _atomic_write(sidecar, lambda f: json.dump(meta, f, indent=2))
+    atomic_write(out, lambda f: _write_csv(f, selection.rows))
+    atomic_write(sidecar, lambda f: json.dump(meta, f, indent=2))
     return out, sidecar
 
 
@@ -110,7 +110,8 @@ def _write_csv(f, rows: list[dict]) -> None:
     writer.writerows(rows)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it over `path` (all or nothing)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:

@@ -45,7 +45,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from xal_engine.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
-from xal_engine.batch import BatchSelection, _atomic_write, select_batch, write_batch
+from xal_engine.batch import BatchSelection, atomic_write, select_batch, write_batch
 from xal_engine.errors import XalError
 from xal_engine.models import load_checkpoint, save_checkpoint
 from xal_engine.pool import AL_GROUP, SPLIT_TEST, SPLIT_TRAIN, Pool
@@ -195,7 +195,7 @@ def initial_selection(pool: Pool, index: np.ndarray, experiment: str, seed: int)
 
 # ---------------------------------------------------------------------------------- run directory
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _jsonable(value: Any) -> Any:
