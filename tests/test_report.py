@@ -246,4 +246,4 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["report", str(run_dir), "--out", str(out), "--device", "cpu", "--max-images", "2"]) == 0
     assert capsys.readouterr().out.strip() == (f"wrote {out / 'report.html'}: 2 contact sheet(s), "
                                                "report.md and learning_curves.png beside it")
-    assert "(2 image(s))" in (out / "report.md").read_text()
+    assert "round 1 batch (the first 2 of 5 images in rank order)" in (out / "report.md").read_text()

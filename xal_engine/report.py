@@ -305,6 +305,12 @@ def read_selected(path: Path, limit: int) -> tuple[np.ndarray, list[str]]:
     return index, [r["id"] for _, r in rows]
 
 
+def count_rows(path: Path) -> int:
+    """Data rows of a CSV (the header excluded)."""
+    with open(path, newline="") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+
 def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
                  threshold: float) -> list[Panel]:
     """Recompute the selecting model's Grad-CAM of the batch images; one captioned panel each."""
@@ -430,7 +436,10 @@ def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfi
         picked = "initial set" if source.round == 0 else f"round {source.round} batch"
         model = "round-0 model" if source.round == 0 else \
             f"round-{source.round - 1} model (whose scores the selection used)"
-        caption = f"{strategy}, seed {source.seed}: {picked} ({len(panels)} image(s)), Grad-CAM of the {model}"
+        total = count_rows(source.selected)
+        shown = f"{len(panels)} image(s)" if len(panels) == total else \
+            f"the first {len(panels)} of {total} images in rank order"
+        caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), Grad-CAM of the {model}"
         name = f"contact_{strategy}.png"
         save_figure(contact_sheet(panels, caption, config.style), out / name)
         sheets.append((caption, name))
