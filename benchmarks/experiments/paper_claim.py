@@ -25,7 +25,7 @@ Writes to --out (default benchmarks/results/paper_claim/):
 Verdict of "dual vs X on metric m": per seed the difference dual − X at the final round (the same
 seed shares the initial set, so the pairs are matched); mean ± sample std of these differences.
 |mean| <= std: "within one std: no evidence"; otherwise "dual higher/lower by more than one std"
-(with 3 seeds this is weak evidence, not a significance test).
+(with 5 seeds this is weak evidence, not a significance test).
 
 Pools, checkpoints and scores live under --work (default /tmp/xal-paper-claim; about 45 MB per round
 checkpoint); a rerun with the same settings resumes each loop after its last complete round. The
@@ -88,13 +88,14 @@ class ExperimentConfig:
 # images, batches of 16 left the phantom model at chance after 10 epochs. Sizes: at 48 px, 10 epochs,
 # 600 images and 3 rounds one experiment took 92 s on the quiet machine but 190 s with the machine
 # shared (load 4-5), i.e. ~57 min for the 36 experiments; cut to 40 px, 6 epochs, 450 images, 2 rounds
-# (about 55 s per experiment shared) so that 3 seeds of every strategy fit in ~20 min.
+# (about 55 s per experiment shared) so that 3 seeds of every strategy fit in ~20 min; 5 seeds (~30 min on
+# the quiet machine) since training recomputes batch-norm statistics, for a tighter spread.
 _TRAIN = TrainConfig(arch="resnet18", epochs=6, batch_size=8, target_layer="layer2", num_workers=0,
                      device="cpu")
 FULL = ExperimentConfig(
     pools=(PoolSpec("phantom", SyntheticConfig(n=450, size=40, classes=3, channels=1, seed=0, shortcut=0.7)),
            PoolSpec("brain", BrainPhantomConfig(n=450, size=40, seed=0))),
-    loop=LoopConfig(strategies=STRATEGIES, seeds=3, initial=60, per_round=40, rounds=2, lam=0.3,
+    loop=LoopConfig(strategies=STRATEGIES, seeds=5, initial=60, per_round=40, rounds=2, lam=0.3,
                     train=_TRAIN))
 # --quick: every strategy and two seeds (a std needs two) at a smoke-test size
 QUICK = ExperimentConfig(
