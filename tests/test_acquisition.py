@@ -54,7 +54,7 @@ def test_roi_strategy_without_any_roi_is_an_error():
 
 def test_uncertainty_strategies_rank_as_defined():
     s = make_scores(entropy=[0.2, 0.7, 0.4], dice=[0.5] * 3, margin=[0.5, 0.1, 0.05])
-    cfg = dict(budget=3, balance="none")
+    cfg = {"budget": 3, "balance": "none"}
     assert select(s, SelectConfig(strategy="entropy", **cfg)).order.tolist() == [1, 2, 0]
     assert select(s, SelectConfig(strategy="margin", **cfg)).order.tolist() == [2, 1, 0]
     assert select(s, SelectConfig(strategy="least-confidence", **cfg)).order.tolist() == [1, 2, 0]
@@ -100,8 +100,8 @@ def test_budget_larger_than_candidates_takes_all():
 
 
 @pytest.mark.parametrize("kwargs, flag", [
-    (dict(strategy="nope"), "--strategy"), (dict(budget=0), "--budget"), (dict(lam=1.5), "--lambda"),
-    (dict(balance="x"), "--balance"), (dict(missing_roi="x"), "--missing-roi"),
+    ({"strategy": "nope"}, "--strategy"), ({"budget": 0}, "--budget"), ({"lam": 1.5}, "--lambda"),
+    ({"balance": "x"}, "--balance"), ({"missing_roi": "x"}, "--missing-roi"),
 ])
 def test_bad_config_names_the_flag(kwargs, flag):
     with pytest.raises(XalError, match=flag):

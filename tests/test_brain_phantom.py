@@ -15,7 +15,7 @@ from xal_engine.synthetic import assign_splits, block_size, marker_masks
 
 pytest.importorskip("nilearn", reason="the brain phantom needs nilearn (the 'experiments' extra) for MNI152")
 
-from xal_engine.brain_phantom import (  # noqa: E402  (after the nilearn check)
+from xal_engine.brain_phantom import (
     APPEARANCE,
     CLASSES,
     CORE,

@@ -23,6 +23,7 @@ from xal_engine.scoring import score_batch
 from xal_engine.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
 
 UNIT = 8  # images per pool chunk = per work unit
+THREE_CLASSES = tuple(class_names(3))
 
 
 def make_pool(path: Path, n: int, size: int = 32, roi_fraction: float = 0.7) -> Path:
@@ -37,7 +38,7 @@ def make_pool(path: Path, n: int, size: int = 32, roi_fraction: float = 0.7) -> 
     return path
 
 
-def make_model(path: Path, classes=tuple(class_names(3)), in_channels: int = 1) -> Path:
+def make_model(path: Path, classes: tuple[str, ...] = THREE_CLASSES, in_channels: int = 1) -> Path:
     torch.manual_seed(0)
     model = build_model("resnet18", len(classes), in_channels)
     info = Checkpoint(arch="resnet18", num_classes=len(classes), in_channels=in_channels,
@@ -60,8 +61,8 @@ def read_run(pool: Path, run: str) -> dict[str, np.ndarray]:
 
 
 def assert_runs_equal(a: dict, b: dict) -> None:
-    for field in a:
-        np.testing.assert_array_equal(a[field], b[field], err_msg=field)
+    for field, value in a.items():
+        np.testing.assert_array_equal(value, b[field], err_msg=field)
 
 
 def test_scores_equal_score_batch_on_the_same_images(setup):

@@ -17,7 +17,7 @@ _LAZY = {
     "BatchScores": "xal_engine.scoring",
     "RoiAgreement": "xal_engine.reference",
 }
-__all__ = ["__version__", "gradcam_dice", "score_batch", "BatchScores", "RoiAgreement"]
+__all__ = ["BatchScores", "RoiAgreement", "__version__", "gradcam_dice", "score_batch"]
 
 
 def __getattr__(name: str) -> Any:

@@ -40,7 +40,7 @@ def device_name(device: torch.device) -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
+                             cwd=Path(__file__).resolve().parent, timeout=5, check=False)
         return out.stdout.strip() or "-"
     except (OSError, subprocess.SubprocessError):
         return "-"
@@ -79,7 +79,7 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 2, repe
 def summarise(times: list[float]) -> dict[str, float]:
     """Median, 20th and 80th percentile, in milliseconds."""
     ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
     return {"median_ms": 1e3 * statistics.median(ordered), "p20_ms": 1e3 * pick(0.2),
             "p80_ms": 1e3 * pick(0.8)}
 

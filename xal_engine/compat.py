@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 
 from xal_engine import reference
 from xal_engine.cam import CamCapture, GradCamCapture, LayerSpec, Targets
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 from xal_engine.errors import XalError
 
 
@@ -94,7 +97,7 @@ class GradCAM:
             raise XalError("aug_smooth and eigen_smooth are not supported by xal_engine.compat.GradCAM")
         return self.maps(input_tensor, targets).cpu().numpy()
 
-    def __enter__(self) -> GradCAM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -190,7 +190,7 @@ class UnitWriter:
             if self.error is None:
                 try:
                     self.run.write_unit(*job)
-                except BaseException as err:  # surfaced in put()/close()
+                except BaseException as err:  # noqa: BLE001 - any failure, surfaced in put()/close()
                     self.error = err
 
     def put(self, unit: int, result: UnitResult) -> None:

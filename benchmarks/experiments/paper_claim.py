@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -193,17 +193,17 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
     cfg = run.config.get("loop", {})
     lines = [f"## {spec.name}", "",
              f"pool: `{type(spec.config).__name__}({', '.join(f'{k}={v}' for k, v in asdict(spec.config).items())})`",
-             f"loop: initial {cfg.get('initial')}, +{cfg.get('per_round')} per round for {cfg.get('rounds')} "
-             f"rounds, λ = {cfg.get('lam')}, Dice {cfg.get('dice')}, balance {cfg.get('balance')}; "
-             f"{run.config.get('arch')} {cfg.get('train', {}).get('epochs')} epochs, batch "
-             f"{cfg.get('train', {}).get('batch_size')}, Grad-CAM layer {cfg.get('train', {}).get('target_layer')}",
-             f"seeds in the tables: {', '.join(str(k) for k in sorted(set(run.seed.tolist())))} (a seed counts "
-             "when every strategy completed every round)",
+             (f"loop: initial {cfg.get('initial')}, +{cfg.get('per_round')} per round for {cfg.get('rounds')} "
+              f"rounds, λ = {cfg.get('lam')}, Dice {cfg.get('dice')}, balance {cfg.get('balance')}; "
+              f"{run.config.get('arch')} {cfg.get('train', {}).get('epochs')} epochs, batch "
+              f"{cfg.get('train', {}).get('batch_size')}, Grad-CAM layer {cfg.get('train', {}).get('target_layer')}"),
+             (f"seeds in the tables: {', '.join(str(k) for k in sorted(set(run.seed.tolist())))} (a seed counts "
+              "when every strategy completed every round)"),
              f"wall time: {seconds / 60:.1f} min" if seconds is not None else "wall time: (collected only)",
-             f"mean seconds per round: train {np.nanmean(_column(run, 'train_seconds')):.1f}, "
-             f"score {np.nanmean(_column(run, 'score_seconds')):.1f}", "",
-             "Final round (mean ± std over seeds) and area under the learning curve (ALC, mean over the "
-             "label range):", "",
+             (f"mean seconds per round: train {np.nanmean(_column(run, 'train_seconds')):.1f}, "
+              f"score {np.nanmean(_column(run, 'score_seconds')):.1f}"), "",
+             ("Final round (mean ± std over seeds) and area under the learning curve (ALC, mean over the "
+              "label range):"), "",
              "| strategy | seeds | labels | accuracy | balanced acc. | test Dice | ALC accuracy | ALC test Dice |",
              "|---|---|---|---|---|---|---|---|"]
     for name in run.strategies:
@@ -260,18 +260,18 @@ def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData],
     header = ["# The paper's claim: dual (λ·entropy + (1−λ)·(1−Dice)) vs random and entropy sampling", "",
               f"- reproduce (from the repository root, with the project and nilearn installed): `{command}`",
               f"- started: {prov['date']} (UTC) at commit {prov['git_commit']}",
-              f"- device: {cpu_name()}, {os.cpu_count()} logical cores; {config.threads} torch thread(s) per "
-              f"pool process, {min(jobs, len(config.pools))} pool process(es) in parallel; {platform.platform()}",
-              f"- versions: xal_engine {prov['xal_engine']}, torch {prov['torch']}, numpy {np.__version__}, "
-              f"nilearn {nilearn_version}, python {platform.python_version()}",
-              f"- strategies: {', '.join(config.loop.strategies)}; seeds: {config.loop.seeds}; "
-              "model selection on the validation split; the test split is only evaluated", ""]
+              (f"- device: {cpu_name()}, {os.cpu_count()} logical cores; {config.threads} torch thread(s) per "
+               f"pool process, {min(jobs, len(config.pools))} pool process(es) in parallel; {platform.platform()}"),
+              (f"- versions: xal_engine {prov['xal_engine']}, torch {prov['torch']}, numpy {np.__version__}, "
+               f"nilearn {nilearn_version}, python {platform.python_version()}"),
+              (f"- strategies: {', '.join(config.loop.strategies)}; seeds: {config.loop.seeds}; "
+               "model selection on the validation split; the test split is only evaluated"), ""]
     body: list[str] = []
     for spec in config.pools:
         if spec.name in runs:
             body += pool_section(spec, runs[spec.name], seconds.get(spec.name))
-            body += [f"Learning curves: [{spec.name}/report/learning_curves.png]"
-                     f"({spec.name}/report/learning_curves.png)", ""]
+            body += [(f"Learning curves: [{spec.name}/report/learning_curves.png]"
+                      f"({spec.name}/report/learning_curves.png)"), ""]
     path = out / "summary.md"
     path.write_text("\n".join(header + body))
     return path
