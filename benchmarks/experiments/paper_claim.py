@@ -1,6 +1,12 @@
 """Does the dual criterion pick better batches than random and entropy sampling? (the paper's claim)
 
-    python benchmarks/experiments/paper_claim.py [--quick] [--jobs 2] [--work DIR] [--out DIR]
+    python benchmarks/experiments/paper_claim.py [--protocol engine|paper] [--quick] [--jobs 2] [--work DIR]
+
+Two protocols, the same pools, strategies and budgets:
+  engine   the engine's defaults: hard Dice (CAM >= 0.5) in the dual score, training on labels only
+  paper    as the authors' code: soft Dice in the dual score, and every round's training adds the
+           explanation loss 0.1 * (1 - soft Dice(Grad-CAM, ROI)) on labelled images (every strategy,
+           so that the strategies differ only in what they select)
 
 Two pools, both written by the engine's generators (no real data can be downloaded here):
   phantom  xal_engine.synthetic phantoms with a class-coded corner marker in SHORTCUT of the train and
@@ -14,7 +20,7 @@ budgets: the initial set of a seed is the same for every strategy, training keep
 best validation balanced accuracy, the test split is only evaluated. Nothing is tuned on the test
 split: the sizes below were fixed by the time one round takes on the machine, before any result.
 
-Writes to --out (default benchmarks/results/paper_claim/):
+Writes to --out (default benchmarks/results/paper_claim/, with --protocol paper its paper_protocol/):
   <pool>/metrics.csv, <pool>/config.json      the loop's run folder files
   <pool>/report/                              ``xal_engine.report``: learning curves PNG, tables,
                                               contact sheets of the last batches
@@ -102,6 +108,18 @@ QUICK = ExperimentConfig(
     pools=(PoolSpec("phantom", replace(FULL.pools[0].config, n=160, size=32)),
            PoolSpec("brain", replace(FULL.pools[1].config, n=160, size=32))),
     loop=replace(FULL.loop, seeds=2, initial=16, per_round=8, rounds=1, train=replace(_TRAIN, epochs=1)))
+PROTOCOLS = {  # name -> (what it changes, the change); the sizes above stay as they are
+    "engine": ("the engine's defaults: hard Dice (CAM >= 0.5) in the dual score, training on labels only",
+               lambda loop: loop),
+    "paper": (("the authors' code: soft Dice in the dual score, explanation loss 0.1 · (1 − soft Dice) on "
+               "labelled images in every round's training, for every strategy"),
+              lambda loop: replace(loop, dice="soft", train=replace(loop.train, explanation_weight=0.1))),
+}
+
+
+def experiment(quick: bool, protocol: str) -> ExperimentConfig:
+    base = QUICK if quick else FULL
+    return replace(base, loop=PROTOCOLS[protocol][1](base.loop))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -196,7 +214,8 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
              (f"loop: initial {cfg.get('initial')}, +{cfg.get('per_round')} per round for {cfg.get('rounds')} "
               f"rounds, λ = {cfg.get('lam')}, Dice {cfg.get('dice')}, balance {cfg.get('balance')}; "
               f"{run.config.get('arch')} {cfg.get('train', {}).get('epochs')} epochs, batch "
-              f"{cfg.get('train', {}).get('batch_size')}, Grad-CAM layer {cfg.get('train', {}).get('target_layer')}"),
+              f"{cfg.get('train', {}).get('batch_size')}, Grad-CAM layer {cfg.get('train', {}).get('target_layer')}, "
+              f"explanation loss weight {cfg.get('train', {}).get('explanation_weight', 0.0)}"),
              (f"seeds in the tables: {', '.join(str(k) for k in sorted(set(run.seed.tolist())))} (a seed counts "
               "when every strategy completed every round)"),
              f"wall time: {seconds / 60:.1f} min" if seconds is not None else "wall time: (collected only)",
@@ -249,7 +268,7 @@ def cpu_name() -> str:
 
 
 def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData], seconds: dict[str, float],
-                  command: str, prov: dict[str, str], jobs: int) -> Path:
+                  command: str, prov: dict[str, str], jobs: int, protocol: str) -> Path:
     """summary.md; ``prov`` (device, versions, date, commit) as taken when the runs started."""
     try:
         import nilearn
@@ -260,6 +279,7 @@ def write_summary(out: Path, config: ExperimentConfig, runs: dict[str, RunData],
     header = ["# The paper's claim: dual (λ·entropy + (1−λ)·(1−Dice)) vs random and entropy sampling", "",
               f"- reproduce (from the repository root, with the project and nilearn installed): `{command}`",
               f"- started: {prov['date']} (UTC) at commit {prov['git_commit']}",
+              f"- protocol: {protocol}, {PROTOCOLS[protocol][0]}",
               (f"- device: {cpu_name()}, {os.cpu_count()} logical cores; {config.threads} torch thread(s) per "
                f"pool process, {min(jobs, len(config.pools))} pool process(es) in parallel; {platform.platform()}"),
               (f"- versions: xal_engine {prov['xal_engine']}, torch {prov['torch']}, numpy {np.__version__}, "
@@ -315,6 +335,9 @@ def collect(spec: PoolSpec, config: ExperimentConfig, work: Path, out: Path) -> 
 # ------------------------------------------------------------------------------------ command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="engine",
+                   help="engine: hard Dice, no explanation loss (default); paper: as the authors' code, soft "
+                        "Dice and the explanation loss 0.1 in training")
     p.add_argument("--quick", action="store_true", help="smoke run at a tiny size (about minutes)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"results folder (default: {RESULTS}; with --quick: WORK/quick/results)")
@@ -342,11 +365,12 @@ def parse_stop_at(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base = QUICK if args.quick else FULL
+    base = experiment(args.quick, args.protocol)
     config = replace(base, pools=tuple(p for p in base.pools if p.name in args.pools))
-    work = args.work / ("quick" if args.quick else "full")
+    work = args.work / (("quick" if args.quick else "full") + ("" if args.protocol == "engine" else "-paper"))
     work.mkdir(parents=True, exist_ok=True)
-    out = args.out or (work / "results" if args.quick else RESULTS)
+    out = args.out or (work / "results" if args.quick else
+                       RESULTS if args.protocol == "engine" else RESULTS / "paper_protocol")
     out.mkdir(parents=True, exist_ok=True)
     (work / "experiment.json").write_text(json.dumps(asdict(config), indent=1, default=str))
     command = shlex.join(["python", "benchmarks/experiments/paper_claim.py", *(argv or sys.argv[1:])])
@@ -360,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, future in futures.items():
                 seconds[name] = future.result()
     runs = {spec.name: collect(spec, config, work, out) for spec in config.pools}
-    path = write_summary(out, config, runs, seconds, command, prov, max(1, args.jobs))
+    path = write_summary(out, config, runs, seconds, command, prov, max(1, args.jobs), args.protocol)
     print(path.read_text())
     return 0
 
