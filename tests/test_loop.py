@@ -304,6 +304,13 @@ def test_cli_resumes_a_complete_run_without_work(done: dict[str, Any], capsys: p
     (["--strategy", "dual", "--initial", "0"], "--initial must be >= 1"),
     (["--strategy", "dual", "--arch", "resnet7"], "unknown architecture 'resnet7'"),
     (["--strategy", "dual", "--seeds", "0"], "--seeds must be >= 1"),
+    # training settings and the pool's size are checked before the run folder is written, so that the
+    # corrected command does not meet a half-written folder with another configuration
+    (["--strategy", "dual", "--initial", "500"], "--initial 500 is more than the"),
+    (["--strategy", "dual", "--target-layer", "layer9"], "model has no layer 'layer9'"),
+    (["--strategy", "dual", "--explanation-loss", "-1"], "explanation_weight must be >= 0, got -1.0"),
+    (["--strategy", "dual", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--strategy", "dual", "--device", "tpu"], "device 'tpu' is not"),
 ])
 def test_cli_errors_are_one_line_exit_2(done: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         argv: list[str], needle: str) -> None:

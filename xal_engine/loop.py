@@ -51,7 +51,7 @@ from xal_engine.models import load_checkpoint, save_checkpoint
 from xal_engine.pool import AL_GROUP, SPLIT_TEST, SPLIT_TRAIN, Pool
 from xal_engine.score_pool import ScoreConfig, score_pool
 from xal_engine.score_store import ScoreRun
-from xal_engine.training import TrainConfig, train
+from xal_engine.training import TrainConfig, check_inputs, check_target_layer, train
 
 RUN_FORMAT = 1
 METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balanced_accuracy", "macro_f1",
@@ -397,7 +397,9 @@ def config_record(pool_path: str | Path, config: LoopConfig) -> dict[str, Any]:
 
 
 def check_pool(pool: Pool, config: LoopConfig) -> None:
-    """A simulation reveals labels from the pool: every train image needs one; test images are needed."""
+    """A simulation reveals labels from the pool: every train image needs one; test images are needed;
+    the initial set must fit in the train split. Then the training settings, so that a bad flag is
+    refused before the run folder is written (a corrected rerun would otherwise meet a stale config)."""
     split = np.asarray(pool.group["split"][:])
     labels = np.asarray(pool.group["labels"][:])
     unknown = int(((split == SPLIT_TRAIN) & (labels < 0)).sum())
@@ -408,6 +410,12 @@ def check_pool(pool: Pool, config: LoopConfig) -> None:
         raise XalError(f"pool {pool.path} has no train-split images (split 0)")
     if not np.any((split == SPLIT_TEST) & (labels >= 0)):
         raise XalError(f"pool {pool.path} has no labelled test images (split 2) to evaluate on")
+    n_train = int((split == SPLIT_TRAIN).sum())
+    if config.initial > n_train:
+        raise XalError(f"--initial {config.initial} is more than the {n_train} train-split images of pool "
+                       f"{pool.path}")
+    check_inputs(pool, config.train)
+    check_target_layer(config.train)
 
 
 def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,

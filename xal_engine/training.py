@@ -92,6 +92,30 @@ def parse_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def check_inputs(pool: Pool, config: TrainConfig) -> tuple[TrainConfig, torch.device]:
+    """Everything ``train`` checks before it reads an image: the fields, the pool's classes, the
+    normalisation against the pool's channels, the device. The config and the resolved device."""
+    config = parse_config(config)
+    k = len(pool.classes)
+    if k < 2:
+        raise XalError(f"pool {pool.path} lists {k} class(es) in its 'classes' attribute; training needs >= 2")
+    for name, values in (("normalize_mean", config.normalize_mean), ("normalize_std", config.normalize_std)):
+        if values is not None and len(values) not in (1, pool.channels):
+            raise XalError(f"{name} has {len(values)} values; the pool has {pool.channels} channel(s)")
+    if config.normalize_std is not None and min(config.normalize_std) <= 0:
+        raise XalError(f"normalize_std must be > 0, got {config.normalize_std}")
+    return config, resolve_device(config.device)
+
+
+def check_target_layer(config: TrainConfig) -> str:
+    """The Grad-CAM layer's name, checked on a throwaway model of ``config.arch`` (layer names do not
+    depend on the class or channel count): an XalError before any work when it does not exist."""
+    target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
+    if config.target_layer is not None:
+        resolve_layer(build_model(config.arch, 2, 1), target_layer)
+    return target_layer
+
+
 def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
     """An experiment may only have labelled train-split images whose label is known."""
     marked = read_labelled_round(pool, experiment) >= 0  # (N,)
@@ -262,17 +286,9 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
     interactive stderr. ``config.explanation_weight`` W > 0 adds W·(1 − soft Dice(Grad-CAM, ROI)) of
     the true class on training images with an ROI (:mod:`xal_engine.explanation`).
     """
-    config = parse_config(config)
+    config, device = check_inputs(pool, config)
     k = len(pool.classes)
-    if k < 2:
-        raise XalError(f"pool {pool.path} lists {k} class(es) in its 'classes' attribute; training needs >= 2")
-    for name, values in (("normalize_mean", config.normalize_mean), ("normalize_std", config.normalize_std)):
-        if values is not None and len(values) not in (1, pool.channels):
-            raise XalError(f"{name} has {len(values)} values; the pool has {pool.channels} channel(s)")
-    if config.normalize_std is not None and min(config.normalize_std) <= 0:
-        raise XalError(f"normalize_std must be > 0, got {config.normalize_std}")
     target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
-    device = resolve_device(config.device)
     train_idx, val_idx, labels = training_indices(pool, config)
     weights = class_weights(labels[train_idx], k) if config.class_weighting else None
     selected_by = "val_balanced_accuracy" if len(val_idx) else "train_loss"
