@@ -61,6 +61,12 @@ class FakePool:
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
 
+    def read_labelled_round(self, experiment: str) -> np.ndarray:
+        key = f"al/{experiment}/labelled_round"
+        if key not in self.group:
+            raise XalError(f"pool {self.path} has no AL experiment {experiment!r}")
+        return self.group[key]
+
     def read(self, start: int, stop: int) -> _Batch:
         self.reads.append((start, stop))
         g = self.group

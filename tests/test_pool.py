@@ -311,3 +311,23 @@ def test_info_counts_and_subgroups(pool_path: Path) -> None:
     assert images["raw_bytes"] == 70 * 60 and images["ratio"] == images["stored_bytes"] / (70 * 60)
     assert json.loads(json.dumps(info)) == info  # what --json prints
     assert SPLIT_VAL == 1 and SPLIT_TEST == 2
+
+
+def test_labelled_round_arrays(pool_path: Path) -> None:
+    pool = Pool.open(pool_path, mode="r+")
+    assert pool.labelled_round_array("e1") is None
+    with pytest.raises(PoolError, match=r"no AL experiment 'e1' \(array al/e1/labelled_round missing; "
+                                        r"experiments: none\); `xal-engine label"):
+        pool.read_labelled_round("e1")
+    rounds = pool.create_labelled_round("e1")
+    assert rounds.chunks == (pool.chunk_size,)
+    assert [type(c).__name__ for c in rounds.compressors] == ["BloscCodec", "Crc32cCodec"]
+    rounds[[2, 5]] = [0, 1]
+    got = Pool.open(pool_path).read_labelled_round("e1")
+    assert got.dtype == np.int16 and got.shape == (pool.n,)
+    assert np.flatnonzero(got >= 0).tolist() == [2, 5] and got[5] == 1 and got[0] == -1
+    with pytest.raises(PoolError, match="experiments: e1"):
+        pool.read_labelled_round("e2")
+    pool.group["al/e1"].create_array("labelled_round", shape=(pool.n,), dtype=np.int32, overwrite=True)
+    with pytest.raises(PoolError, match=r"al/e1/labelled_round is not an \(N,\) int16 array"):
+        pool.read_labelled_round("e1")

@@ -40,10 +40,7 @@ def labelled_mask(pool: Pool, experiment: str | None) -> np.ndarray:
     """(N,) bool: images the experiment has labelled (all False without an experiment)."""
     if experiment is None:
         return np.zeros(pool.n, dtype=bool)
-    key = f"al/{experiment}/labelled_round"
-    if key not in pool.group:
-        raise XalError(f"no AL experiment {experiment!r} in pool {pool.path} (expected array {key})")
-    return np.asarray(pool.group[key][:]) >= 0
+    return pool.read_labelled_round(experiment) >= 0
 
 
 def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,

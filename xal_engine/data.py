@@ -81,21 +81,8 @@ def select_indices(pool: Pool, split: int | None = None, known_labels: bool = Tr
     if known_labels:
         keep &= np.asarray(pool.group["labels"][:]) >= 0
     if labelled_only is not None:
-        keep &= read_labelled_round(pool, labelled_only) >= 0
+        keep &= pool.read_labelled_round(labelled_only) >= 0
     return np.flatnonzero(keep).astype(np.int64)
-
-
-def read_labelled_round(pool: Pool, experiment: str) -> np.ndarray:
-    """``al/<experiment>/labelled_round`` (N,) int16: the AL round an image was labelled in, -1 = not."""
-    key = f"al/{experiment}/labelled_round"
-    try:
-        arr = pool.group[key]
-    except KeyError:
-        raise XalError(f"pool {pool.path} has no AL experiment {experiment!r} (array {key} missing)") from None
-    rounds = np.asarray(arr[:])
-    if rounds.shape != (pool.n,):
-        raise XalError(f"pool {pool.path}: {key} has shape {rounds.shape}; expected ({pool.n},)")
-    return rounds
 
 
 class BlockDataset(Dataset[Block]):

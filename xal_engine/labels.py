@@ -26,13 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from xal_engine.errors import XalError
 from xal_engine.pool import AL_GROUP, SPLIT_NAMES, SPLIT_TRAIN, Pool
 
 ID, CLASS, ROI = "id", "class", "roi"
-ROUND_ARRAY = "labelled_round"
 MAX_ROUND = int(np.iinfo(np.int16).max)
 
 
@@ -190,25 +188,6 @@ def load_roi_png(path: Path, height: int, width: int) -> np.ndarray | str:
     return mask
 
 
-def _round_array(pool: Pool, experiment: str) -> zarr.Array | None:
-    """``al/<experiment>/labelled_round`` when it exists (checked), else None."""
-    node = pool.group.get(f"{AL_GROUP}/{experiment}/{ROUND_ARRAY}")
-    if node is None:
-        return None
-    if not isinstance(node, zarr.Array) or node.shape != (pool.n,) or node.dtype != np.int16:
-        raise XalError(f"pool {pool.path}: {AL_GROUP}/{experiment}/{ROUND_ARRAY} is not an (N,) int16 "
-                       f"array of {pool.n} rounds")
-    return node
-
-
-def _create_round_array(pool: Pool, experiment: str) -> zarr.Array:
-    """A new (N,) int16 ``labelled_round`` filled with -1, chunked like the pool."""
-    group = pool.group.require_group(AL_GROUP).require_group(experiment)
-    return group.create_array(
-        ROUND_ARRAY, shape=(pool.n,), chunks=(pool.chunk_size,), dtype=np.int16, fill_value=-1,
-        compressors=(BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()))
-
-
 def _check_experiment(config: ImportConfig) -> None:
     name = config.experiment
     if name is None:
@@ -295,7 +274,7 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     problems = Problems(csv_path, config.shown)
     rows = read_label_csv(csv_path, problems)
     plan = _plan(pool, rows, csv_path, config, problems)
-    rounds = _round_array(pool, config.experiment) if config.experiment else None
+    rounds = pool.labelled_round_array(config.experiment) if config.experiment else None
     previous = np.asarray(rounds[:]) if rounds is not None else np.full(pool.n, -1, dtype=np.int16)
     round_ = config.round if config.round is not None else int(previous.max(initial=-1)) + 1
     if round_ > MAX_ROUND:
@@ -309,7 +288,7 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     chunks = _write(pool.arrays["labels"], plan.index, plan.labels)
     if config.experiment is not None:
         if rounds is None:
-            rounds = _create_round_array(pool, config.experiment)
+            rounds = pool.create_labelled_round(config.experiment)
         marked = plan.index[plan.in_train]
         first = np.where(previous[marked] >= 0, previous[marked], round_).astype(np.int16)
         _write(rounds, marked, first)

@@ -58,7 +58,6 @@ METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balance
                  "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "train_seconds",
                  "score_seconds")
 RETRAIN_MODES = ("scratch", "finetune")
-ROUND_ARRAY = "labelled_round"
 SEED_STRIDE = 1000  # training / selection seed of (seed, round) = seed * SEED_STRIDE + round
 _RESUME_FREE = ("num_workers",)  # loop.train fields that may change between a run and its resumption
 
@@ -370,13 +369,13 @@ class ALLoop:
 
     def _round_array(self, pool: Pool, fresh: bool) -> Any:
         """al/<experiment>/labelled_round, created (all -1) when ``fresh``; the config in its attrs."""
-        group = pool.group.require_group(AL_GROUP).require_group(self.experiment)
-        if fresh or ROUND_ARRAY not in group:
-            group.create_array(ROUND_ARRAY, shape=(pool.n,), chunks=(pool.chunk_size,), dtype=np.int16,
-                               fill_value=-1, overwrite=True)
-            group.attrs.update({"strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path.resolve()),
-                                "loop": _jsonable(asdict(self.config))})
-        return group[ROUND_ARRAY]
+        rounds = None if fresh else pool.labelled_round_array(self.experiment)
+        if rounds is None:
+            rounds = pool.create_labelled_round(self.experiment)
+            pool.group[f"{AL_GROUP}/{self.experiment}"].attrs.update({
+                "strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path.resolve()),
+                "loop": _jsonable(asdict(self.config))})
+        return rounds
 
     def _train(self, pool: Pool, r: int, model_path: Path) -> Path:
         config = replace(self.config.train, seed=self.seed * SEED_STRIDE + r, labelled_only=self.experiment)

@@ -46,6 +46,7 @@ PARTIAL_SUFFIX = ".partial"
 WRITING_ATTR = "xal_pool_written"
 RESERVED_ATTRS = ("xal_pool", WRITING_ATTR, "classes", "modality", "source", "xal_engine_version")
 SCORES_GROUP, AL_GROUP = "scores", "al"
+LABELLED_ROUND = "labelled_round"  # al/<experiment>/labelled_round (N,) int16: the round labelled, -1 = not
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,34 @@ class Pool:
         """Names under ``scores/`` or ``al/`` (score runs, AL experiments)."""
         node = self.group.get(name)
         return sorted(node.group_keys()) if isinstance(node, zarr.Group) else []
+
+    def labelled_round_array(self, experiment: str) -> zarr.Array | None:
+        """``al/<experiment>/labelled_round``, checked to be (N,) int16; None when the experiment is new."""
+        key = f"{AL_GROUP}/{experiment}/{LABELLED_ROUND}"
+        node = self.group.get(key)
+        if node is None:
+            return None
+        if not isinstance(node, zarr.Array) or node.shape != (self.n,) or node.dtype != np.int16:
+            raise PoolError(f"pool {self.path}: {key} is not an (N,) int16 array of {self.n} rounds")
+        return node
+
+    def read_labelled_round(self, experiment: str) -> np.ndarray:
+        """(N,) int16: the AL round each image was labelled in by ``experiment``, -1 = not labelled."""
+        node = self.labelled_round_array(experiment)
+        if node is None:
+            known = ", ".join(self.subgroups(AL_GROUP)) or "none"
+            raise PoolError(f"pool {self.path} has no AL experiment {experiment!r} (array "
+                            f"{AL_GROUP}/{experiment}/{LABELLED_ROUND} missing; experiments: {known}); "
+                            "`xal-engine label --experiment NAME --import labels.csv` starts one")
+        return np.asarray(node[:])
+
+    def create_labelled_round(self, experiment: str) -> zarr.Array:
+        """A new ``al/<experiment>/labelled_round`` of -1, chunked and checksummed like the pool's arrays
+        (replaces an existing one); needs mode ``r+``."""
+        group = self.group.require_group(AL_GROUP).require_group(experiment)
+        dtype = np.dtype(np.int16)
+        return group.create_array(LABELLED_ROUND, shape=(self.n,), chunks=(self.chunk_size,), dtype=dtype,
+                                  fill_value=-1, compressors=_compressors(dtype, "lz4", 5), overwrite=True)
 
     def validate(self, show_progress: bool | None = None) -> list[str]:
         """Decode every chunk and check every value; every problem found, [] when valid."""

@@ -31,7 +31,6 @@ from xal_engine.data import (
     EpochPermutation,
     augment_batch,
     block_loader,
-    read_labelled_round,
     rebatch,
     resolve_device,
     select_indices,
@@ -118,7 +117,7 @@ def check_target_layer(config: TrainConfig) -> str:
 
 def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
     """An experiment may only have labelled train-split images whose label is known."""
-    marked = read_labelled_round(pool, experiment) >= 0  # (N,)
+    marked = pool.read_labelled_round(experiment) >= 0  # (N,)
     for bad, what in ((marked & (split != SPLIT_TRAIN), "outside the train split"),
                       (marked & (labels < 0), "whose label is -1")):
         if bad.any():
