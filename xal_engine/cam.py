@@ -13,16 +13,12 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xal_engine.errors import XalError
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
 
 LayerSpec = nn.Module | str
 # One target per image: None (predicted class), class indices (B,), or logits (B, K) -> scores (B,).
@@ -105,7 +101,7 @@ class GradCamCapture:
         self._acts: list[Tensor | None] = []
         self._active = False
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> GradCamCapture:  # noqa: PYI034  (typing.Self needs Python 3.11)
         if self._active:  # a second enter would save the frozen state as the one to restore
             raise RuntimeError("GradCamCapture is already active; use one `with` block at a time")
         # Only what differs is recorded and flipped: entering with an eval, frozen model costs two scans.

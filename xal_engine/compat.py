@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +23,6 @@ from torch import Tensor, nn
 
 from xal_engine import reference
 from xal_engine.cam import CamCapture, GradCamCapture, LayerSpec, Targets
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
 from xal_engine.errors import XalError
 
 
@@ -97,7 +94,7 @@ class GradCAM:
             raise XalError("aug_smooth and eigen_smooth are not supported by xal_engine.compat.GradCAM")
         return self.maps(input_tensor, targets).cpu().numpy()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> GradCAM:  # noqa: PYI034  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
