@@ -11,10 +11,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="run the embedded default end to end",
         description="Create a synthetic phantom pool whose train/val images carry a shortcut cue, run "
                     "random vs dual active-learning rounds on it (resnet18, CPU or GPU), and write the "
-                    "report. Everything goes under DIR; a rerun resumes after the last complete round.")
+                    "report. Everything goes under DIR; a rerun resumes after the last complete round. "
+                    "About 2.5 minutes on 2 CPU cores (1,200 images, 120 + 3 x 120 labels).")
     parser.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default ./demo-out)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke-test size: 300 images, one round, 3 epochs")
+                        help="a smoke-test size: 300 images, one round, 3 epochs (about a minute)")
     parser.set_defaults(func=_run)
 
 
