@@ -106,13 +106,11 @@ def check_inputs(pool: Pool, config: TrainConfig) -> tuple[TrainConfig, torch.de
     return config, resolve_device(config.device)
 
 
-def check_target_layer(config: TrainConfig) -> str:
-    """The Grad-CAM layer's name, checked on a throwaway model of ``config.arch`` (layer names do not
-    depend on the class or channel count): an XalError before any work when it does not exist."""
-    target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
+def check_target_layer(config: TrainConfig) -> None:
+    """An XalError before any work when ``config.target_layer`` is not a layer of ``config.arch``
+    (checked on a throwaway model: layer names do not depend on the class or channel count)."""
     if config.target_layer is not None:
-        resolve_layer(build_model(config.arch, 2, 1), target_layer)
-    return target_layer
+        resolve_layer(build_model(config.arch, 2, 1), config.target_layer)
 
 
 def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
