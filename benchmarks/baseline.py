@@ -5,7 +5,7 @@
     pipeline(cam, x, rois)      batch/pool level: the full ``GradCAM`` call (full backward, host copies,
                                 cv2), then numpy softmax/entropy and ROI agreement
     roi_agreement(maps, rois)   numpy dice, soft dice, energy, hit; zero denominators give 0, as in
-                                xal_engine.reference
+                                xal_engine.ops.reference
 """
 
 from __future__ import annotations

@@ -44,12 +44,12 @@ from compare import (
 from pytorch_grad_cam import GradCAM
 from table import add_run_args, finish, interleaved_times
 
-from xal_engine import reference
-from xal_engine.benchmarking import provenance, summarise, synchronize
-from xal_engine.data import resolve_device, to_unit_float
-from xal_engine.models import build_model, parse_arch, resolve_layer
-from xal_engine.scoring import BatchScores, score_batch
-from xal_engine.synthetic import SyntheticConfig, generate_block
+from xal_engine.bench.timing import provenance, summarise, synchronize
+from xal_engine.core.inputs import resolve_device, to_unit_float
+from xal_engine.core.models import build_model, parse_arch, resolve_layer
+from xal_engine.core.scoring import BatchScores, score_batch
+from xal_engine.ingest.synthetic import SyntheticConfig, generate_block
+from xal_engine.ops import reference
 
 LEVEL = "batch"
 RESULTS = Path(__file__).resolve().parent / "results" / "batch.csv"

@@ -24,7 +24,7 @@ import pydicom
 import torch
 import zarr
 
-from xal_engine.benchmarking import append_rows
+from xal_engine.bench.timing import append_rows
 from xal_engine.ingest import IngestConfig, IngestSource, ingest
 from xal_engine.ingest.brats import BratsSource
 from xal_engine.ingest.folder import FolderSettings, FolderSource

@@ -29,9 +29,9 @@ import torch
 from compare import CHECK_PASS, CHECK_REFERENCE, GRAD_CAM, BenchError, add_ratios, check, near_tie_hits
 from table import add_run_args, finish, interleaved_times
 
-from xal_engine import reference
-from xal_engine.benchmarking import provenance, summarise
-from xal_engine.data import resolve_device
+from xal_engine.bench.timing import provenance, summarise
+from xal_engine.core.inputs import resolve_device
+from xal_engine.ops import reference
 
 LEVEL = "kernel"
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel.csv"

@@ -43,11 +43,11 @@ from compare import (
 )
 from table import finish
 
-from xal_engine.benchmarking import peak_rss_mb, provenance, synchronize
-from xal_engine.data import resolve_device, to_unit_float
-from xal_engine.models import Checkpoint, build_model, load_checkpoint, parse_arch, save_checkpoint
-from xal_engine.pool import Pool
-from xal_engine.score_pool import (
+from xal_engine.bench.timing import peak_rss_mb, provenance, synchronize
+from xal_engine.core.inputs import resolve_device, to_unit_float
+from xal_engine.core.models import Checkpoint, build_model, load_checkpoint, parse_arch, save_checkpoint
+from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
+from xal_engine.jobs.score import (
     PRECISIONS,
     ScoreConfig,
     UnitBlocks,
@@ -57,8 +57,8 @@ from xal_engine.score_pool import (
     score_pool,
     to_device,
 )
-from xal_engine.score_store import ScoreRun
-from xal_engine.synthetic import SyntheticConfig, class_names, create_synthetic_pool
+from xal_engine.store.pool import Pool
+from xal_engine.store.score_run import ScoreRun
 
 LEVEL = "pool"
 RESULTS = Path(__file__).resolve().parent / "results" / "pool.csv"
@@ -100,7 +100,7 @@ def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.
         if provider == "grad-cam":
             from pytorch_grad_cam import GradCAM
 
-            from xal_engine.models import resolve_layer
+            from xal_engine.core.models import resolve_layer
 
             cam = GradCAM(model=model, target_layers=[resolve_layer(model, ckpt.target_layer)])
         for item in to_device(loader, device):
@@ -128,7 +128,7 @@ def check_agreement(pool_path: str, model_path: str, args: argparse.Namespace) -
     fp32 parity tolerances (ParityError otherwise)."""
     from pytorch_grad_cam import GradCAM
 
-    from xal_engine.models import resolve_layer
+    from xal_engine.core.models import resolve_layer
 
     pool = Pool.open(pool_path)
     model, ckpt = load_checkpoint(model_path)

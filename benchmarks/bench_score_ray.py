@@ -27,12 +27,12 @@ import ray
 import torch
 import zarr
 
-from xal_engine.benchmarking import append_rows
-from xal_engine.models import Checkpoint, build_model, save_checkpoint
-from xal_engine.pool import PoolWriter
-from xal_engine.score_pool import ScoreConfig, ScoreSummary, score_pool
-from xal_engine.score_ray import RayConfig, score_pool_ray
-from xal_engine.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
+from xal_engine.bench.timing import append_rows
+from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
+from xal_engine.ingest.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
+from xal_engine.jobs.score import ScoreConfig, ScoreSummary, score_pool
+from xal_engine.jobs.score_ray import RayConfig, score_pool_ray
+from xal_engine.store.pool import PoolWriter
 
 RESULTS = Path(__file__).parent / "results" / "score_ray.csv"
 CHUNK = 16  # images per pool chunk = per work unit

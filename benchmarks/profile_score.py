@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from xal_engine import cam, scoring
-from xal_engine import score_pool as scorer
-from xal_engine.benchmarking import synchronize
-from xal_engine.data import resolve_device
-from xal_engine.models import Checkpoint, build_model, parse_arch, save_checkpoint
-from xal_engine.score_store import ScoreRun
-from xal_engine.synthetic import SyntheticConfig, class_names, create_synthetic_pool
+from xal_engine.bench.timing import synchronize
+from xal_engine.core import capture as cam
+from xal_engine.core import scoring
+from xal_engine.core.inputs import resolve_device
+from xal_engine.core.models import Checkpoint, build_model, parse_arch, save_checkpoint
+from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
+from xal_engine.jobs import score as scorer
+from xal_engine.store.score_run import ScoreRun
 
 STAGES = ("loader", "forward", "backward", "gradcam", "to_host", "writes")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from xal_engine.benchmarking import append_rows
+from xal_engine.bench.timing import append_rows
 from xal_engine.errors import XalError
 
 # level -> script module; in the order they run (cheapest first)

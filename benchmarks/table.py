@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from xal_engine.benchmarking import append_rows, synchronize
+from xal_engine.bench.timing import append_rows, synchronize
 
 HEADER = ("level", "case", "provider", "dtype", "ms", "img/s", "vs grad-cam", "vs plain", "check", "note")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from bench_kernel import FULL_CASES, QUICK_CASES, Case
 
-from xal_engine import ops, reference
-from xal_engine.benchmarking import synchronize
+from xal_engine import ops
+from xal_engine.bench.timing import synchronize
+from xal_engine.ops import reference
 
 CASES = FULL_CASES if torch.cuda.is_available() else QUICK_CASES
 

@@ -12,8 +12,8 @@ import torch
 from bench_batch import ARCHS, Case, Inputs, engine, make_inputs, plain
 from pytorch_grad_cam import GradCAM
 
-from xal_engine.benchmarking import synchronize
-from xal_engine.models import resolve_layer
+from xal_engine.bench.timing import synchronize
+from xal_engine.core.models import resolve_layer
 
 CUDA = torch.cuda.is_available()
 CASES = [Case(arch, 64, 224, 1) for arch in ARCHS] if CUDA else [Case("resnet18", 8, 64, 1)]

@@ -1,6 +1,6 @@
 """Fused Grad-CAM -> bilinear upsample -> min-max -> ROI agreement, one Triton launch per batch.
 
-Same math and edge cases as ``xal_engine.reference`` (documented there). One program per image:
+Same math and edge cases as ``xal_engine.ops.reference`` (documented there). One program per image:
 
     stage 1   loop over channel blocks: w_k = mean_ij G_k (block of channels), M += sum_k w_k A_k,
               then N = min-max(ReLU(M)) over the feature map, written to the (B, h, w) map output;
@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from xal_engine.errors import XalError
-from xal_engine.reference import RoiAgreement, check_inputs
+from xal_engine.ops.agreement import RoiAgreement
 
 MAX_FEATURE_PIXELS = 128 * 128  # h * w held in registers by one program
 _TILE = 1024  # pixels of the upsampled map per tile
@@ -214,7 +214,7 @@ def _check_out(out: RoiAgreement, batch: int, h: int, w: int, device: torch.devi
 def gradcam_dice_triton(
     activations: Tensor,
     gradients: Tensor,
-    rois: Tensor | np.ndarray,
+    rois: Tensor,
     threshold: float = 0.5,
     return_cam: bool = False,
     *,
@@ -222,10 +222,12 @@ def gradcam_dice_triton(
 ) -> RoiAgreement:
     """Launch the fused kernel on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
+    Arguments as ``xal_engine.ops.check_inputs`` returns them (rois a bool tensor on the inputs'
+    device): ``xal_engine.ops.gradcam_dice`` checks them once and calls this. Here only what the
+    kernel itself needs is checked (device, feature-map and ROI size limits, ``out`` buffers).
     ``out``: optional preallocated buffers to reuse across batches: dice, soft_dice, energy (B,)
     float32, hit (B,) bool and cam (B, h, w) float32, all contiguous on the inputs' device.
     """
-    rois = check_inputs(activations, gradients, rois, threshold)
     device = activations.device
     if device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
         raise XalError(

@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # Public functions, imported on first use so that `import xal_engine` (and the CLI) stays light.
 _LAZY = {
     "gradcam_dice": "xal_engine.ops",
-    "score_batch": "xal_engine.scoring",
-    "BatchScores": "xal_engine.scoring",
-    "RoiAgreement": "xal_engine.reference",
+    "score_batch": "xal_engine.core.scoring",
+    "BatchScores": "xal_engine.core.scoring",
+    "RoiAgreement": "xal_engine.ops",
 }
 __all__ = ["BatchScores", "RoiAgreement", "__version__", "gradcam_dice", "score_batch"]
 

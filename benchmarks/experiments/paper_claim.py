@@ -9,12 +9,12 @@ Two protocols, the same pools, strategies and budgets:
            so that the strategies differ only in what they select)
 
 Two pools, both written by the engine's generators (no real data can be downloaded here):
-  phantom  xal_engine.synthetic phantoms with a class-coded corner marker in SHORTCUT of the train and
+  phantom  xal_engine.ingest.synthetic phantoms with a class-coded corner marker in SHORTCUT of the train and
            validation images (never test): a model can learn the marker instead of the lesion, so the
            attention Dice with the lesion ROI means something
-  brain    xal_engine.brain_phantom: MNI152 T1 slices with an inserted tumour of three BraTS-like
+  brain    xal_engine.ingest.brain_phantom: MNI152 T1 slices with an inserted tumour of three BraTS-like
            classes (edema, necrotic core, enhancing), T1ce/FLAIR/T2 analogues, no shortcut
-On each pool ``xal_engine.loop.run_loop`` runs every strategy (random, entropy, margin,
+On each pool ``xal_engine.jobs.loop.run_loop`` runs every strategy (random, entropy, margin,
 least-confidence, misalignment, dual with λ = 0.3 as the paper) for the same seeds at equal label
 budgets: the initial set of a seed is the same for every strategy, training keeps the epoch with the
 best validation balanced accuracy, the test split is only evaluated. Nothing is tuned on the test
@@ -22,7 +22,7 @@ split: the sizes below were fixed by the time one round takes on the machine, be
 
 Writes to --out (default benchmarks/results/paper_claim/, with --protocol paper its paper_protocol/):
   <pool>/metrics.csv, <pool>/config.json      the loop's run folder files
-  <pool>/report/                              ``xal_engine.report``: learning curves PNG, tables,
+  <pool>/report/                              ``xal_engine.jobs.report``: learning curves PNG, tables,
                                               contact sheets of the last batches
   summary.md                                  the reproduce command, device, versions, date, commit;
                                               per pool a table per strategy (final-round accuracy,
@@ -59,15 +59,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xal_engine.acquisition import STRATEGIES
-from xal_engine.benchmarking import provenance
-from xal_engine.brain_phantom import BrainPhantomConfig, create_brain_phantom_pool
+from xal_engine.bench.timing import provenance
+from xal_engine.core.acquisition import STRATEGIES
 from xal_engine.errors import PoolError, XalError
-from xal_engine.loop import LoopConfig, run_loop
-from xal_engine.pool import Pool
-from xal_engine.report import RunData, Stat, format_stat, load_run, make_report, stat, summarise
-from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
-from xal_engine.training import TrainConfig
+from xal_engine.ingest.brain_phantom import BrainPhantomConfig, create_brain_phantom_pool
+from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
+from xal_engine.jobs.loop import LoopConfig, run_loop
+from xal_engine.jobs.report import RunData, Stat, format_stat, load_run, make_report, stat, summarise
+from xal_engine.jobs.train import TrainConfig
+from xal_engine.store.pool import Pool
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "paper_claim"
 BASELINES = ("random", "entropy")

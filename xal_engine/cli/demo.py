@@ -1,4 +1,4 @@
-"""``xal-engine demo``: the embedded default end to end (library side: :mod:`xal_engine.demo`)."""
+"""``xal-engine demo``: the embedded default end to end (library side: :mod:`xal_engine.jobs.demo`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from xal_engine import demo
+    from xal_engine.jobs import demo
 
     result = demo.run_demo(Path(args.out), demo.QUICK if args.quick else demo.DEFAULT)
     where = f"report {result.report}" if result.report else f"metrics {result.run_dir / 'metrics.csv'}"

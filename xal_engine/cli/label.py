@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xal_engine.labels import ImportConfig, import_labels
+    from xal_engine.jobs.label import ImportConfig, import_labels
 
     config = ImportConfig(experiment=args.experiment, round=args.round,
                           allow_any_split=args.allow_any_split)

@@ -6,14 +6,14 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from xal_engine.acquisition import BALANCES, STRATEGIES
+from xal_engine.core.acquisition import BALANCES, STRATEGIES
 
 if TYPE_CHECKING:
-    from xal_engine.loop import LoopConfig
+    from xal_engine.jobs.loop import LoopConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from xal_engine.loop import LoopConfig
+    from xal_engine.jobs.loop import LoopConfig
 
     d = LoopConfig()
     t = d.train
@@ -64,8 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> LoopConfig:
     from dataclasses import replace
 
-    from xal_engine.loop import LoopConfig
-    from xal_engine.models import parse_arch
+    from xal_engine.core.models import parse_arch
+    from xal_engine.jobs.loop import LoopConfig
 
     parse_arch(args.arch)
     d = LoopConfig()
@@ -78,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xal_engine.loop import run_loop
+    from xal_engine.jobs.loop import run_loop
 
     config = config_from_args(args)
     rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite)

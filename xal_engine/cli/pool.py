@@ -9,8 +9,8 @@ from dataclasses import fields
 from typing import Any
 
 from xal_engine.errors import XalError
-from xal_engine.pool import SPLIT_NAMES, Pool
-from xal_engine.synthetic import SyntheticConfig, create_synthetic_pool
+from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
+from xal_engine.store.pool import SPLIT_NAMES, Pool
 
 MIB = float(1 << 20)
 
@@ -75,7 +75,10 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def create_brain_phantom(args: argparse.Namespace) -> Pool:
-    from xal_engine.brain_phantom import BrainPhantomConfig, create_brain_phantom_pool  # torch, nilearn
+    from xal_engine.ingest.brain_phantom import (  # torch, nilearn
+        BrainPhantomConfig,
+        create_brain_phantom_pool,
+    )
 
     defaults = SyntheticConfig()
     for name in ("classes", "channels"):

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xal_engine.errors import XalError
-    from xal_engine.report import ReportConfig, make_report
+    from xal_engine.jobs.report import ReportConfig, make_report
 
     if args.max_images < 1:
         raise XalError(f"--max-images must be at least 1 (got {args.max_images})")

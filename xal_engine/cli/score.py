@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xal_engine.score_pool import ScoreConfig, score_pool
+    from xal_engine.jobs.score import ScoreConfig, score_pool
 
     config = ScoreConfig(
         run=args.run, batch_size=args.batch_size, device=args.device, threshold=args.threshold,
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite,
     )
     if args.backend == "ray":
-        from xal_engine.score_ray import RayConfig, score_pool_ray
+        from xal_engine.jobs.score_ray import RayConfig, score_pool_ray
 
         ray_config = RayConfig(
             address=args.address, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,

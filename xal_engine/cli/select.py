@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from xal_engine.acquisition import BALANCES, MISSING_ROI_RULES, NORMALISATIONS, STRATEGIES
+from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, NORMALISATIONS, STRATEGIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xal_engine.acquisition import SelectConfig
-    from xal_engine.batch import select_batch, write_batch
+    from xal_engine.core.acquisition import SelectConfig
+    from xal_engine.jobs.select import select_batch, write_batch
 
     config = SelectConfig(strategy=args.strategy, budget=args.budget, lam=args.lam, dice=args.dice,
                           normalise=args.normalise, balance=args.balance,

@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from xal_engine.models import ARCHS
+from xal_engine.core.models import ARCHS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from xal_engine.training import TrainConfig
+    from xal_engine.jobs.train import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -50,11 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xal_engine.data import imagenet_normalization
+    from xal_engine.core.inputs import imagenet_normalization
+    from xal_engine.core.models import parse_arch, save_checkpoint
     from xal_engine.errors import XalError
-    from xal_engine.models import parse_arch, save_checkpoint
-    from xal_engine.pool import Pool
-    from xal_engine.training import TrainConfig, train
+    from xal_engine.jobs.train import TrainConfig, train
+    from xal_engine.store.pool import Pool
 
     parse_arch(args.arch)  # before opening anything: a typo fails at once
     out = Path(args.out)

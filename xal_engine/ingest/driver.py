@@ -20,8 +20,8 @@ import numpy as np
 from xal_engine.errors import XalError
 from xal_engine.ingest.common import SPLIT_NAMES, IngestConfig, IngestSource, Item, Skip, assign_splits
 from xal_engine.ingest.workers import ordered_map
-from xal_engine.pool import Pool, PoolWriter
 from xal_engine.progress import progress
+from xal_engine.store.pool import Pool, PoolWriter
 
 
 def report_path(out: Path) -> Path:

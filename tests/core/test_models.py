@@ -1,0 +1,160 @@
+"""Backbones, first-conv adaptation, pretrained loading and checkpoints (xal_engine.core.models)."""
+
+from __future__ import annotations
+
+import argparse
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from xal_engine.core.models import (
+    ARCHS,
+    DEFAULT_TARGET_LAYERS,
+    Checkpoint,
+    adapt_conv_weight,
+    build_model,
+    load_checkpoint,
+    resolve_layer,
+    save_checkpoint,
+)
+from xal_engine.errors import XalError
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_build_model_logits_shape_and_target_layer(arch: str, in_channels: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=5, in_channels=in_channels).eval()
+    seen: list[torch.Size] = []
+    layer = resolve_layer(model, DEFAULT_TARGET_LAYERS[arch])
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        logits = model(torch.rand(2, in_channels, 32, 32))
+    handle.remove()
+    assert logits.shape == (2, 5)
+    assert torch.isfinite(logits).all()
+    # The target layer is a 4-D feature map on the forward path (the Grad-CAM activation).
+    assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0] == 2
+
+
+def test_bad_arch_lists_valid_names() -> None:
+    with pytest.raises(XalError, match="resnet18.*densenet121"):
+        build_model("vgg11", 3, 1)
+
+
+def test_adapt_conv_weight_hand_case() -> None:
+    w = torch.tensor([[[[1.0]], [[2.0]], [[6.0]]]])  # (1, 3, 1, 1)
+    assert adapt_conv_weight(w, 1).flatten().tolist() == [9.0]  # sum of RGB
+    assert adapt_conv_weight(w, 2).flatten().tolist() == [4.5, 4.5]  # mean 3 * 3/2
+    assert adapt_conv_weight(w, 6).flatten().tolist() == [1.5] * 6  # mean 3 * 3/6
+
+
+def _reference_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(arch, weights=None).state_dict()
+
+
+def test_pretrained_local_file_one_channel_sums_rgb(tmp_path: Path) -> None:
+    state = _reference_state("resnet18", seed=3)
+    path = tmp_path / "r18.pth"
+    torch.save(state, path)
+    model = build_model("resnet18", num_classes=4, in_channels=1, pretrained=path)
+    got = model.state_dict()
+    torch.testing.assert_close(got["conv1.weight"], state["conv1.weight"].sum(dim=1, keepdim=True))
+    torch.testing.assert_close(got["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    assert got["fc.weight"].shape == (4, 512)
+    # A grey 1-channel image gives the same stem response as the RGB image with equal channels.
+    x = torch.rand(1, 1, 16, 16)
+    rgb_stem = torch.nn.functional.conv2d(x.expand(1, 3, 16, 16), state["conv1.weight"], stride=2, padding=3)
+    torch.testing.assert_close(model.conv1(x), rgb_stem, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_local_file_five_channels_densenet(tmp_path: Path) -> None:
+    state = _reference_state("densenet121", seed=4)
+    path = tmp_path / "d121.pth"
+    torch.save(state, path)
+    model = build_model("densenet121", num_classes=3, in_channels=5, pretrained=path)
+    w = state["features.conv0.weight"]
+    expected = (w.mean(dim=1, keepdim=True) * 3 / 5).expand(-1, 5, -1, -1)
+    torch.testing.assert_close(model.state_dict()["features.conv0.weight"], expected)
+
+
+def test_pretrained_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(XalError, match="not found"):
+        build_model("resnet18", 2, 1, pretrained=tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(_reference_state("resnet18", 0), wrong)
+    with pytest.raises(XalError, match=r"wrong\.pth does not fit torchvision resnet34"):
+        build_model("resnet34", 2, 1, pretrained=wrong)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(XalError, match="not a readable state dict"):
+        build_model("resnet18", 2, 1, pretrained=junk)
+
+
+def test_published_weights_fail_cleanly_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    calls: list[str] = []
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        calls.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(XalError, match=r"published resnet18 weights are not available offline.*URLError"):
+        build_model("resnet18", 2, 1, pretrained="imagenet")
+    assert len(calls) == 1 and calls[0].endswith(".pth")
+
+
+def _info(model_arch: str = "resnet18") -> Checkpoint:
+    return Checkpoint(arch=model_arch, num_classes=3, in_channels=1, classes=("a", "b", "c"),
+                      target_layer="layer4", config={"lr": 0.001, "seed": 1},
+                      pool={"fingerprint": "abc"}, metrics={"val_balanced_accuracy": 0.5})
+
+
+def test_checkpoint_round_trip_identical_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 1).eval()
+    # Non-default BN statistics, so buffers must round-trip too.
+    model.bn1.running_mean.uniform_(-1, 1)
+    path = save_checkpoint(tmp_path / "m.pt", model, _info())
+    loaded, info = load_checkpoint(path, "cpu")
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert info == _info()
+    assert not loaded.training
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(XalError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    model = build_model("resnet18", 3, 1)
+    good = save_checkpoint(tmp_path / "m.pt", model, _info())
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    code = tmp_path / "code.pt"
+    torch.save(argparse.Namespace(a=1), code)  # arbitrary objects: refused by weights_only
+    for bad in (corrupt, junk, code):
+        with pytest.raises(XalError, match=rf"{bad.name} cannot be read: corrupt, not a torch file"):
+            load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save(model.state_dict(), foreign)
+    with pytest.raises(XalError, match=r"foreign\.pt is not an xal-engine checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(XalError, match="output directory .* does not exist"):
+        save_checkpoint(tmp_path / "nope" / "m.pt", model, _info())
+    with pytest.raises(XalError, match="is a directory"):
+        save_checkpoint(tmp_path, model, _info())
+
+
+def test_checkpoint_weights_must_fit_arch(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", 3, 1), _info("resnet34"))
+    with pytest.raises(XalError, match="weights do not fit resnet34"):
+        load_checkpoint(path)

@@ -1,0 +1,237 @@
+"""Pool scoring: equals score_batch, resumes after SIGKILL, shards, refuses mismatches; then select."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xal_engine.cli import main
+from xal_engine.core.inputs import to_unit_float
+from xal_engine.core.models import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from xal_engine.core.scoring import score_batch
+from xal_engine.errors import XalError
+from xal_engine.ingest.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
+from xal_engine.jobs.score import ScoreConfig, score_pool
+from xal_engine.store.pool import SPLIT_TRAIN, Pool, PoolWriter
+from xal_engine.store.score_run import ScoreRun
+
+UNIT = 8  # images per pool chunk = per work unit
+THREE_CLASSES = tuple(class_names(3))
+
+
+def make_pool(path: Path, n: int, size: int = 32, roi_fraction: float = 0.7) -> Path:
+    """A synthetic phantom pool with small chunks, so that it has many work units."""
+    cfg = SyntheticConfig(n=n, size=size, classes=3, channels=1, seed=1, roi_fraction=roi_fraction)
+    split = assign_splits(n, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    with PoolWriter(path, channels=1, height=size, width=size, dtype=np.uint8,
+                    classes=class_names(3), chunk_size=UNIT) as w:
+        g = generate_block(cfg, 0, split)
+        w.append(g.images, g.rois, g.has_roi, g.labels, g.ids, g.split)
+        w.close()
+    return path
+
+
+def make_model(path: Path, classes: tuple[str, ...] = THREE_CLASSES, in_channels: int = 1) -> Path:
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(classes), in_channels)
+    info = Checkpoint(arch="resnet18", num_classes=len(classes), in_channels=in_channels,
+                      classes=tuple(classes), target_layer="layer4")
+    save_checkpoint(path, model, info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    pool = make_pool(root / "pool.zarr", n=60)
+    model = make_model(root / "model.pt")
+    summary = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0))
+    return root, pool, model, summary
+
+
+def read_run(pool: Path, run: str) -> dict[str, np.ndarray]:
+    return ScoreRun.open(Pool.open(pool).group, run).read()
+
+
+def assert_scores_match_reference(pool: Path, run: str) -> None:
+    """``run`` scored the same images as run "ref" batched differently: same predictions, metrics within
+    float reassociation (batch composition changes the reduction order)."""
+    a, b = read_run(pool, "ref"), read_run(pool, run)
+    np.testing.assert_array_equal(a["pred"], b["pred"])
+    for f in ("entropy", "dice", "soft_dice", "energy"):
+        np.testing.assert_allclose(a[f], b[f], rtol=1e-5, atol=1e-6, err_msg=f)
+
+
+def assert_runs_equal(a: dict, b: dict) -> None:
+    for field, value in a.items():
+        np.testing.assert_array_equal(value, b[field], err_msg=field)
+
+
+def test_scores_equal_score_batch_on_the_same_images(setup):
+    _, pool_path, model_path, summary = setup
+    assert summary.images == 60 and summary.complete and summary.units == 60 // UNIT + 1
+    got = read_run(pool_path, "ref")
+    pool = Pool.open(pool_path)
+    batch = pool.read(0, pool.n)
+    model, ckpt = load_checkpoint(model_path)
+    want = score_batch(model, ckpt.target_layer, to_unit_float(torch.from_numpy(batch.images)),
+                       rois=torch.from_numpy(batch.rois), has_roi=torch.from_numpy(batch.has_roi))
+    np.testing.assert_allclose(got["probs"], want.probs.numpy().astype(np.float16), atol=1e-3)
+    np.testing.assert_array_equal(got["pred"], want.pred.numpy())
+    for f in ("entropy", "margin", "least_confidence", "dice", "soft_dice", "energy"):
+        np.testing.assert_allclose(got[f], getattr(want, f).numpy(), rtol=1e-5, atol=1e-6, err_msg=f)
+    np.testing.assert_array_equal(got["hit"], want.hit.numpy())
+    # images without an ROI: NaN ROI metrics, uncertainty still present
+    no_roi = ~batch.has_roi
+    assert no_roi.any() and np.isnan(got["dice"][no_roi]).all() and not got["hit"][no_roi].any()
+    assert np.isfinite(got["entropy"]).all() and np.isfinite(got["dice"][~no_roi]).all()
+
+
+def test_rerun_after_completion_does_no_work(setup):
+    _, pool, model, _ = setup
+    again = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0))
+    assert again.images == 0 and again.units_already_done == -(-60 // UNIT)  # every 8-image unit of the 60
+    assert again.complete
+
+
+def test_batches_spanning_several_units_give_the_same_scores(setup):
+    _, pool, model, _ = setup
+    score_pool(pool, model, ScoreConfig(run="wide", batch_size=3 * UNIT, num_workers=1))
+    assert_scores_match_reference(pool, "wide")
+
+
+def test_batches_smaller_than_a_unit_split_it(setup):
+    _, pool, model, _ = setup
+    summary = score_pool(pool, model, ScoreConfig(run="narrow", batch_size=3, num_workers=0))
+    assert summary.images == 60  # each 8-image unit scored as batches of 3, 3 and 2
+    assert_scores_match_reference(pool, "narrow")
+
+
+def test_two_shards_together_equal_one_run(setup):
+    _, pool, model, _ = setup
+    first = score_pool(pool, model, ScoreConfig(run="sharded", batch_size=UNIT, num_workers=0,
+                                                shard_id=0, num_shards=2))
+    assert not first.complete
+    done = ScoreRun.open(Pool.open(pool).group, "sharded").done_mask()
+    half = done.size // 2
+    assert done[:half].all() and not done[half:].any()  # shard 0 wrote only its own units
+    second = score_pool(pool, model, ScoreConfig(run="sharded", batch_size=UNIT, num_workers=0,
+                                                 shard_id=1, num_shards=2))
+    assert second.complete and first.images + second.images == 60
+    assert_runs_equal(read_run(pool, "ref"), read_run(pool, "sharded"))
+
+
+def test_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
+    pool = make_pool(tmp_path / "big.zarr", n=160, size=48)
+    model = make_model(tmp_path / "model.pt")
+    cmd = [sys.executable, "-m", "xal_engine", "score", "--pool", str(pool), "--model", str(model),
+           "--run", "r", "--batch-size", str(UNIT), "--num-workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_dir = pool / "scores" / "r" / "done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = ScoreRun.open(Pool.open(pool).group, "r")
+    n_done = int(run.done_mask().sum())
+    assert 0 < n_done < run.n_units, f"the kill was not mid-way ({n_done} of {run.n_units} units done)"
+    (pool / "scores" / "r" / "dice" / "c" / "3.abc.partial").write_bytes(b"torn")  # a crash leftover
+    resumed = subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True)
+    summary = json.loads(resumed.stdout)
+    assert summary["complete"] and summary["units_already_done"] == n_done
+    assert summary["images"] == 160 - n_done * UNIT
+    assert not list((pool / "scores" / "r").rglob("*.partial"))
+    score_pool(pool, model, ScoreConfig(run="whole", batch_size=UNIT, num_workers=0))
+    assert_runs_equal(read_run(pool, "whole"), read_run(pool, "r"))
+
+
+def test_existing_run_with_another_config_is_refused_unless_overwrite(setup):
+    _, pool, model, _ = setup
+    score_pool(pool, model, ScoreConfig(run="cfg", batch_size=UNIT, num_workers=0))
+    with pytest.raises(XalError, match=r"different configuration \(threshold\)"):
+        score_pool(pool, model, ScoreConfig(run="cfg", threshold=0.6, num_workers=0))
+    redo = score_pool(pool, model, ScoreConfig(run="cfg", threshold=0.6, num_workers=0, overwrite=True))
+    assert redo.images == 60
+    assert ScoreRun.open(Pool.open(pool).group, "cfg").group.attrs["fingerprint"]["threshold"] == 0.6
+
+
+def test_model_pool_mismatches_are_refused(setup, tmp_path):
+    _, pool, _, _ = setup
+    two = make_model(tmp_path / "two.pt", classes=("a", "b"))
+    with pytest.raises(XalError, match="2 classes"):
+        score_pool(pool, two, ScoreConfig(run="x", num_workers=0))
+    rgb = make_model(tmp_path / "rgb.pt", in_channels=3)
+    with pytest.raises(XalError, match="3-channel"):
+        score_pool(pool, rgb, ScoreConfig(run="x", num_workers=0))
+    renamed = make_model(tmp_path / "renamed.pt", classes=("x", "y", "z"))
+    with pytest.raises(XalError, match="differ from the pool"):
+        score_pool(pool, renamed, ScoreConfig(run="x", num_workers=0))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--pool", "{root}/missing.zarr", "--model", "{model}"], "missing.zarr"),
+    (["--pool", "{pool}", "--model", "{root}/missing.pt"], "missing.pt"),
+    (["--pool", "{pool}", "--model", "{model}", "--batch-size", "0"], "--batch-size"),
+    (["--pool", "{pool}", "--model", "{model}", "--threshold", "2"], "--threshold"),
+    (["--pool", "{pool}", "--model", "{model}", "--shard-id", "2", "--num-shards", "2"], "--shard-id"),
+    (["--pool", "{pool}", "--model", "{model}", "--run", "a/b"], "--run"),
+    (["--pool", "{pool}", "--model", "{model}", "--device", "cuda:0"], "cuda"),
+    (["--pool", "{pool}", "--model", "{model}", "--precision", "fp8"], "--precision"),
+])
+def test_score_cli_errors_are_one_line_exit_2(setup, capsys, argv, needle):
+    root, pool, model, _ = setup
+    if needle == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [a.format(root=root, pool=pool, model=model) for a in argv]
+    assert main(["score", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_select_writes_a_batch_of_unlabelled_train_images(setup, tmp_path, capsys):
+    _, pool, _, _ = setup
+    out = tmp_path / "batch.csv"
+    rc = main(["select", "--pool", str(pool), "--run", "ref", "--strategy", "dual", "--budget", "6",
+               "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = list(csv.DictReader(out.open()))
+    p = Pool.open(pool)
+    split = np.asarray(p.group["split"][:])
+    assert summary["selected"] == len(rows) == 6
+    assert summary["candidates"] == int((split == SPLIT_TRAIN).sum())
+    indices = [int(r["index"]) for r in rows]
+    assert all(split[i] == SPLIT_TRAIN for i in indices) and len(set(indices)) == 6
+    ids = np.asarray(p.group["ids"][:])
+    assert [r["id"] for r in rows] == [str(ids[i]) for i in indices]
+    run = read_run(pool, "ref")
+    for r in rows:  # the written score is the dual criterion of that image (missing ROI: mean rule)
+        i = int(r["index"])
+        if np.isfinite(run["dice"][i]):
+            expected = 0.3 * run["entropy"][i] + 0.7 * (1 - run["dice"][i])
+            assert float(r["score"]) == pytest.approx(float(expected), rel=1e-5)
+    meta = json.loads((tmp_path / "batch.csv.json").read_text())
+    assert meta["config"]["strategy"] == "dual" and meta["oracle_balance"] is False
+
+
+def test_select_refuses_an_incomplete_run_and_an_unknown_run(setup, tmp_path, capsys):
+    _, pool, model, _ = setup
+    score_pool(pool, model, ScoreConfig(run="half", batch_size=UNIT, num_workers=0, shard_id=0,
+                                        num_shards=2))
+    assert main(["select", "--pool", str(pool), "--run", "half", "--budget", "3",
+                 "--out", str(tmp_path / "b.csv")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert main(["select", "--pool", str(pool), "--run", "nope", "--budget", "3",
+                 "--out", str(tmp_path / "b.csv")]) == 2
+    assert "no score run 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "b.csv").exists()

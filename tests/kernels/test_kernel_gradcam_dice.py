@@ -1,0 +1,277 @@
+"""The fused Triton kernel against the torch reference (Triton's interpreter when there is no GPU).
+
+Tolerances: both sides load A and G into fp32 and run the same fp32 operations in the same order;
+they differ only in summation order (channel blocks, tree reductions over tiles), a few ulp of the
+weights and sums. So fp32 maps and values agree within 1e-5 (the parity target of
+gradcam-reference.md), and so do fp16/bf16 inputs compared with the reference run on the SAME
+low-precision inputs: the rounding to fp16/bf16 happened before either side saw the data.
+Outputs are pre-filled with a sentinel (-7, and the negated expected hit) so an unwritten result fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from xal_engine.errors import XalError
+from xal_engine.ops import reference
+from xal_engine.ops.reference import RoiAgreement
+
+triton = pytest.importorskip("triton")
+kg = pytest.importorskip("xal_engine.kernels.gradcam_dice")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not kg._interpreted():
+    pytest.skip("no GPU and the kernel was not built for TRITON_INTERPRET=1", allow_module_level=True)
+
+SENTINEL = -7.0  # outside [0, 1] and not NaN
+
+
+def poisoned(expected: RoiAgreement, h: int, w: int) -> RoiAgreement:
+    b = expected.dice.shape[0]
+    full = [torch.full(shape, SENTINEL, device=DEVICE) for shape in ((b,), (b,), (b,), (b, h, w))]
+    return RoiAgreement(full[0], full[1], full[2], ~expected.hit.to(DEVICE), full[3])
+
+
+def ambiguous_hits(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """(B,) True where pixels within ``tol`` of max S lie both inside and outside the ROI.
+
+    Upsampled maps often have near-ties at the top, and torch's CPU bilinear differs from the
+    op-by-op formula by ~2e-7, so the first maximum (and so ``hit``) is float noise there.
+    """
+    s = reference.gradcam_maps(a.cpu(), g.cpu(), (rois.shape[1], rois.shape[2])).flatten(1)
+    near = s >= s.amax(1, keepdim=True) - tol
+    r = rois.cpu().flatten(1)
+    return (near & r).any(1) & (near & ~r).any(1) & (s.amax(1) > 0)  # an all-zero map has no hit
+
+
+def run_both(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, threshold: float = 0.5):
+    """(kernel, reference) results; the reference runs on CPU in fp32 from the same inputs."""
+    ref = reference.gradcam_dice(a.cpu(), g.cpu(), rois.cpu(), threshold, return_cam=True)
+    out = poisoned(ref, a.shape[2], a.shape[3])
+    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), threshold, True, out=out)
+    got = RoiAgreement(*(t.cpu() for t in got))
+    sure = ~ambiguous_hits(a, g, rois)
+    assert torch.equal(got.hit[sure], ref.hit[sure])
+    return got, ref
+
+
+def assert_matches(got: RoiAgreement, ref: RoiAgreement, atol: float = 1e-5, hit: bool = True) -> None:
+    for name in ("dice", "soft_dice", "energy", "cam"):
+        if getattr(ref, name) is None:
+            assert getattr(got, name) is None
+            continue
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=atol,
+                                   equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+    if hit:  # run_both already compared the hits that are not near-ties
+        assert torch.equal(got.hit, ref.hit)
+
+
+def random_inputs(b: int, c: int, h: int, w: int, size: tuple[int, int], seed: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, c, h, w, generator=gen).to(dtype)
+    g = torch.randn(b, c, h, w, generator=gen).to(dtype)
+    rois = torch.rand(b, *size, generator=gen) > 0.6
+    return a, g, rois
+
+
+SHAPES = [  # (B, C, h, w, (H, W)): what each exercises
+    (3, 5, 7, 9, (33, 40)),  # odd sizes, upsampling, non-square
+    (2, 3, 1, 1, (17, 23)),  # 1x1 feature map
+    (2, 6, 16, 12, (8, 5)),  # h, w > ROI: downsampling
+    (2, 70, 8, 8, (30, 21)),  # C = 70 is not a multiple of BLOCK_C = 64
+    (1, 4, 3, 11, (129, 37)),  # several row tiles, last one partial
+    (1, 3, 5, 5, (20, 300)),  # several column tiles (BLOCK_X = 128), last one partial
+]
+
+
+@pytest.mark.parametrize("b, c, h, w, size", SHAPES)
+def test_matches_reference_fp32(b: int, c: int, h: int, w: int, size: tuple[int, int]) -> None:
+    got, ref = run_both(*random_inputs(b, c, h, w, size, seed=b * 100 + c + h))
+    assert_matches(got, ref, hit=False)
+
+
+ON_GPU_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="~40 s per megapixel in the interpreter")
+
+
+@pytest.mark.parametrize(
+    "b, c, h, w, size",
+    [
+        (1, 4096, 2, 2, (8, 8)),  # C = 4096 in one channel block
+        (1, 3, 64, 64, (70, 90)),  # 64x64 feature map: BLOCK_HW = 4096, one channel per block
+        (1, 2, 150, 100, (20, 20)),  # 15000 feature pixels, close to MAX_FEATURE_PIXELS
+        (1, 2, 3, 5, (1030, 3)),  # a tall ROI: 1030 rows
+        pytest.param(2, 2048, 14, 14, (1024, 1024), marks=ON_GPU_ONLY),
+        pytest.param(2, 64, 64, 64, (1100, 1030), marks=ON_GPU_ONLY),
+    ],
+)
+def test_matches_reference_at_the_size_limits(b: int, c: int, h: int, w: int, size: tuple[int, int]) -> None:
+    got, ref = run_both(*random_inputs(b, c, h, w, size, seed=c + h))
+    assert_matches(got, ref, hit=False)
+
+
+def test_feature_map_over_the_limit_is_a_clear_error() -> None:
+    a, g, rois = random_inputs(1, 1, 129, 128, (4, 4), seed=0)
+    with pytest.raises(XalError, match="activations: feature map 129x128 exceeds"):
+        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matches_reference_low_precision(dtype: torch.dtype) -> None:
+    got, ref = run_both(*random_inputs(3, 5, 7, 9, (33, 40), seed=7, dtype=dtype))
+    assert_matches(got, ref, atol=1e-5, hit=False)  # same rounded inputs on both sides: see the module docstring
+
+
+def test_channels_last_and_strided_rois_need_no_copy() -> None:
+    a, g, rois = random_inputs(2, 6, 5, 7, (19, 26), seed=3)
+    ref = reference.gradcam_dice(a, g, rois, return_cam=True)
+    a_cl = a.to(memory_format=torch.channels_last)
+    rois_t = rois.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major strides
+    assert kg._pixel_view(a_cl) is a_cl
+    got = kg.gradcam_dice_triton(a_cl.to(DEVICE), g.to(DEVICE), rois_t.to(DEVICE), 0.5, True,
+                                 out=poisoned(ref, 5, 7))
+    assert_matches(RoiAgreement(*(t.cpu() for t in got)), ref)
+
+
+def test_exact_tie_at_threshold() -> None:
+    # The hand case of test_reference: S = [[0, 1 - 2**-23], [0.5, 0]] exactly; 0.5 counts as attended.
+    a = torch.tensor([[[[0.0, 1024.0], [512.0 + 2.0**-14, 0.0]]]])
+    rois = torch.tensor([[[False, False], [True, False]]])
+    got, ref = run_both(a, torch.ones_like(a), rois)
+    assert got.dice.item() == pytest.approx(2 / 3, abs=1e-7)
+    assert_matches(got, ref, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_threshold_extremes(threshold: float) -> None:
+    got, ref = run_both(*random_inputs(2, 4, 6, 6, (13, 9), seed=11), threshold=threshold)
+    assert_matches(got, ref, hit=False)
+
+
+def test_all_zero_cam_empty_and_full_roi() -> None:
+    a, g, rois = random_inputs(3, 4, 6, 5, (14, 12), seed=5)
+    a, g = a.abs() + 0.1, g.clone()
+    g[0] = -g[0].abs() - 0.1  # image 0: every weight negative -> all-zero CAM
+    rois[1] = False  # image 1: empty ROI
+    rois[2] = True  # image 2: full ROI
+    got, ref = run_both(a, g, rois)
+    assert_matches(got, ref)
+    assert got.dice[0] == 0 and got.energy[0] == 0 and not got.hit[0]
+    assert got.dice[1] == 0 and got.soft_dice[1] == 0 and not got.hit[1]
+    assert got.energy[2] == 1.0 and got.hit[2]
+
+
+def test_all_zero_cam_at_threshold_zero() -> None:
+    a, g, rois = random_inputs(1, 3, 4, 4, (8, 8), seed=6)
+    got, ref = run_both(a.abs() + 0.1, -g.abs() - 0.1, rois, threshold=0.0)
+    assert got.dice.item() == 0 and not got.hit.item()
+    assert_matches(got, ref)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_non_finite_image_does_not_disturb_the_others() -> None:
+    a, g, rois = random_inputs(4, 5, 6, 7, (15, 11), seed=9)
+    a[1, 3, 2, 2] = float("nan")
+    g[2, 0, 5, 6] = float("inf")
+    a[3, 1, 0, 0] = float("-inf")
+    got, ref = run_both(a, g, rois)
+    assert torch.isnan(got.dice[1:]).all() and torch.isnan(got.energy[1:]).all()
+    assert not got.hit[1:].any()
+    assert_matches(got, ref)
+    clean, _ = run_both(a[:1], g[:1], rois[:1])
+    assert_matches(RoiAgreement(*(t[:1] for t in got)), clean, atol=0)
+
+
+def test_launcher_allocates_when_no_buffers_are_given() -> None:
+    a, g, rois = random_inputs(2, 3, 4, 5, (9, 10), seed=4)
+    ref = reference.gradcam_dice(a, g, rois)
+    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
+    assert got.cam is None and got.hit.dtype == torch.bool
+    assert_matches(RoiAgreement(*(t.cpu() for t in got[:4]), None), ref._replace(cam=None))
+
+
+def test_launch_config_bounds() -> None:
+    cfg = kg._launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
+    assert cfg["BLOCK_C"] * cfg["BLOCK_HW"] <= 4096 and cfg["BLOCK_Y"] * cfg["BLOCK_X"] <= 1024
+    assert kg._launch_config(channels=3, pixels=1, height=1, width=1)["BLOCK_C"] == 4
+
+
+def test_empty_batch() -> None:
+    a, g, rois = random_inputs(0, 3, 4, 5, (6, 7), seed=0)
+    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), return_cam=True)
+    assert got.dice.shape == (0,) and got.hit.shape == (0,) and got.cam.shape == (0, 4, 5)
+
+
+@settings(max_examples=10, deadline=None)  # the interpreter takes ~0.2 s per example
+@given(
+    c=st.integers(1, 9), h=st.integers(1, 8), w=st.integers(1, 8),
+    big_h=st.integers(1, 40), big_w=st.integers(1, 140), seed=st.integers(0, 2**16),
+)
+def test_matches_reference_on_any_shape(c: int, h: int, w: int, big_h: int, big_w: int, seed: int) -> None:
+    a, g, rois = random_inputs(2, c, h, w, (big_h, big_w), seed=seed)
+    # S = (U - min U) / (range U + 1e-7) turns ~2e-7 of bilinear float noise (torch's CPU kernel vs
+    # the op-by-op formula) into O(1) when U is nearly constant, e.g. a map resized to one column:
+    # there no two implementations agree. Keep maps that are all-zero or spread over >= 0.05.
+    n = reference.low_res_cam(a, g)
+    u = F.interpolate(n[:, None], size=(big_h, big_w), mode="bilinear", align_corners=False).flatten(1)
+    assume(bool(((n.flatten(1).amax(1) == 0) | (u.amax(1) - u.amin(1) >= 0.05)).all()))
+    got, ref = run_both(a, g, rois)
+    assert_matches(got, ref, hit=False)  # run_both compared the hits away from near-ties
+
+
+def test_first_maximum_wins_across_tiles() -> None:
+    # Identity size 1x200 (two column tiles of 128): exact maxima at x = 5 and x = 133, the same lane
+    # of both tiles. The first one is in the ROI, the second is not: hit must be True.
+    m = torch.zeros(1, 1, 1, 200)
+    m[..., 5] = m[..., 133] = 1024.0
+    rois = torch.zeros(1, 1, 200, dtype=torch.bool)
+    rois[..., 5] = True
+    got, ref = run_both(m, torch.ones_like(m), rois)
+    assert got.hit.item() and ref.hit.item()
+    assert_matches(got, ref, atol=0)
+
+
+COMPILE_CHECK = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xal_engine.kernels.gradcam_dice import _gradcam_dice_kernel as fn, _launch_config
+
+cfg = _launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
+warps = cfg.pop("num_warps")
+ptrs = {"a_ptr": "*bf16", "g_ptr": "*fp16", "roi_ptr": "*u8", "hit_ptr": "*u8"}
+floats = ("scale_y", "scale_x", "threshold")
+sig = {n: "constexpr" if n in cfg else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+       for n in fn.arg_names}
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cfg.items()})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+print(sorted(set(re.findall(r"div\\.[a-z]+\\.f32", ptx))))
+"""
+
+
+def test_compiles_for_cuda_without_a_gpu() -> None:
+    # The interpreter accepts programs the compiler rejects: compile for sm_90 ahead of time (Triton
+    # bundles ptxas), in a fresh process without TRITON_INTERPRET. Divisions must be IEEE (div.rn).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], check=False, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this Triton build has no CUDA backend")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['div.rn.f32']"
+
+
+def test_preallocated_outputs_are_checked() -> None:
+    a, g, rois = random_inputs(2, 3, 4, 5, (6, 7), seed=0)
+    ref = reference.gradcam_dice(a, g, rois, return_cam=True)
+    out = poisoned(ref, 4, 5)._replace(cam=torch.empty(2, 5, 4, device=DEVICE))
+    with pytest.raises(XalError, match=r"out.cam: expected a contiguous torch.float32 tensor of shape \(2, 4, 5\)"):
+        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), out=out)

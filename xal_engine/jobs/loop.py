@@ -1,0 +1,434 @@
+"""The active-learning driver behind ``xal-engine loop``: simulated labelling rounds on a pool.
+
+For each seed and strategy one experiment ``<strategy>-seed<k>`` runs rounds 0..R:
+
+    round 0   label the initial set: N0 train-split images drawn by the SEED only (stratified by
+              true label: per-class quotas proportional to the class sizes, largest remainder), so
+              every strategy of a seed starts from the same set
+    round r   select B images with the strategy over round r-1's scores (train split, not yet
+              labelled; predicted-class balance by default) and reveal their labels (the pool's)
+    each      train (seeded per (seed, round); model selection on the validation split), save the
+              checkpoint, score the whole pool (run ``<experiment>-r<r>``, Grad-CAM target = the
+              predicted class), evaluate on the test split
+
+The labelled set lives in the pool, ``al/<experiment>/labelled_round`` (N,) int16, -1 = not
+labelled; its attributes hold the loop config. Test images are never candidates nor trained on;
+validation images only select the epoch. An experiment stops early when no candidate is left.
+
+Run directory (a contract: ``xal-engine report`` reads it):
+
+    config.json                            pool, strategies, seeds, rounds, arch, loop config
+    metrics.csv, metrics.json              one row per (strategy, seed, round), METRIC_FIELDS
+    <strategy>/seed<k>/round<r>/model.pt   the round's checkpoint
+    <strategy>/seed<k>/round<r>/selected.csv   the images labelled IN round r (``batch.write_batch``
+                                           CSV + .json; round 0: the initial set, no scores)
+
+A round is complete when its metrics row is written (last). A rerun continues after the last
+complete round; a half-done round restarts from its beginning (its labelled_round entries are
+reset first), and gives the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
+from xal_engine.core.models import load_checkpoint, save_checkpoint
+from xal_engine.errors import XalError
+from xal_engine.jobs.score import ScoreConfig, score_pool
+from xal_engine.jobs.select import BatchSelection, atomic_write, select_batch, write_batch
+from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, train
+from xal_engine.store.pool import AL_GROUP, SPLIT_TEST, SPLIT_TRAIN, Pool
+from xal_engine.store.score_run import ScoreRun
+
+RUN_FORMAT = 1
+METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balanced_accuracy", "macro_f1",
+                 "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "train_seconds",
+                 "score_seconds")
+RETRAIN_MODES = ("scratch", "finetune")
+SEED_STRIDE = 1000  # training / selection seed of (seed, round) = seed * SEED_STRIDE + round
+_RESUME_FREE = ("num_workers",)  # loop.train fields that may change between a run and its resumption
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Defaults of ``xal-engine loop``. ``train`` holds arch, epochs, batch size, device, … for every
+    round (its ``seed`` and ``labelled_only`` are set per round)."""
+
+    strategies: tuple[str, ...] = ("random", "dual")
+    seeds: int = 1  # seeds 0..seeds-1
+    initial: int = 150  # N0: images labelled in round 0
+    per_round: int = 120  # B: images selected per round
+    rounds: int = 6  # R: selection rounds after round 0
+    lam: float = 0.3  # dual: λ·entropy + (1 − λ)·(1 − Dice)
+    dice: str = "hard"  # "hard" (thresholded CAM) or "soft"
+    balance: str = "predicted"  # class balance of each batch: predicted | none | oracle (TRUE labels)
+    missing_roi: str = "mean"  # acquisition rule for images without an ROI
+    retrain: str = "scratch"  # scratch: fresh init each round; finetune: from the previous round
+    threshold: float = 0.5  # CAM threshold of the hard Dice
+    score_batch_size: int = 64
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.strategies:
+            raise XalError("--strategy: give at least one strategy")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise XalError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise XalError(f"--strategy lists a strategy twice: {', '.join(self.strategies)}")
+        checks = [("--seeds", self.seeds >= 1, ">= 1"), ("--initial", self.initial >= 1, ">= 1"),
+                  ("--per-round", self.per_round >= 1, ">= 1"), ("--rounds", self.rounds >= 0, ">= 0"),
+                  ("--lambda", 0.0 <= self.lam <= 1.0, "in [0, 1]"),
+                  ("--threshold", 0.0 <= self.threshold <= 1.0, "in [0, 1]"),
+                  ("--score-batch-size", self.score_batch_size >= 1, ">= 1")]
+        for flag, ok, expected in checks:
+            if not ok:
+                raise XalError(f"{flag} must be {expected}")
+        for flag, value, choices in (("--dice", self.dice, ("hard", "soft")),
+                                     ("--balance", self.balance, BALANCES),
+                                     ("--missing-roi", self.missing_roi, MISSING_ROI_RULES),
+                                     ("--retrain", self.retrain, RETRAIN_MODES)):
+            if value not in choices:
+                raise XalError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def experiment_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-seed{seed}"
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUROC with average ranks for ties; NaN without both classes."""
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)  # 1-based, ties averaged
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(labels: np.ndarray, pred: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """accuracy, balanced accuracy (mean recall over true classes), macro-F1 (over classes in labels
+    or predictions, as scikit-learn) and one-vs-rest macro AUROC (over classes with positives and
+    negatives) of labels (n,), pred (n,) and probs (n, K)."""
+    k = probs.shape[1]
+    if labels.size == 0:
+        return dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1", "auroc"), math.nan)
+    confusion = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
+    tp, support, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)  # (K,) each
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    aucs = [binary_auroc(probs[:, c].astype(np.float64), labels == c) for c in range(k)]  # K classes
+    finite = [a for a in aucs if not math.isnan(a)]
+    return {"accuracy": float(tp.sum() / labels.size),
+            "balanced_accuracy": float(recall[support > 0].mean()),
+            "macro_f1": float(f1[(support > 0) | (predicted > 0)].mean()),
+            "auroc": float(np.mean(finite)) if finite else math.nan}
+
+
+def attention_metrics(run: dict[str, np.ndarray], index: np.ndarray) -> dict[str, float]:
+    """Mean dice, soft dice, energy and pointing-game hit rate over images ``index`` (with an ROI)."""
+    if index.size == 0:
+        return dict.fromkeys(("test_dice", "test_soft_dice", "test_energy", "test_hit_rate"), math.nan)
+    return {"test_dice": float(np.mean(run["dice"][index])),
+            "test_soft_dice": float(np.mean(run["soft_dice"][index])),
+            "test_energy": float(np.mean(run["energy"][index])),
+            "test_hit_rate": float(np.mean(run["hit"][index]))}
+
+
+def evaluate_run(pool: Pool, run_name: str) -> dict[str, float]:
+    """Test-split classification and attention metrics of one complete scoring run."""
+    run = ScoreRun.open(pool.group, run_name).read()
+    split = np.asarray(pool.group["split"][:])
+    labels = np.asarray(pool.group["labels"][:]).astype(np.int64)
+    has_roi = np.asarray(pool.group["has_roi"][:])
+    test = np.flatnonzero((split == SPLIT_TEST) & (labels >= 0))
+    metrics = classification_metrics(labels[test], run["pred"][test].astype(np.int64), run["probs"][test])
+    return {**metrics, **attention_metrics(run, np.flatnonzero((split == SPLIT_TEST) & has_roi))}
+
+
+# ---------------------------------------------------------------------------------- initial set
+def initial_set(labels: np.ndarray, split: np.ndarray, n0: int, seed: int) -> np.ndarray:
+    """Sorted pool positions of N0 train-split images, stratified by true label: class c gets
+    floor(N0·n_c/n) plus one for the largest remainders, drawn uniformly within the class by a
+    generator seeded by ``seed`` alone."""
+    train = np.flatnonzero(split == SPLIT_TRAIN)
+    n0 = min(n0, train.size)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[train], return_counts=True)
+    exact = n0 * counts / train.size
+    quota = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - quota), kind="stable")[: n0 - int(quota.sum())]
+    quota[extra] += 1
+    chosen = [rng.choice(train[labels[train] == c], size=q, replace=False)  # loop over K classes
+              for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def initial_selection(pool: Pool, index: np.ndarray, experiment: str, seed: int) -> BatchSelection:
+    """The initial set as a batch (the CSV of later rounds; no scores exist yet)."""
+    ids = np.asarray(pool.group["ids"][:])
+    has_roi = np.asarray(pool.group["has_roi"][:])
+    nan = math.nan
+    rows = [{"rank": rank, "index": int(i), "id": str(ids[i]), "score": nan, "pred": -1, "pred_class": "",
+             "entropy": nan, "margin": nan, "least_confidence": nan, "dice": nan, "soft_dice": nan,
+             "energy": nan, "hit": False, "has_roi": bool(has_roi[i])} for rank, i in enumerate(index, 1)]
+    config = SelectConfig(strategy="random", budget=max(len(index), 1), balance="none", seed=seed)
+    return BatchSelection(indices=index, rows=rows, config=config, run="initial", experiment=experiment,
+                          n_candidates=int((np.asarray(pool.group["split"][:]) == SPLIT_TRAIN).sum()))
+
+
+# ---------------------------------------------------------------------------------- run directory
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    loop = dict(config.get("loop", {}))
+    loop["train"] = {k: v for k, v in dict(loop.get("train", {})).items() if k not in _RESUME_FREE}
+    return {**config, "loop": loop}
+
+
+class RunDir:
+    """The run directory: config.json, the metrics rows, and per-round folders."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def prepare(cls, path: str | Path, config_json: dict[str, Any], overwrite: bool) -> RunDir:
+        """Create the folder, or resume it: an existing config.json must equal ``config_json``
+        (``overwrite`` deletes the old run first). A non-empty folder without config.json is refused."""
+        run = cls(Path(path))
+        cfg = run.path / "config.json"
+        if run.path.exists() and not run.path.is_dir():
+            raise XalError(f"--out {run.path} exists and is not a folder")
+        if run.path.is_dir() and any(run.path.iterdir()) and not cfg.is_file():
+            raise XalError(f"--out {run.path} is not empty and holds no config.json: not a loop run folder")
+        if cfg.is_file():
+            try:
+                old = json.loads(cfg.read_text())
+            except (OSError, ValueError) as err:
+                raise XalError(f"{cfg} cannot be read as JSON ({err}); pass --overwrite to start afresh") from None
+            if overwrite:
+                shutil.rmtree(run.path)
+            elif _comparable(old) != _comparable(config_json):
+                diff = sorted(k for k in set(old) | set(config_json) if old.get(k) != config_json.get(k))
+                raise XalError(f"{cfg} holds another configuration (differs in: {', '.join(diff)}); "
+                               "use another --out or pass --overwrite")
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not cfg.is_file():
+            _atomic_write_text(cfg, json.dumps(config_json, indent=2) + "\n")
+        metrics = run.path / "metrics.json"
+        if metrics.is_file():
+            run.rows = json.loads(metrics.read_text())
+        return run
+
+    def round_dir(self, strategy: str, seed: int, round_: int) -> Path:
+        path = self.path / strategy / f"seed{seed}" / f"round{round_}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def completed_rounds(self, strategy: str, seed: int) -> int:
+        """Number of consecutive complete rounds 0, 1, … of one experiment."""
+        done = {int(r["round"]) for r in self.rows if r["strategy"] == strategy and int(r["seed"]) == seed}
+        n = 0
+        while n in done:
+            n += 1
+        return n
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """Append one round's metrics and rewrite metrics.json and metrics.csv atomically. A NaN
+        (no test image with an ROI, no class with both outcomes) is null in JSON, nan in CSV."""
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        self.rows = [r for r in self.rows if (r["strategy"], int(r["seed"]), int(r["round"]))
+                     != (row["strategy"], row["seed"], row["round"])] + [row]
+        _atomic_write_text(self.path / "metrics.json", json.dumps(self.rows, indent=1, allow_nan=False) + "\n")
+        lines = [",".join(METRIC_FIELDS)] + [",".join(_csv_value(r[f]) for f in METRIC_FIELDS) for r in self.rows]
+        _atomic_write_text(self.path / "metrics.csv", "\n".join(lines) + "\n")
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return "nan"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------- the loop
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class ALLoop:
+    """One experiment (strategy, seed); :meth:`step` runs its next round and says whether another
+    round remains."""
+
+    def __init__(self, pool_path: str | Path, run_dir: RunDir, config: LoopConfig, strategy: str,
+                 seed: int, log: Callable[[str], None] = _stderr, show_progress: bool | None = None) -> None:
+        self.pool_path = Path(pool_path)
+        self.run_dir, self.config, self.strategy, self.seed = run_dir, config, strategy, seed
+        self.experiment = experiment_name(strategy, seed)
+        self.log, self.show_progress = log, show_progress
+        self.round = run_dir.completed_rounds(strategy, seed)
+        self.exhausted = False
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted or self.round > self.config.rounds
+
+    def step(self) -> bool:
+        """Run round ``self.round`` (label, train, score, evaluate, record); False when done."""
+        if self.finished:
+            return False
+        r = self.round
+        out = self.run_dir.round_dir(self.strategy, self.seed, r)
+        pool = Pool.open(self.pool_path, mode="r+")
+        n_labelled = self._label(pool, r, out)
+        if n_labelled is None:
+            self.exhausted = True
+            self.log(f"{self.experiment}: no unlabelled train images left; stopping after round {r - 1}")
+            return False
+        t0 = time.perf_counter()
+        model_path = self._train(Pool.open(self.pool_path), r, out / "model.pt")
+        t1 = time.perf_counter()
+        run_name = f"{self.experiment}-r{r}"
+        c, tc = self.config, self.config.train
+        score_pool(self.pool_path, model_path, ScoreConfig(
+            run=run_name, batch_size=c.score_batch_size, device=tc.device, threshold=c.threshold,
+            num_workers=tc.num_workers, targets="pred", overwrite=True), show_progress=self.show_progress)
+        t2 = time.perf_counter()
+        row: dict[str, Any] = {"strategy": self.strategy, "seed": self.seed, "round": r,
+                               "n_labelled": n_labelled, **evaluate_run(Pool.open(self.pool_path), run_name),
+                               "train_seconds": t1 - t0, "score_seconds": t2 - t1}
+        self.run_dir.add_row(row)
+        self.log(f"{self.experiment} round {r}/{c.rounds}: {n_labelled} labelled, test acc "
+                 f"{row['accuracy']:.3f}, bal acc {row['balanced_accuracy']:.3f}, AUROC {row['auroc']:.3f}, "
+                 f"Dice {row['test_dice']:.3f}, hit {row['test_hit_rate']:.3f}")
+        self.round += 1
+        return not self.finished
+
+    def _label(self, pool: Pool, r: int, out: Path) -> int | None:
+        """Reveal round r's images; the labelled count, or None when no candidate is left."""
+        if r > 0:
+            self._check_owner(pool)
+        labelled = self._round_array(pool, fresh=r == 0)
+        rounds = np.asarray(labelled[:])
+        rounds[rounds >= r] = -1  # a half-done round (or a later one) is undone
+        split = np.asarray(pool.group["split"][:])
+        if r == 0:
+            labels = np.asarray(pool.group["labels"][:])
+            chosen = initial_set(labels, split, self.config.initial, self.seed)
+            selection = initial_selection(pool, chosen, self.experiment, self.seed)
+        else:
+            labelled[:] = rounds  # candidates exclude exactly rounds 0..r-1
+            if not np.any((split == SPLIT_TRAIN) & (rounds < 0)):
+                return None
+            c = self.config
+            select = SelectConfig(strategy=self.strategy, budget=c.per_round, lam=c.lam, dice=c.dice,
+                                  balance=c.balance, missing_roi=c.missing_roi,
+                                  seed=self.seed * SEED_STRIDE + r)
+            selection = select_batch(self.pool_path, f"{self.experiment}-r{r - 1}", select, self.experiment)
+            chosen = selection.indices
+        write_batch(selection, out / "selected.csv", self.pool_path)
+        rounds[chosen] = r
+        labelled[:] = rounds
+        return int((rounds >= 0).sum())
+
+    def _check_owner(self, pool: Pool) -> None:
+        """A resumed experiment must still be this run's: another run folder on the same pool reuses
+        the experiment name and rewrites its labelled set."""
+        group = pool.group.get(f"{AL_GROUP}/{self.experiment}")
+        owner = group.attrs.get("run_dir") if group is not None else None
+        if owner != str(self.run_dir.path.resolve()):
+            raise XalError(f"pool {pool.path}: AL experiment {self.experiment!r} now belongs to run folder "
+                           f"{owner}, not {self.run_dir.path}; pass --overwrite to restart this run")
+
+    def _round_array(self, pool: Pool, fresh: bool) -> Any:
+        """al/<experiment>/labelled_round, created (all -1) when ``fresh``; the config in its attrs."""
+        rounds = None if fresh else pool.labelled_round_array(self.experiment)
+        if rounds is None:
+            rounds = pool.create_labelled_round(self.experiment)
+            pool.group[f"{AL_GROUP}/{self.experiment}"].attrs.update({
+                "strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path.resolve()),
+                "loop": _jsonable(asdict(self.config))})
+        return rounds
+
+    def _train(self, pool: Pool, r: int, model_path: Path) -> Path:
+        config = replace(self.config.train, seed=self.seed * SEED_STRIDE + r, labelled_only=self.experiment)
+        initial_state = None
+        if self.config.retrain == "finetune" and r > 0:
+            previous = self.run_dir.round_dir(self.strategy, self.seed, r - 1) / "model.pt"
+            initial_state = load_checkpoint(previous)[0].state_dict()
+        result = train(pool, config, initial_state=initial_state, show_progress=self.show_progress,
+                       log=self.log)
+        return save_checkpoint(model_path, result.model, result.checkpoint)
+
+
+def config_record(pool_path: str | Path, config: LoopConfig) -> dict[str, Any]:
+    """What config.json holds."""
+    return _jsonable({"format": RUN_FORMAT, "pool": str(Path(pool_path).resolve()),
+                      "strategies": list(config.strategies), "seeds": list(range(config.seeds)),
+                      "rounds": config.rounds, "arch": config.train.arch, "loop": asdict(config)})
+
+
+def check_pool(pool: Pool, config: LoopConfig) -> None:
+    """A simulation reveals labels from the pool: every train image needs one; test images are needed;
+    the initial set must fit in the train split. Then the training settings, so that a bad flag is
+    refused before the run folder is written (a corrected rerun would otherwise meet a stale config)."""
+    split = np.asarray(pool.group["split"][:])
+    labels = np.asarray(pool.group["labels"][:])
+    unknown = int(((split == SPLIT_TRAIN) & (labels < 0)).sum())
+    if unknown:
+        raise XalError(f"pool {pool.path}: {unknown} train-split image(s) have label -1; the loop reveals "
+                       "labels from the pool, so every train image needs one")
+    if not np.any(split == SPLIT_TRAIN):
+        raise XalError(f"pool {pool.path} has no train-split images (split 0)")
+    if not np.any((split == SPLIT_TEST) & (labels >= 0)):
+        raise XalError(f"pool {pool.path} has no labelled test images (split 2) to evaluate on")
+    n_train = int((split == SPLIT_TRAIN).sum())
+    if config.initial > n_train:
+        raise XalError(f"--initial {config.initial} is more than the {n_train} train-split images of pool "
+                       f"{pool.path}")
+    check_inputs(pool, config.train)
+    check_target_layer(config.train)
+
+
+def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,
+             overwrite: bool = False, log: Callable[[str], None] = _stderr,
+             show_progress: bool | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows."""
+    pool = Pool.open(pool_path)
+    check_pool(pool, config)
+    run_dir = RunDir.prepare(out, config_record(pool_path, config), overwrite)
+    for seed in range(config.seeds):
+        for strategy in config.strategies:
+            loop = ALLoop(pool_path, run_dir, config, strategy, seed, log=log, show_progress=show_progress)
+            if loop.round:
+                log(f"{loop.experiment}: resuming at round {loop.round} ({loop.round} complete)")
+            while loop.step():
+                pass
+    return run_dir.rows

@@ -1,0 +1,491 @@
+"""``xal-engine report RUN_DIR``: learning curves, summary tables and CAM contact sheets of a loop run.
+
+Reads the run directory that ``xal-engine loop`` writes (see :mod:`xal_engine.jobs.loop`):
+
+    config.json                                  pool, strategies, seeds, rounds, arch, loop config
+    metrics.csv                                  one row per (strategy, seed, round)
+    <strategy>/seed<k>/round<r>/selected.csv     the batch labelled in round r (batch CSV)
+    <strategy>/seed<k>/round<r>/model.pt         the checkpoint trained after round r's labels
+
+and writes, to RUN_DIR/report/ (or ``out``): ``learning_curves.png`` (metric vs labels, mean ± std
+band across seeds, one line per strategy), ``contact_<strategy>.png`` (the last selected batch of
+the strategy's first seed with the Grad-CAM of the model that selected it), ``report.md`` and
+``report.html`` (the tables, images by relative path).
+
+Statistics across seeds: mean and sample standard deviation (ddof = 1; none with one seed), NaN
+values left out. The final round of a strategy is the last round every one of its seeds has
+completed, so a run still in progress compares like with like. The area under the learning curve
+(ALC) of one seed is the trapezoid area of metric vs number of labels up to that round, divided by
+the label range: the mean metric over the labelling budget, on the metric's own scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from xal_engine.errors import XalError
+from xal_engine.jobs.overlay import OverlayStyle, Panel, contact_sheet, save_figure
+
+KEY_COLUMNS = ("strategy", "seed", "round", "n_labelled")
+CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
+                 "macro_f1": "Macro-F1", "test_dice": "Test Dice"}
+TABLE_METRICS = {**CURVE_METRICS, "auroc": "AUROC", "test_soft_dice": "Test soft Dice",
+                 "test_energy": "Test energy", "test_hit_rate": "Test hit rate"}
+CURVES_PNG = "learning_curves.png"
+SHEETS_TITLE = "Last selected batches"
+SHEETS_KEY = ("Grad-CAM (jet) over each image, the expert ROI's contour in magenta; captions: id, predicted "
+              "class, H = predictive entropy (nats), Dice of the CAM thresholded at the run's threshold "
+              "with the ROI.")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Defaults of ``xal-engine report``."""
+
+    device: str = "auto"  # where CAMs are recomputed
+    max_images: int = 36  # panels per contact sheet (the batch's top ranks)
+    batch_size: int = 16  # images per CAM forward/backward
+    style: OverlayStyle = field(default_factory=OverlayStyle)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run directory's config and metrics, one numpy column per metrics.csv field."""
+
+    path: Path
+    config: dict[str, Any]
+    strategies: list[str]  # config order, then any other strategy found in metrics.csv
+    strategy: np.ndarray  # (n,) str
+    seed: np.ndarray  # (n,) int64
+    round: np.ndarray  # (n,) int64
+    n_labelled: np.ndarray  # (n,) float64
+    metrics: dict[str, np.ndarray]  # name -> (n,) float64, NaN where missing
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # NaN with fewer than two finite values
+    count: int  # finite values
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One strategy's learning curve of one metric: one point per round."""
+
+    strategy: str
+    rounds: np.ndarray  # (r,) int64
+    n_labelled: np.ndarray  # (r,) mean over seeds
+    mean: np.ndarray  # (r,)
+    std: np.ndarray  # (r,) NaN where fewer than two seeds
+
+
+@dataclass(frozen=True)
+class StrategySummary:
+    strategy: str
+    seeds: list[int]
+    final_round: int
+    n_labelled: float  # mean over seeds at the final round
+    final: dict[str, Stat]  # metric -> across seeds at the final round
+    alc: dict[str, Stat]  # curve metric -> across seeds, rounds 0..final_round
+
+
+def stat(values: np.ndarray) -> Stat:
+    """Mean and sample std (ddof = 1) of the finite values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    mean = float(v.mean()) if v.size else math.nan
+    std = float(v.std(ddof=1)) if v.size > 1 else math.nan
+    return Stat(mean, std, int(v.size))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise XalError(f"{path} not found: {path.parent} is not a loop run directory "
+                       "(expected config.json and metrics.csv from `xal-engine loop`)")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise XalError(f"{path} cannot be read as JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise XalError(f"{path} must hold a JSON object (got {type(value).__name__})")
+    return value
+
+
+def _number(text: str | None, path: Path, line: int, column: str) -> float:
+    if text is None or text.strip() == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise XalError(f"{path}: line {line}: column {column} is {text!r}, expected a number") from None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """config.json and metrics.csv of ``run_dir``; an XalError names a missing file or bad value."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise XalError(f"run directory {path} not found")
+    config = _read_json(path / "config.json")
+    metrics_path = path / "metrics.csv"
+    if not metrics_path.is_file():
+        raise XalError(f"{metrics_path} not found: the run has not completed a round yet "
+                       f"(or {path} is not a loop run directory)")
+    with open(metrics_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        missing = [c for c in KEY_COLUMNS if c not in fields]
+        if missing:
+            raise XalError(f"{metrics_path}: missing column(s) {', '.join(missing)} "
+                           f"(expected {', '.join(KEY_COLUMNS)} and the metrics)")
+        rows = [(reader.line_num, row) for row in reader]
+    cols: dict[str, list[float]] = {c: [] for c in ("seed", "round", "n_labelled", *TABLE_METRICS)}
+    strategy = []
+    for line, row in rows:
+        if not row["strategy"]:
+            raise XalError(f"{metrics_path}: line {line}: empty strategy")
+        strategy.append(row["strategy"])
+        for name, values in cols.items():
+            values.append(_number(row.get(name), metrics_path, line, name))
+    for name in ("seed", "round"):
+        bad = [v for v in cols[name] if not (math.isfinite(v) and v == int(v) and v >= 0)]
+        if bad:
+            raise XalError(f"{metrics_path}: column {name} holds {bad[0]!r}, expected integers >= 0")
+    listed = [str(s) for s in config.get("strategies", [])]
+    strategies = listed + sorted(set(strategy) - set(listed))
+    return RunData(
+        path=path, config=config, strategies=strategies, strategy=np.asarray(strategy, dtype=np.str_),
+        seed=np.asarray(cols["seed"], dtype=np.int64), round=np.asarray(cols["round"], dtype=np.int64),
+        n_labelled=np.asarray(cols["n_labelled"], dtype=np.float64),
+        metrics={m: np.asarray(cols[m], dtype=np.float64) for m in TABLE_METRICS})
+
+
+def learning_curve(run: RunData, strategy: str, metric: str) -> Curve:
+    """Mean ± std across seeds per round (rounds in order)."""
+    mine = run.strategy == strategy
+    rounds = np.unique(run.round[mine])
+    stats = [stat(run.metrics[metric][mine & (run.round == r)]) for r in rounds]  # one per round
+    labels = [float(run.n_labelled[mine & (run.round == r)].mean()) for r in rounds]
+    return Curve(strategy, rounds, np.asarray(labels), np.asarray([s.mean for s in stats]),
+                 np.asarray([s.std for s in stats]))
+
+
+def learning_curve_figure(run: RunData, metrics: dict[str, str] = CURVE_METRICS) -> Figure:
+    """One panel per metric; per strategy a line (mean) with a band (± std) over labels."""
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colours = {s: f"C{i % 10}" for i, s in enumerate(run.strategies)}
+    for ax, (metric, title) in zip(axes, metrics.items()):
+        for strategy in run.strategies:
+            c = learning_curve(run, strategy, metric)
+            if not len(c.rounds) or not np.isfinite(c.mean).any():
+                continue
+            ax.plot(c.n_labelled, c.mean, marker="o", markersize=3, color=colours[strategy], label=strategy)
+            band = np.isfinite(c.std)
+            if band.any():
+                ax.fill_between(c.n_labelled, c.mean - np.where(band, c.std, 0.0),
+                                c.mean + np.where(band, c.std, 0.0), color=colours[strategy], alpha=0.2,
+                                linewidth=0)
+        ax.set_title(title)
+        ax.set_xlabel("labelled images")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def _alc(n_labelled: np.ndarray, values: np.ndarray) -> float:
+    """Trapezoid area under values(n_labelled) over the label range; the value itself for one point."""
+    if len(values) == 1:
+        return float(values[0])
+    span = float(n_labelled[-1] - n_labelled[0])
+    if span <= 0:
+        return math.nan
+    area = np.sum(0.5 * (values[1:] + values[:-1]) * np.diff(n_labelled))  # trapezoids (numpy 1.x too)
+    return float(area / span)
+
+
+def summarise(run: RunData) -> list[StrategySummary]:
+    """Per strategy with any row: final-round statistics and ALC across seeds."""
+    out = []
+    for strategy in run.strategies:
+        mine = run.strategy == strategy
+        seeds = sorted({int(s) for s in run.seed[mine]})
+        if not seeds:
+            continue
+        final = min(int(run.round[mine & (run.seed == s)].max()) for s in seeds)
+        at_final = mine & (run.round == final)
+        alc: dict[str, Stat] = {}
+        for metric in CURVE_METRICS:
+            per_seed = []
+            for s in seeds:
+                rows = mine & (run.seed == s) & (run.round <= final)
+                order = np.argsort(run.round[rows])
+                per_seed.append(_alc(run.n_labelled[rows][order], run.metrics[metric][rows][order]))
+            alc[metric] = stat(np.asarray(per_seed))
+        out.append(StrategySummary(
+            strategy=strategy, seeds=seeds, final_round=final,
+            n_labelled=float(run.n_labelled[at_final].mean()),
+            final={m: stat(run.metrics[m][at_final]) for m in TABLE_METRICS}, alc=alc))
+    return out
+
+
+def format_stat(s: Stat, digits: int = 3) -> str:
+    if not s.count:
+        return "n/a"
+    if math.isnan(s.std):
+        return f"{s.mean:.{digits}f}"
+    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+
+
+def summary_tables(summaries: list[StrategySummary]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the final-round table and the ALC table."""
+    key = ["strategy", "seeds", "round", "labels"]
+    final_rows, alc_rows = [], []
+    for s in summaries:
+        lead = [s.strategy, str(len(s.seeds)), str(s.final_round), f"{s.n_labelled:g}"]
+        final_rows.append(lead + [format_stat(s.final[m]) for m in TABLE_METRICS])
+        alc_rows.append(lead + [format_stat(s.alc[m]) for m in CURVE_METRICS])
+    return [("Final round (mean ± std across seeds)", key + list(TABLE_METRICS.values()), final_rows),
+            ("Area under the learning curve (normalised by the label range, rounds 0..final)",
+             key + list(CURVE_METRICS.values()), alc_rows)]
+
+
+# --------------------------------------------------------------------------------- contact sheets
+@dataclass(frozen=True)
+class SheetSource:
+    """The batch a contact sheet shows and the checkpoint that selected it."""
+
+    strategy: str
+    seed: int
+    round: int
+    selected: Path  # round<r>/selected.csv
+    model: Path  # round<r-1>/model.pt (round 0: its own model, nothing selected it)
+
+
+def last_batch(run: RunData, strategy: str, seed: int) -> SheetSource | None:
+    """The latest round of (strategy, seed) with a selected.csv and the checkpoint that chose it."""
+    base = run.path / strategy / f"seed{seed}"
+    found = sorted((int(p.name[5:]), p) for p in base.glob("round*")
+                   if p.name[5:].isdigit() and (p / "selected.csv").is_file())
+    for r, folder in reversed(found):
+        model = base / f"round{max(r - 1, 0)}" / "model.pt"
+        if model.is_file():
+            return SheetSource(strategy, seed, r, folder / "selected.csv", model)
+    return None
+
+
+def read_selected(path: Path, limit: int) -> tuple[np.ndarray, list[str]]:
+    """Pool indices (n,) int64 and ids of the first ``limit`` rows of a batch CSV, in rank order."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"index", "id"} <= set(reader.fieldnames or []):
+            raise XalError(f"{path}: expected columns index and id (a batch CSV from `xal-engine select`)")
+        rows = [(reader.line_num, r) for r in reader][:limit]
+    try:
+        index = np.asarray([int(r["index"]) for _, r in rows], dtype=np.int64)
+    except ValueError:
+        bad = next(line for line, r in rows if not r["index"].strip().isdigit())
+        raise XalError(f"{path}: line {bad}: index is not an integer") from None
+    return index, [r["id"] for _, r in rows]
+
+
+def count_rows(path: Path) -> int:
+    """Data rows of a CSV (the header excluded)."""
+    with open(path, newline="") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+
+def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
+                 threshold: float) -> list[Panel]:
+    """Recompute the selecting model's Grad-CAM of the batch images; one captioned panel each."""
+    from xal_engine.core.inputs import resolve_device, to_unit_float
+    from xal_engine.core.models import load_checkpoint
+    from xal_engine.core.scoring import score_batch
+    from xal_engine.ops.reference import upsample_normalise
+    from xal_engine.store.pool import Pool
+
+    index, ids = read_selected(source.selected, config.max_images)
+    if not len(index):
+        return []
+    pool = Pool.open(pool_path)
+    if index.min() < 0 or index.max() >= pool.n:
+        raise XalError(f"{source.selected}: index outside pool {pool.path} of {pool.n} images")
+    pool_ids = np.asarray(pool.arrays["ids"].oindex[index]).astype(object)
+    if list(pool_ids) != ids:
+        raise XalError(f"{source.selected}: ids differ from pool {pool.path} at the listed indices "
+                       "(was the pool rebuilt? pass the run's pool with --pool)")
+    images = np.asarray(pool.arrays["images"].oindex[index])  # (n, C, H, W) pool dtype
+    rois = np.asarray(pool.arrays["rois"].oindex[index])  # (n, H, W) bool
+    has_roi = np.asarray(pool.arrays["has_roi"].oindex[index])  # (n,) bool
+    device = resolve_device(config.device)
+    model, ckpt = load_checkpoint(source.model, device=device)
+    if ckpt.in_channels != pool.channels:
+        raise XalError(f"checkpoint {source.model} reads {ckpt.in_channels} channel(s); pool {pool.path} "
+                       f"has {pool.channels}")
+    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")
+    maps, preds, entropy, dice = [], [], [], []
+    for a in range(0, len(index), config.batch_size):  # a few batches of one sheet
+        x = to_unit_float(torch.from_numpy(images[a:a + config.batch_size]).to(device), mean, std)
+        s = score_batch(model, ckpt.target_layer, x, rois=torch.from_numpy(rois[a:a + config.batch_size]),
+                        has_roi=torch.from_numpy(has_roi[a:a + config.batch_size]), threshold=threshold,
+                        return_cam=True)
+        assert s.cam is not None
+        maps.append(upsample_normalise(s.cam, (pool.height, pool.width)).cpu())  # (b, H, W) == S
+        preds.append(s.pred.cpu())
+        entropy.append(s.entropy.cpu())
+        dice.append(s.dice.cpu())
+    cam, pred = torch.cat(maps).numpy(), torch.cat(preds).numpy()
+    ent, dc = torch.cat(entropy).numpy(), torch.cat(dice).numpy()
+    panels = []
+    for i in range(len(index)):  # captions: a few dozen strings
+        d = "n/a (no ROI)" if math.isnan(float(dc[i])) else f"{dc[i]:.2f}"
+        caption = f"{ids[i]}\npred {ckpt.classes[int(pred[i])]}\nH {ent[i]:.2f}  Dice {d}"
+        panels.append(Panel(image=images[i], cam=cam[i], roi=rois[i] if has_roi[i] else None,
+                            caption=caption))
+    return panels
+
+
+# -------------------------------------------------------------------------------------- writing
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """What both report files show, in order."""
+
+    title: str
+    facts: list[str]
+    tables: list[tuple[str, list[str], list[list[str]]]]
+    curves: str  # file name of the learning curves
+    sheets: list[tuple[str, str]]  # (caption, file name)
+    notes: list[str]  # what could not be shown, and why
+
+
+def render_markdown(c: ReportContent) -> str:
+    parts = [f"# {c.title}", "\n".join(f"- {f}" for f in c.facts), "## Learning curves",
+             f"![learning curves]({c.curves})"]
+    for title, header, rows in c.tables:
+        parts += [f"## {title}", _markdown_table(header, rows) if rows else "_no rounds completed yet_"]
+    if c.sheets:
+        parts += [f"## {SHEETS_TITLE}", SHEETS_KEY]
+        parts += [f"{caption}\n\n![{caption}]({name})" for caption, name in c.sheets]
+    if c.notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in c.notes)]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(c: ReportContent) -> str:
+    e = html.escape
+    parts = [f"<h1>{e(c.title)}</h1>", "<ul>" + "".join(f"<li>{e(f)}</li>" for f in c.facts) + "</ul>",
+             "<h2>Learning curves</h2>", f'<img src="{e(c.curves)}" alt="learning curves">']
+    for title, header, rows in c.tables:
+        parts += [f"<h2>{e(title)}</h2>", _html_table(header, rows) if rows else "<p>no rounds completed yet</p>"]
+    if c.sheets:
+        parts += [f"<h2>{e(SHEETS_TITLE)}</h2>", f"<p>{e(SHEETS_KEY)}</p>"]
+        parts += [f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption>'
+                  "</figure>" for caption, name in c.sheets]
+    if c.notes:
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{e(n)}</li>" for n in c.notes) + "</ul>"]
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(c.title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfig,
+            notes: list[str]) -> list[tuple[str, str]]:
+    """Draw the contact sheet of each strategy's first seed; what cannot be drawn becomes a note."""
+    threshold = float(run.config.get("loop", {}).get("threshold", 0.5))
+    sheets = []
+    for strategy in run.strategies:
+        seeds = sorted({int(s) for s in run.seed[run.strategy == strategy]}) or \
+            [int(s) for s in run.config.get("seeds", [])][:1]
+        source = last_batch(run, strategy, seeds[0]) if seeds else None
+        if source is None:
+            notes.append(f"{strategy}: no selected batch with its checkpoint yet")
+            continue
+        if pool_path is None or not pool_path.exists():
+            notes.append(f"{strategy}: contact sheet skipped, pool {pool_path} not found (pass --pool)")
+            continue
+        panels = batch_panels(pool_path, source, config, threshold)
+        picked = "initial set" if source.round == 0 else f"round {source.round} batch"
+        model = "round-0 model" if source.round == 0 else \
+            f"round-{source.round - 1} model (whose scores the selection used)"
+        total = count_rows(source.selected)
+        shown = f"{len(panels)} image(s)" if len(panels) == total else \
+            f"the first {len(panels)} of {total} images in rank order"
+        caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), Grad-CAM of the {model}"
+        name = f"contact_{strategy}.png"
+        save_figure(contact_sheet(panels, caption, config.style), out / name)
+        sheets.append((caption, name))
+    return sheets
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path  # the main file
+    markdown: Path
+    curves: Path
+    sheets: list[Path]
+    notes: list[str]  # what could not be shown, and why
+
+
+def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | Path | None = None,
+                config: ReportConfig = ReportConfig()) -> ReportFiles:
+    """Write the report of ``run_dir`` into ``out`` (default RUN_DIR/report)."""
+    run = load_run(run_dir)
+    out_dir = Path(out) if out is not None else run.path / "report"
+    if not out_dir.parent.is_dir():
+        raise XalError(f"--out {out_dir}: its parent folder does not exist")
+    out_dir.mkdir(exist_ok=True)
+    pool_path = Path(pool) if pool is not None else (Path(run.config["pool"]) if "pool" in run.config else None)
+    curves = save_figure(learning_curve_figure(run), out_dir / CURVES_PNG)
+    notes: list[str] = []
+    sheets = _sheets(run, pool_path, out_dir, config, notes)
+    planned = run.config.get("rounds")
+    seeds = run.config.get("seeds", sorted(set(run.seed.tolist())))
+    facts = [f"run: {run.path}", f"pool: {pool_path}", f"architecture: {run.config.get('arch', '?')}",
+             f"strategies: {', '.join(run.strategies)}", f"seeds: {', '.join(str(s) for s in seeds)}",
+             f"rounds planned: {planned if planned is not None else '?'}",
+             f"rows in metrics.csv: {len(run.strategy)}",
+             "statistics: mean ± sample std (ddof 1) across seeds; no ± with one seed"]
+    content = ReportContent(title=f"xal-engine report: {run.path.name}", facts=facts,
+                            tables=summary_tables(summarise(run)), curves=CURVES_PNG, sheets=sheets,
+                            notes=notes)
+    markdown = out_dir / "report.md"
+    markdown.write_text(render_markdown(content))
+    main = out_dir / "report.html"
+    main.write_text(render_html(content))
+    return ReportFiles(html=main, markdown=markdown, curves=curves,
+                       sheets=[out_dir / name for _, name in sheets], notes=notes)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, pool: str | Path | None = None,
+                 config: ReportConfig = ReportConfig()) -> Path:
+    """Write the report of ``run_dir`` (see :func:`make_report`); returns report.html."""
+    return make_report(run_dir, out, pool, config).html

@@ -1,0 +1,119 @@
+"""`xal-engine select`: rank a pool's unlabelled train images from a scoring run and write a batch.
+
+Candidates are the train split (split 0) minus the images an AL experiment has already labelled
+(`al/<experiment>/labelled_round >= 0`). Validation and test images are never candidates. The batch is
+written as CSV (one row per selected image: rank, index, id, acquisition score and every per-image
+number of the run) with a JSON sidecar holding the selection config, both written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xal_engine.core.acquisition import RunScores, SelectConfig, select
+from xal_engine.errors import XalError
+from xal_engine.store.pool import SPLIT_TRAIN, Pool
+from xal_engine.store.score_run import ScoreRun
+
+CSV_FIELDS = ("rank", "index", "id", "score", "pred", "pred_class", "entropy", "margin",
+              "least_confidence", "dice", "soft_dice", "energy", "hit", "has_roi")
+
+
+@dataclass(frozen=True)
+class BatchSelection:
+    indices: np.ndarray  # [b] pool indices, best first
+    rows: list[dict]  # CSV rows
+    config: SelectConfig
+    run: str
+    experiment: str | None
+    n_candidates: int
+
+
+def labelled_mask(pool: Pool, experiment: str | None) -> np.ndarray:
+    """(N,) bool: images the experiment has labelled (all False without an experiment)."""
+    if experiment is None:
+        return np.zeros(pool.n, dtype=bool)
+    return pool.read_labelled_round(experiment) >= 0
+
+
+def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
+                 experiment: str | None = None) -> BatchSelection:
+    pool = Pool.open(pool_path)
+    run = ScoreRun.open(pool.group, run_name)
+    done = run.done_mask()
+    if not done.all():
+        raise XalError(
+            f"score run {run_name!r} is incomplete ({int(done.sum())} of {done.size} work units done); "
+            "finish it with `xal-engine score` first"
+        )
+    split = np.asarray(pool.group["split"][:])
+    candidates = np.flatnonzero((split == SPLIT_TRAIN) & ~labelled_mask(pool, experiment))
+    if candidates.size == 0:
+        raise XalError("the pool has no unlabelled train images left to select from")
+    r = run.read()
+    scores = RunScores(
+        probs=r["probs"][candidates].astype(np.float32), pred=r["pred"][candidates],
+        entropy=r["entropy"][candidates], margin=r["margin"][candidates],
+        least_confidence=r["least_confidence"][candidates], dice=r["dice"][candidates],
+        soft_dice=r["soft_dice"][candidates],
+    )
+    labels = np.asarray(pool.group["labels"][:])[candidates] if config.balance == "oracle" else None
+    chosen = select(scores, config, labels=labels)
+    indices = candidates[chosen.order]
+    ids = np.asarray(pool.group["ids"][:])
+    has_roi = np.asarray(pool.group["has_roi"][:])
+    classes = pool.classes
+    rows = []
+    for rank, (pos, idx) in enumerate(zip(chosen.order, indices), start=1):
+        rows.append({
+            "rank": rank, "index": int(idx), "id": str(ids[idx]), "score": float(chosen.score[pos]),
+            "pred": int(r["pred"][idx]), "pred_class": classes[int(r["pred"][idx])],
+            **{f: float(r[f][idx]) for f in ("entropy", "margin", "least_confidence", "dice",
+                                             "soft_dice", "energy")},
+            "hit": bool(r["hit"][idx]), "has_roi": bool(has_roi[idx]),
+        })
+    return BatchSelection(indices=indices, rows=rows, config=config, run=run_name,
+                          experiment=experiment, n_candidates=int(candidates.size))
+
+
+def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Path) -> tuple[Path, Path]:
+    """Write `out` (CSV) and `out`.json (selection config) atomically; returns both paths."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise XalError(f"--out directory {out.parent} does not exist")
+    meta = {
+        "pool": str(pool_path), "run": selection.run, "experiment": selection.experiment,
+        "n_candidates": selection.n_candidates, "n_selected": len(selection.rows),
+        "config": asdict(selection.config),
+        # the paper's class balance by TRUE labels leaks the labels the batch is meant to discover
+        "oracle_balance": selection.config.balance == "oracle",
+    }
+    sidecar = out.with_name(out.name + ".json")
+    atomic_write(out, lambda f: _write_csv(f, selection.rows))
+    atomic_write(sidecar, lambda f: json.dump(meta, f, indent=2))
+    return out, sidecar
+
+
+def _write_csv(f, rows: list[dict]) -> None:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it over `path` (all or nothing)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,135 @@
+"""Pure-torch reference of ``gradcam_dice``: Grad-CAM -> upsample -> normalise -> ROI agreement.
+
+Runs on any device with fp32 arithmetic. Tests, benchmarks and the CPU path share it; the fused
+Triton kernel (``xal_engine.kernels.gradcam_dice``) reproduces it operation for operation.
+
+Per image b, with activations A and gradients G of shape (C, h, w) and an ROI mask R of shape (H, W):
+
+    w_k = mean_ij G_k,ij                                   channel weights           (C,)
+    M   = max(0, sum_k w_k A_k)                            Grad-CAM                  (h, w)
+    N   = (M - min M) / (max(M - min M) + 1e-7)            stage-1 min-max           (h, w)
+    U   = bilinear(N -> H x W), half-pixel centres (align_corners=False, no antialias)
+    S   = (U - min U) / (max(U - min U) + 1e-7)            stage-2 min-max           (H, W)
+
+S equals pytorch-grad-cam's ``GradCAM`` output for one layer. Agreement with R, at threshold tau:
+
+    dice      = 2 |{S >= tau} & R| / (|{S >= tau}| + |R|)  ties at tau count as attended
+    soft_dice = 2 sum(S R) / (sum S + |R|)
+    energy    = sum(S R) / sum S                          energy-based pointing game
+    hit       = R[argmax S]                                first maximum in row-major order
+
+Edge cases:
+- a zero denominator gives 0: an empty ROI gives dice = soft_dice = energy = 0 and hit False;
+- an all-zero CAM (S == 0 everywhere: every weighted channel sum is <= 0, or M is constant, as for
+  a 1x1 feature map) gives dice = soft_dice = energy = 0 and hit False, for any tau including 0;
+- a non-finite value in A or G (or an fp32 overflow of sum_k w_k A_k) gives NaN dice, soft_dice,
+  energy, a NaN map and hit False for that image only. Any non-finite A or G makes some entry of the
+  pre-ReLU sum non-finite (inf * 0 = NaN, inf * x = +-inf), so the check runs on that sum, before
+  the ReLU could turn -inf into 0.
+
+Conditioning: stage 2 divides by max U - min U + 1e-7, so where U is nearly constant (a map resized
+to a single row or column, say) the ~1e-7 float noise of any bilinear implementation becomes O(1)
+in S; backends agree on S to about 2e-7 / (max U - min U + 1e-7). Upsampled maps (H >= h, W >= w)
+of a non-zero CAM typically spread over most of [0, 1] and are well conditioned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xal_engine.ops.agreement import RoiAgreement
+from xal_engine.ops.checks import check_inputs
+
+EPS = 1e-7  # the min-max epsilon of pytorch-grad-cam
+
+
+def min_max(x: Tensor) -> Tensor:
+    """Per-image (x - min) / (max(x - min) + 1e-7) over all dims but the first, in that op order."""
+    flat = x.flatten(1)  # [B, P]
+    shifted = flat - flat.amin(1, keepdim=True)
+    return (shifted / (shifted.amax(1, keepdim=True) + EPS)).view_as(x)
+
+
+def low_res_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Stage-1 map N (B, h, w) float32; all NaN for an image whose pre-ReLU sum is not finite."""
+    a = activations.float()  # [B, C, h, w]
+    weights = gradients.float().mean(dim=(2, 3))  # [B, C]
+    # Elementwise product and sum, not einsum/bmm: a matmul may run in TF32 on a GPU.
+    cam = (weights[:, :, None, None] * a).sum(1)  # [B, h, w], pre-ReLU
+    finite = torch.isfinite(cam).flatten(1).all(1)  # [B]
+    n = min_max(cam.clamp_min(0.0))
+    return torch.where(finite[:, None, None], n, torch.full_like(n, float("nan")))
+
+
+def upsample_normalise(cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """Stage 2: bilinear N (B, h, w) -> (B, H, W) with half-pixel centres, then per-image min-max."""
+    u = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False, antialias=False)
+    return min_max(u[:, 0])
+
+
+def gradcam_maps(activations: Tensor, gradients: Tensor, size: tuple[int, int]) -> Tensor:
+    """S (B, H, W) float32, pytorch-grad-cam's GradCAM map at ``size``; NaN for non-finite inputs."""
+    return upsample_normalise(low_res_cam(activations, gradients), size)
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den in float32, 0 where den == 0."""
+    num, den = num.float(), den.float()
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def roi_agreement(maps: Tensor, rois: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dice, soft_dice, energy, hit) of maps S (B, H, W) in [0, 1] against bool ROIs (B, H, W).
+
+    Edge cases as in the module docstring: zero denominators give 0, an all-zero map gives zeros and
+    hit False, a map with a NaN gives NaN and hit False.
+    """
+    s = maps.float().flatten(1)  # [B, P]
+    r = rois.flatten(1)  # [B, P] bool
+    attended = s >= threshold
+    n_roi = r.sum(1)  # [B] int64, exact
+    s_roi = torch.where(r, s, 0.0).sum(1)  # sum(S R)
+    s_sum = s.sum(1)
+    dice = _ratio(2 * (attended & r).sum(1), attended.sum(1) + n_roi)
+    soft_dice = _ratio(2 * s_roi, s_sum + n_roi)
+    energy = _ratio(s_roi, s_sum)
+    s_max = s.amax(1)
+    hit = r.gather(1, s.argmax(1, keepdim=True))[:, 0] & (s_max > 0)
+    flat = s_max == 0  # all-zero map: nothing attended, even at tau = 0
+    zero = torch.zeros_like(dice)
+    dice, soft_dice, energy = (torch.where(flat, zero, v) for v in (dice, soft_dice, energy))
+    bad = torch.isnan(s_max)  # amax propagates NaN
+    nan = torch.full_like(dice, float("nan"))
+    dice, soft_dice, energy = (torch.where(bad, nan, v) for v in (dice, soft_dice, energy))
+    return dice, soft_dice, energy, hit & ~bad
+
+
+def gradcam_dice(
+    activations: Tensor,
+    gradients: Tensor,
+    rois: Tensor | np.ndarray,
+    threshold: float = 0.5,
+    return_cam: bool = False,
+) -> RoiAgreement:
+    """Reference ``gradcam_dice``: activations/gradients (B, C, h, w), rois (B, H, W) at any H x W.
+
+    Materialises S (B, H, W) in memory, unlike the fused kernel. See the module docstring for the
+    math and the edge cases.
+    """
+    rois = check_inputs(activations, gradients, rois, threshold)
+    return gradcam_dice_checked(activations, gradients, rois, threshold, return_cam)
+
+
+def gradcam_dice_checked(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
+                         return_cam: bool) -> RoiAgreement:
+    """``gradcam_dice`` on inputs that ``check_inputs`` already returned (rois a bool tensor)."""
+    cam = low_res_cam(activations, gradients)  # [B, h, w]
+    if activations.shape[0] == 0:
+        empty = cam.new_zeros(0)
+        return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)
+    maps = upsample_normalise(cam, (rois.shape[1], rois.shape[2]))  # [B, H, W]
+    dice, soft_dice, energy, hit = roi_agreement(maps, rois, threshold)
+    return RoiAgreement(dice, soft_dice, energy, hit, cam if return_cam else None)

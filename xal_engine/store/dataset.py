@@ -1,0 +1,159 @@
+"""Feeding pool images to a model: chunk-aligned blocks of an index subset, and re-batching.
+
+One loader item is one chunk-aligned block of the pool restricted to a sorted index subset (a split,
+or the images an AL experiment labelled); blocks decode in DataLoader worker processes, in the pool's
+own dtype (uint8 travels 4x lighter than float32), and become float on the device. Memory holds a
+few blocks and the (N,) index arrays, never the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xal_engine.errors import XalError
+
+if TYPE_CHECKING:
+    from xal_engine.store.pool import Pool
+
+# A block or batch: images (n,C,H,W) pool dtype, rois (n,H,W) bool, has_roi (n,) bool,
+# labels (n,) int64 (-1 unknown), index (n,) int64 pool positions.
+Block = dict[str, torch.Tensor]
+
+def select_indices(pool: Pool, split: int | None = None, known_labels: bool = True,
+                   labelled_only: str | None = None) -> np.ndarray:
+    """Sorted int64 pool positions: in ``split`` (None: any), with a label >= 0 when
+    ``known_labels``, and marked ``al/<labelled_only>/labelled_round >= 0`` when an experiment is
+    named (an XalError if the pool has no such experiment)."""
+    keep = np.ones(pool.n, dtype=bool)
+    if split is not None:
+        keep &= np.asarray(pool.group["split"][:]) == split
+    if known_labels:
+        keep &= np.asarray(pool.group["labels"][:]) >= 0
+    if labelled_only is not None:
+        keep &= pool.read_labelled_round(labelled_only) >= 0
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+class BlockDataset(Dataset[Block]):
+    """Item i = the selected images of the i-th chunk-aligned pool range that holds any.
+
+    ``indices`` must be sorted and unique. The pool is reopened in each worker process (by path), so
+    no zarr handle crosses a fork.
+    """
+
+    def __init__(self, pool: Pool, indices: np.ndarray) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (np.any(np.diff(indices) <= 0) or indices[0] < 0 or indices[-1] >= pool.n):
+            raise XalError(f"indices must be sorted, unique and within [0, {pool.n})")
+        self._pool_type = type(pool)
+        self._path = pool.path
+        self._pool: Pool | None = pool
+        self._pid = os.getpid()
+        self.indices = indices
+        ranges = np.asarray(pool.chunk_ranges(), dtype=np.int64).reshape(-1, 2)  # (chunks, 2)
+        # CSR layout: the selected positions of range r are indices[offsets[r]:offsets[r+1]].
+        offsets = np.searchsorted(indices, np.concatenate([ranges[:, 0], ranges[-1:, 1]]))
+        nonempty = np.flatnonzero(np.diff(offsets) > 0)
+        self.ranges = ranges[nonempty]  # (blocks, 2)
+        self._lo = offsets[nonempty]
+        self._hi = offsets[nonempty + 1]
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getstate__(self) -> dict[str, Any]:  # spawn: pickle the path, not the open pool
+        return {**self.__dict__, "_pool": None}
+
+    def _open(self) -> Pool:
+        if self._pool is None or self._pid != os.getpid():
+            self._pool = self._pool_type.open(self._path)
+            self._pid = os.getpid()
+        return self._pool
+
+    def __getitem__(self, i: int) -> Block:
+        start, stop = (int(v) for v in self.ranges[i])
+        index = self.indices[self._lo[i]:self._hi[i]]
+        batch = self._open().read(start, stop)
+        rows = index - start
+        return {
+            "images": torch.from_numpy(np.ascontiguousarray(batch.images[rows])),
+            "rois": torch.from_numpy(np.ascontiguousarray(batch.rois[rows])),
+            "has_roi": torch.from_numpy(np.ascontiguousarray(batch.has_roi[rows])),
+            "labels": torch.from_numpy(batch.labels[rows].astype(np.int64)),
+            "index": torch.from_numpy(index.copy()),
+        }
+
+
+class EpochPermutation(Sampler[int]):
+    """Block order: a seeded permutation per epoch (``set_epoch``), or in order when ``seed`` is None."""
+
+    def __init__(self, n: int, seed: int | None) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if self.seed is None:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def block_loader(dataset: BlockDataset, sampler: Sampler[int], num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader[Block]:
+    """A DataLoader yielding one block per item (no collation), decoded in ``num_workers`` forked
+    processes that stay alive across epochs."""
+    fork = num_workers > 0 and sys.platform.startswith("linux")
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      multiprocessing_context="fork" if fork else None, prefetch_factor=2 if num_workers else None)
+
+
+def _cat(blocks: list[Block]) -> Block:
+    return {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def _take(block: Block, rows: torch.Tensor | slice) -> Block:
+    return {k: v[rows] for k, v in block.items()}
+
+
+def rebatch(blocks: Iterable[Block], batch_size: int, generator: torch.Generator | None = None,
+            buffer_images: int = 0, min_last: int = 1) -> Iterator[Block]:
+    """Blocks of any size -> batches of ``batch_size`` (the last may be smaller, dropped when under
+    ``min_last``). With a generator, rows are shuffled within a buffer of at least ``buffer_images``
+    images (block order is shuffled by the sampler), so memory stays at a few blocks."""
+    pending: list[Block] = []
+    held = 0
+    target = max(batch_size, buffer_images)
+    for block in blocks:
+        pending.append(block)
+        held += len(block["index"])
+        if held < target:
+            continue
+        buf = _cat(pending)
+        if generator is not None:
+            buf = _take(buf, torch.randperm(held, generator=generator))
+        full = held - held % batch_size
+        for s in range(0, full, batch_size):
+            yield _take(buf, slice(s, s + batch_size))
+        pending = [_take(buf, slice(full, held))] if full < held else []
+        held -= full
+    if held:
+        buf = _cat(pending)
+        if generator is not None:
+            buf = _take(buf, torch.randperm(held, generator=generator))
+        for s in range(0, held, batch_size):
+            part = _take(buf, slice(s, s + batch_size))
+            if len(part["index"]) >= min_last:
+                yield part
