@@ -42,7 +42,6 @@ with two threads for models this small).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -67,7 +66,8 @@ from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
 from xal_engine.jobs.loop import LoopConfig, run_loop
 from xal_engine.jobs.report import RunData, Stat, format_stat, load_run, make_report, stat, summarise
 from xal_engine.jobs.train import TrainConfig
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
+from xal_engine.store.run_folder import RunFolder, read_metrics_csv, read_selected, write_metrics_csv
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "paper_claim"
 BASELINES = ("random", "entropy")
@@ -192,25 +192,21 @@ def paired_verdict(dual: dict[int, float], other: dict[int, float]) -> tuple[Sta
 def batch_overlap(run: RunData, a: str, b: str) -> Stat:
     """Jaccard overlap of the batches strategies ``a`` and ``b`` selected, over seeds and rounds >= 1
     (each round's candidates depend on earlier picks, so this describes, it does not pair rounds)."""
+    folder = RunFolder(run.path)
     values = []
     for seed in sorted(set(run.seed.tolist())):
+        batches = [dict(folder.batches(s, seed)) for s in (a, b)]  # round -> selected.csv, per strategy
         for r in sorted(set(run.round.tolist()) - {0}):
-            picked = [_selected(run.path / s / f"seed{seed}" / f"round{r}" / "selected.csv") for s in (a, b)]
-            if picked[0] is not None and picked[1] is not None:
+            if r in batches[0] and r in batches[1]:
+                picked = [set(read_selected(batch[r])[0].tolist()) for batch in batches]
                 values.append(len(picked[0] & picked[1]) / max(1, len(picked[0] | picked[1])))
     return stat(np.asarray(values))
-
-
-def _selected(path: Path) -> set[int] | None:
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        return {int(row["index"]) for row in csv.DictReader(f)}
 
 
 def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[str]:
     summaries = {s.strategy: s for s in summarise(run)}
     cfg = run.config.get("loop", {})
+    seconds_per_round = RunFolder(run.path).read_metrics(("train_seconds", "score_seconds")).values  # (n,) each
     lines = [f"## {spec.name}", "",
              f"pool: `{type(spec.config).__name__}({', '.join(f'{k}={v}' for k, v in asdict(spec.config).items())})`",
              (f"loop: initial {cfg.get('initial')}, +{cfg.get('per_round')} per round for {cfg.get('rounds')} "
@@ -221,8 +217,8 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
              (f"seeds in the tables: {', '.join(str(k) for k in sorted(set(run.seed.tolist())))} (a seed counts "
               "when every strategy completed every round)"),
              f"wall time: {seconds / 60:.1f} min" if seconds is not None else "wall time: (collected only)",
-             (f"mean seconds per round: train {np.nanmean(_column(run, 'train_seconds')):.1f}, "
-              f"score {np.nanmean(_column(run, 'score_seconds')):.1f}"), "",
+             (f"mean seconds per round: train {np.nanmean(seconds_per_round['train_seconds']):.1f}, "
+              f"score {np.nanmean(seconds_per_round['score_seconds']):.1f}"), "",
              ("Final round (mean ± std over seeds) and area under the learning curve (ALC, mean over the "
               "label range):"), "",
              "| strategy | seeds | labels | accuracy | balanced acc. | test Dice | ALC accuracy | ALC test Dice |",
@@ -253,12 +249,6 @@ def pool_section(spec: PoolSpec, run: RunData, seconds: float | None) -> list[st
         lines += ["", "Overlap of the batches dual selected with those of other strategies (Jaccard, mean ± std "
                   "over seeds and rounds): " + "; ".join(f"{o} {format_stat(v, 2)}" for o, v in overlaps)]
     return lines + [""]
-
-
-def _column(run: RunData, name: str) -> np.ndarray:
-    """A metrics.csv column that RunData does not keep (timings)."""
-    with open(run.path / "metrics.csv", newline="") as f:
-        return np.asarray([float(r[name]) for r in csv.DictReader(f)], dtype=np.float64)
 
 
 def cpu_name() -> str:
@@ -312,26 +302,23 @@ def complete_seeds(run: RunData, config: ExperimentConfig) -> list[int]:
 def collect(spec: PoolSpec, config: ExperimentConfig, work: Path, out: Path) -> RunData:
     """Copy the run's config and the metrics of its complete seeds to out/<pool>/, and write the
     report (curves, tables, contact sheets) of those seeds to out/<pool>/report/."""
-    run_dir = work / f"{spec.name}-run"
-    seeds = complete_seeds(load_run(run_dir), config)
-    view = work / f"{spec.name}-complete"  # the run folder restricted to complete seeds
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir()
-    shutil.copyfile(run_dir / "config.json", view / "config.json")
-    with open(run_dir / "metrics.csv", newline="") as f:
-        lines = f.read().splitlines()
-    seed_col = lines[0].split(",").index("seed")
-    kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[seed_col]) in seeds]
-    (view / "metrics.csv").write_text("\n".join(kept) + "\n")
+    run = RunFolder(work / f"{spec.name}-run")
+    seeds = complete_seeds(load_run(run.path), config)
+    view = RunFolder(work / f"{spec.name}-complete")  # the run folder restricted to complete seeds
+    shutil.rmtree(view.path, ignore_errors=True)
+    view.path.mkdir()
+    shutil.copyfile(run.config_json, view.config_json)
+    write_metrics_csv(view.metrics_csv, [row for row in read_metrics_csv(run.metrics_csv)
+                                         if int(row["seed"]) in seeds])
     for strategy in config.loop.strategies:
-        if (run_dir / strategy).is_dir():
-            (view / strategy).symlink_to(run_dir / strategy)  # the reports' contact sheets read the rounds
-    dest = out / spec.name
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.csv", "config.json"):
-        shutil.copyfile(view / name, dest / name)
-    make_report(view, dest / "report", pool=work / f"{spec.name}-pool.zarr")
-    return load_run(view)
+        if run.strategy_dir(strategy).is_dir():  # the reports' contact sheets read the rounds
+            view.strategy_dir(strategy).symlink_to(run.strategy_dir(strategy))
+    dest = RunFolder(out / spec.name)
+    dest.path.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((view.metrics_csv, dest.metrics_csv), (view.config_json, dest.config_json)):
+        shutil.copyfile(src, dst)
+    make_report(view.path, dest.report_dir, pool=work / f"{spec.name}-pool.zarr")
+    return load_run(view.path)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -9,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xal_engine.cli import bench as bench_cli
+from xal_engine.bench import checkout, compare, plot, table
+from xal_engine.bench.suite import BenchConfig, level_argv, run_suite
 from xal_engine.cli import main
 from xal_engine.errors import XalError
 
 try:
-    BENCHMARKS = bench_cli.benchmarks_dir()  # also puts the scripts on sys.path
+    BENCHMARKS = checkout.benchmarks_dir()
 except XalError:  # an installed package without the checkout's benchmarks/ folder
     pytest.skip("benchmarks/ folder not found next to the package", allow_module_level=True)
-
-import compare
-import plot
-import table
-from suite import BenchConfig, level_argv, run_suite
 
 TINY = {
     "batch": ("--archs", "resnet18", "--batch-size", "2", "--image-size", "64"),
@@ -111,7 +107,8 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture[str], monkeypatc
     assert main(["bench", "--args", "train=--fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--args: expected LEVEL=ARGS" in err[0]
-    monkeypatch.setattr(bench_cli, "__file__", str(tmp_path / "site-packages" / "xal_engine" / "cli" / "bench.py"))
+    monkeypatch.setattr(checkout, "__file__",
+                        str(tmp_path / "site-packages" / "xal_engine" / "bench" / "checkout.py"))
     assert main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "benchmark scripts not found" in err[0] and "installed wheel" in err[0]
@@ -119,7 +116,7 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture[str], monkeypatc
 
 def test_a_provider_that_disagrees_is_refused(capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import baseline
+    from xal_engine.bench import baseline
 
     real = baseline.postprocess
 
@@ -187,7 +184,7 @@ def test_interleaved_times_run_one_call_of_each_provider_per_round() -> None:
 
 
 def test_pool_rounds_report_the_median_pass_and_the_largest_memory() -> None:
-    from bench_pool import median_pass
+    from xal_engine.bench.pool import median_pass
 
     passes = [{"seconds": s, "peak_rss_mb": m, "peak_gpu_mb": 0.0} for s, m in ((3.0, 10.0), (1.0, 30.0), (2.0, 20.0))]
     assert median_pass(passes) == {"seconds": 2.0, "peak_rss_mb": 30.0, "peak_gpu_mb": 0.0}

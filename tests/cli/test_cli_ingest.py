@@ -10,7 +10,7 @@ import pytest
 
 from xal_engine.cli import main
 from xal_engine.ingest.samples import write_brats_case, write_csv
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 
 @pytest.fixture(scope="module")

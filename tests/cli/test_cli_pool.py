@@ -13,7 +13,7 @@ import pytest
 
 from xal_engine.cli import main
 from xal_engine.ingest.synthetic import SyntheticConfig
-from xal_engine.store.pool import Pool, partial_path
+from xal_engine.store import Pool, partial_path
 
 CREATE = ["pool", "create", "--synthetic", "--n", "120", "--size", "32", "--classes", "3",
           "--seed", "1", "--shortcut", "0.5", "--roi-fraction", "0.75"]

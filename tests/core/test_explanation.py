@@ -117,7 +117,7 @@ def test_explanation_weight_changes_training_and_leaves_no_hook(tiny_pool: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from xal_engine.core import explanation
     from xal_engine.jobs import train as training
-    from xal_engine.store.pool import Pool
+    from xal_engine.store import Pool
 
     terms: list[float] = []
     original = explanation.explanation_loss

@@ -11,7 +11,7 @@ from scipy.ndimage import binary_erosion
 
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import assign_splits, block_size, marker_masks
-from xal_engine.store.pool import PER_IMAGE_ARRAYS, SPLIT_TEST, SPLIT_TRAIN, Pool
+from xal_engine.store import PER_IMAGE_ARRAYS, SPLIT_TEST, SPLIT_TRAIN, Pool
 
 pytest.importorskip("nilearn", reason="the brain phantom needs nilearn (the 'experiments' extra) for MNI152")
 

@@ -15,7 +15,7 @@ from xal_engine.ingest import IngestConfig, ingest, report_path
 from xal_engine.ingest import brats as brats_mod
 from xal_engine.ingest.brats import BratsSettings, BratsSource
 from xal_engine.ingest.samples import write_brats_case, write_nifti
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 SHAPE = (24, 24, 12)
 KEPT = [3, 5, 7, 8]          # slices with >= 100 tumour voxels (slice 9 has 99)

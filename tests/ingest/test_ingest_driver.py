@@ -14,7 +14,7 @@ from xal_engine.ingest.brats import BratsSource
 from xal_engine.ingest.common import IngestSource, assign_splits
 from xal_engine.ingest.driver import progress_log_path
 from xal_engine.ingest.samples import write_brats_case
-from xal_engine.store.pool import Pool, PoolWriter, partial_path
+from xal_engine.store import Pool, PoolWriter, partial_path
 
 SHAPE = (16, 16, 6)
 SIZE = 16

@@ -11,7 +11,7 @@ from xal_engine.errors import XalError
 from xal_engine.ingest import IngestConfig, ingest
 from xal_engine.ingest.folder import FolderSettings, FolderSource
 from xal_engine.ingest.samples import write_csv
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 cv2 = pytest.importorskip("cv2")
 N = 10

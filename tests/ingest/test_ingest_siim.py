@@ -10,7 +10,7 @@ import pytest
 from xal_engine.ingest import IngestConfig, ingest
 from xal_engine.ingest.samples import write_csv, write_dicom
 from xal_engine.ingest.siim import SiimSource, parse_boxes
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 pytest.importorskip("pydicom")
 H, W, S = 40, 60, 20       # x scales by 1/3, y by 1/2

@@ -13,7 +13,7 @@ from xal_engine.errors import XalError
 from xal_engine.ingest import IngestConfig, ingest
 from xal_engine.ingest.samples import VINDR_HEADER, write_csv, write_dicom
 from xal_engine.ingest.vindr import VindrSettings, VindrSource
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 pytest.importorskip("pydicom")
 H, W, S = 40, 60, 20       # original rows x columns; output 20 x 20: x scales by 1/3, y by 1/2

@@ -23,7 +23,7 @@ from xal_engine.ingest.synthetic import (
     marker_masks,
     marker_size,
 )
-from xal_engine.store.pool import PER_IMAGE_ARRAYS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
+from xal_engine.store import PER_IMAGE_ARRAYS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
 
 CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 4-neighbourhood, per image
 

@@ -13,8 +13,8 @@ import torch
 
 from xal_engine.jobs import loop
 from xal_engine.jobs.demo import DEFAULT, DemoConfig, run_demo, summary_lines
-from xal_engine.jobs.loop import read_metrics_csv
-from xal_engine.store.pool import SPLIT_TEST, Pool
+from xal_engine.store import SPLIT_TEST, Pool
+from xal_engine.store.run_folder import read_metrics_csv
 
 TINY = DemoConfig(pool=replace(DEFAULT.pool, n=90, size=32), name="tiny",
                   loop=replace(DEFAULT.loop, initial=12, per_round=6, rounds=1,

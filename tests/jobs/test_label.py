@@ -14,7 +14,7 @@ from xal_engine.cli import main
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, generate_block
 from xal_engine.jobs.label import ImportConfig, import_labels
-from xal_engine.store.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 
 N, SIZE, CHUNK = 40, 32, 8
 # Image i: split fixed by hand so tests can name train/val/test ids; labels start unknown.

@@ -21,18 +21,17 @@ from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
 from xal_engine.jobs import loop
 from xal_engine.jobs import train as training
 from xal_engine.jobs.loop import (
-    METRIC_FIELDS,
     LoopConfig,
-    RunDir,
     binary_auroc,
     classification_metrics,
     config_record,
     initial_set,
-    read_metrics_csv,
     run_loop,
 )
 from xal_engine.jobs.train import TrainConfig
-from xal_engine.store.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
+from xal_engine.store.run_folder import METRIC_FIELDS, read_metrics_csv
+from xal_engine.store.run_folder import RunWriter as RunDir
 
 # 120 phantoms of 32x32: 84 train, 12 val, 24 test. layer2 gives a 4x4 CAM at this size.
 POOL = SyntheticConfig(n=120, size=32, classes=3, shortcut=0.9, seed=0)

@@ -30,7 +30,7 @@ from xal_engine.jobs.report import (
     summarise,
     write_report,
 )
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 # metrics.csv by hand: random has seeds 0 and 1 at rounds 0-1; dual's seed 1 is still at round 0
 # (a run in progress), so dual's final round is 0.

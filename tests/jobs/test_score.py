@@ -19,7 +19,7 @@ from xal_engine.core.scoring import score_batch
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
 from xal_engine.jobs.score import ScoreConfig, score_pool
-from xal_engine.store.pool import SPLIT_TRAIN, Pool, PoolWriter
+from xal_engine.store import SPLIT_TRAIN, Pool, PoolWriter
 from xal_engine.store.score_run import ScoreRun
 
 UNIT = 8  # images per pool chunk = per work unit

@@ -6,6 +6,7 @@ One local Ray instance (2 CPUs) serves the whole module; Ray's start-up dominate
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,6 @@ from xal_engine.core.models import load_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.score import ScoreConfig, open_run, score_pool
 from xal_engine.jobs.score_ray import (
-    FAULT_ENV,
     MISSING_RAY,
     RayConfig,
     ScorerActor,
@@ -30,10 +30,28 @@ from xal_engine.jobs.score_ray import (
     import_ray,
     score_pool_ray,
 )
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 from xal_engine.store.score_run import ScoreRun
 
 N = 48  # 6 work units of 8 images; 64x64 gives layer4 a 2x2 map, so the CAMs are not constant
+FAULT_ENV = "XAL_TEST_RAY_FAULT_FILE"
+
+
+class DiesOnceActor(ScorerActor):
+    """A scorer actor whose first call that removes the file named by $XAL_TEST_RAY_FAULT_FILE kills its
+    own process (os._exit) after writing its units and before returning, so that Ray retries the call
+    on a restarted actor. Removing the file is atomic, so this happens once."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        path = os.environ.get(FAULT_ENV)
+        if path:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                return out
+            os._exit(1)
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +61,7 @@ def cluster(tmp_path_factory):
     fault = root / "kill-one-actor"  # the fault-injection switch, armed by one test only
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {FAULT_ENV: str(fault)}})
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this file
     yield root, fault
     ray.shutdown()
 
@@ -103,7 +122,8 @@ def test_rerun_after_completion_does_no_work_on_either_backend(setup):
 def test_a_killed_worker_is_retried_and_the_run_completes(setup):
     pool, model, _, ref, fault = setup
     fault.touch()  # the first actor call that finds it dies (os._exit) after writing its units
-    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=1, batches_per_call=1))
+    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=1, batches_per_call=1),
+                             actor=DiesOnceActor)
     assert not fault.exists(), "no actor died"
     assert summary.complete and summary.images == N  # the retried call is counted once
     assert sum(w.units for w in summary.workers) == N // UNIT

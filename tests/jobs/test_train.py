@@ -17,8 +17,8 @@ from xal_engine.core.inputs import imagenet_normalization
 from xal_engine.core.models import load_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.train import TrainConfig, class_weights, confusion_metrics, train
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 from xal_engine.store.dataset import BlockDataset
-from xal_engine.store.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 
 N, SIDE, K = 96, 32, 3
 FAST = TrainConfig(arch="resnet18", epochs=3, batch_size=16, lr=3e-3, num_workers=0, device="cpu")

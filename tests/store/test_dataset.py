@@ -52,6 +52,9 @@ class FakePool:
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
 
+    def column(self, name: str) -> np.ndarray:
+        return self.group[name]
+
     def read_labelled_round(self, experiment: str) -> np.ndarray:
         key = f"al/{experiment}/labelled_round"
         if key not in self.group:
@@ -198,7 +201,7 @@ def test_resolve_device() -> None:
 
 
 def test_real_pool_blocks_in_forked_workers_match_direct_reads(tmp_path: Path) -> None:
-    from xal_engine.store.pool import Pool, PoolWriter
+    from xal_engine.store import Pool, PoolWriter
 
     rng = np.random.default_rng(2)
     n = 40

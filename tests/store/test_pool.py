@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from xal_engine.errors import PoolError
-from xal_engine.store.pool import (
+from xal_engine.store import (
     FORMAT_VERSION,
     PER_IMAGE_ARRAYS,
     SPLIT_TEST,
@@ -331,3 +331,41 @@ def test_labelled_round_arrays(pool_path: Path) -> None:
     pool.group["al/e1"].create_array("labelled_round", shape=(pool.n,), dtype=np.int32, overwrite=True)
     with pytest.raises(PoolError, match=r"al/e1/labelled_round is not an \(N,\) int16 array"):
         pool.read_labelled_round("e1")
+
+
+def test_rows_are_found_taken_and_rewritten_chunk_by_chunk(pool_path: Path) -> None:
+    data = make_arrays(70)  # what the fixture wrote: chunks of 16, so rows 64..69 are chunk 4
+    pool = Pool.open(pool_path, mode="r+")
+    assert pool.find_ids(["img_0069", "nope", "img_0003"]).tolist() == [69, -1, 3]
+    assert pool.take("ids", np.array([5, 0])).tolist() == ["img_0005", "img_0000"]
+    before = {str(p.relative_to(pool_path)): p.read_bytes() for p in pool_path.rglob("*") if p.is_file()}
+    index = np.array([3, 17, 20, 69])  # chunks 0, 1, 1, 4
+    values = ((data["labels"][index] + 2) % 3).astype(np.int16)  # each differs from the stored label
+    assert pool.write_rows("labels", index, values) == 3
+    # has_roi of chunk 4 all False: the fill value, still written as a chunk
+    assert pool.write_rows("has_roi", np.arange(64, 70), np.zeros(6, dtype=bool)) == 1
+    assert pool.write_rows("labels", np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int16)) == 0
+    after = {str(p.relative_to(pool_path)): p.read_bytes() for p in pool_path.rglob("*") if p.is_file()}
+    assert sorted(k for k in after if after[k] != before.get(k)) == ["has_roi/c/4", "labels/c/0", "labels/c/1",
+                                                                     "labels/c/4"]
+    assert after.keys() == before.keys()
+    labels = data["labels"].copy()
+    labels[index] = values
+    reopened = Pool.open(pool_path)
+    assert np.array_equal(reopened.column("labels"), labels)
+    assert np.array_equal(reopened.column("has_roi"), np.r_[data["has_roi"][:64], np.zeros(6, dtype=bool)])
+    assert np.array_equal(pool.take("labels", index), values)
+    with pytest.raises(PoolError, match=r"is open read-only; open it with mode 'r\+' to write 'labels'"):
+        reopened.write_rows("labels", index, np.zeros(4, dtype=np.int16))
+    with pytest.raises(PoolError, match="'scores' is not a per-image array"):
+        pool.write_rows("scores", index, np.zeros(4))
+
+
+def test_mark_labelled_creates_then_updates_the_rounds(pool_path: Path) -> None:
+    experiment = Pool.open(pool_path, mode="r+").experiment("e1")
+    new = experiment.read_labelled_round(missing_ok=True)  # a new experiment: nothing labelled
+    assert new.dtype == np.int16 and new.tolist() == [-1] * 70 and experiment.labelled_round_array() is None
+    assert experiment.mark_labelled(np.array([1, 40]), np.array([0, 2], dtype=np.int16)) == 2  # chunks 0, 2
+    assert experiment.mark_labelled(np.array([2]), np.array([3], dtype=np.int16)) == 1
+    rounds = Pool.open(pool_path).read_labelled_round("e1")
+    assert np.flatnonzero(rounds >= 0).tolist() == [1, 2, 40] and rounds[[1, 2, 40]].tolist() == [0, 3, 2]

@@ -1,36 +1,24 @@
 """`xal-engine bench`: the benchmark suite (kernel, batch and pool levels) as one command and one table.
 
-The levels are the scripts of the source checkout's ``benchmarks/`` folder (next to the package);
-an installed wheel has none, and the command says so.
+The levels are the modules of :mod:`xal_engine.bench`; their rows and charts go to the source
+checkout's ``benchmarks/results/``. An installed wheel has none: there the command prints only
+(``--no-write``) or says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import sys
-from pathlib import Path
 
 from xal_engine.errors import XalError
 
-LEVEL_NAMES = ("kernel", "batch", "pool")
+LEVEL_NAMES = ("kernel", "batch", "pool")  # = xal_engine.bench.suite.LEVELS, without importing torch here
 
 
 class BenchFailed(XalError):
     """A level could not produce figures (a provider failed, or disagreed with pytorch-grad-cam)."""
 
     exit_code = 1
-
-
-def benchmarks_dir() -> Path:
-    """The checkout's ``benchmarks/`` folder, put first on sys.path so its scripts import by name."""
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (folder / "suite.py").is_file():
-        raise XalError(f"benchmark scripts not found at {folder}: `xal-engine bench` runs from a source "
-                       "checkout (pip install -e .), not from an installed wheel")
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    return folder
 
 
 def parse_extra(items: list[str]) -> dict[str, tuple[str, ...]]:
@@ -69,30 +57,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads, 0 for torch's default (default: per level, 1 for kernel/batch)")
     p.add_argument("--args", action="append", default=[], metavar="LEVEL=ARGS",
                    help="more flags for one level's script, e.g. --args 'pool=--sizes 500 --workers 0' "
-                        "(see python benchmarks/bench_<level>.py --help)")
+                        "(see python -m xal_engine.bench.<level> --help)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = benchmarks_dir()
-    import plot
-    from compare import BenchError
-    from suite import BenchConfig, run_suite
-    from table import format_table
+    from xal_engine.bench import plot
+    from xal_engine.bench.checkout import results_dir
+    from xal_engine.bench.compare import BenchError
+    from xal_engine.bench.suite import BenchConfig, run_suite
+    from xal_engine.bench.table import format_table
 
     config = BenchConfig(
         quick=args.quick, levels=tuple(s.strip() for s in args.suite.split(",") if s.strip()),
         device=args.device, write=not args.no_write, warmup=args.warmup, repeats=args.repeats,
         threads=args.threads, extra=parse_extra(args.args),
     )
+    results = None
+    if config.write or args.plot:  # before any level runs: outside a checkout they have nowhere to go
+        results = results_dir("pass --no-write, without --plot, to print the table only")
     try:
         sections = run_suite(config)
     except BenchError as err:
         raise BenchFailed(str(err)) from None
     print(format_table(sections))
     if config.write:
-        print(f"appended rows to {folder / 'results'}/{{{','.join(lvl for lvl, _ in sections)}}}.csv")
-    if args.plot:
-        for path in plot.plot_results(folder / "results"):
+        print(f"appended rows to {results}/{{{','.join(lvl for lvl, _ in sections)}}}.csv")
+    if results is not None and args.plot:
+        for path in plot.plot_results(results):
             print(f"wrote {path}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
-from xal_engine.store.pool import SPLIT_NAMES, Pool
+from xal_engine.store import SPLIT_NAMES, Pool
 
 MIB = float(1 << 20)
 

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="split the run's work units between this many processes (default: 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run of this name made with another model or config")
+    p.add_argument("--kernel", choices=("auto", "triton", "torch"), default="auto",
+                   help="Grad-CAM -> Dice implementation: the fused Triton kernel (CUDA), the pure-torch "
+                        "reference, or auto: the kernel on CUDA, the reference elsewhere (default: %(default)s)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this process; ray: actors on a Ray cluster (default: %(default)s)")
     ray = p.add_argument_group("--backend ray")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     config = ScoreConfig(
         run=args.run, batch_size=args.batch_size, device=args.device, threshold=args.threshold,
         precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
-        num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite,
+        num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite, kernel=args.kernel,
     )
     if args.backend == "ray":
         from xal_engine.jobs.score_ray import RayConfig, score_pool_ray

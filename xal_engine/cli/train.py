@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from xal_engine.core.models import parse_arch, save_checkpoint
     from xal_engine.errors import XalError
     from xal_engine.jobs.train import TrainConfig, train
-    from xal_engine.store.pool import Pool
+    from xal_engine.store import Pool
 
     parse_arch(args.arch)  # before opening anything: a typo fails at once
     out = Path(args.out)

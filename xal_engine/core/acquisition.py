@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xal_engine.core.fields import PerImage
 from xal_engine.errors import XalError
 
 STRATEGIES = ("random", "entropy", "margin", "least-confidence", "misalignment", "dual")
@@ -56,17 +57,9 @@ class SelectConfig:
             raise XalError(f"--lambda must lie in [0, 1], got {self.lam}")
 
 
-@dataclass(frozen=True)
-class RunScores:
-    """Per-candidate numbers of a scoring run (numpy, one row per candidate)."""
-
-    probs: np.ndarray  # [n, K] float
-    pred: np.ndarray  # [n] int
-    entropy: np.ndarray  # [n] float32
-    margin: np.ndarray  # [n] float32
-    least_confidence: np.ndarray  # [n] float32
-    dice: np.ndarray  # [n] float32, NaN without ROI
-    soft_dice: np.ndarray  # [n] float32, NaN without ROI
+# Per-candidate numbers of a scoring run (numpy, one row per candidate): any subset of the result
+# fields of xal_engine.core.fields, e.g. RunScores(entropy=..., dice=..., pred=...).
+RunScores = PerImage[np.ndarray]
 
 
 @dataclass(frozen=True)

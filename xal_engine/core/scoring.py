@@ -6,32 +6,15 @@ Per batch: logits → softmax probs → entropy / margin / least confidence; A, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xal_engine.core.capture import LayerSpec, Targets, capture
+from xal_engine.core.fields import FIELDS, BatchScores
 from xal_engine.core.uncertainty import entropy, least_confidence, margin
 from xal_engine.errors import XalError
 from xal_engine.ops import gradcam_dice
-
-
-@dataclass(frozen=True)
-class BatchScores:
-    """Per-image results of one batch, on the model's device. ROI metrics are NaN where no ROI exists."""
-
-    probs: Tensor  # (B, K) fp32 softmax of the logits
-    pred: Tensor  # (B,) int64 argmax of the logits
-    entropy: Tensor  # (B,) fp32, nats
-    margin: Tensor  # (B,) fp32
-    least_confidence: Tensor  # (B,) fp32
-    dice: Tensor  # (B,) fp32
-    soft_dice: Tensor  # (B,) fp32
-    energy: Tensor  # (B,) fp32
-    hit: Tensor  # (B,) bool
-    cam: Tensor | None = None  # (B, h, w) fp32 normalised low-resolution map N, when asked for
 
 
 def _as_device_tensor(x: Tensor | np.ndarray, device: torch.device, name: str) -> Tensor:
@@ -83,16 +66,18 @@ def score_batch(
         probs = torch.softmax(out.logits.float(), dim=1)  # (B, K)
         roi = gradcam_dice(act, grad, roi_mask.bool(), threshold=threshold, return_cam=return_cam,
                            backend=backend)
-    nan = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
-    return BatchScores(
-        probs=probs,
-        pred=out.logits.argmax(dim=1),
-        entropy=entropy(probs),
-        margin=margin(probs),
-        least_confidence=least_confidence(probs),
-        dice=torch.where(valid, roi.dice, nan),
-        soft_dice=torch.where(valid, roi.soft_dice, nan),
-        energy=torch.where(valid, roi.energy, nan),
-        hit=roi.hit & valid,
-        cam=roi.cam,
-    )
+    values = {
+        "probs": probs,
+        "pred": out.logits.argmax(dim=1),
+        "entropy": entropy(probs),
+        "margin": margin(probs),
+        "least_confidence": least_confidence(probs),
+        "dice": roi.dice,
+        "soft_dice": roi.soft_dice,
+        "energy": roi.energy,
+        "hit": roi.hit,
+    }
+    for f in FIELDS:  # images without an ROI: NaN ROI metrics, no hit
+        if f.needs_roi:
+            values[f.name] = torch.where(valid, values[f.name], torch.full_like(values[f.name], f.fill))
+    return BatchScores(cam=roi.cam, **values)

@@ -37,7 +37,7 @@ from scipy.ndimage import distance_transform_edt
 
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, assign_splits, block_size, marker_masks, write_blocks
-from xal_engine.store.pool import SPLIT_TEST, Pool, PoolWriter
+from xal_engine.store import SPLIT_TEST, Pool, PoolWriter
 
 CLASSES = ("edema", "necrotic_core", "enhancing")
 CHANNELS = ("t1ce", "flair", "t2")

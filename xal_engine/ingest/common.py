@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from xal_engine.errors import XalError
+from xal_engine.store import IMAGE_DTYPES, SPLIT_TEST, SPLIT_VAL
 
-SPLIT_NAMES = ("train", "val", "test")  # pool split codes 0, 1, 2
-DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
+DTYPES = {str(dtype): dtype for dtype in IMAGE_DTYPES}  # --dtype name -> pool image dtype
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,8 @@ def assign_splits(groups: list[str], test_fraction: float, val_fraction: float,
     n_test = round(len(unique) * test_fraction)
     n_val = min(round(len(unique) * val_fraction), len(unique) - n_test)
     codes = np.zeros(len(unique), np.uint8)
-    codes[order[:n_test]] = 2
-    codes[order[n_test:n_test + n_val]] = 1
+    codes[order[:n_test]] = SPLIT_TEST
+    codes[order[n_test:n_test + n_val]] = SPLIT_VAL
     return dict(zip(unique, codes.tolist()))
 
 

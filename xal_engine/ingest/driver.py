@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from xal_engine.errors import XalError
-from xal_engine.ingest.common import SPLIT_NAMES, IngestConfig, IngestSource, Item, Skip, assign_splits
+from xal_engine.ingest.common import IngestConfig, IngestSource, Item, Skip, assign_splits
 from xal_engine.ingest.workers import ordered_map
 from xal_engine.progress import progress
-from xal_engine.store.pool import Pool, PoolWriter
+from xal_engine.store import SPLIT_NAMES, Pool, PoolWriter
 
 
 def report_path(out: Path) -> Path:
@@ -85,13 +85,13 @@ def _fingerprint(settings: dict[str, Any], items: list[Item]) -> str:
 
 
 def _counts(pool: Pool) -> dict[str, Any]:
-    labels, split = pool.group["labels"][:], pool.group["split"][:]
+    labels, split = pool.column("labels"), pool.column("split")
     per_class = {name: int((labels == k).sum()) for k, name in enumerate(pool.classes)}
     if (labels < 0).any():
         per_class["unknown"] = int((labels < 0).sum())
     return {"images": pool.n, "per_class": per_class,
             "per_split": {name: int((split == k).sum()) for k, name in enumerate(SPLIT_NAMES)},
-            "with_roi": int(pool.group["has_roi"][:].sum())}
+            "with_roi": int(pool.column("has_roi").sum())}
 
 
 def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = None) -> dict[str, Any]:

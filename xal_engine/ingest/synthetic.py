@@ -30,7 +30,7 @@ import numpy as np
 
 from xal_engine.errors import XalError
 from xal_engine.progress import progress
-from xal_engine.store.pool import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 
 BLOCK_PIXELS = 1 << 20  # pixels per generated block (float32 working arrays of 4 MiB)
 MAX_BLOCK = 256         # images per block at most

@@ -21,7 +21,7 @@ from xal_engine.errors import PoolError, XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
 from xal_engine.jobs.loop import LoopConfig, run_loop
 from xal_engine.jobs.train import TrainConfig
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
 
 # resnet18 at 48x48: layer4 is 2x2, layer3 gives a 3x3 Grad-CAM (lesion centre vs marker corners).
 # Batches of 16 and 6 epochs: enough optimiser steps for batch-norm statistics to settle on ~100

@@ -9,7 +9,8 @@ The import is all or nothing: the file, every row and every mask are checked fir
 raises one :class:`XalError` naming the file, the line and the problem (the first few, then a
 count) before anything is written. Then only the chunks holding the imported rows are rewritten:
 ``rois``/``has_roi`` (rows with a mask), ``labels``, and last ``al/<experiment>/labelled_round``
-(so an image never counts as labelled before its label is in place).
+(so an image never counts as labelled before its label is in place). This module parses, checks and
+plans; the rows are written by :meth:`Pool.write_rows` and :meth:`ALExperiment.mark_labelled`.
 
 AL rounds: an image enters the experiment in the round it is first imported; re-importing it later
 corrects its label (and mask) but keeps that first round. Validation and test images are refused
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from xal_engine.errors import XalError
-from xal_engine.store.pool import AL_GROUP, SPLIT_NAMES, SPLIT_TRAIN, Pool
+from xal_engine.store import SPLIT_NAMES, SPLIT_TRAIN, Pool
 
 ID, CLASS, ROI = "id", "class", "roi"
 MAX_ROUND = int(np.iinfo(np.int16).max)
@@ -141,19 +141,6 @@ def read_label_csv(path: str | Path, problems: Problems) -> LabelRows:
     return rows
 
 
-def _find_ids(pool: Pool, ids: list[str]) -> np.ndarray:
-    """(n,) int64 pool positions of ``ids``, -1 where the pool has no such id."""
-    pool_ids = np.asarray(pool.arrays["ids"][:])  # (N,) numpy StringDType (zarr's str), or <U / object
-    if pool_ids.dtype.kind == "O":
-        pool_ids = pool_ids.astype(np.str_)
-    order = np.argsort(pool_ids, kind="stable")
-    ranked = pool_ids[order]
-    query = np.asarray(ids, dtype=pool_ids.dtype if pool_ids.dtype.kind == "T" else np.str_)
-    pos = np.minimum(np.searchsorted(ranked, query), max(pool.n - 1, 0))  # (n,)
-    found = (ranked[pos] == query) if pool.n else np.zeros(len(ids), dtype=bool)
-    return np.where(found, order[pos], -1).astype(np.int64)
-
-
 def _class_index(cell: str, classes: list[str]) -> int | None:
     """A class name of the pool, else an index 0..K-1 written as an integer; None if neither."""
     if cell in classes:
@@ -214,8 +201,8 @@ class _Plan:
 def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
           problems: Problems) -> _Plan:
     """Check every row against the pool; the positions and values to write."""
-    index = _find_ids(pool, rows.ids)
-    split = np.asarray(pool.arrays["split"][:])  # (N,)
+    index = pool.find_ids(rows.ids)  # (n,) int64, -1 = unknown id
+    split = pool.column("split")  # (N,) uint8
     first_line: dict[str, int] = {}
     labels = np.full(len(index), -1, dtype=np.int16)
     roi_paths: dict[int, Path] = {}
@@ -254,15 +241,6 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
                  in_train=split[index[order]] == SPLIT_TRAIN)
 
 
-def _write(array: zarr.Array, index: np.ndarray, values: np.ndarray) -> int:
-    """``array[index] = values`` rewriting only the chunks that hold ``index`` (each read, updated
-    and written whole); chunks are kept even when they equal the fill value. Returns their count."""
-    if not len(index):
-        return 0
-    array.with_config({"write_empty_chunks": True}).oindex[index] = values
-    return len(np.unique(index // array.chunks[0]))
-
-
 def import_labels(pool_path: str | Path, csv_path: str | Path,
                   config: ImportConfig = ImportConfig()) -> ImportSummary:
     """Check ``csv_path`` completely against the pool, then write its labels (see the module doc)."""
@@ -274,29 +252,26 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     problems = Problems(csv_path, config.shown)
     rows = read_label_csv(csv_path, problems)
     plan = _plan(pool, rows, csv_path, config, problems)
-    rounds = pool.labelled_round_array(config.experiment) if config.experiment else None
-    previous = np.asarray(rounds[:]) if rounds is not None else np.full(pool.n, -1, dtype=np.int16)
+    experiment = pool.experiment(config.experiment) if config.experiment is not None else None
+    previous = experiment.read_labelled_round(missing_ok=True) if experiment is not None else \
+        np.full(pool.n, -1, dtype=np.int16)  # (N,) int16, -1 = not labelled
     round_ = config.round if config.round is not None else int(previous.max(initial=-1)) + 1
     if round_ > MAX_ROUND:
         raise XalError(f"pool {pool.path}: experiment {config.experiment!r} has no round left "
                        f"(rounds are int16, at most {MAX_ROUND})")
-    old_labels = np.asarray(pool.arrays["labels"].oindex[plan.index])  # (n,)
+    old_labels = pool.take("labels", plan.index)  # (n,) int16
 
     # Everything is checked: write, marking the rows labelled last.
-    _write(pool.arrays["rois"], plan.roi_index, plan.rois)
-    _write(pool.arrays["has_roi"], plan.roi_index, np.ones(len(plan.roi_index), dtype=bool))
-    chunks = _write(pool.arrays["labels"], plan.index, plan.labels)
-    if config.experiment is not None:
-        if rounds is None:
-            rounds = pool.create_labelled_round(config.experiment)
+    pool.write_rows("rois", plan.roi_index, plan.rois)
+    pool.write_rows("has_roi", plan.roi_index, np.ones(len(plan.roi_index), dtype=bool))
+    chunks = pool.write_rows("labels", plan.index, plan.labels)
+    if experiment is not None:
         marked = plan.index[plan.in_train]
         first = np.where(previous[marked] >= 0, previous[marked], round_).astype(np.int16)
-        _write(rounds, marked, first)
-        group = pool.group[f"{AL_GROUP}/{config.experiment}"]
-        imports = list(group.attrs.get("imports", []))
-        imports.append({"file": str(csv_path), "round": round_, "n_new": int((previous[marked] < 0).sum()),
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        group.attrs["imports"] = imports
+        experiment.mark_labelled(marked, first)
+        experiment.record_import({
+            "file": str(csv_path), "round": round_, "n_new": int((previous[marked] < 0).sum()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     counts = np.bincount(plan.labels, minlength=len(pool.classes))
     return ImportSummary(
         pool=str(pool.path), file=str(csv_path), experiment=config.experiment,

@@ -15,25 +15,16 @@ The labelled set lives in the pool, ``al/<experiment>/labelled_round`` (N,) int1
 labelled; its attributes hold the loop config. Test images are never candidates nor trained on;
 validation images only select the epoch. An experiment stops early when no candidate is left.
 
-Run directory (a contract: ``xal-engine report`` reads it):
-
-    config.json                            pool, strategies, seeds, rounds, arch, loop config
-    metrics.csv, metrics.json              one row per (strategy, seed, round), METRIC_FIELDS
-    <strategy>/seed<k>/round<r>/model.pt   the round's checkpoint
-    <strategy>/seed<k>/round<r>/selected.csv   the images labelled IN round r (``batch.write_batch``
-                                           CSV + .json; round 0: the initial set, no scores)
-
-A round is complete when its metrics row is written (last). A rerun continues after the last
-complete round; a half-done round restarts from its beginning (its labelled_round entries are
-reset first), and gives the same numbers as an uninterrupted run.
+The run folder (config.json, metrics.csv/json, per round selected.csv and model.pt) is the format
+of :mod:`xal_engine.store.run_folder`, which ``xal-engine report`` reads. A round is complete when
+its metrics row is written (last). A rerun continues after the last complete round; a half-done
+round restarts from its beginning (its labelled_round entries are reset first), and gives the same
+numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,18 +39,15 @@ from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES,
 from xal_engine.core.models import load_checkpoint, save_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.score import ScoreConfig, score_pool
-from xal_engine.jobs.select import BatchSelection, atomic_write, select_batch, write_batch
+from xal_engine.jobs.select import BatchSelection, select_batch, write_batch
 from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, train
-from xal_engine.store.pool import AL_GROUP, SPLIT_TEST, SPLIT_TRAIN, Pool
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, Pool
+from xal_engine.store.files import jsonable as _jsonable
+from xal_engine.store.run_folder import RunWriter, run_config
 from xal_engine.store.score_run import ScoreRun
 
-RUN_FORMAT = 1
-METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balanced_accuracy", "macro_f1",
-                 "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "train_seconds",
-                 "score_seconds")
 RETRAIN_MODES = ("scratch", "finetune")
 SEED_STRIDE = 1000  # training / selection seed of (seed, round) = seed * SEED_STRIDE + round
-_RESUME_FREE = ("num_workers",)  # loop.train fields that may change between a run and its resumption
 
 
 @dataclass(frozen=True)
@@ -153,9 +141,9 @@ def attention_metrics(run: dict[str, np.ndarray], index: np.ndarray) -> dict[str
 def evaluate_run(pool: Pool, run_name: str) -> dict[str, float]:
     """Test-split classification and attention metrics of one complete scoring run."""
     run = ScoreRun.open(pool.group, run_name).read()
-    split = np.asarray(pool.group["split"][:])
-    labels = np.asarray(pool.group["labels"][:]).astype(np.int64)
-    has_roi = np.asarray(pool.group["has_roi"][:])
+    split = pool.column("split")
+    labels = pool.column("labels").astype(np.int64)
+    has_roi = pool.column("has_roi")
     test = np.flatnonzero((split == SPLIT_TEST) & (labels >= 0))
     metrics = classification_metrics(labels[test], run["pred"][test].astype(np.int64), run["probs"][test])
     return {**metrics, **attention_metrics(run, np.flatnonzero((split == SPLIT_TEST) & has_roi))}
@@ -181,101 +169,15 @@ def initial_set(labels: np.ndarray, split: np.ndarray, n0: int, seed: int) -> np
 
 def initial_selection(pool: Pool, index: np.ndarray, experiment: str, seed: int) -> BatchSelection:
     """The initial set as a batch (the CSV of later rounds; no scores exist yet)."""
-    ids = np.asarray(pool.group["ids"][:])
-    has_roi = np.asarray(pool.group["has_roi"][:])
+    ids = pool.column("ids")
+    has_roi = pool.column("has_roi")
     nan = math.nan
     rows = [{"rank": rank, "index": int(i), "id": str(ids[i]), "score": nan, "pred": -1, "pred_class": "",
              "entropy": nan, "margin": nan, "least_confidence": nan, "dice": nan, "soft_dice": nan,
              "energy": nan, "hit": False, "has_roi": bool(has_roi[i])} for rank, i in enumerate(index, 1)]
     config = SelectConfig(strategy="random", budget=max(len(index), 1), balance="none", seed=seed)
     return BatchSelection(indices=index, rows=rows, config=config, run="initial", experiment=experiment,
-                          n_candidates=int((np.asarray(pool.group["split"][:]) == SPLIT_TRAIN).sum()))
-
-
-# ---------------------------------------------------------------------------------- run directory
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    loop = dict(config.get("loop", {}))
-    loop["train"] = {k: v for k, v in dict(loop.get("train", {})).items() if k not in _RESUME_FREE}
-    return {**config, "loop": loop}
-
-
-class RunDir:
-    """The run directory: config.json, the metrics rows, and per-round folders."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: list[dict[str, Any]] = []
-
-    @classmethod
-    def prepare(cls, path: str | Path, config_json: dict[str, Any], overwrite: bool) -> RunDir:
-        """Create the folder, or resume it: an existing config.json must equal ``config_json``
-        (``overwrite`` deletes the old run first). A non-empty folder without config.json is refused."""
-        run = cls(Path(path))
-        cfg = run.path / "config.json"
-        if run.path.exists() and not run.path.is_dir():
-            raise XalError(f"--out {run.path} exists and is not a folder")
-        if run.path.is_dir() and any(run.path.iterdir()) and not cfg.is_file():
-            raise XalError(f"--out {run.path} is not empty and holds no config.json: not a loop run folder")
-        if cfg.is_file():
-            try:
-                old = json.loads(cfg.read_text())
-            except (OSError, ValueError) as err:
-                raise XalError(f"{cfg} cannot be read as JSON ({err}); pass --overwrite to start afresh") from None
-            if overwrite:
-                shutil.rmtree(run.path)
-            elif _comparable(old) != _comparable(config_json):
-                diff = sorted(k for k in set(old) | set(config_json) if old.get(k) != config_json.get(k))
-                raise XalError(f"{cfg} holds another configuration (differs in: {', '.join(diff)}); "
-                               "use another --out or pass --overwrite")
-        run.path.mkdir(parents=True, exist_ok=True)
-        if not cfg.is_file():
-            _atomic_write_text(cfg, json.dumps(config_json, indent=2) + "\n")
-        metrics = run.path / "metrics.json"
-        if metrics.is_file():
-            run.rows = json.loads(metrics.read_text())
-        return run
-
-    def round_dir(self, strategy: str, seed: int, round_: int) -> Path:
-        path = self.path / strategy / f"seed{seed}" / f"round{round_}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def completed_rounds(self, strategy: str, seed: int) -> int:
-        """Number of consecutive complete rounds 0, 1, … of one experiment."""
-        done = {int(r["round"]) for r in self.rows if r["strategy"] == strategy and int(r["seed"]) == seed}
-        n = 0
-        while n in done:
-            n += 1
-        return n
-
-    def add_row(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics and rewrite metrics.json and metrics.csv atomically. A NaN
-        (no test image with an ROI, no class with both outcomes) is null in JSON, nan in CSV."""
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-        self.rows = [r for r in self.rows if (r["strategy"], int(r["seed"]), int(r["round"]))
-                     != (row["strategy"], row["seed"], row["round"])] + [row]
-        _atomic_write_text(self.path / "metrics.json", json.dumps(self.rows, indent=1, allow_nan=False) + "\n")
-        lines = [",".join(METRIC_FIELDS)] + [",".join(_csv_value(r[f]) for f in METRIC_FIELDS) for r in self.rows]
-        _atomic_write_text(self.path / "metrics.csv", "\n".join(lines) + "\n")
-
-
-def _csv_value(v: Any) -> str:
-    if v is None:
-        return "nan"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+                          n_candidates=int((pool.column("split") == SPLIT_TRAIN).sum()))
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -287,7 +189,7 @@ class ALLoop:
     """One experiment (strategy, seed); :meth:`step` runs its next round and says whether another
     round remains."""
 
-    def __init__(self, pool_path: str | Path, run_dir: RunDir, config: LoopConfig, strategy: str,
+    def __init__(self, pool_path: str | Path, run_dir: RunWriter, config: LoopConfig, strategy: str,
                  seed: int, log: Callable[[str], None] = _stderr, show_progress: bool | None = None) -> None:
         self.pool_path = Path(pool_path)
         self.run_dir, self.config, self.strategy, self.seed = run_dir, config, strategy, seed
@@ -305,15 +207,16 @@ class ALLoop:
         if self.finished:
             return False
         r = self.round
-        out = self.run_dir.round_dir(self.strategy, self.seed, r)
+        self.run_dir.make_round_dir(self.strategy, self.seed, r)
         pool = Pool.open(self.pool_path, mode="r+")
-        n_labelled = self._label(pool, r, out)
+        n_labelled = self._label(pool, r, self.run_dir.selected_csv(self.strategy, self.seed, r))
         if n_labelled is None:
             self.exhausted = True
             self.log(f"{self.experiment}: no unlabelled train images left; stopping after round {r - 1}")
             return False
         t0 = time.perf_counter()
-        model_path = self._train(Pool.open(self.pool_path), r, out / "model.pt")
+        model_path = self._train(Pool.open(self.pool_path), r,
+                                 self.run_dir.model_pt(self.strategy, self.seed, r))
         t1 = time.perf_counter()
         run_name = f"{self.experiment}-r{r}"
         c, tc = self.config, self.config.train
@@ -331,16 +234,17 @@ class ALLoop:
         self.round += 1
         return not self.finished
 
-    def _label(self, pool: Pool, r: int, out: Path) -> int | None:
-        """Reveal round r's images; the labelled count, or None when no candidate is left."""
+    def _label(self, pool: Pool, r: int, selected: Path) -> int | None:
+        """Reveal round r's images (their batch CSV to ``selected``); the labelled count, or None when
+        no candidate is left."""
         if r > 0:
             self._check_owner(pool)
         labelled = self._round_array(pool, fresh=r == 0)
         rounds = np.asarray(labelled[:])
         rounds[rounds >= r] = -1  # a half-done round (or a later one) is undone
-        split = np.asarray(pool.group["split"][:])
+        split = pool.column("split")
         if r == 0:
-            labels = np.asarray(pool.group["labels"][:])
+            labels = pool.column("labels")
             chosen = initial_set(labels, split, self.config.initial, self.seed)
             selection = initial_selection(pool, chosen, self.experiment, self.seed)
         else:
@@ -353,7 +257,7 @@ class ALLoop:
                                   seed=self.seed * SEED_STRIDE + r)
             selection = select_batch(self.pool_path, f"{self.experiment}-r{r - 1}", select, self.experiment)
             chosen = selection.indices
-        write_batch(selection, out / "selected.csv", self.pool_path)
+        write_batch(selection, selected, self.pool_path)
         rounds[chosen] = r
         labelled[:] = rounds
         return int((rounds >= 0).sum())
@@ -361,8 +265,7 @@ class ALLoop:
     def _check_owner(self, pool: Pool) -> None:
         """A resumed experiment must still be this run's: another run folder on the same pool reuses
         the experiment name and rewrites its labelled set."""
-        group = pool.group.get(f"{AL_GROUP}/{self.experiment}")
-        owner = group.attrs.get("run_dir") if group is not None else None
+        owner = pool.experiment(self.experiment).attrs().get("run_dir")
         if owner != str(self.run_dir.path.resolve()):
             raise XalError(f"pool {pool.path}: AL experiment {self.experiment!r} now belongs to run folder "
                            f"{owner}, not {self.run_dir.path}; pass --overwrite to restart this run")
@@ -372,7 +275,7 @@ class ALLoop:
         rounds = None if fresh else pool.labelled_round_array(self.experiment)
         if rounds is None:
             rounds = pool.create_labelled_round(self.experiment)
-            pool.group[f"{AL_GROUP}/{self.experiment}"].attrs.update({
+            pool.experiment(self.experiment).update_attrs({
                 "strategy": self.strategy, "seed": self.seed, "run_dir": str(self.run_dir.path.resolve()),
                 "loop": _jsonable(asdict(self.config))})
         return rounds
@@ -381,7 +284,7 @@ class ALLoop:
         config = replace(self.config.train, seed=self.seed * SEED_STRIDE + r, labelled_only=self.experiment)
         initial_state = None
         if self.config.retrain == "finetune" and r > 0:
-            previous = self.run_dir.round_dir(self.strategy, self.seed, r - 1) / "model.pt"
+            previous = self.run_dir.model_pt(self.strategy, self.seed, r - 1)
             initial_state = load_checkpoint(previous)[0].state_dict()
         result = train(pool, config, initial_state=initial_state, show_progress=self.show_progress,
                        log=self.log)
@@ -389,18 +292,17 @@ class ALLoop:
 
 
 def config_record(pool_path: str | Path, config: LoopConfig) -> dict[str, Any]:
-    """What config.json holds."""
-    return _jsonable({"format": RUN_FORMAT, "pool": str(Path(pool_path).resolve()),
-                      "strategies": list(config.strategies), "seeds": list(range(config.seeds)),
-                      "rounds": config.rounds, "arch": config.train.arch, "loop": asdict(config)})
+    """What config.json holds for ``config``."""
+    return run_config(pool_path, config.strategies, config.seeds, config.rounds, config.train.arch,
+                      asdict(config))
 
 
 def check_pool(pool: Pool, config: LoopConfig) -> None:
     """A simulation reveals labels from the pool: every train image needs one; test images are needed;
     the initial set must fit in the train split. Then the training settings, so that a bad flag is
     refused before the run folder is written (a corrected rerun would otherwise meet a stale config)."""
-    split = np.asarray(pool.group["split"][:])
-    labels = np.asarray(pool.group["labels"][:])
+    split = pool.column("split")
+    labels = pool.column("labels")
     unknown = int(((split == SPLIT_TRAIN) & (labels < 0)).sum())
     if unknown:
         raise XalError(f"pool {pool.path}: {unknown} train-split image(s) have label -1; the loop reveals "
@@ -423,7 +325,7 @@ def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopCo
     """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows."""
     pool = Pool.open(pool_path)
     check_pool(pool, config)
-    run_dir = RunDir.prepare(out, config_record(pool_path, config), overwrite)
+    run_dir = RunWriter.prepare(out, config_record(pool_path, config), overwrite)
     for seed in range(config.seeds):
         for strategy in config.strategies:
             loop = ALLoop(pool_path, run_dir, config, strategy, seed, log=log, show_progress=show_progress)

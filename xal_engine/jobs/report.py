@@ -1,16 +1,11 @@
 """``xal-engine report RUN_DIR``: learning curves, summary tables and CAM contact sheets of a loop run.
 
-Reads the run directory that ``xal-engine loop`` writes (see :mod:`xal_engine.jobs.loop`):
-
-    config.json                                  pool, strategies, seeds, rounds, arch, loop config
-    metrics.csv                                  one row per (strategy, seed, round)
-    <strategy>/seed<k>/round<r>/selected.csv     the batch labelled in round r (batch CSV)
-    <strategy>/seed<k>/round<r>/model.pt         the checkpoint trained after round r's labels
-
-and writes, to RUN_DIR/report/ (or ``out``): ``learning_curves.png`` (metric vs labels, mean ± std
-band across seeds, one line per strategy), ``contact_<strategy>.png`` (the last selected batch of
-the strategy's first seed with the Grad-CAM of the model that selected it), ``report.md`` and
-``report.html`` (the tables, images by relative path).
+Reads the run folder that ``xal-engine loop`` writes (its format: :mod:`xal_engine.store.run_folder`;
+config.json, metrics.csv, per round selected.csv and model.pt) and writes, to RUN_DIR/report/ (or
+``out``): ``learning_curves.png`` (metric vs labels, mean ± std band across seeds, one line per
+strategy), ``contact_<strategy>.png`` (the last selected batch of the strategy's first seed with the
+Grad-CAM of the model that selected it), ``report.md`` and ``report.html`` (the tables, images by
+relative path).
 
 Statistics across seeds: mean and sample standard deviation (ddof = 1; none with one seed), NaN
 values left out. The final round of a strategy is the last round every one of its seeds has
@@ -21,9 +16,7 @@ the label range: the mean metric over the labelling budget, on the metric's own 
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +29,8 @@ from matplotlib.figure import Figure
 
 from xal_engine.errors import XalError
 from xal_engine.jobs.overlay import OverlayStyle, Panel, contact_sheet, save_figure
+from xal_engine.store.run_folder import RunFolder, count_selected, read_selected
 
-KEY_COLUMNS = ("strategy", "seed", "round", "n_labelled")
 CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
                  "macro_f1": "Macro-F1", "test_dice": "Test Dice"}
 TABLE_METRICS = {**CURVE_METRICS, "auroc": "AUROC", "test_soft_dice": "Test soft Dice",
@@ -110,65 +103,16 @@ def stat(values: np.ndarray) -> Stat:
     return Stat(mean, std, int(v.size))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise XalError(f"{path} not found: {path.parent} is not a loop run directory "
-                       "(expected config.json and metrics.csv from `xal-engine loop`)")
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise XalError(f"{path} cannot be read as JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise XalError(f"{path} must hold a JSON object (got {type(value).__name__})")
-    return value
-
-
-def _number(text: str | None, path: Path, line: int, column: str) -> float:
-    if text is None or text.strip() == "":
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        raise XalError(f"{path}: line {line}: column {column} is {text!r}, expected a number") from None
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """config.json and metrics.csv of ``run_dir``; an XalError names a missing file or bad value."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise XalError(f"run directory {path} not found")
-    config = _read_json(path / "config.json")
-    metrics_path = path / "metrics.csv"
-    if not metrics_path.is_file():
-        raise XalError(f"{metrics_path} not found: the run has not completed a round yet "
-                       f"(or {path} is not a loop run directory)")
-    with open(metrics_path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        missing = [c for c in KEY_COLUMNS if c not in fields]
-        if missing:
-            raise XalError(f"{metrics_path}: missing column(s) {', '.join(missing)} "
-                           f"(expected {', '.join(KEY_COLUMNS)} and the metrics)")
-        rows = [(reader.line_num, row) for row in reader]
-    cols: dict[str, list[float]] = {c: [] for c in ("seed", "round", "n_labelled", *TABLE_METRICS)}
-    strategy = []
-    for line, row in rows:
-        if not row["strategy"]:
-            raise XalError(f"{metrics_path}: line {line}: empty strategy")
-        strategy.append(row["strategy"])
-        for name, values in cols.items():
-            values.append(_number(row.get(name), metrics_path, line, name))
-    for name in ("seed", "round"):
-        bad = [v for v in cols[name] if not (math.isfinite(v) and v == int(v) and v >= 0)]
-        if bad:
-            raise XalError(f"{metrics_path}: column {name} holds {bad[0]!r}, expected integers >= 0")
+    folder = RunFolder.open(run_dir)
+    config = folder.read_config()
+    table = folder.read_metrics(TABLE_METRICS)
     listed = [str(s) for s in config.get("strategies", [])]
-    strategies = listed + sorted(set(strategy) - set(listed))
-    return RunData(
-        path=path, config=config, strategies=strategies, strategy=np.asarray(strategy, dtype=np.str_),
-        seed=np.asarray(cols["seed"], dtype=np.int64), round=np.asarray(cols["round"], dtype=np.int64),
-        n_labelled=np.asarray(cols["n_labelled"], dtype=np.float64),
-        metrics={m: np.asarray(cols[m], dtype=np.float64) for m in TABLE_METRICS})
+    strategies = listed + sorted(set(table.strategy) - set(listed))
+    return RunData(path=folder.path, config=config, strategies=strategies,
+                   strategy=np.asarray(table.strategy, dtype=np.str_), seed=table.seed, round=table.round,
+                   n_labelled=table.n_labelled, metrics=table.values)
 
 
 def learning_curve(run: RunData, strategy: str, metric: str) -> Curve:
@@ -280,35 +224,12 @@ class SheetSource:
 
 def last_batch(run: RunData, strategy: str, seed: int) -> SheetSource | None:
     """The latest round of (strategy, seed) with a selected.csv and the checkpoint that chose it."""
-    base = run.path / strategy / f"seed{seed}"
-    found = sorted((int(p.name[5:]), p) for p in base.glob("round*")
-                   if p.name[5:].isdigit() and (p / "selected.csv").is_file())
-    for r, folder in reversed(found):
-        model = base / f"round{max(r - 1, 0)}" / "model.pt"
+    folder = RunFolder(run.path)
+    for r, selected in reversed(folder.batches(strategy, seed)):
+        model = folder.selecting_model_pt(strategy, seed, r)
         if model.is_file():
-            return SheetSource(strategy, seed, r, folder / "selected.csv", model)
+            return SheetSource(strategy, seed, r, selected, model)
     return None
-
-
-def read_selected(path: Path, limit: int) -> tuple[np.ndarray, list[str]]:
-    """Pool indices (n,) int64 and ids of the first ``limit`` rows of a batch CSV, in rank order."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"index", "id"} <= set(reader.fieldnames or []):
-            raise XalError(f"{path}: expected columns index and id (a batch CSV from `xal-engine select`)")
-        rows = [(reader.line_num, r) for r in reader][:limit]
-    try:
-        index = np.asarray([int(r["index"]) for _, r in rows], dtype=np.int64)
-    except ValueError:
-        bad = next(line for line, r in rows if not r["index"].strip().isdigit())
-        raise XalError(f"{path}: line {bad}: index is not an integer") from None
-    return index, [r["id"] for _, r in rows]
-
-
-def count_rows(path: Path) -> int:
-    """Data rows of a CSV (the header excluded)."""
-    with open(path, newline="") as f:
-        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
 
 
 def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
@@ -318,7 +239,7 @@ def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
     from xal_engine.core.models import load_checkpoint
     from xal_engine.core.scoring import score_batch
     from xal_engine.ops.reference import upsample_normalise
-    from xal_engine.store.pool import Pool
+    from xal_engine.store import Pool
 
     index, ids = read_selected(source.selected, config.max_images)
     if not len(index):
@@ -326,13 +247,13 @@ def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
     pool = Pool.open(pool_path)
     if index.min() < 0 or index.max() >= pool.n:
         raise XalError(f"{source.selected}: index outside pool {pool.path} of {pool.n} images")
-    pool_ids = np.asarray(pool.arrays["ids"].oindex[index]).astype(object)
+    pool_ids = pool.take("ids", index).astype(object)
     if list(pool_ids) != ids:
         raise XalError(f"{source.selected}: ids differ from pool {pool.path} at the listed indices "
                        "(was the pool rebuilt? pass the run's pool with --pool)")
-    images = np.asarray(pool.arrays["images"].oindex[index])  # (n, C, H, W) pool dtype
-    rois = np.asarray(pool.arrays["rois"].oindex[index])  # (n, H, W) bool
-    has_roi = np.asarray(pool.arrays["has_roi"].oindex[index])  # (n,) bool
+    images = pool.take("images", index)  # (n, C, H, W) pool dtype
+    rois = pool.take("rois", index)  # (n, H, W) bool
+    has_roi = pool.take("has_roi", index)  # (n,) bool
     device = resolve_device(config.device)
     model, ckpt = load_checkpoint(source.model, device=device)
     if ckpt.in_channels != pool.channels:
@@ -436,7 +357,7 @@ def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfi
         picked = "initial set" if source.round == 0 else f"round {source.round} batch"
         model = "round-0 model" if source.round == 0 else \
             f"round-{source.round - 1} model (whose scores the selection used)"
-        total = count_rows(source.selected)
+        total = count_selected(source.selected)
         shown = f"{len(panels)} image(s)" if len(panels) == total else \
             f"the first {len(panels)} of {total} images in rank order"
         caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), Grad-CAM of the {model}"
@@ -459,7 +380,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | 
                 config: ReportConfig = ReportConfig()) -> ReportFiles:
     """Write the report of ``run_dir`` into ``out`` (default RUN_DIR/report)."""
     run = load_run(run_dir)
-    out_dir = Path(out) if out is not None else run.path / "report"
+    out_dir = Path(out) if out is not None else RunFolder(run.path).report_dir
     if not out_dir.parent.is_dir():
         raise XalError(f"--out {out_dir}: its parent folder does not exist")
     out_dir.mkdir(exist_ok=True)

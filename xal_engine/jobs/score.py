@@ -1,72 +1,35 @@
-"""`xal-engine score`: one streaming, resumable pass over a pool through `score_batch`.
+"""`xal-engine score`: one streaming, resumable pass over a pool on this machine.
 
-Data path: worker processes decode chunk-aligned blocks from Zarr (one loader item = a run of whole
-work units ≈ one batch) → pinned host memory → copied to the GPU on a side stream while the previous
-batch computes → forward, partial backward, fused kernel → one device→host copy per batch → a writer
-thread stores each unit's rows and marks the unit done. Memory is bounded by the loader's prefetch
-depth and the writer queue, not by the pool size.
+The pass itself (``xal_engine.jobs.streaming``) is shared with ``--backend ray``; here a DataLoader
+decodes the pending work units in ``--num-workers`` forked processes and feeds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import queue
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from xal_engine import __version__
-from xal_engine.core.inputs import resolve_device, to_unit_float
-from xal_engine.core.models import Checkpoint, load_checkpoint
-from xal_engine.core.scoring import score_batch
-from xal_engine.errors import XalError
+from xal_engine.core.inputs import resolve_device
+from xal_engine.jobs.streaming import (
+    ScoreConfig,
+    UnitWriter,
+    load_scoring_model,
+    open_run,
+    plan_run,
+    score_and_store,
+)
 from xal_engine.progress import progress
-from xal_engine.store.pool import Pool
-from xal_engine.store.score_run import ScoreRun, UnitResult, check_run_name
+from xal_engine.store import Pool
+from xal_engine.store.dataset import UnitRanges
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TARGET_RULES = ("pred", "label")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    run: str = "default"
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threshold: float = 0.5
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    num_workers: int = 2
-    shard_id: int = 0
-    num_shards: int = 1
-    targets: str = "pred"  # Grad-CAM target: predicted class, or the known label where there is one
-    overwrite: bool = False
-    backend: str = "auto"  # gradcam_dice backend
-
-    def __post_init__(self) -> None:
-        check_run_name(self.run)
-        if self.batch_size < 1:
-            raise XalError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise XalError(f"--threshold must lie in [0, 1], got {self.threshold}")
-        if self.precision not in PRECISIONS:
-            raise XalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.num_workers < 0:
-            raise XalError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
-            raise XalError(
-                f"--shard-id must lie in [0, --num-shards), got {self.shard_id} of {self.num_shards}"
-            )
-        if self.targets not in TARGET_RULES:
-            raise XalError(f"--targets must be one of {', '.join(TARGET_RULES)}, got {self.targets!r}")
+__all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
 
 
 @dataclass(frozen=True)
@@ -91,118 +54,22 @@ class ScoreSummary:
         )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class UnitBlocks(Dataset):
-    """Item i = the images of a run of consecutive work units, decoded in a loader worker."""
-
-    def __init__(self, pool_path: str, items: list[list[tuple[int, int, int]]], with_labels: bool) -> None:
-        self.pool_path = pool_path
-        self.items = items  # each: [(unit, start, stop), ...] consecutive
-        self.with_labels = with_labels
-        self._pool: Pool | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if self._pool is None:  # opened lazily: once per worker process
-            self._pool = Pool.open(self.pool_path)
-        units = self.items[i]
-        start, stop = units[0][1], units[-1][2]
-        batch = self._pool.read(start, stop)
-        item = {
-            "units": torch.tensor([u for u, _, _ in units], dtype=torch.int64),
-            "bounds": torch.tensor([[a - start, b - start] for _, a, b in units], dtype=torch.int64),
-            "images": torch.from_numpy(np.ascontiguousarray(batch.images)),
-            "rois": torch.from_numpy(np.ascontiguousarray(batch.rois)),
-            "has_roi": torch.from_numpy(np.ascontiguousarray(batch.has_roi)),
-        }
-        if self.with_labels:
-            item["labels"] = torch.from_numpy(batch.labels.astype(np.int64))
-        return item
-
-
 def loader_context() -> str | None:
     """Fork loader workers on Linux even where the default start method is spawn (a spawned parent,
     Ray): a spawned worker re-imports torch, seconds per worker. Forked workers reopen the pool."""
     return "fork" if sys.platform.startswith("linux") else None
 
 
-def group_units(run: ScoreRun, units: list[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive pending units grouped so each item holds about `batch_size` images."""
-    per_item = max(1, batch_size // run.unit_size)
-    items: list[list[tuple[int, int, int]]] = []
-    for u in units:
-        start, stop = run.unit_range(u)
-        last = items[-1] if items else None
-        if last is not None and len(last) < per_item and last[-1][0] == u - 1:
-            last.append((u, start, stop))
-        else:
-            items.append([(u, start, stop)])
-    return items
-
-
-def to_device(loader: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
-    """Move loader items to `device`; on CUDA the copy of item i+1 overlaps the compute of item i."""
-    if device.type != "cuda":
-        yield from loader
-        return
-    copy_stream = torch.cuda.Stream(device)
-
-    def start_copy(item: dict[str, Any]) -> dict[str, Any]:
-        with torch.cuda.stream(copy_stream):
-            return {k: (v.to(device, non_blocking=True) if k not in ("units", "bounds") else v)
-                    for k, v in item.items()}
-
-    pending = None
-    for item in loader:
-        nxt = start_copy(item)
-        if pending is not None:
-            yield pending
-        torch.cuda.current_stream(device).wait_stream(copy_stream)
-        for v in nxt.values():
-            if v.is_cuda:
-                v.record_stream(torch.cuda.current_stream(device))
-        pending = nxt
-    if pending is not None:
-        yield pending
-
-
-class UnitWriter:
-    """A background thread storing unit results, so Zarr encoding overlaps the next batch."""
-
-    def __init__(self, run: ScoreRun, depth: int = 4) -> None:
-        self.run = run
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="xal-unit-writer", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.run.write_unit(*job)
-                except BaseException as err:  # noqa: BLE001 - any failure, surfaced in put()/close()
-                    self.error = err
-
-    def put(self, unit: int, result: UnitResult) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((unit, result))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+def unit_loader(pool: Pool, items: list[list[tuple[int, int, int]]], with_labels: bool, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """The scorer's loader: ``UnitRanges`` items in order, decoded in ``num_workers`` forked processes
+    (in-process with 0), pinned for CUDA, two items prefetched per worker."""
+    return DataLoader(
+        UnitRanges(pool, items, with_labels=with_labels),
+        batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
+        multiprocessing_context=loader_context() if num_workers else None,
+    )
 
 
 def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfig,
@@ -212,154 +79,27 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
     model_path = Path(model_path)
     pool = Pool.open(pool_path, mode="r+")
     model, ckpt = load_scoring_model(model_path, device)
-    run = open_run(pool, model_path, ckpt, config)
-    lo = run.n_units * config.shard_id // config.num_shards
-    hi = run.n_units * (config.shard_id + 1) // config.num_shards
-    pending = run.pending_units(config.shard_id, config.num_shards)
-    already_done = (hi - lo) - len(pending)
-
-    items = group_units(run, pending, config.batch_size)
-    loader = DataLoader(
-        UnitBlocks(str(pool.path), items, with_labels=config.targets == "label"),
-        batch_size=None, shuffle=False, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if config.num_workers else None,
-        multiprocessing_context=loader_context() if config.num_workers else None,
-    )
-    n_images = sum(run.unit_range(u)[1] - run.unit_range(u)[0] for u in pending)
+    plan = plan_run(pool, model_path, ckpt, config)
+    run, n_images = plan.run, plan.n_images
+    loader = unit_loader(pool, plan.items, config.targets == "label", config.num_workers, device)
     dice_sum, dice_count = 0.0, 0
     writer = UnitWriter(run)
     t0 = time.perf_counter()
     bar = progress(n_images, desc=f"score {config.run}", enabled=show_progress)
     try:
-        for item in to_device(loader, device):
-            host = score_item(model, ckpt, item, config, device)
+        for _, _, host in score_and_store(model, ckpt, loader, config, device, writer):
             finite = np.isfinite(host.dice)
             dice_sum += float(host.dice[finite].sum())
             dice_count += int(finite.sum())
-            for unit, (a, b) in zip(item["units"].tolist(), item["bounds"].tolist()):
-                writer.put(unit, slice_result(host, a, b))
             bar.update(host.pred.shape[0])
     finally:
         bar.close()
         writer.close()
     seconds = time.perf_counter() - t0
     return ScoreSummary(
-        pool=str(pool.path), run=config.run, images=n_images, units=len(pending),
-        units_already_done=already_done, seconds=seconds,
+        pool=str(pool.path), run=config.run, images=n_images, units=len(plan.pending),
+        units_already_done=plan.already_done, seconds=seconds,
         images_per_s=n_images / seconds if seconds > 0 else math.inf,
         mean_dice=dice_sum / dice_count if dice_count else math.nan,
         complete=run.is_complete(), device=str(device),
     )
-
-
-def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
-    """The checkpoint's model on `device`, channels-last: NHWC convolutions (tensor cores on CUDA;
-    on CPU the forward measured 18 % faster for resnet18, 33 % for densenet121 at 128²)."""
-    model, ckpt = load_checkpoint(model_path, device=device)
-    return model.to(memory_format=torch.channels_last), ckpt
-
-
-def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> ScoreRun:
-    """Check the model against the pool, then create or resume run `config.run`.
-
-    The fingerprint decides whether two invocations (local, sharded or distributed) are the same run.
-    """
-    check_model_fits_pool(ckpt, pool, model_path)
-    if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
-        raise XalError("--targets label needs the model's classes to equal the pool's")
-    fingerprint = {
-        "model_sha256": file_sha256(model_path),
-        "arch": ckpt.arch,
-        "target_layer": ckpt.target_layer,
-        "threshold": config.threshold,
-        "precision": config.precision,
-        "targets": config.targets,
-        "n_images": pool.n,
-    }
-    attrs = {
-        "model": str(model_path),
-        "classes": list(ckpt.classes),
-        "config": asdict(config),
-        "versions": {"xal_engine": __version__, "torch": torch.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    return ScoreRun.create_or_resume(
-        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
-        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
-    )
-
-
-def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
-               device: torch.device) -> UnitResult:
-    """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
-    is whole chunks and may hold more); one device→host copy per batch."""
-    n = item["images"].shape[0]
-    parts = [score_images(model, ckpt, {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item},
-                          config, device)
-             for a in range(0, n, config.batch_size)]
-    if len(parts) == 1:
-        return parts[0]
-    return UnitResult(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in UnitResult.__dataclass_fields__})
-
-
-BATCH_KEYS = ("images", "rois", "has_roi", "labels")
-
-
-def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
-                 device: torch.device) -> UnitResult:
-    """One batch: forward, backward to the target layer, fused kernel, one device→host copy."""
-    targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
-    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
-    images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
-    autocast = PRECISIONS[config.precision]
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        scores = score_batch(
-            model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
-            targets=targets, threshold=config.threshold, backend=config.backend,
-        )
-    return _to_host(scores)
-
-
-def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
-    if ckpt.in_channels != pool.channels:
-        raise XalError(
-            f"model {model_path} expects {ckpt.in_channels}-channel images, pool {pool.path} has "
-            f"{pool.channels} channels"
-        )
-    if ckpt.num_classes != len(pool.classes):
-        raise XalError(
-            f"model {model_path} has {ckpt.num_classes} classes, pool {pool.path} has "
-            f"{len(pool.classes)} ({', '.join(pool.classes)})"
-        )
-    if list(ckpt.classes) != list(pool.classes):
-        raise XalError(
-            f"model {model_path} classes {list(ckpt.classes)} differ from the pool's {pool.classes}"
-        )
-
-
-def _label_or_prediction(labels: torch.Tensor):
-    """Grad-CAM target: the known label where there is one (>= 0), else the predicted class."""
-
-    def target(logits: torch.Tensor) -> torch.Tensor:
-        lab = labels.to(logits.device)
-        cls = torch.where(lab >= 0, lab, logits.argmax(dim=1))
-        return logits.gather(1, cls[:, None])[:, 0]
-
-    return target
-
-
-def _to_host(scores: Any) -> UnitResult:
-    """Pack every per-image result into one (B, 8 + K) fp32 tensor: a single device→host copy."""
-    fields = ("entropy", "margin", "least_confidence", "dice", "soft_dice", "energy")
-    packed = torch.cat(
-        [torch.stack([getattr(scores, f).float() for f in fields]
-                     + [scores.pred.float(), scores.hit.float()], dim=1),  # [B, 8]
-         scores.probs.float()], dim=1,  # [B, K]
-    ).cpu().numpy()
-    columns = {f: packed[:, i] for i, f in enumerate(fields)}
-    return UnitResult(probs=packed[:, 8:], pred=packed[:, 6].astype(np.int16),
-                      hit=packed[:, 7] > 0.5, **columns)
-
-
-def slice_result(result: UnitResult, a: int, b: int) -> UnitResult:
-    return UnitResult(**{k: v[a:b] for k, v in result.__dict__.items()})

@@ -7,7 +7,7 @@ How it works
     the local scorer groups them (consecutive units, about ``--batch-size`` images per group), become a
     Ray Dataset of unit ranges. ``map_batches(ScorerActor, compute=ActorPoolStrategy(size=N))`` streams
     those ranges into N actors. Each actor loads the checkpoint once, opens the pool by path, scores
-    its ranges through the local scorer's own code (``UnitBlocks`` reads, ``score_item``) and writes
+    its ranges through the pass the local scorer runs (``UnitRanges`` reads, ``score_and_store``) and writes
     its units into ``scores/<run>/`` itself; only small per-unit statistics travel back to the driver,
     which draws the progress bar and the summary (with per-worker throughput in ``--json``).
 
@@ -47,7 +47,7 @@ Without Ray (Slurm, torchrun, plain processes)
     ``xal-engine score --pool /shared/pool.zarr --model m.pt --shard-id $SLURM_ARRAY_TASK_ID
     --num-shards 8``. Each shard resumes on its own; the run is complete when every shard is.
 
-Measured (benchmarks/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32, median of 3; a shared
+Measured (benchmarks/scripts/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32, median of 3; a shared
 2-core VM whose load average was 7-9 from other work, so these are contention figures, not limits)
 
     | images | backend        | wall s | img/s end to end | img/s busy (actors) |
@@ -65,11 +65,6 @@ Measured (benchmarks/bench_score_ray.py, CPU, resnet18 at 128x128, batch 32, med
     includes actor start-up, not ray.init. One actor beat the local scorer at 512 images because
     actors run torch with one thread (Ray sets OMP_NUM_THREADS to the actor's CPUs) while the local
     scorer used two intra-op threads on busy cores.
-
-Fault-injection hook (tests only)
-    If the environment variable ``XAL_RAY_FAULT_FILE`` names a file that exists, the first actor call
-    that removes it kills its own process (``os._exit``) after writing its units and before returning,
-    so the call is retried on a restarted actor. Removing the file is atomic, so this happens once.
 """
 
 from __future__ import annotations
@@ -90,23 +85,13 @@ import numpy as np
 from xal_engine.core.inputs import resolve_device
 from xal_engine.core.models import load_checkpoint
 from xal_engine.errors import XalError
-from xal_engine.jobs.score import (
-    ScoreConfig,
-    ScoreSummary,
-    UnitBlocks,
-    UnitWriter,
-    group_units,
-    load_scoring_model,
-    open_run,
-    score_item,
-    slice_result,
-    to_device,
-)
+from xal_engine.jobs.score import ScoreSummary
+from xal_engine.jobs.streaming import ScoreConfig, UnitWriter, load_scoring_model, plan_run, score_and_store
 from xal_engine.progress import progress
-from xal_engine.store.pool import Pool
+from xal_engine.store import Pool
+from xal_engine.store.dataset import UnitRanges
 from xal_engine.store.score_run import ScoreRun
 
-FAULT_ENV = "XAL_RAY_FAULT_FILE"
 MISSING_RAY = "--backend ray needs the 'ray' extra: pip install 'xal-engine[ray]'"
 STAT_FIELDS = ("unit", "images", "seconds", "dice_sum", "dice_count", "worker", "error")
 
@@ -162,9 +147,9 @@ class ScorerActor:
             self.model, self.ckpt = load_scoring_model(Path(model_path), self.device)
             pool = Pool.open(pool_path, mode="r+")
             self.run = ScoreRun.open(pool.group, config.run)
+            self.blocks = UnitRanges(pool, [], with_labels=config.targets == "label")
         except XalError as err:
             self.error = f"worker {self.worker}: {err}"
-        self.blocks = UnitBlocks(pool_path, [], with_labels=config.targets == "label")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch: {"first_unit", "stop_unit"} (R,) int64 rows of consecutive units -> one row per unit
@@ -197,11 +182,11 @@ class ScorerActor:
         dice_count: list[int] = []
         writer = UnitWriter(self.run)  # Zarr encoding of group i overlaps the compute of group i+1
         try:
-            for item in to_device(self._read_ahead(), self.device):
-                host = score_item(self.model, self.ckpt, item, self.config, self.device)
-                for unit, (a, b) in zip(item["units"].tolist(), item["bounds"].tolist()):
-                    part = slice_result(host, a, b)
-                    writer.put(unit, part)
+            items = self._read_ahead()
+            for item_units, bounds, host in score_and_store(self.model, self.ckpt, items, self.config,
+                                                            self.device, writer):
+                for unit, (a, b) in zip(item_units, bounds):
+                    part = host.rows(a, b)
                     finite = np.isfinite(part.dice)
                     units.append(unit)
                     images.append(b - a)
@@ -209,7 +194,6 @@ class ScorerActor:
                     dice_count.append(int(finite.sum()))
         finally:
             writer.close()  # the call returns only once its units are durable and marked done
-        _inject_fault()
         seconds = time.perf_counter() - t0
         n = np.asarray(images, dtype=np.int64)
         return {
@@ -224,18 +208,18 @@ class ScorerActor:
 
 
 def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreConfig,
-                   ray_config: RayConfig, show_progress: bool | None = None) -> RayScoreSummary:
-    """Score every pending unit of this shard of run `config.run` on Ray actors; returns the summary."""
+                   ray_config: RayConfig, show_progress: bool | None = None,
+                   actor: type[ScorerActor] = ScorerActor) -> RayScoreSummary:
+    """Score every pending unit of this shard of run `config.run` on Ray actors; returns the summary.
+
+    ``actor``: the actor class (a subclass of ScorerActor may add instrumentation).
+    """
     ray = import_ray()
     model_path = Path(model_path).resolve()
     pool = Pool.open(Path(pool_path).resolve(), mode="r+")
     _, ckpt = load_checkpoint(model_path)  # metadata for the checks and the fingerprint
-    run = open_run(pool, model_path, ckpt, config)  # created before any actor starts
-    lo = run.n_units * config.shard_id // config.num_shards
-    hi = run.n_units * (config.shard_id + 1) // config.num_shards
-    pending = run.pending_units(config.shard_id, config.num_shards)
-    groups = group_units(run, pending, config.batch_size)  # the local scorer's batches
-    n_images = sum(g[-1][2] - g[0][1] for g in groups)
+    plan = plan_run(pool, model_path, ckpt, config)  # the run exists before any actor starts
+    run, groups, n_images = plan.run, plan.items, plan.n_images  # groups: the local scorer's batches
     t0 = time.perf_counter()
     stats: dict[str, list[np.ndarray]] = {f: [] for f in STAT_FIELDS}
     device = "ray"
@@ -252,7 +236,7 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
             device = f"ray:{actors}x{actor_device}"
             ds = ray.data.from_items(rows, override_num_blocks=n_calls)  # one block = one call
             ds = ds.map_batches(
-                ScorerActor,
+                actor,
                 fn_constructor_kwargs={"pool_path": str(pool.path), "model_path": str(model_path),
                                        "config": config, "device": actor_device},
                 compute=ray.data.ActorPoolStrategy(size=actors),
@@ -278,8 +262,8 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
     scored = int(cols["images"].sum())
     dice_count = int(cols["dice_count"].sum())
     return RayScoreSummary(
-        pool=str(pool.path), run=config.run, images=scored, units=len(pending),
-        units_already_done=(hi - lo) - len(pending), seconds=seconds,
+        pool=str(pool.path), run=config.run, images=scored, units=len(plan.pending),
+        units_already_done=plan.already_done, seconds=seconds,
         images_per_s=scored / seconds if seconds > 0 else math.inf,
         mean_dice=float(cols["dice_sum"].sum()) / dice_count if dice_count else math.nan,
         complete=run.is_complete(), device=device, workers=worker_stats(cols),
@@ -350,15 +334,3 @@ def _gpus_per_worker(ray: ModuleType, config: ScoreConfig, cfg: RayConfig) -> fl
     if config.device == "cpu" and gpus > 0:
         raise XalError("--device cpu conflicts with --num-gpus-per-worker > 0")
     return gpus
-
-
-def _inject_fault() -> None:
-    """Test hook: die once, after writing, if the file named by $XAL_RAY_FAULT_FILE exists."""
-    path = os.environ.get(FAULT_ENV)
-    if not path:
-        return
-    try:
-        os.remove(path)  # atomic: exactly one call wins
-    except FileNotFoundError:
-        return
-    os._exit(1)

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xal_engine.core.acquisition import RunScores, SelectConfig, select
+from xal_engine.core.fields import FIELDS
 from xal_engine.errors import XalError
-from xal_engine.store.pool import SPLIT_TRAIN, Pool
+from xal_engine.store import SPLIT_TRAIN, Pool
+from xal_engine.store.files import atomic_write
 from xal_engine.store.score_run import ScoreRun
 
-CSV_FIELDS = ("rank", "index", "id", "score", "pred", "pred_class", "entropy", "margin",
-              "least_confidence", "dice", "soft_dice", "energy", "hit", "has_roi")
+# The batch CSV: rank and identity, the acquisition score, every scalar result field (the predicted
+# class's name after `pred`), and whether the image has an ROI.
+RESULT_COLUMNS = tuple(f.name for f in FIELDS if f.in_batch_csv)
+CSV_FIELDS = ("rank", "index", "id", "score",
+              *(c for name in RESULT_COLUMNS for c in ((name, "pred_class") if name == "pred" else (name,))),
+              "has_roi")
 
 
 @dataclass(frozen=True)
@@ -53,34 +57,36 @@ def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
             f"score run {run_name!r} is incomplete ({int(done.sum())} of {done.size} work units done); "
             "finish it with `xal-engine score` first"
         )
-    split = np.asarray(pool.group["split"][:])
+    split = pool.column("split")
     candidates = np.flatnonzero((split == SPLIT_TRAIN) & ~labelled_mask(pool, experiment))
     if candidates.size == 0:
         raise XalError("the pool has no unlabelled train images left to select from")
     r = run.read()
-    scores = RunScores(
-        probs=r["probs"][candidates].astype(np.float32), pred=r["pred"][candidates],
-        entropy=r["entropy"][candidates], margin=r["margin"][candidates],
-        least_confidence=r["least_confidence"][candidates], dice=r["dice"][candidates],
-        soft_dice=r["soft_dice"][candidates],
-    )
-    labels = np.asarray(pool.group["labels"][:])[candidates] if config.balance == "oracle" else None
+    # fp16 fields (probs) are ranked in fp32
+    scores = RunScores(**{name: v[candidates].astype(np.float32) if v.dtype == np.float16 else v[candidates]
+                          for name, v in r.items()})
+    labels = pool.column("labels")[candidates] if config.balance == "oracle" else None
     chosen = select(scores, config, labels=labels)
     indices = candidates[chosen.order]
-    ids = np.asarray(pool.group["ids"][:])
-    has_roi = np.asarray(pool.group["has_roi"][:])
+    ids = pool.column("ids")
+    has_roi = pool.column("has_roi")
     classes = pool.classes
     rows = []
     for rank, (pos, idx) in enumerate(zip(chosen.order, indices), start=1):
         rows.append({
             "rank": rank, "index": int(idx), "id": str(ids[idx]), "score": float(chosen.score[pos]),
-            "pred": int(r["pred"][idx]), "pred_class": classes[int(r["pred"][idx])],
-            **{f: float(r[f][idx]) for f in ("entropy", "margin", "least_confidence", "dice",
-                                             "soft_dice", "energy")},
-            "hit": bool(r["hit"][idx]), "has_roi": bool(has_roi[idx]),
+            **{name: _cell(r[name][idx]) for name in RESULT_COLUMNS},
+            "pred_class": classes[int(r["pred"][idx])], "has_roi": bool(has_roi[idx]),
         })
     return BatchSelection(indices=indices, rows=rows, config=config, run=run_name,
                           experiment=experiment, n_candidates=int(candidates.size))
+
+
+def _cell(value: np.generic) -> int | float | bool:
+    """A numpy scalar as the Python number the CSV writes (int, float or bool by its dtype)."""
+    if value.dtype == np.bool_:
+        return bool(value)
+    return int(value) if value.dtype.kind in "iu" else float(value)
 
 
 def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Path) -> tuple[Path, Path]:
@@ -105,15 +111,3 @@ def _write_csv(f, rows: list[dict]) -> None:
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(f)` on a temporary file beside `path`, then rename it over `path` (all or nothing)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,6 +30,7 @@ from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import DEFAULT_TARGET_LAYERS, Checkpoint, build_model, parse_arch, resolve_layer
 from xal_engine.errors import XalError
 from xal_engine.progress import progress
+from xal_engine.store import SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.store.dataset import (
     Block,
     BlockDataset,
@@ -38,7 +39,6 @@ from xal_engine.store.dataset import (
     rebatch,
     select_indices,
 )
-from xal_engine.store.pool import SPLIT_TRAIN, SPLIT_VAL, Pool
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,9 @@ def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.n
 
 def training_indices(pool: Pool, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val) sorted pool positions and the (N,) int64 labels. Only splits 0 and 1 are selected."""
-    labels = np.asarray(pool.group["labels"][:]).astype(np.int64)  # (N,)
+    labels = pool.column("labels").astype(np.int64)  # (N,)
     if config.labelled_only is not None:
-        _check_labelled(pool, config.labelled_only, labels, np.asarray(pool.group["split"][:]))
+        _check_labelled(pool, config.labelled_only, labels, pool.column("split"))
     train = select_indices(pool, SPLIT_TRAIN, labelled_only=config.labelled_only)
     val = select_indices(pool, SPLIT_VAL)
     k = len(pool.classes)
@@ -150,7 +150,7 @@ def pool_fingerprint(pool: Pool, train: np.ndarray, val: np.ndarray) -> str:
     meta = [pool.n, pool.channels, pool.height, pool.width, str(pool.image_dtype), list(pool.classes)]
     h.update(json.dumps(meta).encode())
     for name in ("labels", "split"):
-        h.update(np.ascontiguousarray(pool.group[name][:]).tobytes())
+        h.update(np.ascontiguousarray(pool.column(name)).tobytes())
     h.update(train.astype(np.int64).tobytes())
     h.update(val.astype(np.int64).tobytes())
     return h.hexdigest()

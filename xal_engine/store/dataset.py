@@ -1,4 +1,5 @@
-"""Feeding pool images to a model: chunk-aligned blocks of an index subset, and re-batching.
+"""Feeding pool images to a model: loader datasets over pool ranges (training blocks, scoring units)
+and re-batching.
 
 One loader item is one chunk-aligned block of the pool restricted to a sorted index subset (a split,
 or the images an AL experiment labelled); blocks decode in DataLoader worker processes, in the pool's
@@ -33,29 +34,61 @@ def select_indices(pool: Pool, split: int | None = None, known_labels: bool = Tr
     named (an XalError if the pool has no such experiment)."""
     keep = np.ones(pool.n, dtype=bool)
     if split is not None:
-        keep &= np.asarray(pool.group["split"][:]) == split
+        keep &= pool.column("split") == split
     if known_labels:
-        keep &= np.asarray(pool.group["labels"][:]) >= 0
+        keep &= pool.column("labels") >= 0
     if labelled_only is not None:
         keep &= pool.read_labelled_round(labelled_only) >= 0
     return np.flatnonzero(keep).astype(np.int64)
 
 
-class BlockDataset(Dataset[Block]):
-    """Item i = the selected images of the i-th chunk-aligned pool range that holds any.
+class PoolRanges(Dataset[Block]):
+    """Base of the loader datasets: items are contiguous pool ranges decoded in loader workers.
 
-    ``indices`` must be sorted and unique. The pool is reopened in each worker process (by path), so
-    no zarr handle crosses a fork.
+    The pool is reopened by path in each process, so no zarr handle crosses a fork or a pickle.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool_type = type(pool)
+        self._path = pool.path
+        self._pool: Pool | None = pool
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:  # spawn: pickle the path, not the open pool
+        return {**self.__dict__, "_pool": None}
+
+    def _open(self) -> Pool:
+        if self._pool is None or self._pid != os.getpid():
+            self._pool = self._pool_type.open(self._path)
+            self._pid = os.getpid()
+        return self._pool
+
+    def _read(self, start: int, stop: int, rows: np.ndarray | None = None, labels: bool = True) -> Block:
+        """images (n,C,H,W) pool dtype, rois (n,H,W), has_roi (n,) and labels (n,) int64 of images
+        [start, stop), or of its ``rows`` (offsets from start) only."""
+        batch = self._open().read(start, stop)
+        sel = slice(None) if rows is None else rows  # a view of the whole range, or a gathered copy
+        block = {
+            "images": torch.from_numpy(np.ascontiguousarray(batch.images[sel])),
+            "rois": torch.from_numpy(np.ascontiguousarray(batch.rois[sel])),
+            "has_roi": torch.from_numpy(np.ascontiguousarray(batch.has_roi[sel])),
+        }
+        if labels:
+            block["labels"] = torch.from_numpy(batch.labels[sel].astype(np.int64))
+        return block
+
+
+class BlockDataset(PoolRanges):
+    """Item i = the selected images of the i-th chunk-aligned pool range that holds any (training).
+
+    ``indices`` must be sorted and unique.
     """
 
     def __init__(self, pool: Pool, indices: np.ndarray) -> None:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (np.any(np.diff(indices) <= 0) or indices[0] < 0 or indices[-1] >= pool.n):
             raise XalError(f"indices must be sorted, unique and within [0, {pool.n})")
-        self._pool_type = type(pool)
-        self._path = pool.path
-        self._pool: Pool | None = pool
-        self._pid = os.getpid()
+        super().__init__(pool)
         self.indices = indices
         ranges = np.asarray(pool.chunk_ranges(), dtype=np.int64).reshape(-1, 2)  # (chunks, 2)
         # CSR layout: the selected positions of range r are indices[offsets[r]:offsets[r+1]].
@@ -68,26 +101,34 @@ class BlockDataset(Dataset[Block]):
     def __len__(self) -> int:
         return len(self.ranges)
 
-    def __getstate__(self) -> dict[str, Any]:  # spawn: pickle the path, not the open pool
-        return {**self.__dict__, "_pool": None}
-
-    def _open(self) -> Pool:
-        if self._pool is None or self._pid != os.getpid():
-            self._pool = self._pool_type.open(self._path)
-            self._pid = os.getpid()
-        return self._pool
-
     def __getitem__(self, i: int) -> Block:
         start, stop = (int(v) for v in self.ranges[i])
         index = self.indices[self._lo[i]:self._hi[i]]
-        batch = self._open().read(start, stop)
-        rows = index - start
+        return {**self._read(start, stop, rows=index - start), "index": torch.from_numpy(index.copy())}
+
+
+class UnitRanges(PoolRanges):
+    """Item i = every image of a run of consecutive work units of a score run (scoring).
+
+    ``items[i]`` is ``[(unit, start, stop), ...]`` with consecutive units; the item adds ``units``
+    (u,) and ``bounds`` (u, 2), each unit's rows within the item. Labels only ``with_labels``.
+    """
+
+    def __init__(self, pool: Pool, items: list[list[tuple[int, int, int]]], with_labels: bool) -> None:
+        super().__init__(pool)
+        self.items = items
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Block:
+        units = self.items[i]
+        start, stop = units[0][1], units[-1][2]
         return {
-            "images": torch.from_numpy(np.ascontiguousarray(batch.images[rows])),
-            "rois": torch.from_numpy(np.ascontiguousarray(batch.rois[rows])),
-            "has_roi": torch.from_numpy(np.ascontiguousarray(batch.has_roi[rows])),
-            "labels": torch.from_numpy(batch.labels[rows].astype(np.int64)),
-            "index": torch.from_numpy(index.copy()),
+            "units": torch.tensor([u for u, _, _ in units], dtype=torch.int64),
+            "bounds": torch.tensor([[a - start, b - start] for _, a, b in units], dtype=torch.int64),
+            **self._read(start, stop, labels=self.with_labels),
         }
 
 

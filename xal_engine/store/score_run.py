@@ -1,6 +1,7 @@
 """The stored results of a scoring run: ``scores/<run>/`` inside a pool (pool format v1).
 
-Layout (N = pool size, K = classes, U = number of work units):
+Layout (N = pool size, K = classes, U = number of work units): one array per result field of
+:mod:`xal_engine.core.fields`, plus the done flags:
 
     probs            (N, K) float16
     pred             (N,)   int16
@@ -17,43 +18,19 @@ same chunk (Zarr has no locks).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from xal_engine.core.fields import FIELDS, NAMES, PerImage
 from xal_engine.errors import XalError
+from xal_engine.store.files import jsonable
 
-PER_IMAGE_FIELDS: dict[str, str] = {
-    "pred": "int16",
-    "entropy": "float32",
-    "margin": "float32",
-    "least_confidence": "float32",
-    "dice": "float32",
-    "soft_dice": "float32",
-    "energy": "float32",
-    "hit": "bool",
-}
-FILL = {"int16": -1, "float32": float("nan"), "bool": False, "float16": float("nan")}
-
-
-@dataclass(frozen=True)
-class UnitResult:
-    """Numpy results of one work unit, rows in pool order."""
-
-    probs: np.ndarray  # [n, K]
-    pred: np.ndarray  # [n]
-    entropy: np.ndarray
-    margin: np.ndarray
-    least_confidence: np.ndarray
-    dice: np.ndarray
-    soft_dice: np.ndarray
-    energy: np.ndarray
-    hit: np.ndarray
+# A unit's results on the host: every registry field, rows in pool order, in its stored dtype.
+UnitResult = PerImage[np.ndarray]
 
 
 def check_run_name(name: str) -> str:
@@ -99,7 +76,7 @@ class ScoreRun:
                 del scores[name]
             else:
                 old = existing.attrs.get("fingerprint")
-                if old != _jsonable(fingerprint):
+                if old != jsonable(fingerprint):
                     diff = _describe_difference(old, fingerprint)
                     raise XalError(
                         f"run {name!r} exists in this pool with a different {diff}; "
@@ -109,14 +86,13 @@ class ScoreRun:
                 run.clean_partial_files()
                 return run
         group = scores.require_group(name)
-        for field, dtype in PER_IMAGE_FIELDS.items():
-            group.create_array(field, shape=(n,), chunks=(unit_size,), dtype=dtype,
-                               fill_value=FILL[dtype], overwrite=True)
-        group.create_array("probs", shape=(n, n_classes), chunks=(unit_size, n_classes),
-                           dtype="float16", fill_value=FILL["float16"], overwrite=True)
+        for field in FIELDS:  # (N,) or (N, K), chunked by work unit
+            tail = (n_classes,) if field.per_class else ()
+            group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=field.dtype,
+                               fill_value=field.fill, overwrite=True)
         group.create_array("done", shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
                            fill_value=False, overwrite=True)
-        group.attrs.update({**_jsonable(attrs), "fingerprint": _jsonable(fingerprint),
+        group.attrs.update({**jsonable(attrs), "fingerprint": jsonable(fingerprint),
                             "unit_size": unit_size})
         return cls(group, name, n, unit_size)
 
@@ -140,27 +116,28 @@ class ScoreRun:
     def done_mask(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
 
+    def shard_units(self, shard_id: int = 0, num_shards: int = 1) -> range:
+        """The units shard ``shard_id`` of ``num_shards`` owns: contiguous, disjoint, covering the run."""
+        return range(self.n_units * shard_id // num_shards, self.n_units * (shard_id + 1) // num_shards)
+
     def pending_units(self, shard_id: int = 0, num_shards: int = 1) -> list[int]:
-        """Units of this shard not marked done. Shards own contiguous, disjoint unit ranges."""
-        lo = self.n_units * shard_id // num_shards
-        hi = self.n_units * (shard_id + 1) // num_shards
+        """Units of this shard not marked done."""
         done = self.done_mask()
-        return [u for u in range(lo, hi) if not done[u]]
+        return [u for u in self.shard_units(shard_id, num_shards) if not done[u]]
 
     def write_unit(self, unit: int, result: UnitResult) -> None:
         """Write one unit's rows (one chunk per array), then mark it done."""
         start, stop = self.unit_range(unit)
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
-        for field, dtype in PER_IMAGE_FIELDS.items():
-            self.group[field][start:stop] = np.asarray(getattr(result, field), dtype=dtype)
-        self.group["probs"][start:stop] = np.asarray(result.probs, dtype="float16")
+        for field in FIELDS:
+            self.group[field.name][start:stop] = np.asarray(result[field.name], dtype=field.dtype)
         self.group["done"][unit] = True
 
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
-    def read(self, fields: tuple[str, ...] = tuple(PER_IMAGE_FIELDS) + ("probs",)) -> dict[str, np.ndarray]:
+    def read(self, fields: tuple[str, ...] = NAMES) -> dict[str, np.ndarray]:
         return {f: np.asarray(self.group[f][:]) for f in fields}
 
     def clean_partial_files(self) -> int:
@@ -183,13 +160,9 @@ def _local_path(group: zarr.Group) -> Path | None:
     return Path(root) / group.path
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def _describe_difference(old: Any, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return "configuration"
-    new = _jsonable(new)
+    new = jsonable(new)
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "configuration (" + ", ".join(keys) + ")" if keys else "configuration"

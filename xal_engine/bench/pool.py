@@ -1,8 +1,8 @@
 """Pool-level benchmark: `xal-engine score` vs plain inference vs a pytorch-grad-cam pipeline vs the loader.
 
-    python benchmarks/bench_pool.py --quick                      # CPU, small pools (minutes)
-    python benchmarks/bench_pool.py --sizes 20000,100000 --image-size 64 --providers loader,xal-engine
-    python benchmarks/bench_pool.py --device cuda --arch resnet18 --image-size 224 --precision bf16
+    python -m xal_engine.bench.pool --quick                      # CPU, small pools (minutes)
+    python -m xal_engine.bench.pool --sizes 20000,100000 --image-size 64 --providers loader,xal-engine
+    python -m xal_engine.bench.pool --device cuda --arch resnet18 --image-size 224 --precision bf16
 
 All providers read the same synthetic Zarr pool through the same chunk-aligned loader, with the same
 model (random init: speed does not depend on the weights) and batch size:
@@ -16,7 +16,7 @@ show cost linear in N and memory flat. A loader item is a run of whole work unit
 chunk holds 1024 images), scored --batch-size images at a time. Before any figure is
 written, the engine's stored Dice, soft Dice, energy, entropy and hit on the first batch are compared
 with the grad-cam pipeline's (fp32 parity tolerances): no speed is reported for a wrong answer. Rows
-go to benchmarks/results/pool.csv.
+go to benchmarks/results/pool.csv (--out).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import baseline
 import numpy as np
 import torch
-from compare import (
+
+from xal_engine.bench import baseline
+from xal_engine.bench.compare import (
     CHECK_NONE,
     CHECK_PASS,
     CHECK_REFERENCE,
@@ -41,27 +42,17 @@ from compare import (
     check,
     near_tie_hits,
 )
-from table import finish
-
+from xal_engine.bench.table import run_and_finish
 from xal_engine.bench.timing import peak_rss_mb, provenance, synchronize
 from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import Checkpoint, build_model, load_checkpoint, parse_arch, save_checkpoint
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
-from xal_engine.jobs.score import (
-    PRECISIONS,
-    ScoreConfig,
-    UnitBlocks,
-    group_units,
-    load_scoring_model,
-    loader_context,
-    score_pool,
-    to_device,
-)
-from xal_engine.store.pool import Pool
+from xal_engine.jobs.score import score_pool, unit_loader
+from xal_engine.jobs.streaming import PRECISIONS, ScoreConfig, group_units, load_scoring_model, to_device
+from xal_engine.store import Pool
 from xal_engine.store.score_run import ScoreRun
 
 LEVEL = "pool"
-RESULTS = Path(__file__).resolve().parent / "results" / "pool.csv"
 COLUMNS = ["benchmark", "provider", "sizes", "dtype", "n_images", "seconds", "images_per_s",
            "speedup_vs_grad_cam", "ratio_vs_plain", "check", "peak_rss_mb", "peak_gpu_mb", "device", "xal_engine", "torch", "triton",
            "date", "git_commit"]
@@ -73,10 +64,7 @@ def all_units_loader(pool_path: str, batch_size: int, workers: int, device: torc
     pool = Pool.open(pool_path)
     run = ScoreRun(pool.group, "bench", pool.n, pool.chunk_size)
     items = group_units(run, list(range(run.n_units)), batch_size)
-    return torch.utils.data.DataLoader(
-        UnitBlocks(pool_path, items, with_labels=False), batch_size=None, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
-        multiprocessing_context=loader_context() if workers else None)
+    return unit_loader(pool, items, with_labels=False, num_workers=workers, device=device)
 
 
 def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.Namespace) -> dict:
@@ -205,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run every provider in this process (for CI: no fresh interpreter each; peak RSS "
                         "is then the largest so far, not the provider's own)")
     p.add_argument("--workdir", default=None, help="where pools are built (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-write", action="store_true", help="print only, append nothing")
     return p.parse_args(argv)
 
@@ -260,8 +248,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    return finish(LEVEL, run(args), args.out, COLUMNS, write=not args.no_write)
+    return run_and_finish(LEVEL, parse_args(argv), run, COLUMNS)
 
 
 if __name__ == "__main__":

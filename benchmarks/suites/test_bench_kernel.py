@@ -1,15 +1,15 @@
 """pytest-benchmark: gradcam_dice (dispatching function, torch reference) vs pytorch-grad-cam's
-post-processing, at bench_kernel's quick sizes on a CPU and its full sizes on CUDA."""
+post-processing, at the kernel level's quick sizes on a CPU and its full sizes on CUDA."""
 
 from __future__ import annotations
 
-import baseline
 import numpy as np
 import pytest
 import torch
-from bench_kernel import FULL_CASES, QUICK_CASES, Case
 
 from xal_engine import ops
+from xal_engine.bench import baseline
+from xal_engine.bench.kernel import FULL_CASES, QUICK_CASES, Case
 from xal_engine.bench.timing import synchronize
 from xal_engine.ops import reference
 

@@ -1,8 +1,8 @@
 """Batch-level benchmark: `score_batch` vs pytorch-grad-cam's `GradCAM` + numpy metrics vs plain inference.
 
-    python benchmarks/bench_batch.py                      # CUDA: B=64 1x224x224, resnet18/50, densenet121
-    python benchmarks/bench_batch.py --quick              # CPU: B=8 1x64x64, the same three models
-    python benchmarks/bench_batch.py --archs resnet18 --batch-size 4 --image-size 32 --no-write
+    python -m xal_engine.bench.batch                  # CUDA: B=64 1x224x224, resnet18/50, densenet121
+    python -m xal_engine.bench.batch --quick          # CPU: B=8 1x64x64, the same three models
+    python -m xal_engine.bench.batch --archs resnet18 --batch-size 4 --image-size 32 --no-write
 
 Same model (random init: speed does not depend on the weights), same images and ROIs (synthetic
 phantoms, ROI = lesion) and same batch for every provider, in one run:
@@ -14,7 +14,7 @@ phantoms, ROI = lesion) and same batch for every provider, in one run:
 Before timing, the engine's fp32 maps and metrics are checked against pytorch-grad-cam's (parity
 tolerances of docs/gradcam-reference.md); bf16 is checked against the same fp32 reference, loosely,
 on images whose predicted class is unchanged. Rows (median/p20/p80 ms, images/s, speedup vs grad-cam,
-ratio vs plain) go to benchmarks/results/batch.csv.
+ratio vs plain) go to benchmarks/results/batch.csv (--out).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 
-import baseline
 import numpy as np
 import torch
-from compare import (
+from pytorch_grad_cam import GradCAM
+
+from xal_engine.bench import baseline
+from xal_engine.bench.compare import (
     CHECK_NONE,
     CHECK_PASS,
     CHECK_REFERENCE,
@@ -41,9 +42,7 @@ from compare import (
     check,
     near_tie_hits,
 )
-from pytorch_grad_cam import GradCAM
-from table import add_run_args, finish, interleaved_times
-
+from xal_engine.bench.table import add_run_args, interleaved_times, run_and_finish
 from xal_engine.bench.timing import provenance, summarise, synchronize
 from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import build_model, parse_arch, resolve_layer
@@ -52,7 +51,6 @@ from xal_engine.ingest.synthetic import SyntheticConfig, generate_block
 from xal_engine.ops import reference
 
 LEVEL = "batch"
-RESULTS = Path(__file__).resolve().parent / "results" / "batch.csv"
 COLUMNS = ["benchmark", "provider", "sizes", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s",
            "speedup_vs_grad_cam", "ratio_vs_plain", "check", "note", "device", "xal_engine", "torch", "triton",
            "date", "git_commit"]
@@ -207,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="H = W (default 224, quick 64)")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast), comma-separated")
-    add_run_args(p, RESULTS, warmup=2, repeats=10)
+    add_run_args(p, warmup=2, repeats=10)
     args = p.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     if "fp32" not in args.dtypes or not set(args.dtypes) <= set(AUTOCAST):
@@ -227,8 +225,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    return finish(LEVEL, run(args), args.out, COLUMNS, write=not args.no_write)
+    return run_and_finish(LEVEL, parse_args(argv), run, COLUMNS)
 
 
 if __name__ == "__main__":

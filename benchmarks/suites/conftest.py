@@ -1,8 +1,9 @@
-"""pytest-benchmark suites (``pytest benchmarks --benchmark-only``); not part of the default test run.
+"""pytest-benchmark suites (``pytest benchmarks/suites --benchmark-only``); not part of the default test run.
 
 pyproject's addopts disable benchmarks for the default run (``--benchmark-disable``); collecting this
-folder turns them back on, as ``--benchmark-enable`` would. Without a GPU the ``ops`` provider takes
-the torch reference (the Triton kernel would run in Triton's interpreter).
+folder turns them back on, as ``--benchmark-enable`` would, unless ``--benchmark-disable`` is given on
+the command line itself (each benchmark then runs once, as a smoke test). Without a GPU the ``ops``
+provider takes the torch reference (the Triton kernel would run in Triton's interpreter).
 """
 
 import os
@@ -19,7 +20,8 @@ if not torch.cuda.is_available():
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.option.benchmark_enable = True
+    if "--benchmark-disable" not in config.invocation_params.args:  # addopts' copy is not in args
+        config.option.benchmark_enable = True
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Scoring throughput: the local scorer vs Ray actor pools of 1 and 2 workers, on a synthetic pool (CPU).
 
-    python benchmarks/bench_score_ray.py [--images 256] [--size 128] [--repeats 2]
+    python benchmarks/scripts/bench_score_ray.py [--images 256] [--size 128] [--repeats 2]
 
 Appends one row per (provider, workers) to benchmarks/results/score_ray.csv: median, p20 and p80 of
 the wall time of one whole scoring pass (Ray: actor start-up and model loading included; ray.init
@@ -32,9 +32,9 @@ from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
 from xal_engine.ingest.synthetic import SyntheticConfig, assign_splits, class_names, generate_block
 from xal_engine.jobs.score import ScoreConfig, ScoreSummary, score_pool
 from xal_engine.jobs.score_ray import RayConfig, score_pool_ray
-from xal_engine.store.pool import PoolWriter
+from xal_engine.store import PoolWriter
 
-RESULTS = Path(__file__).parent / "results" / "score_ray.csv"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "score_ray.csv"
 CHUNK = 16  # images per pool chunk = per work unit
 BATCH = 32
 

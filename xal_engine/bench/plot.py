@@ -1,6 +1,6 @@
 """Speedup charts from the benchmark CSVs: one PNG per level, providers relative to pytorch-grad-cam.
 
-    python benchmarks/plot.py                      # benchmarks/results/{kernel,batch,pool}_speedup.png
+    python -m xal_engine.bench.plot                # benchmarks/results/{kernel,batch,pool}_speedup.png
 
 Each chart shows the latest run in ``<level>.csv`` (the rows sharing its newest date; one device):
 one group of bars per case, one bar per provider and dtype, height = ``speedup_vs_grad_cam`` on a log
@@ -21,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from xal_engine.bench.checkout import results_dir
+
 LEVELS = ("kernel", "batch", "pool")
 # One colour per provider and dtype across the charts (others take matplotlib's cycle).
 COLOURS = {"xal-engine fp32": "tab:blue", "xal-engine bf16": "tab:cyan", "triton fp32": "tab:blue",
@@ -71,7 +72,7 @@ def plot_level(level: str, rows: list[dict], out: Path) -> Path | None:
     return out
 
 
-def plot_results(results: Path = RESULTS, levels: tuple[str, ...] = LEVELS) -> list[Path]:
+def plot_results(results: Path, levels: tuple[str, ...] = LEVELS) -> list[Path]:
     """``<level>_speedup.png`` for every level whose CSV exists under ``results``; the paths written."""
     written = []
     for level in levels:
@@ -85,9 +86,10 @@ def plot_results(results: Path = RESULTS, levels: tuple[str, ...] = LEVELS) -> l
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSVs and charts")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder of the CSVs and charts (default: the checkout's benchmarks/results/)")
     args = parser.parse_args(argv)
-    paths = plot_results(args.results)
+    paths = plot_results(args.results or results_dir("pass --results DIR"))
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -1,12 +1,12 @@
 """Benchmark gradcam_dice: fused Triton kernel vs torch reference vs pytorch-grad-cam's post-processing.
 
-    python benchmarks/bench_kernel.py                 # CUDA: B=256, C=512 7x7->224^2 and C=2048 14x14->512^2
-    python benchmarks/bench_kernel.py --quick         # small CPU sizes: torch reference vs pytorch-grad-cam
-    TRITON_INTERPRET=1 python benchmarks/bench_kernel.py --quick --triton-cpu   # + kernel, interpreted
+    python -m xal_engine.bench.kernel             # CUDA: B=256, C=512 7x7->224^2 and C=2048 14x14->512^2
+    python -m xal_engine.bench.kernel --quick     # small CPU sizes: torch reference vs pytorch-grad-cam
+    TRITON_INTERPRET=1 python -m xal_engine.bench.kernel --quick --triton-cpu   # + kernel, interpreted
 
 Each provider gets warm-up runs, then timed repeats (synchronised on CUDA); the rows (median, p20, p80
 ms, images/s, GB/s of the bytes the kernel must read: A + G + ROI, speedup vs grad-cam) are appended
-to benchmarks/results/kernel.csv. Every provider's outputs are checked against the reference first.
+to benchmarks/results/kernel.csv (--out). Every provider's outputs are checked against the reference first.
 
 Providers, all from (B, C, h, w) A and G and (B, H, W) ROIs on the benchmark device to per-image results:
     triton       one fused launch (xal_engine.kernels.gradcam_dice)
@@ -21,20 +21,26 @@ import argparse
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import baseline
 import numpy as np
 import torch
-from compare import CHECK_PASS, CHECK_REFERENCE, GRAD_CAM, BenchError, add_ratios, check, near_tie_hits
-from table import add_run_args, finish, interleaved_times
 
+from xal_engine.bench import baseline
+from xal_engine.bench.compare import (
+    CHECK_PASS,
+    CHECK_REFERENCE,
+    GRAD_CAM,
+    BenchError,
+    add_ratios,
+    check,
+    near_tie_hits,
+)
+from xal_engine.bench.table import add_run_args, interleaved_times, run_and_finish
 from xal_engine.bench.timing import provenance, summarise
 from xal_engine.core.inputs import resolve_device
 from xal_engine.ops import reference
 
 LEVEL = "kernel"
-RESULTS = Path(__file__).resolve().parent / "results" / "kernel.csv"
 COLUMNS = ["benchmark", "provider", "sizes", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s",
            "gb_per_s", "speedup_vs_grad_cam", "ratio_vs_plain", "check", "device", "xal_engine", "torch",
            "triton", "date", "git_commit"]
@@ -107,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--triton-cpu", action="store_true",
                         help="on a CPU, also time the kernel in Triton's interpreter (needs TRITON_INTERPRET=1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of A and G")
-    add_run_args(parser, RESULTS, warmup=3, repeats=20)
+    add_run_args(parser, warmup=3, repeats=20)
     return parser.parse_args(argv)
 
 
@@ -123,8 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    return finish(LEVEL, run(args), args.out, COLUMNS, write=not args.no_write)
+    return run_and_finish(LEVEL, parse_args(argv), run, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """pytest-benchmark: score_batch vs pytorch-grad-cam's GradCAM + numpy metrics vs plain inference on one
-batch, at bench_batch's quick sizes on a CPU (resnet18) and its full sizes on CUDA (three models)."""
+batch, at the batch level's quick sizes on a CPU (resnet18) and its full sizes on CUDA (three models)."""
 
 from __future__ import annotations
 
 import copy
 
-import baseline
 import numpy as np
 import pytest
 import torch
-from bench_batch import ARCHS, Case, Inputs, engine, make_inputs, plain
 from pytorch_grad_cam import GradCAM
 
+from xal_engine.bench import baseline
+from xal_engine.bench.batch import ARCHS, Case, Inputs, engine, make_inputs, plain
 from xal_engine.bench.timing import synchronize
 from xal_engine.core.models import resolve_layer
 

@@ -1,8 +1,8 @@
 """The benchmark suite behind `xal-engine bench`: run chosen levels, keep their rows, append the CSVs.
 
-Each level is a script of this folder with ``parse_args(argv)``, ``run(args) -> rows``, ``COLUMNS``
+Each level is a module of this package with ``parse_args(argv)``, ``run(args) -> rows``, ``COLUMNS``
 and ``LEVEL``; the suite builds its argv from one :class:`BenchConfig`, so a level runs the same from
-here as from its own command line.
+here as from its own command line (``python -m xal_engine.bench.<level>``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xal_engine.bench.checkout import level_csv, results_dir
 from xal_engine.bench.timing import append_rows
 from xal_engine.errors import XalError
 
-# level -> script module; in the order they run (cheapest first)
-LEVELS: dict[str, str] = {"kernel": "bench_kernel", "batch": "bench_batch", "pool": "bench_pool"}
+# level -> its module (imported only when the level runs); in the order they run (cheapest first)
+LEVELS: dict[str, str] = {"kernel": "xal_engine.bench.kernel", "batch": "xal_engine.bench.batch",
+                          "pool": "xal_engine.bench.pool"}
 TIMED = ("kernel", "batch")  # levels with --warmup/--repeats (the pool level times one whole pass)
+WRITE_REMEDY = "pass --no-write to print the table only"  # outside a checkout, where rows cannot go
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ def level_argv(level: str, config: BenchConfig) -> list[str]:
 
 def run_suite(config: BenchConfig) -> list[tuple[str, list[dict]]]:
     """(level, rows) per level, in LEVELS order; each level's rows are appended once it has passed."""
+    if config.write:
+        results_dir(WRITE_REMEDY)  # before any level runs: outside a checkout the rows have nowhere to go
     sections = []
     threads = torch.get_num_threads()  # the levels set their own; give the caller's back
     try:
@@ -70,8 +75,8 @@ def run_level(level: str, config: BenchConfig) -> list[dict]:
         args = script.parse_args(argv)
     except SystemExit:  # argparse has printed why
         raise XalError(f"{level}: invalid arguments '{' '.join(argv)}' "
-                       f"(see python benchmarks/{LEVELS[level]}.py --help)") from None
+                       f"(see python -m {LEVELS[level]} --help)") from None
     rows = script.run(args)
     if config.write:
-        append_rows(args.out, rows, script.COLUMNS)
+        append_rows(level_csv(args.out, level, WRITE_REMEDY), rows, script.COLUMNS)
     return rows

@@ -1,6 +1,6 @@
 """Ingest throughput (images/s) per format with 1 and 2 worker processes, on generated data.
 
-    python benchmarks/bench_ingest.py [--repeats 3] [--scale 1.0]
+    python benchmarks/scripts/bench_ingest.py [--repeats 3] [--scale 1.0]
 
 Appends one row per (format, workers) to benchmarks/results/ingest.csv: median, p20 and p80 of the
 wall time over the repeats, images/s at the median, CPU, versions and date. Data generation is not
@@ -32,7 +32,7 @@ from xal_engine.ingest.samples import make_brats, make_folder, make_siim, make_v
 from xal_engine.ingest.siim import SiimSource
 from xal_engine.ingest.vindr import VindrSource
 
-RESULTS = Path(__file__).parent / "results" / "ingest.csv"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "ingest.csv"
 SIZE = 224
 
 

@@ -1,11 +1,11 @@
 """Where the time of `xal-engine score` goes: a wall-clock breakdown of score_pool over a small pool.
 
-    python benchmarks/profile_score.py                       # CPU: N=512 1x64x64, resnet18, loader in-process
-    python benchmarks/profile_score.py --device cuda --n 8192 --image-size 224 --workers 4
-    python benchmarks/profile_score.py --cprofile 25         # + the 25 costliest functions (main thread)
+    python benchmarks/scripts/profile_score.py               # CPU: N=512 1x64x64, resnet18, loader in-process
+    python benchmarks/scripts/profile_score.py --device cuda --n 8192 --image-size 224 --workers 4
+    python benchmarks/scripts/profile_score.py --cprofile 25 # + the 25 costliest functions (main thread)
 
 The scorer's stages are wrapped with timers (synchronised on CUDA, so a stage holds its own kernels):
-    loader      Zarr read + decode of one item (UnitBlocks.__getitem__; in-process with --workers 0)
+    loader      Zarr read + decode of one item (UnitRanges.__getitem__; in-process with --workers 0)
     forward     the model's forward inside the Grad-CAM capture
     backward    torch.autograd.grad down to the target layer
     gradcam     gradcam_dice (map, upsample, normalise, Dice, soft Dice, energy, hit)
@@ -37,6 +37,8 @@ from xal_engine.core.inputs import resolve_device
 from xal_engine.core.models import Checkpoint, build_model, parse_arch, save_checkpoint
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
 from xal_engine.jobs import score as scorer
+from xal_engine.jobs import streaming
+from xal_engine.store.dataset import UnitRanges
 from xal_engine.store.score_run import ScoreRun
 
 STAGES = ("loader", "forward", "backward", "gradcam", "to_host", "writes")
@@ -74,11 +76,11 @@ def instrumented(timers: Timers) -> Iterator[None]:
         model.forward = timers.wrap("forward", model.forward)  # the instance's forward: one per batch
         return model, ckpt
 
-    patches = [(scorer.UnitBlocks, "__getitem__", timers.wrap("loader", scorer.UnitBlocks.__getitem__)),
+    patches = [(UnitRanges, "__getitem__", timers.wrap("loader", UnitRanges.__getitem__)),
                (scorer, "load_scoring_model", load_timed),
                (cam.torch.autograd, "grad", timers.wrap("backward", torch.autograd.grad)),
                (scoring, "gradcam_dice", timers.wrap("gradcam", scoring.gradcam_dice)),
-               (scorer, "_to_host", timers.wrap("to_host", scorer._to_host)),
+               (streaming, "_to_host", timers.wrap("to_host", streaming._to_host)),
                (ScoreRun, "write_unit", timers.wrap("writes", ScoreRun.write_unit))]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:

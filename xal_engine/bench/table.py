@@ -1,8 +1,9 @@
-"""What every benchmark script shares around its measurements: the common flags, interleaved timing,
-one aligned text table for every level, and the CSV append.
+"""What every benchmark level shares around its measurements: the common flags, interleaved timing,
+one aligned text table for every level, and the command line's run, print and CSV append.
 
 Time is the median per call at the kernel and batch levels, and the whole pass at the pool level
-(``seconds``); ``vs grad-cam`` and ``vs plain`` are the ratios of :mod:`compare` (> 1: faster).
+(``seconds``); ``vs grad-cam`` and ``vs plain`` are the ratios of :mod:`xal_engine.bench.compare`
+(> 1: faster).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from xal_engine.bench.checkout import level_csv
 from xal_engine.bench.timing import append_rows, synchronize
 
 HEADER = ("level", "case", "provider", "dtype", "ms", "img/s", "vs grad-cam", "vs plain", "check", "note")
 
 
-def add_run_args(parser: argparse.ArgumentParser, results: Path, warmup: int, repeats: int) -> None:
+def add_run_args(parser: argparse.ArgumentParser, warmup: int, repeats: int) -> None:
     """--device, --threshold, timing, --threads, --out and --no-write, the same in every script."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threshold", type=float, default=0.5, help="CAM threshold tau of the hard Dice")
@@ -29,7 +31,8 @@ def add_run_args(parser: argparse.ArgumentParser, results: Path, warmup: int, re
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default; 1: numpy/cv2 are single-threaded too, "
                              "and a shared CPU makes multi-threaded timings erratic)")
-    parser.add_argument("--out", type=Path, default=results, help="CSV the rows are appended to")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV the rows are appended to (default: the checkout's benchmarks/results/)")
     parser.add_argument("--no-write", action="store_true", help="print only, append nothing")
 
 
@@ -88,10 +91,17 @@ def format_table(sections: list[tuple[str, list[dict]]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def finish(level: str, rows: list[dict], out: Path, columns: list[str], write: bool) -> list[dict]:
-    """Print the level's table and append its rows to ``out`` unless ``write`` is False."""
+def run_and_finish(level: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], list[dict]],
+                   columns: list[str]) -> list[dict]:
+    """A level's command line after parsing: ``run(args)``, print the table, append the rows to --out.
+
+    The default --out (the checkout's ``benchmarks/results/<level>.csv``) is found before the run, so
+    that outside a checkout the level fails at once rather than after its measurements.
+    """
+    out = None if args.no_write else level_csv(args.out, level)
+    rows = run(args)
     print(format_table([(level, rows)]))
-    if write:
+    if out is not None:
         append_rows(out, rows, columns)
         print(f"appended {len(rows)} rows to {out}")
     return rows

@@ -1,0 +1,62 @@
+"""The per-image result registry: the host copy round trip, the containers and what derives from it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from xal_engine.core import fields
+from xal_engine.core.fields import FIELDS, NAMES, BatchScores, PerImage
+from xal_engine.jobs.select import CSV_FIELDS
+
+
+def device_scores(b: int = 5, k: int = 3, seed: int = 0) -> BatchScores:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(b, k, generator=gen), dim=1)
+    floats = {name: torch.randn(b, generator=gen) for name in
+              ("entropy", "margin", "least_confidence", "dice", "soft_dice", "energy")}
+    floats["dice"][1] = math.nan  # an image without an ROI
+    return BatchScores(probs=probs, pred=probs.argmax(1), hit=torch.tensor([True, False, True, True, False]),
+                       **floats)
+
+
+def test_pack_unpack_gives_every_field_in_its_stored_dtype():
+    s = device_scores()
+    packed = fields.pack(s)
+    assert packed.shape == (5, 8 + 3) and packed.dtype == torch.float32  # 8 scalar columns + K probs
+    host = fields.unpack(packed.numpy())
+    assert list(host) == list(NAMES)
+    for f in FIELDS:
+        assert host[f.name].dtype == np.dtype(f.dtype), f.name
+        assert host[f.name].shape == ((5, 3) if f.per_class else (5,)), f.name
+    np.testing.assert_array_equal(host.pred, s.pred.numpy().astype(np.int16))
+    np.testing.assert_array_equal(host.hit, s.hit.numpy())
+    np.testing.assert_array_equal(host.entropy, s.entropy.numpy())  # fp32 columns are exact
+    assert math.isnan(host.dice[1]) and not np.isnan(host.dice[[0, 2, 3, 4]]).any()
+    np.testing.assert_array_equal(host.probs, s.probs.numpy().astype(np.float16))
+
+
+def test_rows_and_concat_are_inverse():
+    host = fields.unpack(fields.pack(device_scores(seed=3)).numpy())
+    parts = [host.rows(0, 2), host.rows(2, 5)]
+    joined = fields.concat(parts)
+    for name in NAMES:
+        np.testing.assert_array_equal(joined[name], host[name])
+    assert parts[0].pred.shape == (2,) and parts[1].probs.shape == (3, 3)
+
+
+def test_containers_refuse_unknown_or_missing_fields():
+    with pytest.raises(TypeError, match=r"unknown result field\(s\) \['dise'\]"):
+        PerImage(dise=np.zeros(2))
+    with pytest.raises(TypeError, match=r"BatchScores needs every result field; missing \['hit'\]"):
+        BatchScores(**{n: torch.zeros(2) for n in NAMES if n != "hit"})
+    partial = PerImage(entropy=np.ones(2))  # selection may read a subset
+    with pytest.raises(AttributeError, match="PerImage has no field 'dice'"):
+        partial.dice  # noqa: B018
+
+
+def test_batch_csv_columns_follow_the_registry():
+    scalar = [f.name for f in FIELDS if not f.per_class]
+    assert CSV_FIELDS == ("rank", "index", "id", "score", "pred", "pred_class", *scalar[1:], "has_roi")
+    assert "probs" not in CSV_FIELDS

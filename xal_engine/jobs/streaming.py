@@ -1,0 +1,284 @@
+"""The scoring pass that local and Ray scoring share: model and run set-up, per-batch scoring, the
+device feed and the writer thread.
+
+Data path: loader items (``UnitRanges``: a run of whole work units ≈ one batch, decoded from Zarr)
+→ pinned host memory → copied to the GPU on a side stream while the previous batch computes →
+forward, partial backward, fused kernel → one device→host copy per batch → a writer thread stores
+each unit's rows and marks the unit done. Memory is bounded by the prefetch depth and the writer
+queue, not by the pool size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xal_engine import __version__
+from xal_engine.core import fields
+from xal_engine.core.fields import BatchScores
+from xal_engine.core.inputs import to_unit_float
+from xal_engine.core.models import Checkpoint, load_checkpoint
+from xal_engine.core.scoring import score_batch
+from xal_engine.errors import XalError
+from xal_engine.ops import BACKENDS
+from xal_engine.store import Pool
+from xal_engine.store.score_run import ScoreRun, UnitResult, check_run_name
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TARGET_RULES = ("pred", "label")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    run: str = "default"
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threshold: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    num_workers: int = 2
+    shard_id: int = 0
+    num_shards: int = 1
+    targets: str = "pred"  # Grad-CAM target: predicted class, or the known label where there is one
+    overwrite: bool = False
+    kernel: str = "auto"  # gradcam_dice implementation: auto | triton | torch (not the execution backend)
+
+    def __post_init__(self) -> None:
+        check_run_name(self.run)
+        if self.batch_size < 1:
+            raise XalError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise XalError(f"--threshold must lie in [0, 1], got {self.threshold}")
+        if self.precision not in PRECISIONS:
+            raise XalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.num_workers < 0:
+            raise XalError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
+            raise XalError(
+                f"--shard-id must lie in [0, --num-shards), got {self.shard_id} of {self.num_shards}"
+            )
+        if self.kernel not in BACKENDS:
+            raise XalError(f"--kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
+        if self.targets not in TARGET_RULES:
+            raise XalError(f"--targets must be one of {', '.join(TARGET_RULES)}, got {self.targets!r}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def group_units(run: ScoreRun, units: list[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive pending units grouped so each item holds about `batch_size` images."""
+    per_item = max(1, batch_size // run.unit_size)
+    items: list[list[tuple[int, int, int]]] = []
+    for u in units:
+        start, stop = run.unit_range(u)
+        last = items[-1] if items else None
+        if last is not None and len(last) < per_item and last[-1][0] == u - 1:
+            last.append((u, start, stop))
+        else:
+            items.append([(u, start, stop)])
+    return items
+
+
+def to_device(loader: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Move loader items to `device`; on CUDA the copy of item i+1 overlaps the compute of item i."""
+    if device.type != "cuda":
+        yield from loader
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def start_copy(item: dict[str, Any]) -> dict[str, Any]:
+        with torch.cuda.stream(copy_stream):
+            return {k: (v.to(device, non_blocking=True) if k not in ("units", "bounds") else v)
+                    for k, v in item.items()}
+
+    pending = None
+    for item in loader:
+        nxt = start_copy(item)
+        if pending is not None:
+            yield pending
+        torch.cuda.current_stream(device).wait_stream(copy_stream)
+        for v in nxt.values():
+            if v.is_cuda:
+                v.record_stream(torch.cuda.current_stream(device))
+        pending = nxt
+    if pending is not None:
+        yield pending
+
+
+class UnitWriter:
+    """A background thread storing unit results, so Zarr encoding overlaps the next batch."""
+
+    def __init__(self, run: ScoreRun, depth: int = 4) -> None:
+        self.run = run
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="xal-unit-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.run.write_unit(*job)
+                except BaseException as err:  # noqa: BLE001 - any failure, surfaced in put()/close()
+                    self.error = err
+
+    def put(self, unit: int, result: UnitResult) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((unit, result))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
+    """The checkpoint's model on `device`, channels-last: NHWC convolutions (tensor cores on CUDA;
+    on CPU the forward measured 18 % faster for resnet18, 33 % for densenet121 at 128²)."""
+    model, ckpt = load_checkpoint(model_path, device=device)
+    return model.to(memory_format=torch.channels_last), ckpt
+
+
+def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> ScoreRun:
+    """Check the model against the pool, then create or resume run `config.run`.
+
+    The fingerprint decides whether two invocations (local, sharded or distributed) are the same run.
+    """
+    check_model_fits_pool(ckpt, pool, model_path)
+    if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
+        raise XalError("--targets label needs the model's classes to equal the pool's")
+    fingerprint = {
+        "model_sha256": file_sha256(model_path),
+        "arch": ckpt.arch,
+        "target_layer": ckpt.target_layer,
+        "threshold": config.threshold,
+        "precision": config.precision,
+        "targets": config.targets,
+        "n_images": pool.n,
+    }
+    attrs = {
+        "model": str(model_path),
+        "classes": list(ckpt.classes),
+        "config": asdict(config),
+        "versions": {"xal_engine": __version__, "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return ScoreRun.create_or_resume(
+        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
+        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one invocation of a run (this shard) has to do."""
+
+    run: ScoreRun
+    pending: list[int]  # this shard's units not marked done
+    already_done: int  # this shard's units done before this invocation
+    items: list[list[tuple[int, int, int]]]  # pending units grouped into loader items (group_units)
+    n_images: int  # images in the pending units
+
+
+def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> RunPlan:
+    """Create or resume the run (``open_run``) and group this shard's pending units into items."""
+    run = open_run(pool, model_path, ckpt, config)
+    pending = run.pending_units(config.shard_id, config.num_shards)
+    items = group_units(run, pending, config.batch_size)
+    return RunPlan(run=run, pending=pending,
+                   already_done=len(run.shard_units(config.shard_id, config.num_shards)) - len(pending),
+                   items=items, n_images=sum(g[-1][2] - g[0][1] for g in items))
+
+
+def score_and_store(model: torch.nn.Module, ckpt: Checkpoint, items: Iterable[dict[str, Any]],
+                    config: ScoreConfig, device: torch.device,
+                    writer: UnitWriter) -> Iterator[tuple[list[int], list[list[int]], UnitResult]]:
+    """Score loader items (``UnitRanges`` items) in order and queue each unit's rows on ``writer``.
+
+    Yields (units, bounds, host results) per item once its units are queued; the caller closes the
+    writer, after which every yielded unit is stored and marked done.
+    """
+    for item in to_device(items, device):
+        host = score_item(model, ckpt, item, config, device)
+        units, bounds = item["units"].tolist(), item["bounds"].tolist()
+        for unit, (a, b) in zip(units, bounds):
+            writer.put(unit, host.rows(a, b))
+        yield units, bounds, host
+
+
+def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
+               device: torch.device) -> UnitResult:
+    """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
+    is whole chunks and may hold more); one device→host copy per batch."""
+    n = item["images"].shape[0]
+    parts = [score_images(model, ckpt, {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item},
+                          config, device)
+             for a in range(0, n, config.batch_size)]
+    return fields.concat(parts)
+
+
+BATCH_KEYS = ("images", "rois", "has_roi", "labels")
+
+
+def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
+                 device: torch.device) -> UnitResult:
+    """One batch: forward, backward to the target layer, fused kernel, one device→host copy."""
+    targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
+    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
+    images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
+    autocast = PRECISIONS[config.precision]
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        scores = score_batch(
+            model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
+            targets=targets, threshold=config.threshold, backend=config.kernel,
+        )
+    return _to_host(scores)
+
+
+def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
+    if ckpt.in_channels != pool.channels:
+        raise XalError(
+            f"model {model_path} expects {ckpt.in_channels}-channel images, pool {pool.path} has "
+            f"{pool.channels} channels"
+        )
+    if ckpt.num_classes != len(pool.classes):
+        raise XalError(
+            f"model {model_path} has {ckpt.num_classes} classes, pool {pool.path} has "
+            f"{len(pool.classes)} ({', '.join(pool.classes)})"
+        )
+    if list(ckpt.classes) != list(pool.classes):
+        raise XalError(
+            f"model {model_path} classes {list(ckpt.classes)} differ from the pool's {pool.classes}"
+        )
+
+
+def _label_or_prediction(labels: torch.Tensor):
+    """Grad-CAM target: the known label where there is one (>= 0), else the predicted class."""
+
+    def target(logits: torch.Tensor) -> torch.Tensor:
+        lab = labels.to(logits.device)
+        cls = torch.where(lab >= 0, lab, logits.argmax(dim=1))
+        return logits.gather(1, cls[:, None])[:, 0]
+
+    return target
+
+
+def _to_host(scores: BatchScores) -> UnitResult:
+    """Every per-image result in one (B, F) fp32 tensor: a single device→host copy."""
+    return fields.unpack(fields.pack(scores).cpu().numpy())

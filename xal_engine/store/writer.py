@@ -1,0 +1,222 @@
+"""Writing a new pool: :class:`PoolWriter`.
+
+The writer puts ``<path>.partial`` on disk chunk by chunk and renames it to ``<path>`` on close, so an
+interrupted write never leaves anything that ``Pool.open`` accepts; ``resume=True`` continues it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zarr
+
+from xal_engine import __version__
+from xal_engine.errors import PoolError
+from xal_engine.store.format import (
+    FORMAT_VERSION,
+    IMAGE_DTYPES,
+    PARTIAL_SUFFIX,
+    PER_IMAGE_ARRAYS,
+    RESERVED_ATTRS,
+    WRITING_ATTR,
+    StorageConfig,
+    array_specs,
+    as_str,
+    compressors,
+    images_per_chunk,
+    open_group,
+    partial_path,
+    structure_problems,
+)
+from xal_engine.store.pool import Pool
+
+_DEFAULT_STORAGE = StorageConfig()  # frozen: one shared default is safe
+
+
+def _is_replaceable(path: Path) -> bool:
+    """Only a Zarr group or an empty folder may be deleted to make room for a pool."""
+    if path.is_dir():
+        return (path / "zarr.json").is_file() or not any(path.iterdir())
+    return False
+
+
+class PoolWriter:
+    """Writes a new pool chunk by chunk: ``with PoolWriter(...) as w: w.append(...)``.
+
+    Appends of any size are buffered to whole chunks; each full chunk is written at once, then
+    ``xal_pool_written`` records it as durable (``n_written``), so ``resume=True`` continues an
+    interrupted ``<path>.partial`` after its last whole chunk. ``close`` flushes the tail, sets
+    ``xal_pool: 1`` and renames ``<path>.partial`` to ``<path>``.
+    """
+
+    def __init__(self, path: str | Path, *, channels: int, height: int, width: int,
+                 dtype: np.dtype | str, classes: list[str], modality: str = "", source: str = "",
+                 attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 chunk_size: int | None = None, resume: bool = False,
+                 storage: StorageConfig = _DEFAULT_STORAGE) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in IMAGE_DTYPES:
+            raise PoolError(f"{self.path}: image dtype {self.dtype} is not supported "
+                            "(expected uint8, uint16 or float16)")
+        if min(channels, height, width) < 1:
+            raise PoolError(f"{self.path}: image shape ({channels}, {height}, {width}) must be positive")
+        if not classes or not all(isinstance(c, str) and c for c in classes):
+            raise PoolError(f"{self.path}: classes must be a non-empty list of names")
+        clash = sorted(set(attrs or {}) & set(RESERVED_ATTRS))
+        if clash:
+            raise PoolError(f"{self.path}: attrs may not set reserved keys {clash}")
+        self.shape = (channels, height, width)
+        self.chunk_size = chunk_size or images_per_chunk(channels, height, width, self.dtype,
+                                                         storage.target_chunk_bytes)
+        if self.chunk_size < 1:
+            raise PoolError(f"{self.path}: chunk_size must be at least 1 (got {self.chunk_size})")
+        if self.path.exists() and not overwrite:
+            raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
+        if self.path.exists() and not _is_replaceable(self.path):
+            raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
+        self._specs = array_specs(channels, height, width, self.dtype)
+        meta = {"classes": list(classes), "modality": modality, "source": source,
+                "xal_engine_version": __version__, **(attrs or {})}
+        if resume and self.partial.exists():
+            self._group = self._reopen(meta)
+        else:
+            self._group = self._create(meta, storage)
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk = a lost one
+            self._arrays = {name: self._group[name] for name in PER_IMAGE_ARRAYS}
+        self._n = int(self._group.attrs[WRITING_ATTR])
+        self._buffer = {name: np.empty((self.chunk_size, *tail), dtype=object if name == "ids" else dt)
+                        for name, (tail, dt, _) in self._specs.items()}
+        self._fill = 0
+        self._closed = False
+
+    def _create(self, meta: dict[str, Any], storage: StorageConfig) -> zarr.Group:
+        if self.partial.exists():
+            if not _is_replaceable(self.partial):
+                raise PoolError(f"{self.partial} exists and is not a Zarr group: refusing to replace it")
+            shutil.rmtree(self.partial)
+        group = zarr.open_group(str(self.partial), mode="w-", zarr_format=3,
+                                attributes={**meta, WRITING_ATTR: 0})
+        for name, (tail, dtype, fill) in self._specs.items():
+            dt = np.dtype(dtype)
+            cname = storage.image_cname if name in ("images", "rois") else "lz4"
+            group.create_array(name, shape=(0, *tail), chunks=(self.chunk_size, *tail), dtype=dtype,
+                               fill_value=fill, compressors=compressors(dt, cname, storage.clevel))
+        return group
+
+    def _reopen(self, meta: dict[str, Any]) -> zarr.Group:
+        """Continue ``<path>.partial`` after its last durable chunk, dropping anything later.
+
+        A crash inside a flush can leave the arrays at different lengths: all are cut back to
+        ``xal_pool_written`` first, then the layout must match this writer's.
+        """
+        group = open_group(self.partial, "r+")
+        arrays = {name: group.get(name) for name in PER_IMAGE_ARRAYS}
+        if WRITING_ATTR not in group.attrs or not all(isinstance(a, zarr.Array) for a in arrays.values()):
+            raise PoolError(f"{self.partial} cannot be resumed: it is not an unfinished pool")
+        for stray in self.partial.rglob(f"*{PARTIAL_SUFFIX}"):  # half-written chunk files
+            stray.unlink()
+        n = int(group.attrs[WRITING_ATTR])
+        for array in arrays.values():
+            array.resize((n, *array.shape[1:]))
+        images = arrays["images"]
+        if structure_problems(group) or images.shape[1:] != self.shape \
+                or images.dtype != self.dtype or images.chunks[0] != self.chunk_size:
+            raise PoolError(f"{self.partial} cannot be resumed: it holds {images.dtype} images "
+                            f"{images.shape[1:]} in chunks of {images.chunks[0]}, this write "
+                            f"{self.dtype} {self.shape} in chunks of {self.chunk_size}")
+        group.attrs.update(meta)
+        return group
+
+    @property
+    def n_written(self) -> int:
+        """Images durably written (whole chunks): a resumed write continues from here."""
+        return self._n
+
+    def append(self, images: np.ndarray, rois: np.ndarray, has_roi: np.ndarray, labels: np.ndarray,
+               ids: np.ndarray | list[str], split: np.ndarray) -> None:
+        """Add images (n, C, H, W) with their rois (n, H, W), has_roi, labels, ids and split (n,)."""
+        if self._closed:
+            raise PoolError(f"{self.path}: the writer is closed")
+        data = self._parse(images, rois, has_roi, labels, ids, split)
+        count, done = len(data["images"]), 0
+        while done < count:
+            take = min(count - done, self.chunk_size - self._fill)
+            for name, buffer in self._buffer.items():
+                buffer[self._fill:self._fill + take] = data[name][done:done + take]
+            self._fill += take
+            done += take
+            if self._fill == self.chunk_size:
+                self._flush()
+
+    def _parse(self, images: np.ndarray, rois: np.ndarray, has_roi: np.ndarray, labels: np.ndarray,
+               ids: np.ndarray | list[str], split: np.ndarray) -> dict[str, np.ndarray]:
+        data = {"images": np.asarray(images), "rois": np.asarray(rois), "has_roi": np.asarray(has_roi),
+                "labels": np.asarray(labels), "ids": np.asarray(ids), "split": np.asarray(split)}
+        n = len(data["images"])
+        for name, (tail, dtype, _) in self._specs.items():
+            array = data[name]
+            if array.shape != (n, *tail):
+                raise PoolError(f"{self.path}: appended '{name}' has shape {array.shape}, "
+                                f"expected {(n, *tail)}")
+            if name == "ids":
+                if array.dtype.kind not in "TUO":
+                    raise PoolError(f"{self.path}: appended 'ids' must be strings (got {array.dtype})")
+            elif name in ("labels", "split"):
+                if array.dtype.kind not in "iu":
+                    raise PoolError(f"{self.path}: appended '{name}' must be integers (got {array.dtype})")
+            elif array.dtype != dtype:
+                raise PoolError(f"{self.path}: appended '{name}' has dtype {array.dtype}, "
+                                f"expected {np.dtype(dtype)}")
+        data["labels"] = data["labels"].astype(np.int16)
+        data["split"] = data["split"].astype(np.uint8)
+        return data
+
+    def _flush(self) -> None:
+        """Write the buffered images as one chunk-aligned block, then mark them durable."""
+        if self._fill == 0:
+            return
+        start, stop = self._n, self._n + self._fill
+        for name, array in self._arrays.items():
+            array.resize((stop, *array.shape[1:]))
+            block = self._buffer[name][:self._fill]
+            array[start:stop] = as_str(block) if name == "ids" else block
+        self._group.attrs[WRITING_ATTR] = stop
+        self._n, self._fill = stop, 0
+
+    def close(self) -> Pool:
+        """Flush, mark the pool complete and move ``<path>.partial`` to ``<path>``."""
+        if self._closed:
+            return Pool.open(self.path)
+        self._flush()
+        attrs = dict(self._group.attrs)
+        del attrs[WRITING_ATTR]
+        self._group.attrs.put({**attrs, "xal_pool": FORMAT_VERSION})  # one metadata write
+        self._closed = True
+        if self.path.exists():  # overwrite: swap in the new pool, then delete the old one
+            old = self.path.with_name(f"{self.path.name}.replaced-{uuid.uuid4().hex[:8]}")
+            self.path.rename(old)
+            self.partial.rename(self.path)
+            shutil.rmtree(old)
+        else:
+            self.partial.rename(self.path)
+        return Pool.open(self.path)
+
+    def __enter__(self) -> PoolWriter:  # noqa: PYI034  (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._closed:
+            return
+        if exc_type is None:
+            self.close()
+        else:  # leave <path>.partial (resumable); Pool.open refuses it
+            self._closed = True
