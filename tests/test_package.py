@@ -32,3 +32,14 @@ def test_unknown_command_is_one_line_exit_2():
                          check=False)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "invalid choice" in out.stderr
+
+
+def test_every_subpackage_is_installed():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(xal_engine.__file__).parent
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"xal_engine." + ".".join(p.parent.relative_to(root).parts) if p.parent != root else "xal_engine"
+             for p in root.rglob("__init__.py")}
+    assert found | {"xal_engine.kernels"} == listed

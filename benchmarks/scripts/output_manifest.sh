@@ -11,7 +11,7 @@
 # model.pt (torch.save is not byte-stable), PNG and HTML; in JSON, CLI output and metrics.csv, time
 # stamps, durations and the model's sha256 are masked (absolute paths match: the folder is fixed).
 set -euo pipefail
-OUT=$1; W=/tmp/golden/work; rm -rf "$OUT" "$W"; mkdir -p "$W"; cd "$W"
+OUT=$1; W=${TMPDIR:-/tmp}/xal-output-manifest; rm -rf "$OUT" "$W"; mkdir -p "$W"; cd "$W"
 export OMP_NUM_THREADS=1 XAL_NO_PROGRESS=1
 x() { echo "\$ xal-engine $*" >> cli.log; xal-engine "$@" >> cli.log 2>&1; echo "rc=$?" >> cli.log; }
 x pool create --synthetic --n 96 --size 32 --classes 3 --seed 0 --out p.zarr
