@@ -35,8 +35,9 @@ def test_unknown_command_is_one_line_exit_2():
 
 
 def test_every_subpackage_is_installed():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(xal_engine.__file__).parent
     listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
