@@ -90,7 +90,7 @@ def test_info_text_table(pool_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_validate_exit_codes(pool_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pool", "validate", str(pool_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"{pool_path}: valid (120 images, 1 chunk(s) decoded and checked)"
+    assert capsys.readouterr().out.strip() == f"{pool_path}: valid (120 images, 1 chunk decoded and checked)"
     chunk = pool_path / "rois" / "c" / "0" / "0" / "0"
     raw = bytearray(chunk.read_bytes())
     raw[-10] ^= 0x55
@@ -100,7 +100,7 @@ def test_validate_exit_codes(pool_path: Path, capsys: pytest.CaptureFixture[str]
     assert report["valid"] is False and len(report["problems"]) == 1
     assert report["problems"][0].startswith("array 'rois' chunk 0 (images 0..119) cannot be decoded")
     assert main(["pool", "validate", str(pool_path)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == f"{pool_path}: INVALID, 1 problem(s)"
+    assert capsys.readouterr().out.splitlines()[-1] == f"{pool_path}: INVALID, 1 problem"
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from xal_engine.core import fields
-from xal_engine.core.fields import FIELDS, NAMES, BatchScores, PerImage
+from xal_engine.core.fields import (
+    FIELDS,
+    NAMES,
+    REQUIRED,
+    REQUIRED_NAMES,
+    SCALAR,
+    BatchScores,
+    Layout,
+    PerImage,
+)
 from xal_engine.jobs.select import CSV_FIELDS
 
 
@@ -26,8 +35,8 @@ def test_pack_unpack_gives_every_field_in_its_stored_dtype():
     packed = fields.pack(s)
     assert packed.shape == (5, 8 + 3) and packed.dtype == torch.float32  # 8 scalar columns + K probs
     host = fields.unpack(packed.numpy())
-    assert list(host) == list(NAMES)
-    for f in FIELDS:
+    assert list(host) == list(REQUIRED_NAMES) == [n for n in NAMES if n != "cam"]  # cam: only on request
+    for f in REQUIRED:
         assert host[f.name].dtype == np.dtype(f.dtype), f.name
         assert host[f.name].shape == ((5, 3) if f.per_class else (5,)), f.name
     np.testing.assert_array_equal(host.pred, s.pred.numpy().astype(np.int16))
@@ -37,11 +46,30 @@ def test_pack_unpack_gives_every_field_in_its_stored_dtype():
     np.testing.assert_array_equal(host.probs, s.probs.numpy().astype(np.float16))
 
 
+def test_the_cam_travels_in_the_same_copy_when_present():
+    s = device_scores()
+    cam = torch.rand(5, 3, 4, generator=torch.Generator().manual_seed(1))  # N (B, h, w)
+    with_cam = BatchScores(cam=cam, **s.as_dict())
+    layout = Layout.of(with_cam)
+    assert layout == Layout(n_classes=3, cam_shape=(3, 4)) and Layout.of(s) == Layout(n_classes=3)
+    assert [f.name for f in layout.fields] == list(NAMES) and layout.tail(FIELDS[-1]) == (3, 4)
+    packed = fields.pack(with_cam)
+    assert packed.shape == (5, 8 + 3 + 12)  # + h * w CAM columns
+    host = fields.unpack(packed.numpy(), layout)
+    assert host.cam.dtype == np.float16 and host.cam.shape == (5, 3, 4)
+    np.testing.assert_array_equal(host.cam, cam.numpy().astype(np.float16))
+    np.testing.assert_array_equal(host.probs, s.probs.numpy().astype(np.float16))  # columns unmoved
+    np.testing.assert_array_equal(fields.pack(s).numpy(), packed[:, :11].numpy())
+    assert host.rows(1, 3).cam.shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="packed results have 23 columns"):
+        fields.unpack(packed.numpy(), Layout(n_classes=3))
+
+
 def test_rows_and_concat_are_inverse():
     host = fields.unpack(fields.pack(device_scores(seed=3)).numpy())
     parts = [host.rows(0, 2), host.rows(2, 5)]
     joined = fields.concat(parts)
-    for name in NAMES:
+    for name in REQUIRED_NAMES:
         np.testing.assert_array_equal(joined[name], host[name])
     assert parts[0].pred.shape == (2,) and parts[1].probs.shape == (3, 3)
 
@@ -50,13 +78,13 @@ def test_containers_refuse_unknown_or_missing_fields():
     with pytest.raises(TypeError, match=r"unknown result field\(s\) \['dise'\]"):
         PerImage(dise=np.zeros(2))
     with pytest.raises(TypeError, match=r"BatchScores needs every result field; missing \['hit'\]"):
-        BatchScores(**{n: torch.zeros(2) for n in NAMES if n != "hit"})
+        BatchScores(**{n: torch.zeros(2) for n in REQUIRED_NAMES if n != "hit"})
     partial = PerImage(entropy=np.ones(2))  # selection may read a subset
     with pytest.raises(AttributeError, match="PerImage has no field 'dice'"):
         partial.dice  # noqa: B018
 
 
 def test_batch_csv_columns_follow_the_registry():
-    scalar = [f.name for f in FIELDS if not f.per_class]
+    scalar = [f.name for f in FIELDS if f.shape == SCALAR]
     assert CSV_FIELDS == ("rank", "index", "id", "score", "pred", "pred_class", *scalar[1:], "has_roi")
     assert "probs" not in CSV_FIELDS

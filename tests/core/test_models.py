@@ -13,9 +13,13 @@ import torchvision
 from xal_engine.core.models import (
     ARCHS,
     DEFAULT_TARGET_LAYERS,
+    MIN_TARGET_MAP,
     Checkpoint,
+    LayerChoice,
     adapt_conv_weight,
     build_model,
+    choose_target_layer,
+    feature_map_sizes,
     load_checkpoint,
     resolve_layer,
     save_checkpoint,
@@ -158,3 +162,62 @@ def test_checkpoint_weights_must_fit_arch(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", 3, 1), _info("resnet34"))
     with pytest.raises(XalError, match="weights do not fit resnet34"):
         load_checkpoint(path)
+
+
+# The default Grad-CAM layer: the deepest stage with a map >= 7x7 at the image size. By hand: resnet and
+# densenet halve 4x in the stem (conv + pool), then once per later stage; efficientnet_b0 halves in the
+# stem and in features.2, 3, 4 and 6.
+@pytest.mark.parametrize("arch,side,name,size", [
+    ("resnet18", 32, "layer1", (8, 8)),  # 32/4 = 8; layer2 would be 4x4
+    ("resnet18", 64, "layer2", (8, 8)),  # layer3: 4x4
+    ("resnet18", 224, "layer4", (7, 7)),  # the usual layer at ImageNet size
+    ("densenet121", 32, "features.denseblock1", (8, 8)),
+    ("densenet121", 64, "features.denseblock2", (8, 8)),
+    ("densenet121", 224, "features.denseblock4", (7, 7)),  # the paper's layer
+    ("efficientnet_b0", 32, "features.2", (8, 8)),  # 16 after the stem, 8 after features.2
+    ("efficientnet_b0", 64, "features.3", (8, 8)),
+    ("efficientnet_b0", 224, "features.8", (7, 7)),  # features.6..8 are all 7x7: the deepest wins
+])
+def test_default_target_layer_is_the_deepest_with_a_7x7_map(arch: str, side: int, name: str,
+                                                            size: tuple[int, int]) -> None:
+    model = build_model(arch, 3, 1)
+    assert MIN_TARGET_MAP == 7
+    assert choose_target_layer(model, arch, (1, side, side)) == LayerChoice(name, size, True)
+    assert model.training  # the probe's eval mode is undone
+
+
+def test_no_candidate_reaching_the_minimum_takes_the_largest_map() -> None:
+    model = build_model("resnet18", 3, 3)
+    assert choose_target_layer(model, "resnet18", (3, 16, 16)) == LayerChoice("layer1", (4, 4), False)
+    # Both sides count: efficientnet_b0 at 24x64 gives features.2 6x16, so features.1 (12x32) is kept.
+    eff = build_model("efficientnet_b0", 3, 1)
+    assert choose_target_layer(eff, "efficientnet_b0", (1, 24, 64)) == LayerChoice("features.1", (12, 32),
+                                                                                     True)
+
+
+def test_feature_map_sizes_and_errors() -> None:
+    model = build_model("resnet18", 3, 1)
+    assert feature_map_sizes(model, ["layer4", "layer1"], (1, 64, 96)) == {"layer4": (2, 3),
+                                                                          "layer1": (16, 24)}
+    with pytest.raises(XalError, match="layer 'fc' gives .*not a \\(B, C, h, w\\) feature map"):
+        feature_map_sizes(model, ["fc"], (1, 32, 32))
+    with pytest.raises(XalError, match="model has no layer 'layer9'"):
+        feature_map_sizes(model, ["layer9"], (1, 32, 32))
+    with pytest.raises(XalError, match="a 1x8x8 image does not fit the model"):
+        feature_map_sizes(build_model("densenet121", 3, 1), ["features.denseblock4"], (1, 8, 8))
+
+
+def test_checkpoint_stores_the_target_map_and_old_checkpoints_still_load(tmp_path: Path) -> None:
+    model = build_model("resnet18", 3, 1)
+    info = Checkpoint(arch="resnet18", num_classes=3, in_channels=1, classes=("a", "b", "c"),
+                      target_layer="layer2", pool={"height": 64, "width": 48}, target_map=(8, 6))
+    path = save_checkpoint(tmp_path / "m.pt", model, info)
+    loaded = load_checkpoint(path)[1]
+    assert loaded == info and loaded.target_map == (8, 6) and loaded.image_size == (1, 64, 48)
+    # A checkpoint written before the map was recorded: no entry, same format version.
+    payload = torch.load(path, weights_only=True)
+    del payload["target_map"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt")[1]
+    assert old.target_map is None and old.target_layer == "layer2" and old.format_version == 1
+    assert _info().image_size is None  # no height/width in its pool entry

@@ -154,6 +154,25 @@ def test_unexpected_errors_become_one_line_skips(tmp_path: Path) -> None:
     assert report["per_class"] == {"x": 3} and report["per_split"] == {"train": 3, "val": 0, "test": 0}
 
 
+class NanSettings(Flaky):
+    """Flaky with a setting no finite number describes (a window left open)."""
+
+    def settings(self) -> dict:
+        return {"window": [float("nan"), float("inf")]}
+
+
+def test_the_report_and_the_pool_attributes_are_strict_json(tmp_path: Path) -> None:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"not JSON: {name}")
+
+    out = tmp_path / "p.zarr"
+    ingest(NanSettings(tmp_path), out, IngestConfig(test_fraction=0, val_fraction=0))
+    report = json.loads(report_path(out).read_text(), parse_constant=refuse)
+    assert report["settings"]["window"] == [None, None]
+    attrs = json.loads((out / "zarr.json").read_text(), parse_constant=refuse)["attributes"]
+    assert attrs["ingest"]["window"] == [None, None]
+
+
 def test_assign_splits_counts_and_seed() -> None:
     groups = [f"p{i}" for i in range(10)] * 3
     s = assign_splits(groups, 0.2, 0.1, seed=0)

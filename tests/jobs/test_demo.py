@@ -95,8 +95,24 @@ def test_cli_demo_runs_the_library_and_says_where_the_report_is(demo: dict[str, 
     monkeypatch.setattr(loop, "train", None)  # nothing may train again
     assert cli.main(["demo", "--out", str(demo["out"]), "--quick"]) == 0
     run_dir = demo["result"].run_dir
-    assert capsys.readouterr().out == (f"demo complete: 4 rounds recorded in {run_dir}; "
-                                       f"report {run_dir / 'report' / 'report.html'}\n")
+    captured = capsys.readouterr()
+    assert captured.out == (f"demo complete: 4 rounds recorded in {run_dir}; "
+                            f"report {run_dir / 'report' / 'report.html'}\n")
+    finished = [line for line in captured.err.splitlines() if "complete" in line or "resuming" in line]
+    assert finished == [f"{e}-seed0: already complete (rounds 0..{TINY.loop.rounds} recorded); nothing to run"
+                        for e in TINY.loop.strategies]  # a finished run is not "resuming at round 2"
     (demo["out"] / "file").write_text("x")
     assert cli.main(["demo", "--out", str(demo["out"] / "file"), "--quick"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_demo_device_and_seeds_flags_reach_the_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    from xal_engine import cli
+    from xal_engine.jobs.demo import with_run
+
+    config = with_run(DEFAULT, device="cpu", seeds=2)
+    assert (config.loop.seeds, config.loop.train.device) == (2, "cpu")
+    assert with_run(DEFAULT) == replace(DEFAULT, loop=replace(DEFAULT.loop, train=replace(DEFAULT.loop.train,
+                                                                                         device="auto")))
+    assert cli.main(["demo", "--seeds", "0", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == "xal-engine demo: error: --seeds must be >= 1"

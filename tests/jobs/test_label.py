@@ -13,7 +13,7 @@ import pytest
 from xal_engine.cli import main
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, generate_block
-from xal_engine.jobs.label import ImportConfig, import_labels
+from xal_engine.jobs.label import ImportConfig, UndoConfig, import_labels, undo_import
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
 
 N, SIZE, CHUNK = 40, 32, 8
@@ -100,7 +100,9 @@ def test_import_writes_labels_rounds_and_masks(pool_path: Path, tmp_path: Path) 
     assert changed <= {"labels/c/0", "labels/c/1", "labels/c/2", "rois/c/0/0/0", "rois/c/1/0/0",
                        "has_roi/c/0", "has_roi/c/1"}
     assert {"labels/c/0", "labels/c/1", "labels/c/2", "rois/c/0/0/0", "rois/c/1/0/0"} <= changed
-    assert set(new) - set(old) == {"al/zarr.json", "al/e1/zarr.json", "al/e1/labelled_round/zarr.json",
+    # ... besides the import's record of the values it replaced, under labels_history/
+    assert {k for k in set(new) - set(old) if not k.startswith("labels_history/")} == {
+                                   "al/zarr.json", "al/e1/zarr.json", "al/e1/labelled_round/zarr.json",
                                    "al/e1/labelled_round/c/0", "al/e1/labelled_round/c/1",
                                    "al/e1/labelled_round/c/2"}
 
@@ -203,8 +205,8 @@ def test_cli_summary_json_and_one_line_error(pool_path: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     ok = write_csv(tmp_path / "ok.csv", f"id,class\n{ident(1)},round\n{ident(2)},round\n{ident(3)},1\n")
     assert main(["label", "--pool", str(pool_path), "--import", str(ok), "--experiment", "e"]) == 0
-    assert capsys.readouterr().out.strip() == (f"imported 3 label(s) into {pool_path} (experiment e, "
-                                               "round 0): round 2, rim_ellipse 1; 0 ROI mask(s)")
+    assert capsys.readouterr().out.strip() == (f"imported 3 labels into {pool_path} (experiment e, "
+                                               "round 0): round 2, rim_ellipse 1; 0 ROI masks")
     assert main(["label", "--pool", str(pool_path), "--import", str(ok), "--experiment", "e",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -213,3 +215,195 @@ def test_cli_summary_json_and_one_line_error(pool_path: Path, tmp_path: Path,
     assert main(["label", "--pool", str(pool_path), "--import", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("xal-engine label: error: ") and "line 2" in err
+
+
+# --- dry run and undo -------------------------------------------------------------------------------
+# Rows of the fixture pool with an ROI among those given a mask below: 2, 3 (rows 1 and 9 have none).
+RESTORED = ("labels/", "has_roi/", "rois/", "al/e/labelled_round/")
+
+
+def sha256s(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {k: hashlib.sha256(v).hexdigest() for k, v in snapshot(root).items()}
+
+
+def arrays_of(root: Path, under: tuple[str, ...] = RESTORED) -> dict[str, bytes]:
+    """The files (metadata and chunks) of the arrays an undo puts back."""
+    return {k: v for k, v in snapshot(root).items() if k.startswith(under)}
+
+
+def state(path: Path) -> tuple[np.ndarray, ...]:
+    pool = Pool.open(path)
+    rounds = pool.experiment("e").read_labelled_round(missing_ok=True)
+    return pool.column("labels"), pool.column("has_roi"), pool.arrays["rois"][:], rounds
+
+
+def assert_state(got: tuple[np.ndarray, ...], expected: tuple[np.ndarray, ...]) -> None:
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def first_import(pool_path: Path, tmp_path: Path) -> None:
+    """Import 1, experiment e, round 0: rows 1 (new mask), 2 (mask replaced), 17."""
+    square_png(tmp_path / "m1.png", SIZE, (4, 9, 4, 9))
+    square_png(tmp_path / "m2.png", SIZE, (20, 30, 0, 5))
+    import_labels(pool_path, write_csv(tmp_path / "one.csv", f"id,class,roi\n{ident(1)},round,m1.png\n"
+                                                             f"{ident(2)},round,m2.png\n{ident(17)},2,\n"),
+                  ImportConfig(experiment="e"))
+
+
+def second_csv(tmp_path: Path) -> Path:
+    """Row 1 relabelled, 17 unchanged, 9 set with a new mask, 3 set with its mask replaced, 33 set."""
+    square_png(tmp_path / "m9.png", SIZE, (0, 5, 0, 5))
+    square_png(tmp_path / "m3.png", SIZE, (10, 12, 10, 30))
+    return write_csv(tmp_path / "two.csv", f"id,class,roi\n{ident(1)},rim_ellipse,\n{ident(17)},stippled,\n"
+                                           f"{ident(9)},0,m9.png\n{ident(3)},2,m3.png\n{ident(33)},1,\n")
+
+
+def test_dry_run_counts_every_change_and_writes_nothing(pool_path: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert Pool.open(pool_path).column("has_roi")[[1, 2, 3, 9, 17]].tolist() == [0, 1, 1, 0, 0]
+    first_import(pool_path, tmp_path)
+    csv_path = second_csv(tmp_path)
+    before = sha256s(pool_path)
+    summary = import_labels(pool_path, csv_path, ImportConfig(experiment="e", dry_run=True))
+    assert sha256s(pool_path) == before
+    assert (summary.dry_run, summary.import_number, summary.round, summary.n_imported) == (True, 2, 1, 5)
+    assert summary.per_class == {"round": 1, "rim_ellipse": 2, "stippled": 2}
+    assert summary.set_per_class == {"round": 1, "rim_ellipse": 1, "stippled": 1}
+    assert summary.changed_per_class == {"round": 0, "rim_ellipse": 1, "stippled": 0}
+    assert (summary.n_unchanged, summary.n_relabelled, summary.n_rois, summary.n_rois_added,
+            summary.n_rois_replaced, summary.n_new, summary.chunks_written) == (1, 2, 2, 1, 1, 3, 4)
+    args = ["label", "--pool", str(pool_path), "--import", str(csv_path), "--experiment", "e", "--dry-run"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"dry run: would import 5 labels into {pool_path} as import 2 (experiment e, round 1); labels set: "
+        "round 1, rim_ellipse 1, stippled 1; changed: rim_ellipse 1; unchanged: 1; ROI masks: 1 added "
+        "(has_roi False -> True), 1 replaced; 3 newly labelled by the experiment; nothing written")
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["dry_run"], out["import_number"], out["n_rois_added"], out["set_per_class"]["round"]) == \
+        (True, 2, 1, 1)
+    assert sha256s(pool_path) == before
+    # the same checks as a real import: a bad file is refused with the same message
+    bad = write_csv(tmp_path / "bad.csv", "id,class\nnobody,round\n")
+    with pytest.raises(XalError, match="line 2: unknown id 'nobody'"):
+        import_labels(pool_path, bad, ImportConfig(experiment="e", dry_run=True))
+    assert sha256s(pool_path) == before
+
+
+def test_undo_puts_back_byte_identical_arrays_newest_first(pool_path: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    pristine, pristine_state = arrays_of(pool_path), state(pool_path)
+    first_import(pool_path, tmp_path)
+    after_one, one_state = arrays_of(pool_path), state(pool_path)
+    summary = import_labels(pool_path, second_csv(tmp_path), ImportConfig(experiment="e"))
+    assert (summary.import_number, summary.round) == (2, 1)
+    # import 2 created labelled_round chunks 1 and 4 (rows 9 and 33); row 3 shares chunk 0 with 1 and 2
+    assert "al/e/labelled_round/c/4" in arrays_of(pool_path) and "al/e/labelled_round/c/4" not in after_one
+    history = Pool.open(pool_path).group["labels_history/2"]
+    assert history["index"][:].tolist() == [1, 3, 9, 17, 33]
+    assert history["labels"][:].tolist() == [0, -1, -1, 2, -1]
+    assert history["roi_index"][:].tolist() == [3, 9] and history["has_roi"][:].tolist() == [True, False]
+    assert history["round_index"][:].tolist() == [1, 3, 9, 17, 33]
+    assert history["labelled_round"][:].tolist() == [0, -1, -1, 0, -1]
+    assert history.attrs["round_chunks_created"] == [1, 4]
+    assert [type(c).__name__ for c in history["rois"].compressors] == ["BloscCodec", "Crc32cCodec"]
+
+    assert main(["label", "--pool", str(pool_path), "--undo"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"undid import 2 of {pool_path} ({tmp_path / 'two.csv'}; experiment e, round 1): put back "
+        "5 labels, 2 ROI masks and 5 AL rounds")
+    assert arrays_of(pool_path) == after_one
+    assert_state(state(pool_path), one_state)
+    assert main(["label", "--pool", str(pool_path), "--undo", "1", "--experiment", "e", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_rois"] == 2
+    # the experiment's array stays (metadata only, no chunk): every value -1 as before its first import
+    restored = arrays_of(pool_path)
+    assert {k: v for k, v in restored.items() if not k.startswith("al/")} == pristine
+    assert sorted(k for k in restored if k.startswith("al/")) == ["al/e/labelled_round/zarr.json"]
+    assert_state(state(pool_path), pristine_state)
+    assert Pool.open(pool_path).validate() == []
+    pool = Pool.open(pool_path)
+    records = pool.group["labels_history"].attrs["imports"]
+    assert [(r["number"], r["experiment"], r["round"], bool(r["undone"])) for r in records] == \
+        [(1, "e", 0, True), (2, "e", 1, True)]
+    assert [(r["import"], bool(r["undone"])) for r in pool.group["al/e"].attrs["imports"]] == \
+        [(1, True), (2, True)]
+    # the experiment starts over at round 0; numbers go on
+    again = import_labels(pool_path, write_csv(tmp_path / "3.csv", f"id,class\n{ident(4)},0\n"),
+                          ImportConfig(experiment="e"))
+    assert (again.import_number, again.round) == (3, 0)
+
+
+def test_undo_refuses_when_a_later_import_wrote_the_same_rows(pool_path: Path, tmp_path: Path) -> None:
+    import_labels(pool_path, write_csv(tmp_path / "a.csv", f"id,class\n{ident(1)},0\n{ident(2)},0\n"),
+                  ImportConfig(experiment="e"))
+    import_labels(pool_path, write_csv(tmp_path / "b.csv", f"id,class\n{ident(2)},1\n{ident(3)},1\n"))
+    import_labels(pool_path, write_csv(tmp_path / "c.csv", f"id,class\n{ident(10)},2\n"),
+                  ImportConfig(experiment="f"))
+    before = snapshot(pool_path)
+    with pytest.raises(XalError) as err:
+        undo_import(pool_path, UndoConfig(number=1))
+    assert str(err.value) == (f"--undo 1: import 2 ({tmp_path / 'b.csv'}) later wrote 1 of the same rows "
+                              f"(first: {ident(2)}); undo newest first (--undo 2)")
+    with pytest.raises(XalError, match=r"^--undo 1: import 2 .* undo newest first \(--undo 2\)$"):
+        undo_import(pool_path, UndoConfig(experiment="e"))  # e's last import is 1
+    assert snapshot(pool_path) == before
+    # import 3 wrote other rows: import 2 can go first, then 1
+    assert undo_import(pool_path, UndoConfig(number=2)).n_labels == 2
+    assert undo_import(pool_path, UndoConfig(experiment="e", round=0)).import_number == 1
+    pool = Pool.open(pool_path)
+    assert pool.column("labels")[[1, 2, 3, 10]].tolist() == [-1, -1, -1, 2]
+    assert pool.read_labelled_round("e")[[1, 2]].tolist() == [-1, -1]
+
+
+def test_nothing_to_undo_and_bad_undo_targets(pool_path: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(pool_path)
+    assert main(["label", "--pool", str(pool_path), "--undo", "last"]) == 2
+    assert capsys.readouterr().err == (f"xal-engine label: error: pool {pool_path}: nothing to undo (no label "
+                                       "import is recorded in labels_history)\n")
+    assert snapshot(pool_path) == before
+    import_labels(pool_path, write_csv(tmp_path / "a.csv", f"id,class\n{ident(1)},0\n"))
+    cases = {
+        UndoConfig(number=2): "--undo 2: pool .* has imports 1..1$",
+        UndoConfig(experiment="e"): "nothing to undo \\(no import of experiment 'e' is left",
+        UndoConfig(number=1, experiment="e"): "import 1 of pool .* is not of experiment 'e' \\(it is of None\\)",
+        UndoConfig(round=0): "^--round needs --experiment",
+    }
+    for config, message in cases.items():
+        with pytest.raises(XalError, match=message):
+            undo_import(pool_path, config)
+    summary = undo_import(pool_path, UndoConfig(dry_run=True))
+    assert (summary.dry_run, summary.import_number, summary.experiment, summary.n_labels) == (True, 1, None, 1)
+    assert Pool.open(pool_path).column("labels")[1] == 0  # the dry run put nothing back
+    undo_import(pool_path)
+    assert snapshot(pool_path)["labels/c/0"] == before["labels/c/0"]
+    with pytest.raises(XalError, match="nothing to undo \\(no import is left that is not already undone\\)"):
+        undo_import(pool_path)
+    with pytest.raises(XalError, match="^--undo 1: import 1 of pool .* is already undone \\(20"):
+        undo_import(pool_path, UndoConfig(number=1))
+
+
+def test_undo_checks_the_history_before_writing(pool_path: Path, tmp_path: Path) -> None:
+    import_labels(pool_path, write_csv(tmp_path / "a.csv", f"id,class\n{ident(1)},0\n{ident(9)},1\n"),
+                  ImportConfig(experiment="e"))
+    chunk = pool_path / "labels_history" / "1" / "labels" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))  # a broken checksum
+    before = snapshot(pool_path)
+    with pytest.raises(XalError, match=r"labels_history/1/labels cannot be decoded"):
+        undo_import(pool_path)
+    assert snapshot(pool_path) == before
+
+
+def test_label_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["label", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--import LABELS.csv", "--undo [NUMBER|last]", "--dry-run", "labels_history/NUMBER/",
+                 "newest first"):
+        assert flag in text
+    assert main(["label", "--pool", "p.zarr"]) == 2
+    assert "one of the arguments --import --undo is required" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_another_config_in_the_run_folder_is_refused_unless_overwrite(done: dict
     RunDir.prepare(tmp_path / "run", record, overwrite=False).add_row(
         {f: 0 for f in METRIC_FIELDS} | {"strategy": "random"})
     other = config_record(done["pool"], replace(TINY, per_round=11))
-    with pytest.raises(XalError, match=r"config.json holds another configuration \(differs in: loop\)"):
+    with pytest.raises(XalError, match=r"config.json holds another configuration \(differs in: loop\.per_round\)"):
         RunDir.prepare(tmp_path / "run", other, overwrite=False)
     # num_workers does not change results: resuming with another value is allowed
     workers = config_record(done["pool"], replace(TINY, train=replace(TINY.train, num_workers=2)))
@@ -293,10 +293,13 @@ def test_cli_resumes_a_complete_run_without_work(done: dict[str, Any], capsys: p
             "--per-round", "10", "--rounds", "2", "--epochs", "1", "--batch-size", "16", "--num-workers", "0",
             "--device", "cpu", "--target-layer", "layer2", "--out", str(done["run"]), "--json"]
     assert cli.main(argv) == 0  # the flags map to TINY exactly: every round is complete, nothing runs
-    assert json.loads(capsys.readouterr().out) == done["rows"]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == done["rows"]
+    assert captured.err.splitlines() == [f"{e}-seed0: already complete (rounds 0..2 recorded); nothing to run"
+                                         for e in ("random", "dual")]
     assert cli.main([*argv, "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "differs in: loop" in err and len(err.strip().splitlines()) == 1
+    assert "(differs in: loop.train.epochs);" in err and len(err.strip().splitlines()) == 1
     assert cli.main([*argv, "--retrain", "sideways"]) == 2
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
@@ -321,3 +324,33 @@ def test_cli_errors_are_one_line_exit_2(done: dict[str, Any], tmp_path: Path, ca
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_default_target_layer_is_chosen_once_and_recorded(done: dict[str, Any], tmp_path: Path) -> None:
+    # 32x32 pool: without a layer the loop takes resnet18's layer1 (8x8), recorded in config.json, so a
+    # run made with layer2 is another configuration (refused before the pool is touched).
+    default = replace(TINY, train=replace(TINY.train, target_layer=None))
+    with pytest.raises(XalError, match=r"differs in: loop\.train\.target_layer"):
+        run_loop(done["pool"], done["run"], default, log=lambda line: None)
+    create_synthetic_pool(POOL, tmp_path / "pool.zarr")
+    one = replace(default, strategies=("random",), rounds=0)
+    run_loop(tmp_path / "pool.zarr", tmp_path / "run", one, log=lambda line: None)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["loop"]["train"]["target_layer"] == "layer1"
+    info = load_checkpoint(tmp_path / "run" / "random" / "seed0" / "round0" / "model.pt")[1]
+    assert (info.target_layer, info.target_map) == ("layer1", (8, 8))
+
+
+def test_a_run_folder_begun_before_layers_were_recorded_resumes_with_the_last_stage(tmp_path: Path) -> None:
+    # config.json of an older run folder: target_layer null, meaning the architecture's last stage
+    create_synthetic_pool(POOL, tmp_path / "pool.zarr")
+    one = replace(TINY, strategies=("random",), rounds=0, train=replace(TINY.train, target_layer=None))
+    (tmp_path / "run").mkdir()
+    record = loop.config_record(tmp_path / "pool.zarr", one)
+    assert record["loop"]["train"]["target_layer"] is None
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    run_loop(tmp_path / "pool.zarr", tmp_path / "run", one, log=lambda line: None)
+    assert (tmp_path / "run" / "config.json").read_bytes() == before  # resumed, not refused or rewritten
+    info = load_checkpoint(tmp_path / "run" / "random" / "seed0" / "round0" / "model.pt")[1]
+    assert info.target_layer == "layer4"

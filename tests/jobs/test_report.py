@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_report_files_tables_and_sheets(run_dir: Path) -> None:
     assert "| random | 2 | 1 | 20 | 0.700 ± 0.141 | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.200 | 0.800 ± 0.141 |" in md
     assert "| random | 2 | 1 | 20 | 0.575 ± 0.035 |" in md
     assert "| dual | 2 | 0 | 10 | 0.600 ± 0.141 |" in md
-    assert "round 1 batch (5 image(s)), Grad-CAM of the round-0 model" in md
+    assert "round 1 batch (5 images), Grad-CAM of the round-0 model" in md
     page = files.html.read_text()
     for name in ("learning_curves.png", "contact_random.png", "contact_dual.png"):
         assert f'src="{name}"' in page
@@ -177,6 +178,36 @@ def test_contact_sheet_panels_match_pytorch_grad_cam(run_dir: Path, pool_path: P
     assert len(limited) == 2
 
 
+def test_captions_name_the_true_class_where_the_pool_knows_it(run_dir: Path, pool_path: Path,
+                                                              tmp_path: Path) -> None:
+    copy = tmp_path / "p.zarr"
+    shutil.copytree(pool_path, copy)
+    Pool.open(copy, mode="r+").group["labels"][4] = -1  # image 4 of the batch 3..7: class unknown
+    source = last_batch(load_run(run_dir), "random", 0)
+    assert source is not None
+    panels = batch_panels(copy, source, ReportConfig(device="cpu"), threshold=0.5)
+    pool = Pool.open(copy)
+    labels = pool.read(3, 8).labels
+    classes = ("round", "rim_ellipse", "stippled")  # the checkpoint's, for the predicted class
+    for p, i, label in zip(panels, range(3, 8), labels):
+        pred = p.caption.split("\n")[1].split(",")[0].removeprefix("pred ")
+        assert pred in classes
+        true = "" if i == 4 else f", true {pool.classes[int(label)]}"
+        assert p.caption.split("\n")[1] == f"pred {pred}{true}"
+    assert labels[1] == -1 and all(labels[k] >= 0 for k in (0, 2, 3, 4))
+
+
+@pytest.mark.parametrize(("seeds", "line"), [([0], "- 1 seed (0)"), ([0, 1, 2], "- 3 seeds (0, 1, 2)")])
+def test_the_report_header_counts_the_seeds(tmp_path: Path, seeds: list[int], line: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"format": 1, "pool": str(tmp_path / "none.zarr"),
+                                                 "strategies": ["random"], "seeds": seeds, "rounds": 1}))
+    (run / "metrics.csv").write_text("\n".join([HEADER, *(r for r in ROWS if r.startswith("random,0,"))]) + "\n")
+    md = make_report(run, config=ReportConfig(device="cpu")).markdown.read_text().splitlines()
+    assert line in md and not any(m.startswith("- seeds:") for m in md)
+
+
 def test_display_image_scales_and_keeps_rgb() -> None:
     grey = display_image(np.array([[[10, 20], [30, 50]]], dtype=np.uint8))
     np.testing.assert_allclose(grey, [[0.0, 0.25], [0.5, 1.0]])
@@ -198,7 +229,7 @@ def test_run_in_progress_and_missing_pool(run_dir: Path, tmp_path: Path) -> None
     files = make_report(run_dir, out=tmp_path / "rep", config=ReportConfig(device="cpu"))
     assert files.notes == ["random: no selected batch with its checkpoint yet"]
     assert [p.name for p in files.sheets] == ["contact_dual.png"]
-    assert "dual, seed 0: round 1 batch (4 image(s)), Grad-CAM of the round-0 model" in \
+    assert "dual, seed 0: round 1 batch (4 images), Grad-CAM of the round-0 model" in \
         files.markdown.read_text()
     # the pool moved away: curves and tables still, sheets skipped with a note
     files = make_report(run_dir, out=tmp_path / "rep2", pool=tmp_path / "gone.zarr",

@@ -235,3 +235,169 @@ def test_select_refuses_an_incomplete_run_and_an_unknown_run(setup, tmp_path, ca
                  "--out", str(tmp_path / "b.csv")]) == 2
     assert "no score run 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "b.csv").exists()
+
+
+def strict_json(text: str) -> dict:
+    """json.loads refusing NaN and Infinity, which Python's json accepts but JSON does not."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_score_json_on_a_complete_run_is_strict_json(setup, capsys):
+    _, pool, model, _ = setup
+    argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "ref", "--batch-size", str(UNIT),
+            "--num-workers", "0"]
+    assert main([*argv, "--json"]) == 0
+    summary = strict_json(capsys.readouterr().out)
+    assert (summary["images"], summary["mean_dice"], summary["complete"]) == (0, None, True)
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("scored 0 images in ") and line.endswith(
+        "mean Dice n/a; 8 units were already done; run 'ref' complete")
+
+
+@pytest.mark.parametrize(("images", "done", "words"), [
+    (1, 1, "scored 1 image in 1.0 s (1.0 img/s), mean Dice 0.5000; 1 unit was already done"),
+    (2, 2, "scored 2 images in 1.0 s (2.0 img/s), mean Dice 0.5000; 2 units were already done"),
+    (0, 0, "scored 0 images in 1.0 s (0.0 img/s), mean Dice 0.5000; 0 units were already done")])
+def test_the_score_summary_counts_in_the_right_number(images, done, words):
+    from xal_engine.jobs.score import ScoreSummary
+    from xal_engine.jobs.score_ray import RayScoreSummary, WorkerStats
+
+    s = ScoreSummary(pool="p", run="r", images=images, units=3, units_already_done=done, seconds=1.0,
+                     images_per_s=float(images), mean_dice=0.5, complete=True, device="cpu")
+    assert s.line() == f"{words}; run 'r' complete"
+    one = WorkerStats(worker="h:1", units=1, images=images, busy_seconds=1.0, images_per_s=3.0)
+    ray = RayScoreSummary(**{**s.__dict__, "workers": (one,)})
+    assert ray.line() == f"{words}; run 'r' complete; 1 worker at 3.0 img/s"
+    assert RayScoreSummary(**{**s.__dict__, "workers": (one, one)}).line().endswith("; 2 workers at 3.0, 3.0 img/s")
+
+
+def test_select_says_when_the_budget_exceeds_the_candidates(setup, tmp_path, capsys):
+    _, pool, _, _ = setup
+    out = tmp_path / "batch.csv"
+    n = int((np.asarray(Pool.open(pool).group["split"][:]) == SPLIT_TRAIN).sum())
+    argv = ["select", "--pool", str(pool), "--run", "ref", "--strategy", "dual", "--out", str(out)]
+    assert main([*argv, "--budget", "1000"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"budget 1000 > {n} candidates: selected {n} by dual (balance predicted) -> {out}")
+    assert main([*argv, "--budget", "5"]) == 0
+    assert capsys.readouterr().out.strip() == f"selected 5 of {n} candidates by dual (balance predicted) -> {out}"
+    assert main([*argv, "--budget", "1000", "--json"]) == 0
+    summary = strict_json(capsys.readouterr().out)
+    assert (summary["selected"], summary["candidates"], summary["budget"]) == (n, n, 1000)
+
+
+def test_select_line_counts_eligible_images_and_one_candidate():
+    from xal_engine.core.acquisition import SelectConfig
+    from xal_engine.jobs.select import BatchSelection
+
+    def selection(rows: int, candidates: int, budget: int) -> BatchSelection:
+        return BatchSelection(indices=np.arange(rows), rows=[{}] * rows, config=SelectConfig(budget=budget),
+                              run="r", experiment=None, n_candidates=candidates)
+
+    assert selection(1, 1, 3).line("b.csv") == "budget 3 > 1 candidate: selected 1 by dual (balance predicted) -> b.csv"
+    assert selection(4, 6, 9).line("b.csv") == (
+        "budget 9 > 4 eligible of 6 candidates: selected 4 by dual (balance predicted) -> b.csv")
+
+
+def test_the_batch_sidecar_is_strict_json(tmp_path):
+    import math
+
+    from xal_engine.core.acquisition import SelectConfig
+    from xal_engine.jobs.select import BatchSelection, write_batch
+
+    config = SelectConfig()
+    object.__setattr__(config, "lam", math.nan)  # no flag makes one; the writer must still write JSON
+    selection = BatchSelection(indices=np.arange(0), rows=[], config=config, run="r", experiment=None,
+                               n_candidates=0)
+    _, sidecar = write_batch(selection, tmp_path / "b.csv", "p.zarr")
+    meta = strict_json(sidecar.read_text())
+    assert meta["config"]["lam"] is None and meta["n_selected"] == 0
+
+
+def test_target_layer_override_is_another_run_and_no_flag_keeps_the_fingerprint(setup, capsys, monkeypatch):
+    _, pool, model, _ = setup
+    from xal_engine.jobs import streaming
+    from xal_engine.jobs.streaming import file_sha256
+
+    layers: list[str] = []  # the layer each batch is scored at
+
+    def recording(net, layer, *args, **kwargs):
+        layers.append(layer)
+        return score_batch(net, layer, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "score_batch", recording)
+
+    # Without --target-layer the fingerprint is what it always was (existing runs resume).
+    assert ScoreRun.open(Pool.open(pool).group, "ref").group.attrs["fingerprint"] == {
+        "model_sha256": file_sha256(model), "arch": "resnet18", "target_layer": "layer4", "threshold": 0.5,
+        "precision": "fp32", "targets": "pred", "n_images": 60}
+    capsys.readouterr()
+    # Naming the checkpoint's own layer is the same run: nothing left to do.
+    same = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0, target_layer="layer4"))
+    assert same.images == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["target layer layer4 (1x1 map) at 1x32x32 images (--target-layer; the checkpoint's is layer4)",
+                   ("warning: target layer layer4 gives a 1x1 map at 1x32x32 images: its Grad-CAM is constant "
+                    "and every hard Dice 0; pass --target-layer with a shallower layer")]
+    with pytest.raises(XalError, match=r"different configuration \(target_layer\)"):
+        score_pool(pool, model, ScoreConfig(run="ref", num_workers=0, target_layer="layer1"))
+    layer1 = score_pool(pool, model, ScoreConfig(run="layer1", batch_size=UNIT, num_workers=0,
+                                                 target_layer="layer1"))
+    assert layer1.images == 60
+    assert ScoreRun.open(Pool.open(pool).group, "layer1").group.attrs["fingerprint"]["target_layer"] == "layer1"
+    got = read_run(pool, "layer1")
+    batch = Pool.open(pool).read(0, 60)
+    net, _ = load_checkpoint(model)
+    want = score_batch(net, "layer1", to_unit_float(torch.from_numpy(batch.images)),
+                       rois=torch.from_numpy(batch.rois), has_roi=torch.from_numpy(batch.has_roi))
+    for f in ("dice", "soft_dice", "energy"):
+        np.testing.assert_allclose(got[f], getattr(want, f).numpy(), rtol=1e-5, atol=1e-6, err_msg=f)
+    assert layers and set(layers) == {"layer1"}
+
+
+def test_cli_score_target_layer(setup, capsys):
+    _, pool, model, _ = setup
+    argv = ["score", "--pool", str(pool), "--model", str(model), "--num-workers", "0", "--batch-size", "8"]
+    assert main([*argv, "--run", "cli-l2", "--target-layer", "layer2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == 60
+    assert err.strip() == ("target layer layer2 (4x4 map) at 1x32x32 images (--target-layer; the checkpoint's "
+                           "is layer4)")
+    assert ScoreRun.open(Pool.open(pool).group, "cli-l2").group.attrs["fingerprint"]["target_layer"] == "layer2"
+    assert main([*argv, "--run", "cli-l9", "--target-layer", "layer9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target-layer: model has no layer 'layer9'" in err
+
+
+def _model_trained_at(path: Path, side: int, layer: str, target_map: tuple[int, int]) -> Path:
+    torch.manual_seed(0)
+    info = Checkpoint(arch="resnet18", num_classes=3, in_channels=1, classes=THREE_CLASSES, target_layer=layer,
+                      pool={"height": side, "width": side}, target_map=target_map)
+    return save_checkpoint(path, build_model("resnet18", 3, 1), info)
+
+
+def test_another_image_size_warns_and_a_1x1_map_is_refused(setup, tmp_path, capsys):
+    _, pool, _, _ = setup
+    pool_path = Pool.open(pool).path
+    capsys.readouterr()
+    at64 = _model_trained_at(tmp_path / "l2.pt", 64, "layer2", (8, 8))
+    score_pool(pool, at64, ScoreConfig(run="at64", batch_size=UNIT, num_workers=0))
+    assert capsys.readouterr().err.splitlines() == [
+        (f"warning: model {at64} was trained on 1x64x64 images (layer2, 8x8 map); pool {pool_path} has "
+         "1x32x32 images: target layer layer2 (4x4 map)")]
+    # layer4 at 64 is 2x2, at 32 1x1: refused, with the layer that fits this size
+    l4 = _model_trained_at(tmp_path / "l4.pt", 64, "layer4", (2, 2))
+    argv = ["score", "--pool", str(pool), "--model", str(l4), "--run", "l4", "--num-workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"xal-engine score: error: model {l4} was trained on 1x64x64 images; at pool {pool_path}'s "
+                   "1x32x32 images its target layer layer4 gives a 1x1 map (a constant Grad-CAM, every hard "
+                   "Dice 0); pass --target-layer layer1 (8x8 map here)")
+    assert "l4" not in Pool.open(pool).group["scores"]  # refused before the run is created
+    assert main([*argv, "--target-layer", "layer1"]) == 0  # the suggested layer scores
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"warning: model {l4} was trained on 1x64x64 images (layer4); pool {pool_path} has 1x32x32 images: "
+        "target layer layer1 (8x8 map)")

@@ -110,6 +110,19 @@ def test_ray_run_equals_the_local_scorer_bit_for_bit(setup):
     assert all(w.images_per_s > 0 for w in summary.workers)
 
 
+def test_ray_stores_the_same_cams_as_the_local_scorer(setup):
+    pool, model, _, ref, _ = setup
+    score_pool(pool, model, config("cams-local", save_cams=True))
+    summary = score_pool_ray(pool, model, config("cams-ray", save_cams=True), RayConfig(workers=1))
+    assert summary.complete and summary.images == N
+    assert_bit_equal(read_run(pool, "cams-ray"), ref)  # the other fields are unchanged
+    assert_bit_equal(read_run(pool, "cams-local"), ref)
+    runs = Pool.open(pool).group["scores"]
+    cams = np.asarray(runs["cams-ray"]["cam"][:])
+    assert cams.shape == (N, 2, 2) and cams.dtype == np.float16  # layer4 at 64 x 64
+    np.testing.assert_array_equal(cams, np.asarray(runs["cams-local"]["cam"][:]))
+
+
 def test_rerun_after_completion_does_no_work_on_either_backend(setup):
     pool, model, _, _, _ = setup
     again = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2))

@@ -14,7 +14,7 @@ import torch
 
 from xal_engine import cli
 from xal_engine.core.inputs import imagenet_normalization
-from xal_engine.core.models import load_checkpoint
+from xal_engine.core.models import load_checkpoint, save_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.train import TrainConfig, class_weights, confusion_metrics, train
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
@@ -104,7 +104,8 @@ def test_training_reduces_loss_deterministically_and_never_reads_test(
     best = max(first.history, key=lambda r: (r["val_balanced_accuracy"], -r["val_loss"]))
     assert m["selected_by"] == "val_balanced_accuracy" and m["best_epoch"] == best["epoch"]
     assert m["n_train"] == 60 and m["n_val"] == 18 and m["train_class_counts"] == [20, 20, 20]
-    assert first.checkpoint.target_layer == "layer4" and first.checkpoint.classes == ("a", "b", "c")
+    # the default Grad-CAM layer fits the 32x32 pool: layer1 (8x8), not layer4 (1x1)
+    assert first.checkpoint.target_layer == "layer1" and first.checkpoint.classes == ("a", "b", "c")
 
 
 def test_poisoned_test_labels_do_not_matter(tmp_path: Path) -> None:
@@ -187,12 +188,13 @@ def test_cli_train_writes_loadable_checkpoint(pool: Pool, tmp_path: Path, monkey
     out = tmp_path / "model.pt"
     code, stdout, _ = _cli(monkeypatch, capsys, "--pool", str(pool.path), "--out", str(out), "--epochs", "1",
                            "--batch-size", "16", "--device", "cpu", "--num-workers", "0", "--seed", "0",
-                           "--lr", "3e-3", "--normalize", "imagenet", "--json")
+                           "--lr", "3e-3", "--normalize", "imagenet", "--json",
+                           "--threads", "1")  # as the library run below (the one_thread fixture)
     assert code == 0
     summary = json.loads(stdout)
     assert summary["out"] == str(out) and summary["n_train"] == 60 and summary["best_epoch"] == 1
     model, info = load_checkpoint(out)
-    assert (info.arch, info.num_classes, info.in_channels, info.target_layer) == ("resnet18", 3, 1, "layer4")
+    assert (info.arch, info.num_classes, info.in_channels, info.target_layer) == ("resnet18", 3, 1, "layer1")
     assert info.config["epochs"] == 1 and info.metrics["n_val"] == 18
     mean, std = imagenet_normalization(1)
     assert tuple(info.config["normalize_mean"]) == mean and tuple(info.config["normalize_std"]) == std
@@ -245,3 +247,39 @@ def test_batch_norm_statistics_are_recomputed_over_the_training_set(pool: Pool) 
     assert model.bn1.momentum == 0.1  # the layer's own momentum is restored afterwards
     stale = train(pool, replace(FAST, epochs=1, batch_size=15, recalibrate_bn=False), log=lambda _: None)
     assert not torch.allclose(stale.model.bn1.running_mean, bn_input.mean(dim=(0, 2, 3)), atol=1e-3)
+
+
+def test_default_target_layer_fits_the_pool_and_is_stored(pool: Pool, tmp_path: Path) -> None:
+    # 32x32 images: resnet18's layer1 is 8x8 (>= 7x7), layer2 4x4, layer4 1x1.
+    logs: list[str] = []
+    result = train(pool, replace(FAST, epochs=1), log=logs.append)
+    info = result.checkpoint
+    assert (info.target_layer, info.target_map, info.image_size) == ("layer1", (8, 8), (1, 32, 32))
+    assert not any("target layer" in line for line in logs)  # no warning: the minimum is reached
+    assert load_checkpoint(save_checkpoint(tmp_path / "m.pt", result.model, info))[1].target_map == (8, 8)
+    # A given layer is kept as it is; a 1x1 map is trained with, and warned about.
+    logs.clear()
+    given = train(pool, replace(FAST, epochs=1, target_layer="layer4"), log=logs.append).checkpoint
+    assert (given.target_layer, given.target_map) == ("layer4", (1, 1))
+    assert logs[0] == ("warning: target layer layer4 gives a 1x1 map at 1x32x32 images: its Grad-CAM is "
+                       "constant and every hard Dice 0; choose a shallower layer")
+
+
+def test_cli_train_target_layer(pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model.pt"
+    base = ["--pool", str(pool.path), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+            "--device", "cpu", "--num-workers", "0"]
+    code, stdout, _ = _cli(monkeypatch, capsys, *base, "--target-layer", "layer2", "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["target_layer"] == "layer2" and summary["target_map"] == [4, 4]
+    info = load_checkpoint(out)[1]
+    assert (info.target_layer, info.target_map) == ("layer2", (4, 4))
+    code, stdout, _ = _cli(monkeypatch, capsys, *base)  # the default, shown in the summary line
+    assert code == 0 and "; Grad-CAM layer layer1 (8x8 map) -> " in stdout
+    assert load_checkpoint(out)[1].target_layer == "layer1"
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--target-layer", "layer9")
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert "--target-layer: model has no layer 'layer9' (a dotted module name; the resnet18 stages are " \
+           "layer1, layer2, layer3, layer4)" in err

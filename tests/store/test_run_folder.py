@@ -139,7 +139,7 @@ def test_resume_refuses_another_config_but_not_another_num_workers(tmp_path: Pat
     RunWriter.prepare(path, CONFIG, overwrite=False).add_row(row("random", 0, 0))
     RunWriter.prepare(path, CONFIG, overwrite=False).make_round_dir("random", 0, 0)
     cases = {"rounds, seeds": CONFIG | {"rounds": 3, "seeds": [0, 1, 2]},
-             "loop": with_train(epochs=4, num_workers=0)}
+             "loop.train.epochs": with_train(epochs=4, num_workers=0)}  # the nested field itself
     for differs, other in cases.items():
         with pytest.raises(XalError) as err:
             RunWriter.prepare(path, other, overwrite=False)
@@ -149,9 +149,39 @@ def test_resume_refuses_another_config_but_not_another_num_workers(tmp_path: Pat
         resumed = RunWriter.prepare(path, with_train(**train), overwrite=False)
         assert len(resumed.rows) == 1
         assert json.loads(resumed.config_json.read_text()) == CONFIG  # the first config stays
-    fresh = RunWriter.prepare(path, cases["loop"], overwrite=True)
+    fresh = RunWriter.prepare(path, cases["loop.train.epochs"], overwrite=True)
     assert fresh.rows == [] and os.listdir(path) == ["config.json"]  # metrics and rounds deleted
-    assert json.loads(fresh.config_json.read_text()) == cases["loop"]
+    assert json.loads(fresh.config_json.read_text()) == cases["loop.train.epochs"]
+
+
+def test_the_refusal_names_every_nested_field_that_differs(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    RunWriter.prepare(path, CONFIG, overwrite=False)
+    other = CONFIG | {"arch": "resnet50", "loop": {"initial": 12, "train": {"epochs": 3, "lr": 0.1}}}
+    with pytest.raises(XalError) as err:
+        RunWriter.prepare(path, other, overwrite=False)
+    assert message(err) == (f"{path / 'config.json'} holds another configuration (differs in: arch, "
+                            "loop.initial, loop.train.lr); use another --out or pass --overwrite")
+
+
+def test_non_finite_numbers_are_null_in_config_and_metrics_json(tmp_path: Path) -> None:
+    config = CONFIG | {"loop": {"initial": 10, "train": {"epochs": 3, "lr": math.nan, "clip": math.inf}}}
+    run = RunWriter.prepare(tmp_path / "run", config, overwrite=False)
+    run.add_row(row("dual", 0, 0, accuracy=math.inf, auroc=-math.inf, test_dice=np.float64("nan")))
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"not JSON: {name}")
+
+    stored = json.loads(run.config_json.read_text(), parse_constant=refuse)
+    assert stored["loop"]["train"] == {"epochs": 3, "lr": None, "clip": None}
+    rows = json.loads(run.metrics_json.read_text(), parse_constant=refuse)
+    assert (rows[0]["accuracy"], rows[0]["auroc"], rows[0]["test_dice"], rows[0]["macro_f1"]) == (
+        None, None, None, 0.5)
+    assert read_metrics_csv(run.metrics_csv)[0]["accuracy"] == "nan"
+    table = RunFolder(run.path).read_metrics(["accuracy", "macro_f1"])  # the reader reads null back as NaN
+    assert math.isnan(table.values["accuracy"][0]) and table.values["macro_f1"][0] == 0.5
+    resumed = RunWriter.prepare(tmp_path / "run", config, overwrite=False)  # stored config == its own
+    assert resumed.rows == rows
 
 
 def test_an_unreadable_config_is_refused_on_resume(tmp_path: Path) -> None:

@@ -2,15 +2,20 @@
 
 Each command lives in its own module exposing ``register(subparsers)``; the parser built there sets
 ``func(args) -> int``. User mistakes raise :class:`~xal_engine.errors.XalError` and end as one line
-on stderr with exit code 2 (``pool validate`` findings: 1), never a traceback.
+on stderr with exit code 2 (``pool validate`` findings: 1), never a traceback. Ctrl-C ends a command
+with one line ``interrupted`` (exit 130), SIGTERM the same way (exit 143): the job's cleanup runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from xal_engine.errors import XalError
 
@@ -63,6 +68,29 @@ def requested_command(argv: Sequence[str]) -> str | None:
     return first if first in known else None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a job stops the same way: loader workers stopped, finished
+    work units stored, lock files released."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread inside the block (the previous handler
+    comes back after it). Forked loader workers inherit the handler, and exit quietly on it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=requested_command(argv))
@@ -74,10 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except XalError as err:
         print(f"xal-engine {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated:
+        print(f"xal-engine {args.command}: interrupted (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"xal-engine {args.command}: interrupted", file=sys.stderr)
         return 130

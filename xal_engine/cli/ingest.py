@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,10 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xal_engine.ingest import IngestConfig, ingest, summary
+    from xal_engine.store.files import dumps_json
 
     config = IngestConfig(workers=args.workers, test_fraction=args.test_fraction,
                           val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
                           resume=args.resume, chunk_size=args.chunk_size)
     report = ingest(args.make_source(args), Path(args.out), config)
-    print(json.dumps(report, indent=1) if args.json else summary(report))
+    print(dumps_json(report, indent=1) if args.json else summary(report))
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING
 
+from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
 from xal_engine.core.acquisition import BALANCES, STRATEGIES
+from xal_engine.progress import plural
+from xal_engine.store.files import dumps_json
 
 if TYPE_CHECKING:
     from xal_engine.jobs.loop import LoopConfig
@@ -49,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explanation-loss", type=float, default=0.0, metavar="W",
                    help="add W * (1 - soft Dice(Grad-CAM, ROI)) on labelled images with an ROI (default: 0)")
     p.add_argument("--target-layer", default=None,
-                   help="Grad-CAM layer (dotted module name; default: the architecture's last block)")
+                   help="Grad-CAM layer (dotted module name; default: the deepest stage of the "
+                        "architecture whose map at the pool's image size is at least 7x7)")
     p.add_argument("--epochs", type=int, default=t.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="(default: %(default)s)")
     p.add_argument("--device", default=t.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
@@ -57,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="loader processes decoding Zarr chunks (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run folder with another configuration and start afresh")
+    add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the metrics rows as JSON")
     p.set_defaults(func=run)
 
@@ -71,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
     d = LoopConfig()
     train_fields = {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
                     "device": args.device, "num_workers": args.num_workers,
-                    "target_layer": args.target_layer, "explanation_weight": args.explanation_loss}
+                    "target_layer": args.target_layer, "explanation_weight": args.explanation_loss,
+                    "threads": threads(args, args.num_workers)}
     return LoopConfig(strategies=tuple(args.strategy), seeds=args.seeds, initial=args.initial,
                       per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
                       balance=args.balance, retrain=args.retrain, train=replace(d.train, **train_fields))
@@ -81,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from xal_engine.jobs.loop import run_loop
 
     config = config_from_args(args)
-    rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite)
+    rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite, show_progress=show_progress(args))
     if args.json:
-        print(json.dumps(rows))
+        print(dumps_json(rows))
     else:
-        print(f"{len(rows)} rounds recorded ({', '.join(config.strategies)}; {config.seeds} seed(s)) "
-              f"-> {args.out}/metrics.csv")
+        print(f"{plural(len(rows), 'round')} recorded ({', '.join(config.strategies)}; "
+              f"{plural(config.seeds, 'seed')}) -> {args.out}/metrics.csv")
     return 0

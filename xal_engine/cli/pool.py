@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import fields
 from typing import Any
 
 from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
+from xal_engine.progress import plural
 from xal_engine.store import SPLIT_NAMES, Pool
+from xal_engine.store.files import dumps_json
 
 MIB = float(1 << 20)
 
@@ -66,8 +67,8 @@ def run_create(args: argparse.Namespace) -> int:
         pool = create_synthetic_pool(config, args.out, overwrite=args.overwrite)
     seconds = time.perf_counter() - began
     info = pool.info()
-    print(f"created {pool.path}: {pool.n} images {pool.channels}x{pool.height}x{pool.width} "
-          f"{pool.image_dtype}, {len(pool.classes)} classes, "
+    print(f"created {pool.path}: {plural(pool.n, 'image')} {pool.channels}x{pool.height}x{pool.width} "
+          f"{pool.image_dtype}, {plural(len(pool.classes), 'class', 'classes')}, "
           f"{info['storage']['total']['stored_bytes'] / MIB:.2f} MiB stored "
           f"(images ratio {info['compression_ratio']:.2f}) in {seconds:.1f} s "
           f"({pool.n / max(seconds, 1e-9):.0f} img/s)")
@@ -91,7 +92,7 @@ def create_brain_phantom(args: argparse.Namespace) -> Pool:
 
 def run_info(args: argparse.Namespace) -> int:
     info = Pool.open(args.pool).info()
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    print(dumps_json(info, indent=2) if args.json else format_info(info))
     return 0
 
 
@@ -99,12 +100,13 @@ def run_validate(args: argparse.Namespace) -> int:
     pool = Pool.open(args.pool)
     problems = pool.validate()
     if args.json:
-        print(json.dumps({"path": str(pool.path), "valid": not problems, "problems": problems}, indent=2))
+        print(dumps_json({"path": str(pool.path), "valid": not problems, "problems": problems}, indent=2))
     elif problems:
         print("\n".join(f"  - {p}" for p in problems))
-        print(f"{pool.path}: INVALID, {len(problems)} problem(s)")
+        print(f"{pool.path}: INVALID, {plural(len(problems), 'problem')}")
     else:
-        print(f"{pool.path}: valid ({pool.n} images, {pool.n_chunks} chunk(s) decoded and checked)")
+        print(f"{pool.path}: valid ({plural(pool.n, 'image')}, {plural(pool.n_chunks, 'chunk')} decoded and "
+              "checked)")
     return 1 if problems else 0
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
+
+from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", choices=("auto", "triton", "torch"), default="auto",
                    help="Grad-CAM -> Dice implementation: the fused Triton kernel (CUDA), the pure-torch "
                         "reference, or auto: the kernel on CUDA, the reference elsewhere (default: %(default)s)")
+    p.add_argument("--save-cams", action="store_true",
+                   help="also store each image's low-resolution Grad-CAM (fp16) as RUN/cam, for "
+                        "`select --overlays`")
+    p.add_argument("--target-layer", metavar="NAME", default=None,
+                   help="Grad-CAM layer (dotted module name, e.g. layer2) in place of the one stored in the "
+                        "checkpoint; a run with another layer is another run (default: the checkpoint's)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this process; ray: actors on a Ray cluster (default: %(default)s)")
     ray = p.add_argument_group("--backend ray")
@@ -50,17 +57,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="CPUs per actor (default: %(default)s)")
     ray.add_argument("--batches-per-call", type=int, default=4,
                      help="batches of --batch-size images per actor call (default: %(default)s)")
+    add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from xal_engine.jobs.score import ScoreConfig, score_pool
+    from xal_engine.store.files import dumps_json
 
     config = ScoreConfig(
         run=args.run, batch_size=args.batch_size, device=args.device, threshold=args.threshold,
         precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite, kernel=args.kernel,
+        save_cams=args.save_cams, target_layer=args.target_layer, threads=threads(args, args.num_workers),
     )
     if args.backend == "ray":
         from xal_engine.jobs.score_ray import RayConfig, score_pool_ray
@@ -69,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
             address=args.address, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
             num_cpus_per_worker=args.num_cpus_per_worker, batches_per_call=args.batches_per_call,
         )
-        summary = score_pool_ray(args.pool, args.model, config, ray_config)
+        summary = score_pool_ray(args.pool, args.model, config, ray_config, show_progress=show_progress(args))
     else:
-        summary = score_pool(args.pool, args.model, config)
-    print(json.dumps(asdict(summary)) if args.json else summary.line())
+        summary = score_pool(args.pool, args.model, config, show_progress=show_progress(args))
+    print(dumps_json(asdict(summary)) if args.json else summary.line())
     return 0

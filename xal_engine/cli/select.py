@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, NORMALISATIONS, STRATEGIES
+from xal_engine.store.files import dumps_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,25 +39,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="AL experiment whose labelled images are excluded (al/EXPERIMENT/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
     p.add_argument("--out", required=True, help="CSV file to write (OUT.json is written beside it)")
+    p.add_argument("--overlays", default=None, metavar="DIR",
+                   help="also draw the batch: DIR/contact_sheet.png and DIR/<rank>_<id>.png, Grad-CAM over "
+                        "each image (stored by `score --save-cams`, else recomputed with the run's model)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from xal_engine.core.acquisition import SelectConfig
+    from xal_engine.jobs.batch_sheet import check_overlays, write_overlays
     from xal_engine.jobs.select import select_batch, write_batch
 
     config = SelectConfig(strategy=args.strategy, budget=args.budget, lam=args.lam, dice=args.dice,
                           normalise=args.normalise, balance=args.balance,
                           missing_roi=args.missing_roi, seed=args.seed)
+    source = check_overlays(args.pool, args.run, args.overlays) if args.overlays else None  # before writing
     selection = select_batch(args.pool, args.run, config, experiment=args.experiment)
     csv_path, sidecar = write_batch(selection, args.out, args.pool)
-    summary = {"selected": len(selection.rows), "candidates": selection.n_candidates,
+    overlays = write_overlays(args.pool, selection, source, args.overlays) if source is not None else None
+    summary = {"selected": len(selection.rows), "candidates": selection.n_candidates, "budget": config.budget,
                "strategy": config.strategy, "balance": config.balance, "out": str(csv_path),
                "config": str(sidecar)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"selected {summary['selected']} of {summary['candidates']} candidates by "
-              f"{config.strategy} (balance {config.balance}) -> {csv_path}")
+    if overlays is not None:
+        summary |= {"overlays": str(overlays.sheet.parent), "overlay_cams": overlays.cams}
+    print(dumps_json(summary) if args.json else selection.line(csv_path))
+    if overlays is not None and not args.json:
+        print(overlays.line())
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
 from xal_engine.core.models import ARCHS
+from xal_engine.progress import plural
+from xal_engine.store.files import dumps_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to train on")
     p.add_argument("--arch", default=d.arch, help=f"{', '.join(ARCHS)} (default: %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint file to write (its folder must exist)")
+    p.add_argument("--target-layer", metavar="NAME", default=None,
+                   help="Grad-CAM layer stored in the checkpoint (dotted module name, e.g. layer3; default: "
+                        "the deepest stage of --arch whose map at the pool's image size is at least 7x7)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
@@ -45,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-class-weighting", action="store_true",
                    help="plain cross entropy instead of inverse-frequency class weights")
     p.add_argument("--no-augment", action="store_true", help="no random flips or shifts")
+    add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -69,17 +75,20 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, amp=not args.no_amp,
         class_weighting=not args.no_class_weighting, augment=not args.no_augment,
         num_workers=args.num_workers, labelled_only=args.labelled_only, normalize_mean=mean,
-        normalize_std=std,
+        normalize_std=std, target_layer=args.target_layer, threads=threads(args, args.num_workers),
     )
-    result = train(pool, config, pretrained=args.pretrained)
+    result = train(pool, config, pretrained=args.pretrained, show_progress=show_progress(args))
     save_checkpoint(out, result.model, result.checkpoint)
     m = result.metrics
-    summary = {"out": str(out), **{k: v for k, v in m.items() if k != "history"}}
+    ckpt = result.checkpoint
+    summary = {"out": str(out), **{k: v for k, v in m.items() if k != "history"},
+               "target_layer": ckpt.target_layer, "target_map": ckpt.target_map}
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_json(summary))
     else:
         scores = (f"val bal acc {m['val_balanced_accuracy']:.3f}, val acc {m['val_accuracy']:.3f}"
                   if "val_accuracy" in m else f"train loss {m['train_loss']:.4f} (no validation split)")
-        print(f"trained {args.arch} on {m['n_train']} images; epoch {m['best_epoch']} kept "
-              f"({scores}) -> {out}")
+        h, w = ckpt.target_map or (0, 0)
+        print(f"trained {args.arch} on {plural(m['n_train'], 'image')}; epoch {m['best_epoch']} kept "
+              f"({scores}); Grad-CAM layer {ckpt.target_layer} ({h}x{w} map) -> {out}")
     return 0

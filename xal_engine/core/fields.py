@@ -4,6 +4,10 @@
 in one transfer (:func:`pack` / :func:`unpack`), a score run stores one array per field under
 ``scores/<run>/``, selection reads them back (:class:`PerImage`) and the batch CSV writes the
 scalar ones. Adding a field is one line here plus its computation in ``score_batch``.
+
+A field's per-image shape is a kind: a scalar, one value per class (K,), or the low-resolution CAM
+(h, w), whose sizes a run fixes at creation (:class:`Layout`). An optional field (``cam``) is computed,
+copied and stored only by runs that ask for it (``score --save-cams``).
 """
 
 from __future__ import annotations
@@ -19,36 +23,77 @@ import torch
 T = TypeVar("T")
 
 
+SCALAR, PER_CLASS, CAM_MAP = "scalar", "class", "map"  # per-image shape kinds: (), (K,), (h, w)
+
+
 @dataclass(frozen=True)
 class Field:
-    """One per-image result: its stored dtype, shape per image and fill value."""
+    """One per-image result: its stored dtype, per-image shape kind and fill value."""
 
     name: str
     dtype: str  # numpy dtype of the stored array (and of the host copy)
-    per_class: bool  # shape per image (K,) when True, () otherwise
+    shape: str  # SCALAR (), PER_CLASS (K,) or CAM_MAP (h, w); sizes from the run's Layout
     fill: float | int | bool  # value of an image not scored yet
     needs_roi: bool  # NaN (hit: False) for an image without an ROI
     doc: str
+    optional: bool = False  # stored only by runs that ask for it
+
+    @property
+    def per_class(self) -> bool:
+        return self.shape == PER_CLASS
 
     @property
     def in_batch_csv(self) -> bool:
-        return not self.per_class  # one CSV column per scalar field
+        return self.shape == SCALAR  # one CSV column per scalar field
 
 
 NAN = math.nan
 FIELDS: tuple[Field, ...] = (
-    Field("pred", "int16", False, -1, False, "argmax of the logits"),
-    Field("entropy", "float32", False, NAN, False, "Shannon entropy of the softmax, nats"),
-    Field("margin", "float32", False, NAN, False, "top-1 minus top-2 probability"),
-    Field("least_confidence", "float32", False, NAN, False, "1 - top-1 probability"),
-    Field("dice", "float32", False, NAN, True, "hard Dice of {CAM >= threshold} with the ROI"),
-    Field("soft_dice", "float32", False, NAN, True, "soft Dice of the CAM with the ROI"),
-    Field("energy", "float32", False, NAN, True, "energy-based pointing game: CAM mass inside the ROI"),
-    Field("hit", "bool", False, False, True, "pointing game: the CAM's maximum lies in the ROI"),
-    Field("probs", "float16", True, NAN, False, "softmax of the logits (fp32 on the device)"),
+    Field("pred", "int16", SCALAR, -1, False, "argmax of the logits"),
+    Field("entropy", "float32", SCALAR, NAN, False, "Shannon entropy of the softmax, nats"),
+    Field("margin", "float32", SCALAR, NAN, False, "top-1 minus top-2 probability"),
+    Field("least_confidence", "float32", SCALAR, NAN, False, "1 - top-1 probability"),
+    Field("dice", "float32", SCALAR, NAN, True, "hard Dice of {CAM >= threshold} with the ROI"),
+    Field("soft_dice", "float32", SCALAR, NAN, True, "soft Dice of the CAM with the ROI"),
+    Field("energy", "float32", SCALAR, NAN, True, "energy-based pointing game: CAM mass inside the ROI"),
+    Field("hit", "bool", SCALAR, False, True, "pointing game: the CAM's maximum lies in the ROI"),
+    Field("probs", "float16", PER_CLASS, NAN, False, "softmax of the logits (fp32 on the device)"),
+    Field("cam", "float16", CAM_MAP, NAN, False, "normalised low-resolution Grad-CAM N at the target "
+          "layer's resolution (score --save-cams)", optional=True),
 )
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
+REQUIRED: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional)  # in every run
+REQUIRED_NAMES: tuple[str, ...] = tuple(f.name for f in REQUIRED)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The fields a run stores and their per-image shapes."""
+
+    n_classes: int  # K
+    cam_shape: tuple[int, int] | None = None  # (h, w) of the stored CAM; None: the run stores no cam
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return tuple(f for f in FIELDS if not f.optional or (f.name == "cam" and self.cam_shape is not None))
+
+    def tail(self, field: Field) -> tuple[int, ...]:
+        """The per-image shape of ``field``: (), (K,) or (h, w)."""
+        if field.shape == PER_CLASS:
+            return (self.n_classes,)
+        if field.shape == CAM_MAP:
+            if self.cam_shape is None:
+                raise ValueError(f"field {field.name!r} needs the run's CAM shape")
+            return tuple(self.cam_shape)
+        return ()
+
+    @classmethod
+    def of(cls, values: Mapping[str, torch.Tensor] | PerImage[torch.Tensor]) -> Layout:
+        """The layout of one batch's results (shapes only: no device synchronisation)."""
+        cam = values.get("cam")
+        return cls(n_classes=int(values["probs"].shape[1]),
+                   cam_shape=None if cam is None else (int(cam.shape[1]), int(cam.shape[2])))
 
 
 class PerImage(Generic[T]):
@@ -79,6 +124,12 @@ class PerImage(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: T | None = None) -> T | None:
+        return self._values.get(name, default)
+
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(self._values.items())
 
@@ -96,13 +147,13 @@ class PerImage(Generic[T]):
 class BatchScores(PerImage[torch.Tensor]):
     """Per-image results of one batch on the model's device: probs (B, K) fp32, pred (B,) int64,
     the float fields (B,) fp32 (ROI metrics NaN where no ROI exists), hit (B,) bool; ``cam`` is the
-    normalised low-resolution map N (B, h, w) fp32 when asked for, else None."""
+    normalised low-resolution map N (B, h, w) fp32 when asked for, else None (and then not a field)."""
 
     def __init__(self, cam: torch.Tensor | None = None, **values: torch.Tensor) -> None:
-        missing = sorted(set(NAMES) - set(values))
+        missing = sorted(set(REQUIRED_NAMES) - set(values))
         if missing:
             raise TypeError(f"BatchScores needs every result field; missing {missing}")
-        super().__init__(**values)
+        super().__init__(**values, **({} if cam is None else {"cam": cam}))
         self.cam = cam
 
 
@@ -114,21 +165,27 @@ def concat(parts: list[PerImage[np.ndarray]]) -> PerImage[np.ndarray]:
 
 
 def pack(scores: Mapping[str, torch.Tensor] | PerImage[torch.Tensor]) -> torch.Tensor:
-    """Every field as fp32 columns of one (B, F) tensor, registry order (a per-class field takes K
-    columns), so that one device -> host copy moves them all. int16 and bool values are exact in fp32."""
-    return torch.cat([scores[f.name].float().reshape(scores[f.name].shape[0], -1) for f in FIELDS], dim=1)
+    """Every field present as fp32 columns of one (B, F) tensor, registry order (a per-class field
+    takes K columns, the CAM h * w), so that one device -> host copy moves them all. int16 and bool
+    values are exact in fp32; the CAM is rounded to fp16 only on the host, like probs."""
+    present = [f.name for f in FIELDS if f.name in scores]
+    return torch.cat([scores[n].float().reshape(scores[n].shape[0], -1) for n in present], dim=1)
 
 
-def unpack(packed: np.ndarray) -> PerImage[np.ndarray]:
-    """Inverse of :func:`pack` on the host: (B, F) float32 -> each field in its stored dtype."""
-    n_scalar = sum(not f.per_class for f in FIELDS)
-    per_class = [f for f in FIELDS if f.per_class]
-    k = (packed.shape[1] - n_scalar) // max(len(per_class), 1)
+def unpack(packed: np.ndarray, layout: Layout | None = None) -> PerImage[np.ndarray]:
+    """Inverse of :func:`pack` on the host: (B, F) float32 -> each field of ``layout`` in its stored
+    dtype and per-image shape. Without a layout: the required fields, K read off the width."""
+    if layout is None:
+        n_scalar = sum(f.shape == SCALAR for f in REQUIRED)
+        n_per_class = sum(f.shape == PER_CLASS for f in REQUIRED)
+        layout = Layout(n_classes=(packed.shape[1] - n_scalar) // max(n_per_class, 1))
     out, col = {}, 0
-    for f in FIELDS:
-        width = k if f.per_class else 1
-        block = packed[:, col:col + width]
+    for f in layout.fields:
+        tail = layout.tail(f)
+        width = math.prod(tail)
+        values = packed[:, col:col + width].reshape(packed.shape[0], *tail)  # (B,), (B, K) or (B, h, w)
         col += width
-        values = block if f.per_class else block[:, 0]
         out[f.name] = values > 0.5 if f.dtype == "bool" else values.astype(f.dtype)
+    if col != packed.shape[1]:
+        raise ValueError(f"packed results have {packed.shape[1]} columns, the layout {layout} needs {col}")
     return PerImage(**out)

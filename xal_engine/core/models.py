@@ -3,8 +3,12 @@
 A model is built as torchvision's 3-channel, 1000-class network (so a published or local state dict
 loads strictly), then its first convolution is adapted to ``in_channels`` and its head replaced by a
 fresh ``num_classes`` linear layer. A checkpoint is one ``torch.save`` file holding the
-architecture, shapes, class names, target layer, state dict, training config, pool fingerprint and
-metrics, enough for ``score`` and ``loop`` to rebuild the model.
+architecture, shapes, class names, target layer and its map size, state dict, training config, pool
+fingerprint and metrics, enough for ``score`` and ``loop`` to rebuild the model.
+
+The default Grad-CAM layer depends on the image size: the deepest of the arch's candidate layers
+(its stages) whose map is at least MIN_TARGET_MAP on both sides, read off a shape probe
+(:func:`choose_target_layer`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from torch import nn
 
 from xal_engine.errors import XalError
 
+# Smallest Grad-CAM map (both sides) the default layer must give: the paper's 7x7 (DenseNet-121's
+# denseblock4 at 224x224). A coarser map makes the CAM a few blobs and Dice with a lesion coarse.
+MIN_TARGET_MAP = 7
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -27,18 +35,27 @@ class ArchSpec:
 
     first_conv: str  # the stem convolution that reads the image, 3 input channels
     head: str  # the final nn.Linear producing 1000 ImageNet logits
-    target_layer: str  # default Grad-CAM layer: the last convolutional block
+    candidates: tuple[str, ...]  # Grad-CAM layers in forward order, shallow to deep (the stages)
+
+    @property
+    def target_layer(self) -> str:
+        """The deepest candidate: the default at ImageNet's 224x224 (a 7x7 map on every arch here)."""
+        return self.candidates[-1]
 
 
+_RESNET = ArchSpec("conv1", "fc", ("layer1", "layer2", "layer3", "layer4"))
 ARCHS: dict[str, ArchSpec] = {
-    "resnet18": ArchSpec("conv1", "fc", "layer4"),
-    "resnet34": ArchSpec("conv1", "fc", "layer4"),
-    "resnet50": ArchSpec("conv1", "fc", "layer4"),
-    # The paper's layer: the output of the last dense block (before the final norm).
-    "densenet121": ArchSpec("features.conv0", "classifier", "features.denseblock4"),
-    # features.8 is the final 1x1 Conv-BN-SiLU block (1280 channels).
-    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", "features.8"),
-    "convnext_tiny": ArchSpec("features.0.0", "classifier.2", "features.7"),
+    "resnet18": _RESNET,
+    "resnet34": _RESNET,
+    "resnet50": _RESNET,
+    # The paper's layer is the last: the output of denseblock4 (before the final norm).
+    "densenet121": ArchSpec("features.conv0", "classifier",
+                            tuple(f"features.denseblock{i}" for i in range(1, 5))),
+    # features.1..7 are the MBConv stages; features.8 the final 1x1 Conv-BN-SiLU block (1280 channels).
+    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", tuple(f"features.{i}" for i in range(1, 9))),
+    # features.1, 3, 5, 7 are the four stages; the even entries are their downsampling layers.
+    "convnext_tiny": ArchSpec("features.0.0", "classifier.2", ("features.1", "features.3", "features.5",
+                                                                "features.7")),
 }
 
 DEFAULT_TARGET_LAYERS: dict[str, str] = {name: spec.target_layer for name, spec in ARCHS.items()}
@@ -58,6 +75,94 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise XalError(f"model has no layer {name!r} (dotted module name expected)") from None
+
+
+def check_layer_name(model: nn.Module, arch: str, name: str) -> None:
+    """An XalError naming ``--target-layer`` and the arch's stages when ``model`` has no layer ``name``."""
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise XalError(f"--target-layer: model has no layer {name!r} (a dotted module name; the {arch} "
+                       f"stages are {', '.join(parse_arch(arch).candidates)})") from None
+
+
+class _ProbeDone(Exception):
+    """Raised by the last probe hook to skip the rest of the forward (deeper layers, the head)."""
+
+
+def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
+                      image_shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
+    """The (h, w) of each layer's output for an image of ``image_shape`` (C, H, W).
+
+    One forward of a (1, C, H, W) zero tensor without gradients, in eval mode (batch norm with one
+    image; the training flag is restored after), stopped once every layer has run. An XalError when a
+    layer's output is not a (B, C, h, w) feature map or the image does not fit the model.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    wanted = list(dict.fromkeys(layers))
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not (isinstance(output, torch.Tensor) and output.dim() == 4):
+                what = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise XalError(f"layer {name!r} gives {what}, not a (B, C, h, w) feature map for Grad-CAM")
+            sizes[name] = (int(output.shape[-2]), int(output.shape[-1]))
+            if len(sizes) == len(wanted):
+                raise _ProbeDone
+        return record
+
+    param = next(model.parameters())
+    x = torch.zeros((1, *image_shape), dtype=param.dtype, device=param.device)  # (1, C, H, W)
+    handles = [resolve_layer(model, name).register_forward_hook(hook(name)) for name in wanted]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except _ProbeDone:
+        pass
+    except RuntimeError as err:
+        c, h, w = image_shape
+        raise XalError(f"a {c}x{h}x{w} image does not fit the model ({_first_line(err)})") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in wanted if name not in sizes]
+    if missing:
+        raise XalError(f"layer {missing[0]!r} is not on the model's forward path")
+    return sizes
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """A Grad-CAM layer and its feature map at the probed image size."""
+
+    name: str
+    size: tuple[int, int]  # (h, w) of its output
+    reaches_min: bool  # both sides >= MIN_TARGET_MAP
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.size[0]}x{self.size[1]} map)"
+
+
+def choose_target_layer(model: nn.Module, arch: str, image_shape: tuple[int, int, int]) -> LayerChoice:
+    """The deepest candidate layer of ``arch`` whose map at ``image_shape`` (C, H, W) is at least
+    MIN_TARGET_MAP on both sides; when none is, the one with the largest map (the deeper on a tie),
+    with ``reaches_min`` False."""
+    candidates = parse_arch(arch).candidates
+    sizes = feature_map_sizes(model, candidates, image_shape)
+    fits = [name for name in candidates if min(sizes[name]) >= MIN_TARGET_MAP]
+    if fits:
+        return LayerChoice(fits[-1], sizes[fits[-1]], True)
+    largest = max(reversed(candidates), key=lambda name: sizes[name][0] * sizes[name][1])  # deepest on ties
+    return LayerChoice(largest, sizes[largest], False)
+
+
+def layer_choice(model: nn.Module, name: str, image_shape: tuple[int, int, int]) -> LayerChoice:
+    """``name``'s map at ``image_shape`` (C, H, W), as a LayerChoice (for a layer given by name)."""
+    size = feature_map_sizes(model, [name], image_shape)[name]
+    return LayerChoice(name, size, min(size) >= MIN_TARGET_MAP)
 
 
 def adapt_conv_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -173,7 +278,17 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict
     pool: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, image size, dtype
     metrics: dict[str, Any] = field(default_factory=dict)
+    # (h, w) of the target layer's output at the training image size; None in checkpoints written
+    # before it was recorded (an optional entry: the format version is unchanged)
+    target_map: tuple[int, int] | None = None
     format_version: int = CHECKPOINT_FORMAT
+
+    @property
+    def image_size(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the training images (``pool`` holds H and W); None when not recorded."""
+        if "height" not in self.pool or "width" not in self.pool:
+            return None
+        return self.in_channels, int(self.pool["height"]), int(self.pool["width"])
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
@@ -185,6 +300,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
         raise XalError(f"checkpoint path {path} is a directory; expected a file name such as model.pt")
     payload = asdict(info)
     payload["classes"] = list(info.classes)
+    payload["target_map"] = list(info.target_map) if info.target_map is not None else None
     payload[_CHECKPOINT_KEY] = info.format_version
     payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -215,6 +331,14 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _map_size(value: Any) -> tuple[int, int] | None:
+    """A stored [h, w] as a tuple; None where absent (older checkpoints)."""
+    if value is None:
+        return None
+    h, w = value
+    return int(h), int(w)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
     """Rebuild the model saved at ``path`` on ``device``, in eval mode, with its :class:`Checkpoint`."""
     path = Path(path)
@@ -225,7 +349,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             in_channels=int(payload["in_channels"]), classes=tuple(payload["classes"]),
             target_layer=str(payload["target_layer"]), config=dict(payload["config"]),
             pool=dict(payload["pool"]), metrics=dict(payload["metrics"]),
-            format_version=int(payload[_CHECKPOINT_KEY]))
+            target_map=_map_size(payload.get("target_map")), format_version=int(payload[_CHECKPOINT_KEY]))
         state = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as err:
         raise XalError(f"checkpoint {path} is incomplete or malformed ({err!r})") from None

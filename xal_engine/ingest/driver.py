@@ -20,8 +20,9 @@ import numpy as np
 from xal_engine.errors import XalError
 from xal_engine.ingest.common import IngestConfig, IngestSource, Item, Skip, assign_splits
 from xal_engine.ingest.workers import ordered_map
-from xal_engine.progress import progress
+from xal_engine.progress import plural, progress
 from xal_engine.store import SPLIT_NAMES, Pool, PoolWriter
+from xal_engine.store.files import dumps_json
 
 
 def report_path(out: Path) -> Path:
@@ -49,8 +50,8 @@ class ProgressLog:
             skips += [Skip(*s) for s in rec["skipped"]]
             start += 1
         with open(self.path, "w") as f:  # keep only what the pool holds
-            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            f.writelines(json.dumps(rec) + "\n" for rec in records[:start])
+            f.write(dumps_json({"fingerprint": self.fingerprint}) + "\n")
+            f.writelines(dumps_json(rec) + "\n" for rec in records[:start])
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open until finish()
         return start, n_written - cum, skips
 
@@ -70,7 +71,7 @@ class ProgressLog:
         return records
 
     def record(self, index: int, n: int, skipped: tuple[Skip, ...]) -> None:
-        self._file.write(json.dumps({"index": index, "n": n, "skipped": [list(s) for s in skipped]}) + "\n")
+        self._file.write(dumps_json({"index": index, "n": n, "skipped": [list(s) for s in skipped]}) + "\n")
 
     def finish(self) -> None:
         self._file.close()
@@ -147,13 +148,14 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
               **_counts(pool), "classes": pool.classes, "resumed_from": resumed_from,
               "skipped_count": len(skipped), "skipped": [s._asdict() for s in skipped],
               "settings": settings, "seconds": round(time.perf_counter() - t0, 3)}
-    report_path(out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    report_path(out).write_text(dumps_json(report, indent=1, default=str) + "\n")
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """The one-line summary the CLI prints."""
     splits = " / ".join(f"{k} {v}" for k, v in report["per_split"].items())
-    return (f"ingest {report['format']}: {report['images']} images from {report['items']} items "
+    return (f"ingest {report['format']}: {plural(report['images'], 'image')} from "
+            f"{plural(report['items'], 'item')} "
             f"({report['skipped_count']} skipped) -> {report['pool']} [{splits}]; "
             f"report {report_path(Path(report['pool']))}")

@@ -7,10 +7,17 @@ added imports as it is.
 
 The import is all or nothing: the file, every row and every mask are checked first, and any problem
 raises one :class:`XalError` naming the file, the line and the problem (the first few, then a
-count) before anything is written. Then only the chunks holding the imported rows are rewritten:
-``rois``/``has_roi`` (rows with a mask), ``labels``, and last ``al/<experiment>/labelled_round``
-(so an image never counts as labelled before its label is in place). This module parses, checks and
-plans; the rows are written by :meth:`Pool.write_rows` and :meth:`ALExperiment.mark_labelled`.
+count) before anything is written. A dry run stops there and reports what would change. Otherwise
+what the import replaces (the rows' labels, has_roi, masks and rounds) is stored as the next numbered
+``labels_history/<number>/`` and recorded, then only the chunks holding the imported rows are
+rewritten: ``rois``/``has_roi`` (rows with a mask), ``labels``, and last
+``al/<experiment>/labelled_round`` (so an image never counts as labelled before its label is in
+place). This module parses, checks and plans; the rows are written by :meth:`Pool.write_rows` and
+:meth:`ALExperiment.mark_labelled`, the history by :class:`LabelsHistory`.
+
+Undo (``label --undo``) puts one import's previous values back, byte for byte, and marks its records
+undone. Imports are undone newest first: an import is refused while a later import that is not undone
+wrote one of its rows, since putting its values back would silently drop the later labels.
 
 AL rounds: an image enters the experiment in the round it is first imported; re-importing it later
 corrects its label (and mask) but keeps that first round. Validation and test images are refused
@@ -24,11 +31,13 @@ import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from xal_engine.errors import XalError
 from xal_engine.store import SPLIT_NAMES, SPLIT_TRAIN, Pool
+from xal_engine.store.al_state import LabelsHistory, PreviousValues
 
 ID, CLASS, ROI = "id", "class", "roi"
 MAX_ROUND = int(np.iinfo(np.int16).max)
@@ -41,7 +50,18 @@ class ImportConfig:
     experiment: str | None = None  # AL experiment (al/<experiment>/); None: labels and ROIs only
     round: int | None = None  # None: max existing round + 1 (0 for a new experiment)
     allow_any_split: bool = False  # accept validation/test ids (never marked as AL-labelled)
+    dry_run: bool = False  # check and count everything, write nothing (the pool is opened read-only)
     shown: int = 5  # problems listed in the error before "and N more"
+
+
+@dataclass(frozen=True)
+class UndoConfig:
+    """Flags of ``xal-engine label --undo``."""
+
+    number: int | None = None  # the import to undo (labels_history numbering); None: the last one
+    experiment: str | None = None  # only this experiment's imports
+    round: int | None = None  # the import recorded as this round of ``experiment``
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,8 +86,29 @@ class ImportSummary:
     n_rois: int  # rows that brought a mask
     n_relabelled: int  # rows that already had a label (train split: marked by the experiment)
     n_outside_train: int  # validation/test rows (only with allow_any_split)
-    chunks_written: int  # chunks of 'labels' rewritten
+    chunks_written: int  # chunks of 'labels' rewritten (that would be, in a dry run)
     ignored_columns: list[str]
+    dry_run: bool
+    import_number: int  # labels_history/<import_number>/ holds what it replaced; --undo NUMBER
+    set_per_class: dict[str, int]  # labels set on rows without one, by new class
+    changed_per_class: dict[str, int]  # labels replacing another class, by new class
+    n_unchanged: int  # rows whose label stays the same
+    n_rois_added: int  # masks on rows without one (has_roi False -> True)
+    n_rois_replaced: int  # masks replacing an existing one
+    n_new: int  # train rows the experiment marks as labelled for the first time
+
+
+@dataclass(frozen=True)
+class UndoSummary:
+    pool: str
+    import_number: int
+    file: str
+    experiment: str | None
+    round: int | None
+    dry_run: bool
+    n_labels: int  # rows whose label is put back
+    n_rois: int  # rows whose mask and has_roi are put back
+    n_rounds: int  # rows whose labelled_round is put back
 
 
 class Problems:
@@ -241,12 +282,22 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
                  in_train=split[index[order]] == SPLIT_TRAIN)
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels.astype(np.int64), minlength=len(classes))  # (K,)
+    return {c: int(n) for c, n in zip(classes, counts)}
+
+
 def import_labels(pool_path: str | Path, csv_path: str | Path,
                   config: ImportConfig = ImportConfig()) -> ImportSummary:
-    """Check ``csv_path`` completely against the pool, then write its labels (see the module doc)."""
+    """Check ``csv_path`` completely against the pool, record what it replaces in ``labels_history/``,
+    then write its labels (see the module doc); with ``dry_run`` only check and count."""
     _check_experiment(config)
     csv_path = Path(csv_path)
-    pool = Pool.open(pool_path, mode="r+")
+    pool = Pool.open(pool_path, mode="r" if config.dry_run else "r+")
     if not pool.classes:
         raise XalError(f"pool {pool.path} has no class names (attribute 'classes')")
     problems = Problems(csv_path, config.shown)
@@ -259,23 +310,123 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     if round_ > MAX_ROUND:
         raise XalError(f"pool {pool.path}: experiment {config.experiment!r} has no round left "
                        f"(rounds are int16, at most {MAX_ROUND})")
-    old_labels = pool.take("labels", plan.index)  # (n,) int16
+    history = pool.labels_history()
+    number = len(history.records()) + 1
+    marked = plan.index[plan.in_train] if experiment is not None else np.zeros(0, dtype=np.int64)  # (k,)
+    old = PreviousValues(
+        index=plan.index, labels=pool.take("labels", plan.index), roi_index=plan.roi_index,
+        has_roi=pool.take("has_roi", plan.roi_index), rois=pool.take("rois", plan.roi_index),
+        round_index=marked, labelled_round=previous[marked],
+        round_chunks_created=experiment.missing_chunks(marked) if experiment is not None else [])
+    first = np.where(old.labelled_round >= 0, old.labelled_round, round_).astype(np.int16)  # (k,)
+    known = old.labels >= 0  # (n,) rows that had a label
+    summary = ImportSummary(
+        pool=str(pool.path), file=str(csv_path), experiment=config.experiment,
+        round=round_ if experiment is not None else None, n_imported=len(plan.index),
+        per_class=_per_class(plan.labels, pool.classes), n_rois=len(plan.roi_index),
+        n_relabelled=int(known.sum()), n_outside_train=int((~plan.in_train).sum()),
+        chunks_written=len(np.unique(plan.index // pool.chunk_size)), ignored_columns=rows.ignored_columns,
+        dry_run=config.dry_run, import_number=number,
+        set_per_class=_per_class(plan.labels[~known], pool.classes),
+        changed_per_class=_per_class(plan.labels[known & (old.labels != plan.labels)], pool.classes),
+        n_unchanged=int((old.labels == plan.labels).sum()), n_rois_added=int((~old.has_roi).sum()),
+        n_rois_replaced=int(old.has_roi.sum()), n_new=int((old.labelled_round < 0).sum()))
+    if config.dry_run:
+        return summary
 
-    # Everything is checked: write, marking the rows labelled last.
+    # Everything is checked. What the import replaces is stored and recorded first, so that an
+    # interrupted import can be undone too; then the rows, marking them labelled last.
+    key = history.write(number, old)
+    history.record({"number": number, "file": str(csv_path), "experiment": config.experiment,
+                    "round": summary.round, "n_rows": len(plan.index), "n_rois": len(plan.roi_index),
+                    "history": key, "time": _now(), "undone": None})
     pool.write_rows("rois", plan.roi_index, plan.rois)
     pool.write_rows("has_roi", plan.roi_index, np.ones(len(plan.roi_index), dtype=bool))
-    chunks = pool.write_rows("labels", plan.index, plan.labels)
+    pool.write_rows("labels", plan.index, plan.labels)
     if experiment is not None:
-        marked = plan.index[plan.in_train]
-        first = np.where(previous[marked] >= 0, previous[marked], round_).astype(np.int16)
         experiment.mark_labelled(marked, first)
-        experiment.record_import({
-            "file": str(csv_path), "round": round_, "n_new": int((previous[marked] < 0).sum()),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    counts = np.bincount(plan.labels, minlength=len(pool.classes))
-    return ImportSummary(
-        pool=str(pool.path), file=str(csv_path), experiment=config.experiment,
-        round=round_ if config.experiment is not None else None, n_imported=len(plan.index),
-        per_class={c: int(n) for c, n in zip(pool.classes, counts)}, n_rois=len(plan.roi_index),
-        n_relabelled=int((old_labels >= 0).sum()), n_outside_train=int((~plan.in_train).sum()),
-        chunks_written=chunks, ignored_columns=rows.ignored_columns)
+        experiment.record_import({"file": str(csv_path), "round": round_, "n_new": summary.n_new,
+                                  "time": _now(), "import": number, "history": key})
+    return summary
+
+
+def _undo_target(pool: Pool, records: list[dict[str, Any]], config: UndoConfig) -> dict[str, Any]:
+    """The record of the import ``config`` names; :class:`XalError` when there is nothing to undo."""
+    if not records:
+        raise XalError(f"pool {pool.path}: nothing to undo (no label import is recorded in labels_history)")
+    if config.number is not None:
+        if not 1 <= config.number <= len(records):
+            raise XalError(f"--undo {config.number}: pool {pool.path} has imports 1..{len(records)}")
+        target = records[config.number - 1]
+        if config.experiment is not None and target.get("experiment") != config.experiment:
+            raise XalError(f"--undo {config.number}: import {config.number} of pool {pool.path} is not of "
+                           f"experiment {config.experiment!r} (it is of {target.get('experiment')!r})")
+        if config.round is not None and target.get("round") != config.round:
+            raise XalError(f"--undo {config.number}: import {config.number} was recorded as round "
+                           f"{target.get('round')}, not --round {config.round}")
+        if target.get("undone"):
+            raise XalError(f"--undo {config.number}: import {config.number} of pool {pool.path} is already "
+                           f"undone ({target['undone']})")
+        return target
+    live = [r for r in records if not r.get("undone")
+            and (config.experiment is None or r.get("experiment") == config.experiment)
+            and (config.round is None or r.get("round") == config.round)]
+    if not live:
+        which = "" if config.experiment is None else f" of experiment {config.experiment!r}"
+        which += "" if config.round is None else f" recorded as round {config.round}"
+        raise XalError(f"pool {pool.path}: nothing to undo (no import{which} is left that is not "
+                       "already undone)")
+    if config.round is not None and len(live) > 1:
+        numbers = ", ".join(str(r["number"]) for r in live)
+        raise XalError(f"--round {config.round}: experiment {config.experiment!r} has imports {numbers} "
+                       "recorded as that round; pass --undo NUMBER")
+    return live[-1]
+
+
+def undo_import(pool_path: str | Path, config: UndoConfig = UndoConfig()) -> UndoSummary:
+    """Put back what one import replaced (labels, has_roi, rois, labelled_round) and mark its records
+    undone. Refused when a later import that is not undone wrote one of its rows (undo newest first).
+    Everything is read and checked before the first write."""
+    if config.experiment is not None:
+        _check_experiment(ImportConfig(experiment=config.experiment))
+    elif config.round is not None:
+        raise XalError("--round needs --experiment (the AL experiment the round belongs to)")
+    pool = Pool.open(pool_path, mode="r" if config.dry_run else "r+")
+    history: LabelsHistory = pool.labels_history()
+    records = history.records()
+    target = _undo_target(pool, records, config)
+    number = int(target["number"])
+    old = history.read(number)
+    for later in records[number:]:
+        if later.get("undone"):
+            continue
+        overlap = np.intersect1d(old.index, history.written_rows(int(later["number"])))  # (j,) shared rows
+        if len(overlap):
+            raise XalError(f"--undo {number}: import {later['number']} ({later.get('file')}) later wrote "
+                           f"{len(overlap)} of the same rows (first: {pool.take('ids', overlap[:1])[0]}); "
+                           f"undo newest first (--undo {later['number']})")
+    name = target.get("experiment")
+    if len(old.round_index) and name is None:
+        raise XalError(f"pool {pool.path}: labels_history/{number} has rounds but its record names no "
+                       "experiment")
+    experiment = pool.experiment(name) if name is not None else None
+    if experiment is not None and len(old.round_index):
+        experiment.read_labelled_round()  # checked to exist as (N,) int16 before anything is written
+    summary = UndoSummary(pool=str(pool.path), import_number=number, file=str(target.get("file")),
+                          experiment=name, round=target.get("round"), dry_run=config.dry_run,
+                          n_labels=len(old.index), n_rois=len(old.roi_index), n_rounds=len(old.round_index))
+    if config.dry_run:
+        return summary
+
+    # The reverse of an import: unmark the rows first, so an image never counts as labelled once its
+    # label is gone; the records are marked undone last (an interrupted undo can be run again).
+    if experiment is not None:
+        experiment.restore_labelled_round(old.round_index, old.labelled_round, old.round_chunks_created)
+    pool.write_rows("labels", old.index, old.labels)
+    pool.write_rows("has_roi", old.roi_index, old.has_roi)
+    pool.write_rows("rois", old.roi_index, old.rois)
+    when = _now()
+    if experiment is not None:
+        experiment.mark_import_undone(number, when)
+    history.mark_undone(number, when)
+    return summary

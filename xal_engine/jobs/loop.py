@@ -36,14 +36,14 @@ import numpy as np
 from scipy.stats import rankdata
 
 from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
-from xal_engine.core.models import load_checkpoint, save_checkpoint
+from xal_engine.core.models import DEFAULT_TARGET_LAYERS, load_checkpoint, save_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.score import ScoreConfig, score_pool
 from xal_engine.jobs.select import BatchSelection, select_batch, write_batch
-from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, train
+from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, resolve_target_layer, train
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, Pool
 from xal_engine.store.files import jsonable as _jsonable
-from xal_engine.store.run_folder import RunWriter, run_config
+from xal_engine.store.run_folder import RunFolder, RunWriter, run_config
 from xal_engine.store.score_run import ScoreRun
 
 RETRAIN_MODES = ("scratch", "finetune")
@@ -222,7 +222,8 @@ class ALLoop:
         c, tc = self.config, self.config.train
         score_pool(self.pool_path, model_path, ScoreConfig(
             run=run_name, batch_size=c.score_batch_size, device=tc.device, threshold=c.threshold,
-            num_workers=tc.num_workers, targets="pred", overwrite=True), show_progress=self.show_progress)
+            num_workers=tc.num_workers, targets="pred", overwrite=True, threads=tc.threads),
+            show_progress=self.show_progress)
         t2 = time.perf_counter()
         row: dict[str, Any] = {"strategy": self.strategy, "seed": self.seed, "round": r,
                                "n_labelled": n_labelled, **evaluate_run(Pool.open(self.pool_path), run_name),
@@ -322,14 +323,48 @@ def check_pool(pool: Pool, config: LoopConfig) -> None:
 def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,
              overwrite: bool = False, log: Callable[[str], None] = _stderr,
              show_progress: bool | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows."""
+    """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows.
+    RUN_DIR/.lock is held throughout: a second process on the same run folder is refused."""
     pool = Pool.open(pool_path)
     check_pool(pool, config)
-    run_dir = RunWriter.prepare(out, config_record(pool_path, config), overwrite)
+    with RunFolder(out).lock():  # one process writes a run folder; released however the loop ends
+        recorded, config = _fix_target_layer(pool, out, config, overwrite)
+        return _run_experiments(pool_path, out, config, recorded, overwrite, log, show_progress)
+
+
+def _fix_target_layer(pool: Pool, out: str | Path, config: LoopConfig,
+                      overwrite: bool) -> tuple[LoopConfig, LoopConfig]:
+    """(the configuration config.json records, the one the rounds run with).
+
+    The Grad-CAM layer is fixed once per run from the pool's image size and recorded in config.json,
+    so every round (and a resumed run) uses the same one. A run folder begun before the layer was
+    recorded (``target_layer: null`` without --target-layer) used the architecture's last stage: it
+    resumes with that layer, and its config.json stays as it is.
+    """
+    if config.train.target_layer is not None:
+        return config, config
+    folder = RunFolder(out)
+    if not overwrite and folder.config_json.is_file():
+        train = folder.read_config().get("loop", {}).get("train", {})
+        if isinstance(train, dict) and "target_layer" in train and train["target_layer"] is None:
+            return config, replace(config, train=replace(config.train,
+                                                         target_layer=DEFAULT_TARGET_LAYERS[config.train.arch]))
+    layer = resolve_target_layer(pool, config.train, lambda _: None)
+    fixed = replace(config, train=replace(config.train, target_layer=layer.name))
+    return fixed, fixed
+
+
+def _run_experiments(pool_path: str | Path, out: str | Path, config: LoopConfig, recorded: LoopConfig,
+                     overwrite: bool, log: Callable[[str], None],
+                     show_progress: bool | None) -> list[dict[str, Any]]:
+    """The body of :func:`run_loop`, run folder locked; ``recorded`` is what config.json holds."""
+    run_dir = RunWriter.prepare(out, config_record(pool_path, recorded), overwrite)
     for seed in range(config.seeds):
         for strategy in config.strategies:
             loop = ALLoop(pool_path, run_dir, config, strategy, seed, log=log, show_progress=show_progress)
-            if loop.round:
+            if loop.finished:  # a rerun of a finished run: nothing is recomputed
+                log(f"{loop.experiment}: already complete (rounds 0..{config.rounds} recorded); nothing to run")
+            elif loop.round:
                 log(f"{loop.experiment}: resuming at round {loop.round} ({loop.round} complete)")
             while loop.step():
                 pass

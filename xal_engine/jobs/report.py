@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from xal_engine.errors import XalError
 from xal_engine.jobs.overlay import OverlayStyle, Panel, contact_sheet, save_figure
+from xal_engine.progress import plural
 from xal_engine.store.run_folder import RunFolder, count_selected, read_selected
 
 CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
@@ -38,8 +38,8 @@ TABLE_METRICS = {**CURVE_METRICS, "auroc": "AUROC", "test_soft_dice": "Test soft
 CURVES_PNG = "learning_curves.png"
 SHEETS_TITLE = "Last selected batches"
 SHEETS_KEY = ("Grad-CAM (jet) over each image, the expert ROI's contour in magenta; captions: id, predicted "
-              "class, H = predictive entropy (nats), Dice of the CAM thresholded at the run's threshold "
-              "with the ROI.")
+              "class and true class (where the pool knows it), H = predictive entropy (nats), Dice of the CAM "
+              "thresholded at the run's threshold with the ROI.")
 
 
 @dataclass(frozen=True)
@@ -235,10 +235,8 @@ def last_batch(run: RunData, strategy: str, seed: int) -> SheetSource | None:
 def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
                  threshold: float) -> list[Panel]:
     """Recompute the selecting model's Grad-CAM of the batch images; one captioned panel each."""
-    from xal_engine.core.inputs import resolve_device, to_unit_float
-    from xal_engine.core.models import load_checkpoint
-    from xal_engine.core.scoring import score_batch
-    from xal_engine.ops.reference import upsample_normalise
+    from xal_engine.jobs.batch_sheet import cam_panels, read_images, recompute_cams
+    from xal_engine.jobs.streaming import ScoreConfig
     from xal_engine.store import Pool
 
     index, ids = read_selected(source.selected, config.max_images)
@@ -247,39 +245,13 @@ def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
     pool = Pool.open(pool_path)
     if index.min() < 0 or index.max() >= pool.n:
         raise XalError(f"{source.selected}: index outside pool {pool.path} of {pool.n} images")
-    pool_ids = pool.take("ids", index).astype(object)
-    if list(pool_ids) != ids:
+    batch = read_images(pool, index)
+    if batch.ids != ids:
         raise XalError(f"{source.selected}: ids differ from pool {pool.path} at the listed indices "
                        "(was the pool rebuilt? pass the run's pool with --pool)")
-    images = pool.take("images", index)  # (n, C, H, W) pool dtype
-    rois = pool.take("rois", index)  # (n, H, W) bool
-    has_roi = pool.take("has_roi", index)  # (n,) bool
-    device = resolve_device(config.device)
-    model, ckpt = load_checkpoint(source.model, device=device)
-    if ckpt.in_channels != pool.channels:
-        raise XalError(f"checkpoint {source.model} reads {ckpt.in_channels} channel(s); pool {pool.path} "
-                       f"has {pool.channels}")
-    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")
-    maps, preds, entropy, dice = [], [], [], []
-    for a in range(0, len(index), config.batch_size):  # a few batches of one sheet
-        x = to_unit_float(torch.from_numpy(images[a:a + config.batch_size]).to(device), mean, std)
-        s = score_batch(model, ckpt.target_layer, x, rois=torch.from_numpy(rois[a:a + config.batch_size]),
-                        has_roi=torch.from_numpy(has_roi[a:a + config.batch_size]), threshold=threshold,
-                        return_cam=True)
-        assert s.cam is not None
-        maps.append(upsample_normalise(s.cam, (pool.height, pool.width)).cpu())  # (b, H, W) == S
-        preds.append(s.pred.cpu())
-        entropy.append(s.entropy.cpu())
-        dice.append(s.dice.cpu())
-    cam, pred = torch.cat(maps).numpy(), torch.cat(preds).numpy()
-    ent, dc = torch.cat(entropy).numpy(), torch.cat(dice).numpy()
-    panels = []
-    for i in range(len(index)):  # captions: a few dozen strings
-        d = "n/a (no ROI)" if math.isnan(float(dc[i])) else f"{dc[i]:.2f}"
-        caption = f"{ids[i]}\npred {ckpt.classes[int(pred[i])]}\nH {ent[i]:.2f}  Dice {d}"
-        panels.append(Panel(image=images[i], cam=cam[i], roi=rois[i] if has_roi[i] else None,
-                            caption=caption))
-    return panels
+    scoring = ScoreConfig(threshold=threshold, batch_size=config.batch_size, device=config.device, num_workers=0)
+    cams, ckpt = recompute_cams(source.model, pool, batch, scoring)
+    return cam_panels(batch, cams, ckpt.classes, pool.classes)
 
 
 # -------------------------------------------------------------------------------------- writing
@@ -358,7 +330,7 @@ def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfi
         model = "round-0 model" if source.round == 0 else \
             f"round-{source.round - 1} model (whose scores the selection used)"
         total = count_selected(source.selected)
-        shown = f"{len(panels)} image(s)" if len(panels) == total else \
+        shown = plural(len(panels), "image") if len(panels) == total else \
             f"the first {len(panels)} of {total} images in rank order"
         caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), Grad-CAM of the {model}"
         name = f"contact_{strategy}.png"
@@ -391,7 +363,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | 
     planned = run.config.get("rounds")
     seeds = run.config.get("seeds", sorted(set(run.seed.tolist())))
     facts = [f"run: {run.path}", f"pool: {pool_path}", f"architecture: {run.config.get('arch', '?')}",
-             f"strategies: {', '.join(run.strategies)}", f"seeds: {', '.join(str(s) for s in seeds)}",
+             f"strategies: {', '.join(run.strategies)}",
+             f"{plural(len(seeds), 'seed')} ({', '.join(str(s) for s in seeds)})",  # not "seeds: 0"
              f"rounds planned: {planned if planned is not None else '?'}",
              f"rows in metrics.csv: {len(run.strategy)}",
              "statistics: mean ± sample std (ddof 1) across seeds; no ± with one seed"]

@@ -9,25 +9,30 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from xal_engine.core.inputs import resolve_device
+from xal_engine.jobs.runtime import torch_threads
 from xal_engine.jobs.streaming import (
     ScoreConfig,
     UnitWriter,
+    fit_target_layer,
     load_scoring_model,
     open_run,
     plan_run,
     score_and_store,
 )
-from xal_engine.progress import progress
+from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
 from xal_engine.store.dataset import UnitRanges
+from xal_engine.store.locks import LockFile, score_lock_path
 
 __all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
 
@@ -47,9 +52,11 @@ class ScoreSummary:
 
     def line(self) -> str:
         state = "complete" if self.complete else "incomplete (other shards pending)"
+        dice = "n/a" if math.isnan(self.mean_dice) else f"{self.mean_dice:.4f}"  # NaN: no image with an ROI
         return (
-            f"scored {self.images} images in {self.seconds:.1f} s ({self.images_per_s:.1f} img/s), "
-            f"mean Dice {self.mean_dice:.4f}; {self.units_already_done} units were already done; "
+            f"scored {plural(self.images, 'image')} in {self.seconds:.1f} s ({self.images_per_s:.1f} img/s), "
+            f"mean Dice {dice}; {plural(self.units_already_done, 'unit')} "
+            f"{'was' if self.units_already_done == 1 else 'were'} already done; "
             f"run {self.run!r} {state}"
         )
 
@@ -72,13 +79,35 @@ def unit_loader(pool: Pool, items: list[list[tuple[int, int, int]]], with_labels
     )
 
 
+def stop_workers(items: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's worker processes now: after an interrupt the iterator lives on in
+    the traceback, and its workers would linger until their parent-death check fires."""
+    shutdown = getattr(items, "_shutdown_workers", None)  # multiprocess iterators only
+    if shutdown is not None:
+        shutdown()
+
+
 def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfig,
                show_progress: bool | None = None) -> ScoreSummary:
-    """Score every pending work unit of this shard of run `config.run`; returns the summary."""
+    """Score every pending work unit of this shard of run `config.run`; returns the summary.
+
+    The shard's lock file (:func:`~xal_engine.store.locks.score_lock_path`) is held throughout: a
+    second process scoring the same shard is refused. An interrupt (KeyboardInterrupt; the CLI turns
+    SIGTERM into one) stops the loader workers, stores the units already scored and marks them done.
+    """
     device = resolve_device(config.device)
     model_path = Path(model_path)
     pool = Pool.open(pool_path, mode="r+")
+    lock = LockFile(score_lock_path(pool.path, config.run, config.shard_id, config.num_shards),
+                    f"score run {config.run!r} shard {config.shard_id}/{config.num_shards} of pool {pool.path}")
+    with lock, torch_threads(config.threads):
+        return _score_locked(pool, model_path, config, device, show_progress)
+
+
+def _score_locked(pool: Pool, model_path: Path, config: ScoreConfig, device: torch.device,
+                  show_progress: bool | None) -> ScoreSummary:
     model, ckpt = load_scoring_model(model_path, device)
+    ckpt = fit_target_layer(model, ckpt, pool, model_path, config)  # --target-layer, size checks
     plan = plan_run(pool, model_path, ckpt, config)
     run, n_images = plan.run, plan.n_images
     loader = unit_loader(pool, plan.items, config.targets == "label", config.num_workers, device)
@@ -86,13 +115,14 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
     writer = UnitWriter(run)
     t0 = time.perf_counter()
     bar = progress(n_images, desc=f"score {config.run}", enabled=show_progress)
+    items = iter(loader)
     try:
-        for _, _, host in score_and_store(model, ckpt, loader, config, device, writer):
+        for _, _, host in score_and_store(model, ckpt, items, config, device, writer, on_batch=bar.update):
             finite = np.isfinite(host.dice)
             dice_sum += float(host.dice[finite].sum())
             dice_count += int(finite.sum())
-            bar.update(host.pred.shape[0])
     finally:
+        stop_workers(items)
         bar.close()
         writer.close()
     seconds = time.perf_counter() - t0

@@ -86,8 +86,16 @@ from xal_engine.core.inputs import resolve_device
 from xal_engine.core.models import load_checkpoint
 from xal_engine.errors import XalError
 from xal_engine.jobs.score import ScoreSummary
-from xal_engine.jobs.streaming import ScoreConfig, UnitWriter, load_scoring_model, plan_run, score_and_store
-from xal_engine.progress import progress
+from xal_engine.jobs.streaming import (
+    ScoreConfig,
+    UnitWriter,
+    fit_target_layer,
+    load_scoring_model,
+    plan_run,
+    score_and_store,
+    with_target_layer,
+)
+from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
 from xal_engine.store.dataset import UnitRanges
 from xal_engine.store.score_run import ScoreRun
@@ -130,7 +138,7 @@ class RayScoreSummary(ScoreSummary):
 
     def line(self) -> str:
         rates = ", ".join(f"{w.images_per_s:.1f}" for w in self.workers)
-        return super().line() + (f"; {len(self.workers)} workers at {rates} img/s" if self.workers else "")
+        return super().line() + (f"; {plural(len(self.workers), 'worker')} at {rates} img/s" if self.workers else "")
 
 
 class ScorerActor:
@@ -144,7 +152,8 @@ class ScorerActor:
         self.error = ""
         try:
             self.device = resolve_device(device)
-            self.model, self.ckpt = load_scoring_model(Path(model_path), self.device)
+            self.model, ckpt = load_scoring_model(Path(model_path), self.device)
+            self.ckpt = with_target_layer(ckpt, config)  # checked by the driver (fit_target_layer)
             pool = Pool.open(pool_path, mode="r+")
             self.run = ScoreRun.open(pool.group, config.run)
             self.blocks = UnitRanges(pool, [], with_labels=config.targets == "label")
@@ -217,7 +226,8 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
     ray = import_ray()
     model_path = Path(model_path).resolve()
     pool = Pool.open(Path(pool_path).resolve(), mode="r+")
-    _, ckpt = load_checkpoint(model_path)  # metadata for the checks and the fingerprint
+    model, ckpt = load_checkpoint(model_path)  # metadata and a shape probe for the checks, the fingerprint
+    ckpt = fit_target_layer(model, ckpt, pool, model_path, config)
     plan = plan_run(pool, model_path, ckpt, config)  # the run exists before any actor starts
     run, groups, n_images = plan.run, plan.items, plan.n_images  # groups: the local scorer's batches
     t0 = time.perf_counter()

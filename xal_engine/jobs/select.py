@@ -9,7 +9,6 @@ number of the run) with a JSON sidecar holding the selection config, both writte
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import numpy as np
 from xal_engine.core.acquisition import RunScores, SelectConfig, select
 from xal_engine.core.fields import FIELDS
 from xal_engine.errors import XalError
+from xal_engine.progress import plural
 from xal_engine.store import SPLIT_TRAIN, Pool
-from xal_engine.store.files import atomic_write
+from xal_engine.store.files import atomic_write, atomic_write_text, dumps_json
 from xal_engine.store.score_run import ScoreRun
 
 # The batch CSV: rank and identity, the acquisition score, every scalar result field (the predicted
@@ -38,6 +38,18 @@ class BatchSelection:
     run: str
     experiment: str | None
     n_candidates: int
+
+    def line(self, out: str | Path) -> str:
+        """The one-line summary of ``select``; it says when --budget was more than could be selected."""
+        n, budget = len(self.rows), self.config.budget
+        candidates = plural(self.n_candidates, "candidate")
+        if n >= budget:
+            head = f"selected {n} of {candidates}"
+        elif n == self.n_candidates:
+            head = f"budget {budget} > {candidates}: selected {n}"
+        else:  # --missing-roi skip leaves fewer eligible images than candidates
+            head = f"budget {budget} > {n} eligible of {candidates}: selected {n}"
+        return f"{head} by {self.config.strategy} (balance {self.config.balance}) -> {out}"
 
 
 def labelled_mask(pool: Pool, experiment: str | None) -> np.ndarray:
@@ -103,7 +115,7 @@ def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Pat
     }
     sidecar = out.with_name(out.name + ".json")
     atomic_write(out, lambda f: _write_csv(f, selection.rows))
-    atomic_write(sidecar, lambda f: json.dump(meta, f, indent=2))
+    atomic_write_text(sidecar, dumps_json(meta, indent=2) + "\n")
     return out, sidecar
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from xal_engine import __version__
 from xal_engine.core import fields
 from xal_engine.core.fields import BatchScores
 from xal_engine.core.inputs import to_unit_float
-from xal_engine.core.models import Checkpoint, load_checkpoint
+from xal_engine.core.models import (
+    Checkpoint,
+    check_layer_name,
+    choose_target_layer,
+    feature_map_sizes,
+    layer_choice,
+    load_checkpoint,
+)
 from xal_engine.core.scoring import score_batch
 from xal_engine.errors import XalError
 from xal_engine.ops import BACKENDS
@@ -49,9 +57,14 @@ class ScoreConfig:
     targets: str = "pred"  # Grad-CAM target: predicted class, or the known label where there is one
     overwrite: bool = False
     kernel: str = "auto"  # gradcam_dice implementation: auto | triton | torch (not the execution backend)
+    save_cams: bool = False  # also store the low-resolution CAM N (h, w) per image as scores/<run>/cam
+    target_layer: str | None = None  # Grad-CAM layer in place of the checkpoint's (--target-layer)
+    threads: int | None = None  # torch intra-op threads of a local run; None: the process's setting
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
+        if self.threads is not None and self.threads < 1:
+            raise XalError(f"--threads must be at least 1, got {self.threads}")
         if self.batch_size < 1:
             raise XalError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -155,10 +168,59 @@ def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn
     return model.to(memory_format=torch.channels_last), ckpt
 
 
+def with_target_layer(ckpt: Checkpoint, config: ScoreConfig) -> Checkpoint:
+    """``ckpt`` with ``config.target_layer`` (when set) as its Grad-CAM layer: the layer a run scores at."""
+    return ckpt if config.target_layer is None else replace(ckpt, target_layer=config.target_layer)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def fit_target_layer(model: torch.nn.Module, ckpt: Checkpoint, pool: Pool, model_path: Path,
+                     config: ScoreConfig, log: Callable[[str], None] = _stderr) -> Checkpoint:
+    """The checkpoint as the run scores with it (:func:`with_target_layer`), its layer's map at the
+    pool's (C, H, W) read off a shape probe of ``model``.
+
+    A line to ``log`` names an overriding layer and its map; a warning when the pool's image size is
+    not the training size (both sizes, the map at each) or when the map is 1x1 (a constant Grad-CAM);
+    an XalError when both: a model trained at another size whose layer collapses to 1x1 here.
+    """
+    check_model_fits_pool(ckpt, pool, model_path)  # the channel count, before a probe at that count
+    if config.target_layer is not None:
+        check_layer_name(model, ckpt.arch, config.target_layer)
+    scored = with_target_layer(ckpt, config)
+    shape = (pool.channels, pool.height, pool.width)
+    here = layer_choice(model, scored.target_layer, shape)
+    at = f"{'x'.join(map(str, shape))} images"
+    if config.target_layer is not None:
+        log(f"target layer {here.describe()} at {at} (--target-layer; the checkpoint's is {ckpt.target_layer})")
+    trained = ckpt.image_size
+    if trained is not None and trained != shape:
+        was = f"{'x'.join(map(str, trained))} images"
+        if here.size == (1, 1):
+            best = choose_target_layer(model, ckpt.arch, shape)
+            hint = (f"pass --target-layer {best.name} ({best.size[0]}x{best.size[1]} map here)"
+                    if best.size != (1, 1) else "score a pool of the training size")
+            raise XalError(f"model {model_path} was trained on {was}; at pool {pool.path}'s {at} its target "
+                           f"layer {scored.target_layer} gives a 1x1 map (a constant Grad-CAM, every hard Dice "
+                           f"0); {hint}")
+        then = (f", {ckpt.target_map[0]}x{ckpt.target_map[1]} map"
+                if ckpt.target_map is not None and scored.target_layer == ckpt.target_layer else "")
+        log(f"warning: model {model_path} was trained on {was} ({ckpt.target_layer}{then}); pool "
+            f"{pool.path} has {at}: target layer {here.describe()}")
+    elif here.size == (1, 1):
+        log(f"warning: target layer {scored.target_layer} gives a 1x1 map at {at}: its Grad-CAM is constant "
+            "and every hard Dice 0; pass --target-layer with a shallower layer")
+    return scored
+
+
 def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> ScoreRun:
     """Check the model against the pool, then create or resume run `config.run`.
 
     The fingerprint decides whether two invocations (local, sharded or distributed) are the same run.
+    Its ``target_layer`` is the layer scored at (``ckpt`` as :func:`fit_target_layer` returns it): a
+    ``--target-layer`` other than the checkpoint's makes another run; without one it is unchanged.
     """
     check_model_fits_pool(ckpt, pool, model_path)
     if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
@@ -172,6 +234,8 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
         "targets": config.targets,
         "n_images": pool.n,
     }
+    if config.save_cams:  # only when set, so that runs made without it keep their fingerprint
+        fingerprint["save_cams"] = True
     attrs = {
         "model": str(model_path),
         "classes": list(ckpt.classes),
@@ -182,7 +246,16 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     return ScoreRun.create_or_resume(
         pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
         fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
+        cam_shape=cam_shape(model_path, ckpt, pool) if config.save_cams else None,
     )
+
+
+def cam_shape(model_path: Path, ckpt: Checkpoint, pool: Pool) -> tuple[int, int]:
+    """(h, w) of the low-resolution CAM of this model on the pool's images: the target layer's
+    feature map, probed on the CPU (a run's arrays are created before any batch)."""
+    model, _ = load_checkpoint(model_path, device="cpu")
+    shape = (pool.channels, pool.height, pool.width)
+    return feature_map_sizes(model, [ckpt.target_layer], shape)[ckpt.target_layer]
 
 
 @dataclass(frozen=True)
@@ -207,15 +280,17 @@ def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
 
 
 def score_and_store(model: torch.nn.Module, ckpt: Checkpoint, items: Iterable[dict[str, Any]],
-                    config: ScoreConfig, device: torch.device,
-                    writer: UnitWriter) -> Iterator[tuple[list[int], list[list[int]], UnitResult]]:
+                    config: ScoreConfig, device: torch.device, writer: UnitWriter,
+                    on_batch: Callable[[int], object] | None = None,
+                    ) -> Iterator[tuple[list[int], list[list[int]], UnitResult]]:
     """Score loader items (``UnitRanges`` items) in order and queue each unit's rows on ``writer``.
 
     Yields (units, bounds, host results) per item once its units are queued; the caller closes the
-    writer, after which every yielded unit is stored and marked done.
+    writer, after which every yielded unit is stored and marked done. ``on_batch(n)`` follows each
+    scored batch of n images (an item may be one chunk of many batches): a progress bar's ``update``.
     """
     for item in to_device(items, device):
-        host = score_item(model, ckpt, item, config, device)
+        host = score_item(model, ckpt, item, config, device, on_batch)
         units, bounds = item["units"].tolist(), item["bounds"].tolist()
         for unit, (a, b) in zip(units, bounds):
             writer.put(unit, host.rows(a, b))
@@ -223,13 +298,16 @@ def score_and_store(model: torch.nn.Module, ckpt: Checkpoint, items: Iterable[di
 
 
 def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
-               device: torch.device) -> UnitResult:
+               device: torch.device, on_batch: Callable[[int], object] | None = None) -> UnitResult:
     """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
-    is whole chunks and may hold more); one device→host copy per batch."""
+    is whole chunks and may hold more); one device→host copy per batch, then ``on_batch(images)``."""
     n = item["images"].shape[0]
-    parts = [score_images(model, ckpt, {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item},
-                          config, device)
-             for a in range(0, n, config.batch_size)]
+    parts = []
+    for a in range(0, n, config.batch_size):
+        batch = {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item}
+        parts.append(score_images(model, ckpt, batch, config, device))
+        if on_batch is not None:
+            on_batch(parts[-1].pred.shape[0])
     return fields.concat(parts)
 
 
@@ -239,6 +317,13 @@ BATCH_KEYS = ("images", "rois", "has_roi", "labels")
 def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
                  device: torch.device) -> UnitResult:
     """One batch: forward, backward to the target layer, fused kernel, one device→host copy."""
+    return _to_host(device_scores(model, ckpt, batch, config, device))
+
+
+def device_scores(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
+                  device: torch.device) -> BatchScores:
+    """One batch's results on the device, the low-resolution CAM (B, h, w) fp32 among them with
+    ``config.save_cams``."""
     targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
     mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
     images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
@@ -246,9 +331,9 @@ def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any]
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         scores = score_batch(
             model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
-            targets=targets, threshold=config.threshold, backend=config.kernel,
+            targets=targets, threshold=config.threshold, backend=config.kernel, return_cam=config.save_cams,
         )
-    return _to_host(scores)
+    return scores
 
 
 def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
@@ -280,5 +365,6 @@ def _label_or_prediction(labels: torch.Tensor):
 
 
 def _to_host(scores: BatchScores) -> UnitResult:
-    """Every per-image result in one (B, F) fp32 tensor: a single device→host copy."""
-    return fields.unpack(fields.pack(scores).cpu().numpy())
+    """Every per-image result (the CAM too, when computed) in one (B, F) fp32 tensor: a single
+    device→host copy."""
+    return fields.unpack(fields.pack(scores).cpu().numpy(), fields.Layout.of(scores))

@@ -27,8 +27,19 @@ from torch import nn
 from xal_engine.core.augment import AugmentConfig, augment_batch
 from xal_engine.core.explanation import ExplanationTerm
 from xal_engine.core.inputs import resolve_device, to_unit_float
-from xal_engine.core.models import DEFAULT_TARGET_LAYERS, Checkpoint, build_model, parse_arch, resolve_layer
+from xal_engine.core.models import (
+    MIN_TARGET_MAP,
+    Checkpoint,
+    LayerChoice,
+    build_model,
+    check_layer_name,
+    choose_target_layer,
+    layer_choice,
+    parse_arch,
+    resolve_layer,
+)
 from xal_engine.errors import XalError
+from xal_engine.jobs.runtime import torch_threads
 from xal_engine.progress import progress
 from xal_engine.store import SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.store.dataset import (
@@ -58,12 +69,13 @@ class TrainConfig:
     recalibrate_bn: bool = True  # exact batch-norm statistics after each epoch (see _Trainer)
     num_workers: int = 2  # DataLoader worker processes decoding blocks
     labelled_only: str | None = None  # AL experiment whose labelled images are the training set
-    target_layer: str | None = None  # Grad-CAM layer stored in the checkpoint; None: per-arch default
+    target_layer: str | None = None  # Grad-CAM layer stored in the checkpoint; None: chosen by pick_target_layer
     normalize_mean: tuple[float, ...] | None = None  # applied after scaling to [0, 1]
     normalize_std: tuple[float, ...] | None = None
     shuffle_buffer: int = 256  # images shuffled together (blocks are shuffled as wholes)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     explanation_weight: float = 0.0  # W: adds W·(1 − soft Dice(Grad-CAM, ROI)) on images with an ROI
+    threads: int | None = None  # torch intra-op threads while training; None: the process's setting
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,8 @@ def parse_config(config: TrainConfig) -> TrainConfig:
               ("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
               ("num_workers", config.num_workers >= 0, ">= 0"),
               ("shuffle_buffer", config.shuffle_buffer >= 0, ">= 0"),
-              ("explanation_weight", config.explanation_weight >= 0, ">= 0")]
+              ("explanation_weight", config.explanation_weight >= 0, ">= 0"),
+              ("threads", config.threads is None or config.threads >= 1, ">= 1")]
     for name, ok, expected in checks:
         if not ok:
             raise XalError(f"{name} must be {expected}, got {getattr(config, name)}")
@@ -108,7 +121,36 @@ def check_target_layer(config: TrainConfig) -> None:
     """An XalError before any work when ``config.target_layer`` is not a layer of ``config.arch``
     (checked on a throwaway model: layer names do not depend on the class or channel count)."""
     if config.target_layer is not None:
-        resolve_layer(build_model(config.arch, 2, 1), config.target_layer)
+        check_layer_name(build_model(config.arch, 2, 1), config.arch, config.target_layer)
+
+
+def pick_target_layer(model: nn.Module, config: TrainConfig, image_shape: tuple[int, int, int],
+                      log: Callable[[str], None]) -> LayerChoice:
+    """``config.target_layer`` with its map at ``image_shape`` (C, H, W), or when None the deepest
+    candidate of the arch whose map is at least MIN_TARGET_MAP on both sides (a shape probe of
+    ``model``: :func:`~xal_engine.core.models.choose_target_layer`). A warning line to ``log`` when no
+    candidate reaches the minimum, or a given layer's map is 1x1 (the choice itself is in the
+    checkpoint and the summary)."""
+    shape = "x".join(map(str, image_shape))
+    if config.target_layer is not None:
+        check_layer_name(model, config.arch, config.target_layer)
+        choice = layer_choice(model, config.target_layer, image_shape)
+        if choice.size == (1, 1):
+            log(f"warning: target layer {choice.name} gives a 1x1 map at {shape} images: its Grad-CAM is "
+                "constant and every hard Dice 0; choose a shallower layer")
+        return choice
+    choice = choose_target_layer(model, config.arch, image_shape)
+    if not choice.reaches_min:
+        log(f"warning: no {config.arch} stage gives a map of at least {MIN_TARGET_MAP}x{MIN_TARGET_MAP} at "
+            f"{shape} images; target layer {choice.describe()}, the largest")
+    return choice
+
+
+def resolve_target_layer(pool: Pool, config: TrainConfig, log: Callable[[str], None]) -> LayerChoice:
+    """:func:`pick_target_layer` for ``pool``'s image size on a throwaway model (layer shapes do not
+    depend on the weights or the class count), before any training."""
+    model = build_model(config.arch, 2, pool.channels)
+    return pick_target_layer(model, config, (pool.channels, pool.height, pool.width), log)
 
 
 def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
@@ -280,10 +322,19 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
     ``log`` receives one metrics line per epoch (and warnings); a progress bar shows images/s on an
     interactive stderr. ``config.explanation_weight`` W > 0 adds W·(1 − soft Dice(Grad-CAM, ROI)) of
     the true class on training images with an ROI (:mod:`xal_engine.core.explanation`).
+    ``config.threads``: torch's intra-op threads while training (None: the process's setting).
     """
+    with torch_threads(config.threads):
+        return _train(pool, config, pretrained=pretrained, show_progress=show_progress, log=log,
+                      initial_state=initial_state)
+
+
+def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | Path | None = None,
+           show_progress: bool | None = None, log: Callable[[str], None] = _stderr,
+           initial_state: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
+    """The body of :func:`train`, under its thread setting."""
     config, device = check_inputs(pool, config)
     k = len(pool.classes)
-    target_layer = config.target_layer or DEFAULT_TARGET_LAYERS[config.arch]
     train_idx, val_idx, labels = training_indices(pool, config)
     weights = class_weights(labels[train_idx], k) if config.class_weighting else None
     selected_by = "val_balanced_accuracy" if len(val_idx) else "train_loss"
@@ -299,7 +350,9 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
         except RuntimeError as err:
             raise XalError(f"initial weights do not fit {config.arch} with {k} classes and {pool.channels} "
                            f"channel(s): {str(err).splitlines()[0]}") from None
-    resolve_layer(model, target_layer)
+    # The Grad-CAM layer (explanation loss, checkpoint): a shape probe at the pool's (C, H, W).
+    layer = pick_target_layer(model, config, (pool.channels, pool.height, pool.width), log)
+    target_layer = layer.name
     trainer = _Trainer(pool, config, model, device, weights, show_progress, target_layer)
 
     train_ds = BlockDataset(pool, train_idx)
@@ -349,7 +402,7 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
     config_dict = asdict(config)
     info = Checkpoint(
         arch=config.arch, num_classes=k, in_channels=pool.channels, classes=tuple(pool.classes),
-        target_layer=target_layer, config=config_dict,
+        target_layer=target_layer, target_map=layer.size, config=config_dict,
         pool={"path": str(pool.path), "fingerprint": pool_fingerprint(pool, train_idx, val_idx),
               "height": pool.height, "width": pool.width, "image_dtype": str(pool.image_dtype)},
         metrics=metrics)

@@ -1,28 +1,48 @@
-"""The state of one active-learning experiment in a pool, under ``al/<experiment>/``.
+"""The state of one active-learning experiment in a pool, under ``al/<experiment>/``, and the history
+of label imports that makes each one undoable, under ``labels_history/``.
 
-    labelled_round  (N,) int16, fill -1   the AL round each image was labelled in, -1 = not labelled
-    attributes                            what the AL loop records (strategy, seed, run folder, config)
-                                          and ``imports``: one record per label import
+    al/<experiment>/
+        labelled_round  (N,) int16, fill -1   the AL round each image was labelled in, -1 = not labelled
+        attributes                            what the AL loop records (strategy, seed, run folder, config)
+                                              and ``imports``: one record per label import of the experiment
+    labels_history/                           attribute ``imports``: one record per label import of the
+                                              pool (with or without an experiment), numbered 1, 2, ...
+        <number>/                             what that import replaced, for the rows it wrote:
+            index           (n,) int64        rows whose label was written, sorted
+            labels          (n,) int16        their labels before
+            roi_index       (m,) int64        rows that received a mask, sorted (a subset of index)
+            has_roi         (m,) bool         their has_roi before
+            rois            (m, H, W) bool    their masks before
+            round_index     (k,) int64        rows marked by the experiment, sorted (k = 0 without one)
+            labelled_round  (k,) int16        their rounds before
+            attribute ``round_chunks_created``: chunks of labelled_round the import created
 
-The group and its array are created by the first label import or loop round; ``Pool.open(path, "r+")``
-is needed to write.
+The history arrays are chunked along their first axis like the pool's arrays and blosc + CRC32C
+compressed. Imports are numbered pool-wide because experiments share ``labels``/``rois``: undoing
+one import must not put back a label a later import (of any experiment) wrote.
+
+The experiment group and its array are created by the first label import or loop round;
+``Pool.open(path, "r+")`` is needed to write.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from xal_engine.errors import PoolError
-from xal_engine.store.format import AL_GROUP, LABELLED_ROUND, compressors, write_rows
+from xal_engine.store.format import AL_GROUP, LABELLED_ROUND, LABELS_HISTORY, compressors, write_rows
 
 if TYPE_CHECKING:
     from xal_engine.store.pool import Pool
 
-IMPORTS_ATTR = "imports"  # list of {"file", "round", "n_new", "time"}, oldest first
+IMPORTS_ATTR = "imports"  # list of import records (dicts), oldest first
+ROUND_CHUNKS_ATTR = "round_chunks_created"
 
 
 class ALExperiment:
@@ -76,6 +96,45 @@ class ALExperiment:
             node = self.create_labelled_round()
         return write_rows(node, index, rounds)
 
+    def missing_chunks(self, index: np.ndarray) -> list[int]:
+        """Chunks of ``labelled_round`` holding rows ``index`` ((n,) positions) that are not stored yet
+        (all of them for a new experiment), ascending."""
+        chunks = np.unique(np.asarray(index, dtype=np.int64) // self.pool.chunk_size).tolist()
+        node = self.labelled_round_array()
+        if node is None:
+            return chunks
+        store, encode = node.store, node.metadata.encode_chunk_key
+        return [c for c in chunks if not sync(store.exists(f"{node.path}/{encode((c,))}"))]
+
+    def restore_labelled_round(self, index: np.ndarray, rounds: np.ndarray, created: list[int]) -> int:
+        """Put back ``labelled_round[index] = rounds`` ((n,) sorted unique positions, (n,) int16) as
+        they were before an import; chunks in ``created`` (made by that import) are removed again when
+        they are back to all -1, so the stored chunks are the ones that were there. Returns the count
+        of chunks rewritten or removed."""
+        node = self.labelled_round_array()
+        if node is None:
+            if len(index):
+                raise PoolError(f"pool {self.pool.path}: {self.key}/{LABELLED_ROUND} is missing; "
+                                f"expected the rounds of the import being undone")
+            return 0
+        index = np.asarray(index, dtype=np.int64)
+        fresh = np.isin(index // self.pool.chunk_size, created)  # (n,) rows in chunks the import made
+        dropping = node.with_config({"write_empty_chunks": False})  # an all -1 chunk is deleted
+        if fresh.any():
+            dropping.oindex[index[fresh]] = rounds[fresh]
+        return write_rows(node, index[~fresh], rounds[~fresh]) + len(np.unique(index[fresh] // node.chunks[0]))
+
+    def mark_import_undone(self, number: int, when: str) -> None:
+        """Set ``undone`` on this experiment's record of pool import ``number`` (no-op without one)."""
+        node = self.pool.group.get(self.key)
+        if not isinstance(node, zarr.Group):
+            return
+        imports = [dict(r) for r in node.attrs.get(IMPORTS_ATTR, [])]
+        for record in imports:
+            if record.get("import") == number:
+                record["undone"] = when
+        node.attrs[IMPORTS_ATTR] = imports
+
     def attrs(self) -> dict[str, Any]:
         """The experiment's attributes; {} when it does not exist yet."""
         node = self.pool.group.get(self.key)
@@ -98,3 +157,124 @@ class ALExperiment:
             raise PoolError(f"pool {self.pool.path} has no AL experiment {self.name!r} "
                             f"(group {self.key} missing)")
         return node
+
+
+@dataclass(frozen=True)
+class PreviousValues:
+    """What one label import replaced, for the rows it wrote: enough to put them back."""
+
+    index: np.ndarray  # (n,) int64 rows whose label was written, sorted
+    labels: np.ndarray  # (n,) int16 their labels before
+    roi_index: np.ndarray  # (m,) int64 rows that received a mask, sorted
+    has_roi: np.ndarray  # (m,) bool their has_roi before
+    rois: np.ndarray  # (m, H, W) bool their masks before
+    round_index: np.ndarray  # (k,) int64 rows marked by the experiment, sorted; (0,) without one
+    labelled_round: np.ndarray  # (k,) int16 their rounds before, -1 = not labelled
+    round_chunks_created: list[int]  # chunks of labelled_round the import created (removed on undo)
+
+
+# array name -> (dtype, shape after the first axis is "", "hw" for (H, W))
+_HISTORY_ARRAYS: dict[str, tuple[np.dtype, str]] = {
+    "index": (np.dtype(np.int64), ""), "labels": (np.dtype(np.int16), ""),
+    "roi_index": (np.dtype(np.int64), ""), "has_roi": (np.dtype(bool), ""),
+    "rois": (np.dtype(bool), "hw"), "round_index": (np.dtype(np.int64), ""),
+    "labelled_round": (np.dtype(np.int16), ""),
+}
+_SAME_LENGTH = (("index", "labels"), ("roi_index", "has_roi"), ("roi_index", "rois"),
+                ("round_index", "labelled_round"))
+
+
+class LabelsHistory:
+    """``labels_history/`` of ``pool``: the import records and what each import replaced."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def records(self) -> list[dict[str, Any]]:
+        """The import records, oldest first ([] before the first import); checked to be numbered
+        1, 2, ... with a ``history`` key."""
+        node = self.pool.group.get(LABELS_HISTORY)
+        if node is None:
+            return []
+        where = f"pool {self.pool.path}: {LABELS_HISTORY}"
+        if not isinstance(node, zarr.Group):
+            raise PoolError(f"{where} is not a group; expected the label import history")
+        records = node.attrs.get(IMPORTS_ATTR, [])
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and r.get("number") == i + 1 and isinstance(r.get("history"), str)
+                for i, r in enumerate(records)):
+            raise PoolError(f"{where}: attribute '{IMPORTS_ATTR}' is not a list of import records "
+                            "numbered 1, 2, ... with a 'history' key")
+        return [dict(r) for r in records]
+
+    def key(self, number: int) -> str:
+        return f"{LABELS_HISTORY}/{number}"
+
+    def write(self, number: int, previous: PreviousValues) -> str:
+        """Store ``previous`` as ``labels_history/<number>/`` (replacing a leftover group of that number
+        from an import that never recorded itself); returns its key."""
+        pool = self.pool
+        group = pool.group.require_group(LABELS_HISTORY).create_group(str(number), overwrite=True)
+        for name, (dtype, tail) in _HISTORY_ARRAYS.items():
+            values = np.asarray(getattr(previous, name), dtype=dtype)
+            inner = (pool.height, pool.width) if tail else ()
+            array = group.create_array(name, shape=values.shape, chunks=(pool.chunk_size, *inner), dtype=dtype,
+                                       fill_value=0, compressors=compressors(dtype, "lz4", 5))
+            if len(values):
+                array[...] = values
+        group.attrs[ROUND_CHUNKS_ATTR] = [int(c) for c in previous.round_chunks_created]
+        return self.key(number)
+
+    def _group(self, number: int) -> zarr.Group:
+        group = self.pool.group.get(self.key(number))
+        if not isinstance(group, zarr.Group):
+            raise PoolError(f"pool {self.pool.path}: {self.key(number)} is missing; expected what import "
+                            f"{number} replaced")
+        return group
+
+    def _decode(self, group: zarr.Group, name: str) -> np.ndarray:
+        """``labels_history/<number>/<name>`` decoded, its dtype and trailing shape checked."""
+        pool = self.pool
+        dtype, tail = _HISTORY_ARRAYS[name]
+        node = group.get(name)
+        inner = (pool.height, pool.width) if tail else ()
+        where = f"pool {pool.path}: {group.path}/{name}"
+        if not isinstance(node, zarr.Array) or node.dtype != dtype or node.shape[1:] != inner:
+            raise PoolError(f"{where} is not an (n{', H, W' if tail else ''},) {dtype} array")
+        try:
+            return np.asarray(node[...])
+        except Exception as err:  # checksum or blosc failure: a damaged history chunk
+            raise PoolError(f"{where} cannot be decoded ({type(err).__name__}: {err})") from err
+
+    def written_rows(self, number: int) -> np.ndarray:
+        """(n,) int64: the rows import ``number`` wrote (sorted)."""
+        return self._decode(self._group(number), "index")
+
+    def read(self, number: int) -> PreviousValues:
+        """``labels_history/<number>/``, every array decoded and checked against the pool."""
+        pool = self.pool
+        group = self._group(number)
+        where = f"pool {pool.path}: {group.path}"
+        values = {name: self._decode(group, name) for name in _HISTORY_ARRAYS}
+        for a, b in _SAME_LENGTH:
+            if len(values[a]) != len(values[b]):
+                raise PoolError(f"{where}: {a} has {len(values[a])} rows but {b} {len(values[b])}")
+        for name in ("index", "roi_index", "round_index"):
+            rows = values[name]
+            if len(rows) and (rows[0] < 0 or rows[-1] >= pool.n or (np.diff(rows) <= 0).any()):
+                raise PoolError(f"{where}/{name} is not sorted unique positions 0..{pool.n - 1}")
+        created = group.attrs.get(ROUND_CHUNKS_ATTR)
+        if not isinstance(created, list) or not all(type(c) is int for c in created):
+            raise PoolError(f"{where}: attribute '{ROUND_CHUNKS_ATTR}' is not a list of chunk numbers")
+        return PreviousValues(**values, round_chunks_created=created)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` (its ``number`` the next one) to ``labels_history``'s ``imports``."""
+        group = self.pool.group.require_group(LABELS_HISTORY)
+        group.attrs[IMPORTS_ATTR] = [*self.records(), dict(record)]
+
+    def mark_undone(self, number: int, when: str) -> None:
+        """Set ``undone`` on the record of import ``number``."""
+        records = self.records()
+        records[number - 1]["undone"] = when
+        self.pool.group.require_group(LABELS_HISTORY).attrs[IMPORTS_ATTR] = records

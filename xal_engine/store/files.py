@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere it can only be read by setting
+    it, and os.umask(0) then restoring it is not thread-safe (a file another thread creates meanwhile gets
+    mode 0666), so that is the fallback only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write: Callable[[TextIO], object]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path`` (all or
-    nothing)."""
+    nothing). The file gets the mode a plain ``open(path, "w")`` would give it: an existing file's mode,
+    else 0666 less the umask (mkstemp alone would make it 0600)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w", newline="") as f:
             write(f)
         os.replace(tmp, path)
@@ -28,6 +54,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or ±inf float (numpy's too), at any depth of dicts, lists and tuples,
+    replaced by None: strict JSON has no non-finite numbers."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``value`` as strict JSON (non-finite numbers as null); ``kwargs`` as json.dumps'."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def jsonable(value: Any) -> Any:
-    """``value`` as JSON gives it back: plain dicts, lists, numbers and strings (anything else as its str)."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as JSON gives it back: plain dicts, lists, numbers and strings (anything else as its
+    str, non-finite numbers as None)."""
+    return json.loads(dumps_json(value, default=str))

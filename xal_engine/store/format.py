@@ -43,6 +43,7 @@ PARTIAL_SUFFIX = ".partial"
 WRITING_ATTR = "xal_pool_written"
 RESERVED_ATTRS = ("xal_pool", WRITING_ATTR, "classes", "modality", "source", "xal_engine_version")
 SCORES_GROUP, AL_GROUP = "scores", "al"
+LABELS_HISTORY = "labels_history"  # label imports' records and the values each replaced (al_state)
 LABELLED_ROUND = "labelled_round"  # al/<experiment>/labelled_round (N,) int16: the round labelled, -1 = not
 
 

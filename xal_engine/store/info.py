@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from xal_engine.store.format import AL_GROUP, PER_IMAGE_ARRAYS, RESERVED_ATTRS, SCORES_GROUP, SPLIT_NAMES
+from xal_engine.store.format import (
+    AL_GROUP,
+    LABELS_HISTORY,
+    PER_IMAGE_ARRAYS,
+    RESERVED_ATTRS,
+    SCORES_GROUP,
+    SPLIT_NAMES,
+)
 
 if TYPE_CHECKING:
     from xal_engine.store.pool import Pool
@@ -40,7 +47,7 @@ def pool_info(pool: Pool) -> dict[str, Any]:
     stored = sum(s["stored_bytes"] for s in storage.values())
     raw = sum(s["raw_bytes"] or 0 for s in storage.values())
     storage["total"] = {"stored_bytes": stored, "raw_bytes": raw, "ratio": stored / raw if raw else None}
-    known = set(PER_IMAGE_ARRAYS) | {SCORES_GROUP, AL_GROUP}
+    known = set(PER_IMAGE_ARRAYS) | {SCORES_GROUP, AL_GROUP, LABELS_HISTORY}
     extra_attrs = {key: v for key, v in pool.attrs.items() if key not in RESERVED_ATTRS}
     return {
         "path": str(pool.path),

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from xal_engine.errors import PoolError
-from xal_engine.store.al_state import ALExperiment
+from xal_engine.store.al_state import ALExperiment, LabelsHistory
 from xal_engine.store.format import (
     COLUMNS,
     FORMAT_VERSION,
@@ -177,6 +177,10 @@ class Pool:
     def experiment(self, name: str) -> ALExperiment:
         """The AL experiment ``al/<name>/`` (it need not exist yet)."""
         return ALExperiment(self, name)
+
+    def labels_history(self) -> LabelsHistory:
+        """``labels_history/``: the record of every label import and what it replaced."""
+        return LabelsHistory(self)
 
     def labelled_round_array(self, experiment: str) -> zarr.Array | None:
         """``al/<experiment>/labelled_round``, checked to be (N,) int16; None when the experiment is new."""

@@ -9,6 +9,7 @@
             selected.csv.json        ``xal-engine select`` and its sidecar; round 0: the initial set)
             model.pt                 the checkpoint trained on the labels of rounds 0..r
         report/                      where ``xal-engine report`` writes by default
+        .lock                        while a loop writes the folder: its pid and host (store.locks)
 
 Round r's batch is chosen with the scores of round r-1's model (nothing chooses round 0's set). Every
 file is replaced atomically, and a round is complete once its metrics row is written (last), so a
@@ -30,14 +31,16 @@ from typing import Any
 import numpy as np
 
 from xal_engine.errors import XalError
-from xal_engine.store.files import atomic_write_text, jsonable
+from xal_engine.store.files import atomic_write_text, dumps_json, finite_or_none, jsonable
+from xal_engine.store.locks import RUN_DIR_LOCK, LockFile
 
 RUN_FORMAT = 1
 METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balanced_accuracy", "macro_f1",
                  "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "train_seconds",
                  "score_seconds")
 KEY_COLUMNS = METRIC_FIELDS[:4]  # strategy, seed, round, n_labelled: what every metrics.csv needs
-RESUME_FREE = ("num_workers",)  # loop.train fields that may change between a run and its resumption
+# loop.train fields that may change between a run and its resumption (another machine, other cores)
+RESUME_FREE = ("num_workers", "threads")
 
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -96,6 +99,18 @@ class RunFolder:
     @property
     def report_dir(self) -> Path:
         return self.path / REPORT_DIR
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / RUN_DIR_LOCK
+
+    def lock(self) -> LockFile:
+        """RUN_DIR/.lock taken (the folder created if need be): a second process writing the same run
+        folder is refused with the holder's pid and host. Release it with ``release()`` or ``with``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise XalError(f"--out {self.path} exists and is not a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        return LockFile(self.lock_file, f"run folder {self.path}").acquire()
 
     def strategy_dir(self, strategy: str) -> Path:
         return self.path / strategy
@@ -182,21 +197,22 @@ class RunWriter(RunFolder):
         (``overwrite`` deletes the old run first). A non-empty folder without config.json is refused."""
         run = cls(path)
         cfg = run.config_json
+        config_json = finite_or_none(config_json)  # as config.json stores it: NaN as null
         if run.path.exists() and not run.path.is_dir():
             raise XalError(f"--out {run.path} exists and is not a folder")
-        if run.path.is_dir() and any(run.path.iterdir()) and not cfg.is_file():
+        if run.path.is_dir() and any(p.name != RUN_DIR_LOCK for p in run.path.iterdir()) and not cfg.is_file():
             raise XalError(f"--out {run.path} is not empty and holds no config.json: not a loop run folder")
         if cfg.is_file():
             old = _read_json(cfg, "; pass --overwrite to start afresh")
             if overwrite:
-                shutil.rmtree(run.path)
+                _clear(run.path)
             elif _comparable(old) != _comparable(config_json):
-                diff = sorted(k for k in set(old) | set(config_json) if old.get(k) != config_json.get(k))
+                diff = _differences(_comparable(old), _comparable(config_json)) or ["the whole file"]
                 raise XalError(f"{cfg} holds another configuration (differs in: {', '.join(diff)}); "
                                "use another --out or pass --overwrite")
         run.path.mkdir(parents=True, exist_ok=True)
         if not cfg.is_file():
-            atomic_write_text(cfg, json.dumps(config_json, indent=2) + "\n")
+            atomic_write_text(cfg, dumps_json(config_json, indent=2) + "\n")
         if run.metrics_json.is_file():
             run.rows = json.loads(run.metrics_json.read_text())
         return run
@@ -216,12 +232,12 @@ class RunWriter(RunFolder):
 
     def add_row(self, row: dict[str, Any]) -> None:
         """Record one round's metrics (replacing an earlier row of that round) and rewrite metrics.json
-        and metrics.csv atomically. A NaN (no test image with an ROI, no class with both outcomes) is
-        null in JSON, nan in CSV."""
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        and metrics.csv atomically. A NaN (no test image with an ROI, no class with both outcomes) or an
+        infinity is null in JSON, nan in CSV."""
+        row = finite_or_none(dict(row))
         self.rows = [r for r in self.rows if (r["strategy"], int(r["seed"]), int(r["round"]))
                      != (row["strategy"], row["seed"], row["round"])] + [row]
-        atomic_write_text(self.metrics_json, json.dumps(self.rows, indent=1, allow_nan=False) + "\n")
+        atomic_write_text(self.metrics_json, dumps_json(self.rows, indent=1) + "\n")
         write_metrics_csv(self.metrics_csv, self.rows)
 
 
@@ -284,6 +300,29 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     loop = dict(config.get("loop", {}))
     loop["train"] = {k: v for k, v in dict(loop.get("train", {})).items() if k not in RESUME_FREE}
     return {**config, "loop": loop}
+
+
+def _clear(folder: Path) -> None:
+    """Delete a run folder's contents but its lock file, which the process clearing it holds."""
+    for child in folder.iterdir():
+        if child.name == RUN_DIR_LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted paths (``loop.train.epochs``) of the fields where two JSON objects differ, sorted;
+    nested objects are compared field by field so that the message names the field itself."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix]
+    found: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        found += _differences(old[key], new[key], name) if key in old and key in new else [name]
+    return found
 
 
 def _csv_value(v: Any) -> str:

@@ -7,6 +7,8 @@ Layout (N = pool size, K = classes, U = number of work units): one array per res
     pred             (N,)   int16
     entropy, margin, least_confidence, dice, soft_dice, energy   (N,) float32 (ROI metrics NaN without ROI)
     hit              (N,)   bool
+    cam              (N, h, w) float16, only in runs scored with --save-cams (h, w: the target layer's
+                     feature map, fixed at creation)
     done             (U,)   bool, one chunk per flag
 
 A work unit is one chunk of the pool's per-image arrays, and every result array uses the same chunk
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from xal_engine.core.fields import FIELDS, NAMES, PerImage
+from xal_engine.core.fields import BY_NAME, FIELDS, REQUIRED_NAMES, Field, Layout, PerImage
 from xal_engine.errors import XalError
 from xal_engine.store.files import jsonable
 
@@ -48,6 +50,13 @@ class ScoreRun:
         self.n = n
         self.unit_size = unit_size
         self.n_units = math.ceil(n / unit_size)
+        # the registry fields this run stores: every required one, and the optional ones it was made with
+        present = set(group.array_keys())
+        self.fields: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional or f.name in present)
+
+    def has(self, name: str) -> bool:
+        """Whether the run stores field ``name`` (an optional field such as ``cam`` may be absent)."""
+        return any(f.name == name for f in self.fields)
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -62,8 +71,10 @@ class ScoreRun:
         fingerprint: dict[str, Any],
         attrs: dict[str, Any],
         overwrite: bool = False,
+        cam_shape: tuple[int, int] | None = None,
     ) -> ScoreRun:
-        """Open run `name` for writing; create it when new.
+        """Open run `name` for writing; create it when new, with a `cam` array of (h, w) maps per image
+        when `cam_shape` is given.
 
         An existing run with another fingerprint (model, target layer, threshold, precision, …) is
         refused unless `overwrite`, which deletes it first.
@@ -86,8 +97,9 @@ class ScoreRun:
                 run.clean_partial_files()
                 return run
         group = scores.require_group(name)
-        for field in FIELDS:  # (N,) or (N, K), chunked by work unit
-            tail = (n_classes,) if field.per_class else ()
+        layout = Layout(n_classes=n_classes, cam_shape=cam_shape)
+        for field in layout.fields:  # (N,), (N, K) or (N, h, w), chunked by work unit
+            tail = layout.tail(field)
             group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=field.dtype,
                                fill_value=field.fill, overwrite=True)
         group.create_array("done", shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
@@ -130,15 +142,21 @@ class ScoreRun:
         start, stop = self.unit_range(unit)
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
-        for field in FIELDS:
+        for field in self.fields:
             self.group[field.name][start:stop] = np.asarray(result[field.name], dtype=field.dtype)
         self.group["done"][unit] = True
 
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
-    def read(self, fields: tuple[str, ...] = NAMES) -> dict[str, np.ndarray]:
+    def read(self, fields: tuple[str, ...] = REQUIRED_NAMES) -> dict[str, np.ndarray]:
         return {f: np.asarray(self.group[f][:]) for f in fields}
+
+    def take(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` ((n,) positions) of field ``name``, decoding only the chunks that hold them."""
+        if not self.has(name):
+            raise XalError(f"score run {self.name!r} stores no {name!r} ({BY_NAME[name].doc})")
+        return np.asarray(self.group[name].oindex[np.asarray(index, dtype=np.int64)])
 
     def clean_partial_files(self) -> int:
         """Remove `*.partial` files a killed writer left behind (local stores only); returns the count."""

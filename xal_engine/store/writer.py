@@ -18,6 +18,7 @@ import zarr
 
 from xal_engine import __version__
 from xal_engine.errors import PoolError
+from xal_engine.store.files import finite_or_none
 from xal_engine.store.format import (
     FORMAT_VERSION,
     IMAGE_DTYPES,
@@ -83,8 +84,8 @@ class PoolWriter:
         if self.path.exists() and not _is_replaceable(self.path):
             raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
         self._specs = array_specs(channels, height, width, self.dtype)
-        meta = {"classes": list(classes), "modality": modality, "source": source,
-                "xal_engine_version": __version__, **(attrs or {})}
+        meta = finite_or_none({"classes": list(classes), "modality": modality, "source": source,
+                               "xal_engine_version": __version__, **(attrs or {})})  # zarr.json: strict JSON
         if resume and self.partial.exists():
             self._group = self._reopen(meta)
         else:
