@@ -70,3 +70,49 @@ def test_existing_pool_and_missing_source(brats_src: Path, tmp_path: Path, capsy
     assert "already exists (pass --overwrite" in capsys.readouterr().err
     assert main(["ingest", "vindr", str(tmp_path / "nope"), "--out", str(tmp_path / "q.zarr")]) == 2
     assert "expected a folder with VinDr-CXR DICOMs" in capsys.readouterr().err
+
+
+def _folder(tmp_path: Path) -> Path:
+    cv2 = pytest.importorskip("cv2")
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "a.png"), np.full((6, 6), 7, np.uint8))
+    return tmp_path / "img"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "a,a,b"], "--classes: expected distinct class names, got a more than once"),
+    (["--classes", "a", "--chunk-size", "0"], "--chunk-size: must be at least 1, got 0"),
+    (["--classes", "a", "--max-megapixels", "0"], "--max-megapixels: expected a positive number, got 0"),
+])
+def test_folder_user_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           argv: list[str], message: str) -> None:
+    out = tmp_path / "p.zarr"
+    assert main(["ingest", "folder", str(_folder(tmp_path)), "--out", str(out), "--size", "6", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_fifo_report_is_refused_before_ingesting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    out = tmp_path / "p.zarr"
+    os.mkfifo(tmp_path / "p.zarr.ingest.json")
+    argv = ["ingest", "folder", str(_folder(tmp_path)), "--out", str(out), "--size", "6", "--classes", "a"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p.zarr.ingest.json is a FIFO" in err
+    assert not out.exists()
+
+
+def test_a_huge_png_is_a_skipped_item(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cv2 = pytest.importorskip("cv2")
+    src = _folder(tmp_path)
+    cv2.imwrite(str(src / "huge.png"), np.zeros((3000, 3000), np.uint8))  # 9 megapixels, a few KB on disk
+    out = tmp_path / "p.zarr"
+    assert main(["ingest", "folder", str(src), "--out", str(out), "--size", "6", "--classes", "a",
+                 "--max-megapixels", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 1 and report["skipped"][0]["item"] == "huge"
+    assert "3000x3000 pixels by its header" in json.loads(out.with_name("p.zarr.ingest.json").read_text())[
+        "skipped"][0]["reason"]

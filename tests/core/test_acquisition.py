@@ -106,3 +106,30 @@ def test_budget_larger_than_candidates_takes_all():
 def test_bad_config_names_the_flag(kwargs, flag):
     with pytest.raises(XalError, match=flag):
         SelectConfig(**kwargs)
+
+
+def test_normalisations_ignore_non_finite_values():
+    x = np.array([1.0, math.nan, 3.0, 2.0])
+    np.testing.assert_allclose(normalise(x, "minmax"), [0.0, math.nan, 1.0, 0.5])
+    np.testing.assert_allclose(normalise(x, "rank"), [0.0, math.nan, 1.0, 0.5])
+    assert np.isnan(normalise(np.array([math.nan]), "rank")).all()
+
+
+STRATEGY_NAMES = ("random", "entropy", "margin", "least-confidence", "misalignment", "dual")
+
+
+@pytest.mark.parametrize("how", ["none", "minmax", "rank"])
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("missing_roi", ["mean", "last", "skip"])
+def test_an_image_without_finite_output_is_never_selected(strategy, how, missing_roi):
+    # image 1 had NaN pixels: NaN uncertainty, pred -1; its Dice may be anything
+    s = make_scores(entropy=[0.2, math.nan, 0.5, 0.1], dice=[0.5, 0.0, 0.4, math.nan],
+                    pred=[0, -1, 1, 0], margin=[-0.3, math.nan, -0.1, -0.6])
+    config = SelectConfig(strategy=strategy, normalise=how, missing_roi=missing_roi, budget=4, balance="none")
+    score, eligible = compute_score(s, config)
+    assert not eligible[1] and eligible[[0, 2]].all()
+    assert np.isfinite(score[eligible]).all()
+    for balance in ("none", "predicted"):
+        order = select(s, SelectConfig(strategy=strategy, normalise=how, missing_roi=missing_roi, budget=4,
+                                       balance=balance)).order
+        assert 1 not in order.tolist() and len(order) == int(eligible.sum())

@@ -97,6 +97,24 @@ def test_missing_rois_give_nan(model: nn.Module, batch: tuple[Tensor, Tensor]) -
     torch.testing.assert_close(none.probs, full.probs)
 
 
+def test_non_finite_pixels_give_pred_minus_one_and_nan_scores(model: nn.Module,
+                                                              batch: tuple[Tensor, Tensor]) -> None:
+    images, rois = batch
+    bad = images.clone()
+    bad[1, 0, 5, 5] = float("nan")
+    bad[4, 2, 0, 0] = float("inf")
+    full = score_batch(model, "layer4", images, rois)
+    got = score_batch(model, "layer4", bad, rois)
+    broken = torch.tensor([False, True, False, False, True, False])
+    assert got.pred[broken].tolist() == [-1, -1]  # the pred field's fill, not class 0
+    assert torch.isnan(got.probs[broken]).all() and torch.isnan(got.entropy[broken]).all()
+    assert all(torch.isnan(getattr(got, n)[broken]).all() for n in ("dice", "soft_dice", "energy"))
+    assert not got.hit[broken].any()
+    assert torch.equal(got.pred[~broken], full.pred[~broken])  # eval mode: the others are unaffected
+    torch.testing.assert_close(got.entropy[~broken], full.entropy[~broken])
+    torch.testing.assert_close(got.dice[~broken], full.dice[~broken])
+
+
 def test_channels_last_same_as_contiguous(model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
     images, rois = batch
     want = score_batch(model, model.layer4, images, rois, return_cam=True)

@@ -105,3 +105,68 @@ def test_masks_inside_the_image_folder_are_not_images(tmp_path: Path, monkeypatc
     b = Pool.open(tmp_path / "p.zarr").read(0, 1)
     assert Pool.open(tmp_path / "p.zarr").n == 1 and list(b.ids) == ["a"]
     np.testing.assert_array_equal(b.rois[0], mask > 0)
+
+
+def _report(out: Path) -> dict:
+    import json
+
+    return json.loads(out.with_name(out.name + ".ingest.json").read_text())
+
+
+def test_a_masks_folder_is_not_read_as_images_without_masks(tmp_path: Path) -> None:
+    write(tmp_path / "images" / "a.png", np.zeros((N, N), np.uint8))
+    write(tmp_path / "images" / "masks" / "a.png", np.ones((N, N), np.uint8))
+    write(tmp_path / "images" / "sub" / "masks" / "b.png", np.ones((N, N), np.uint8))  # only the top one
+    out = tmp_path / "p.zarr"
+    ingest(FolderSource(tmp_path / "images", N, FolderSettings(classes=("x",))), out)
+    assert list(Pool.open(out).read(0, 2).ids) == ["a", "sub/masks/b"]
+    (skip,) = _report(out)["skipped"]
+    assert skip["item"] == "masks/" and "(1 image files)" in skip["reason"]
+    assert f"--masks {tmp_path / 'images' / 'masks'}" in skip["reason"]
+    assert "--masks-folder-as-images" in skip["reason"]
+    settings = FolderSettings(classes=("x",), masks_folder_as_images=True)
+    ingest(FolderSource(tmp_path / "images", N, settings), out, IngestConfig(overwrite=True))
+    assert sorted(Pool.open(out).read(0, 3).ids) == ["a", "masks/a", "sub/masks/b"]
+    assert _report(out)["skipped"] == []
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_an_image_too_large_by_its_header_is_skipped_undecoded(tmp_path: Path, suffix: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from xal_engine.ingest import folder
+
+    write(tmp_path / "images" / "a.png", np.zeros((N, N), np.uint8))
+    write(tmp_path / "images" / f"big{suffix}", np.zeros((1100, 1000), np.uint8))  # 1.1 megapixels
+    real_imread = cv2.imread
+
+    def imread(path: str, *args: object) -> object:
+        assert "big" not in path, "the oversized image was decoded"
+        return real_imread(path, *args)
+
+    monkeypatch.setattr(cv2, "imread", imread)
+    assert folder.header_size(tmp_path / "images" / f"big{suffix}") == (1000, 1100)
+    out = tmp_path / "p.zarr"
+    ingest(FolderSource(tmp_path / "images", N, FolderSettings(classes=("x",), max_megapixels=1)), out)
+    assert list(Pool.open(out).read(0, 1).ids) == ["a"]
+    (skip,) = _report(out)["skipped"]
+    assert skip == {"item": "big", "reason": f"big{suffix}: 1000x1100 pixels by its header, over the limit "
+                                             "of 1 megapixels (--max-megapixels)"}
+
+
+def test_the_first_image_probed_is_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "images" / "a.png", np.zeros((1100, 1000), np.uint8))  # first in id order
+    write(tmp_path / "images" / "b.png", np.zeros((N, N), np.uint16))
+    monkeypatch.setattr(cv2, "imread", lambda path, *a: pytest.fail(f"decoded {path}") if "a.png" in path
+                        else np.zeros((N, N), np.uint16))
+    out = tmp_path / "p.zarr"
+    ingest(FolderSource(tmp_path / "images", N, FolderSettings(classes=("x",), max_megapixels=1)), out)
+    assert Pool.open(out).read(0, 1).images.dtype == np.uint16  # as b.png, the first readable one
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    (("a", "a", "b"), "--classes: expected distinct class names, got a more than once"),
+    ((), "--classes: expected comma-separated class names, got none"),
+])
+def test_repeated_or_no_class_names_are_refused(classes: tuple[str, ...], message: str) -> None:
+    with pytest.raises(XalError, match=message):
+        FolderSettings(classes=classes)

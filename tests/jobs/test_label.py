@@ -407,3 +407,44 @@ def test_label_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         assert flag in text
     assert main(["label", "--pool", "p.zarr"]) == 2
     assert "one of the arguments --import --undo is required" in capsys.readouterr().err
+
+
+# --- ROI paths stay in the CSV's folder ---------------------------------------------------------------
+def _outside_layout(tmp_path: Path) -> tuple[Path, Path]:
+    """batch/ (the CSV's folder, with a symlink out) and outside/m.png beside it."""
+    (tmp_path / "batch").mkdir()
+    (tmp_path / "outside").mkdir()
+    outside = square_png(tmp_path / "outside" / "m.png", SIZE, (2, 9, 3, 7))
+    (tmp_path / "batch" / "link.png").symlink_to(outside)
+    square_png(tmp_path / "batch" / "in.png", SIZE, (1, 4, 1, 4))
+    return tmp_path / "batch", outside
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_roi_paths_leaving_the_csv_folder_are_refused_unless_allowed(pool_path: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     kind: str) -> None:
+    folder, outside = _outside_layout(tmp_path)
+    roi = {"dotdot": "../outside/m.png", "absolute": str(outside), "symlink": "link.png"}[kind]
+    csv_path = write_csv(folder / "labels.csv",
+                         f"id,class,roi\n{ident(1)},round,in.png\n{ident(2)},round,{roi}\n")
+    before = snapshot(pool_path)
+    read = []
+    real_imread = cv2.imread
+    monkeypatch.setattr(cv2, "imread", lambda p, *a: (read.append(Path(p).name), real_imread(p, *a))[1])
+    argv = ["label", "--pool", str(pool_path), "--import", str(csv_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 3: ROI path" in err and "leads outside the CSV's folder" in err
+    assert "--allow-outside-rois" in err
+    assert snapshot(pool_path) == before and "m.png" not in read and "link.png" not in read  # never opened
+    assert main([*argv, "--allow-outside-rois"]) == 0
+    rois = Pool.open(pool_path).arrays["rois"][2]
+    assert rois[2:9, 3:7].all() and rois.sum() == 7 * 4
+
+
+def test_an_roi_absolute_path_into_the_csv_folder_is_accepted(pool_path: Path, tmp_path: Path) -> None:
+    folder, _ = _outside_layout(tmp_path)
+    csv_path = write_csv(folder / "labels.csv", f"id,class,roi\n{ident(1)},round,{folder / 'in.png'}\n")
+    assert import_labels(pool_path, csv_path).n_rois == 1

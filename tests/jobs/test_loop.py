@@ -304,6 +304,21 @@ def test_cli_resumes_a_complete_run_without_work(done: dict[str, Any], capsys: p
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
+def test_cli_a_truncated_metrics_json_is_one_line(done: dict[str, Any], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    run = shutil.copytree(done["run"], tmp_path / "run")
+    metrics = run / "metrics.json"
+    metrics.write_bytes(metrics.read_bytes()[: metrics.stat().st_size // 2])  # a copy cut short
+    argv = ["loop", "--pool", str(done["pool"]), "--strategy", "random", "--strategy", "dual", "--initial", "20",
+            "--per-round", "10", "--rounds", "2", "--epochs", "1", "--batch-size", "16", "--num-workers", "0",
+            "--device", "cpu", "--target-layer", "layer2", "--out", str(run)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{metrics} cannot be read as JSON" in err[0], err
+    assert "pass --overwrite" in err[0]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--strategy", "dual", "--initial", "0"], "--initial must be >= 1"),
     (["--strategy", "dual", "--arch", "resnet7"], "unknown architecture 'resnet7'"),

@@ -401,3 +401,76 @@ def test_another_image_size_warns_and_a_1x1_map_is_refused(setup, tmp_path, caps
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"warning: model {l4} was trained on 1x64x64 images (layer4); pool {pool_path} has 1x32x32 images: "
         "target layer layer1 (8x8 map)")
+
+
+@pytest.fixture(scope="module")
+def nan_setup(tmp_path_factory):
+    """A float16 copy of the phantom pool with NaN pixels in two train-split images, scored."""
+    root = tmp_path_factory.mktemp("nan")
+    src = Pool.open(make_pool(root / "src.zarr", n=24)).group
+    images = np.asarray(src["images"][:]).astype(np.float16) / np.float16(255)
+    train = np.flatnonzero(np.asarray(src["split"][:]) == SPLIT_TRAIN)
+    bad = train[[1, 4]]
+    images[bad[0], 0, 3, 3] = images[bad[1], 0, 0, 7] = np.nan
+    with PoolWriter(root / "pool.zarr", channels=1, height=32, width=32, dtype=np.float16,
+                    classes=class_names(3), chunk_size=UNIT) as w:
+        w.append(images, *(np.asarray(src[k][:]) for k in ("rois", "has_roi", "labels", "ids", "split")))
+    model = make_model(root / "model.pt")
+    score_pool(root / "pool.zarr", model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0,
+                                                      target_layer="layer1"))
+    return root, root / "pool.zarr", bad
+
+
+def test_an_image_with_nan_pixels_scores_nan_with_pred_minus_one(nan_setup):
+    _, pool, bad = nan_setup
+    run = read_run(pool, "ref")
+    assert run["pred"][bad].tolist() == [-1, -1]
+    assert np.isnan(run["entropy"][bad]).all() and np.isnan(run["probs"][bad]).all()
+    others = np.setdiff1d(np.arange(run["pred"].size), bad)
+    assert (run["pred"][others] >= 0).all() and np.isfinite(run["entropy"][others]).all()
+
+
+@pytest.mark.parametrize("normalise", ["none", "minmax", "rank"])
+@pytest.mark.parametrize("strategy", ["entropy", "dual"])
+def test_select_never_picks_an_image_with_nan_pixels(nan_setup, tmp_path, capsys, strategy, normalise):
+    _, pool, bad = nan_setup
+    out = tmp_path / "batch.csv"
+    assert main(["select", "--pool", str(pool), "--run", "ref", "--strategy", strategy, "--budget", "100",
+                 "--normalise", normalise, "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    picked = [int(r["index"]) for r in rows]
+    assert not set(picked) & set(bad.tolist())
+    assert len(picked) == int((np.asarray(Pool.open(pool).group["split"][:]) == SPLIT_TRAIN).sum()) - 2
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+    scores = [float(r["score"]) for r in rows]
+    if normalise == "minmax" and strategy == "entropy":  # the range is the finite scores', not all 0
+        assert max(scores) == pytest.approx(1.0) and min(scores) < 0.5
+
+
+def test_score_a_corrupt_chunk_in_a_loader_worker_is_one_line(setup, tmp_path, capsys):
+    _, _, model, _ = setup
+    pool = make_pool(tmp_path / "pool.zarr", n=24)
+    chunks = sorted(p for p in (pool / "images").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunks[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the chunk's CRC32C no longer matches
+    chunks[1].write_bytes(bytes(data))
+    assert main(["score", "--pool", str(pool), "--model", str(model), "--run", "w2", "--num-workers", "2",
+                 "--batch-size", str(UNIT)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning:")]
+    assert len(err) == 1 and "array 'images' images 8..15 cannot be decoded" in err[0], err
+
+
+def test_score_a_checkpoint_with_a_flipped_weight_byte_is_one_line(setup, tmp_path, capsys):
+    import zipfile
+    _, pool, model, _ = setup
+    flipped = tmp_path / "model.pt"
+    data = bytearray(model.read_bytes())
+    with zipfile.ZipFile(model) as zf:
+        record = max(zf.infolist(), key=lambda i: i.file_size)  # a weight tensor, not the pickle
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    data[start + record.file_size // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    assert main(["score", "--pool", str(pool), "--model", str(flipped), "--run", "flip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"xal-engine score: error: checkpoint {flipped} is corrupt: checksum mismatch "
+                    "(its weights differ from those saved; copy or train it again)")]

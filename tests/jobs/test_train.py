@@ -283,3 +283,49 @@ def test_cli_train_target_layer(pool: Pool, tmp_path: Path, monkeypatch: pytest.
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert "--target-layer: model has no layer 'layer9' (a dotted module name; the resnet18 stages are " \
            "layer1, layer2, layer3, layer4)" in err
+
+
+def _nan_pool(path: Path) -> Pool:
+    """The pool of make_pool as float16 in [0, 1], with a NaN pixel in two training images."""
+    src = make_pool(path.with_name("src.zarr"))
+    images = np.asarray(src.group["images"][:]).astype(np.float16) / np.float16(255)
+    images[0, 0, 3, 3] = images[16, 0, 9, 1] = np.nan  # both in split 0
+    g = src.group
+    with PoolWriter(path, channels=1, height=SIDE, width=SIDE, dtype="float16", classes=["a", "b", "c"],
+                    chunk_size=16) as w:
+        w.append(images, np.asarray(g["rois"][:]), np.asarray(g["has_roi"][:]), np.asarray(g["labels"][:]),
+                 np.asarray(g["ids"][:]), np.asarray(g["split"][:]))
+    return Pool.open(path)
+
+
+def test_cli_train_refuses_a_non_finite_loss_and_writes_no_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = _nan_pool(tmp_path / "nan.zarr")
+    out = tmp_path / "model.pt"
+    code, _, err = _cli(monkeypatch, capsys, "--pool", str(pool.path), "--out", str(out), "--epochs", "2",
+                        "--batch-size", "16", "--device", "cpu", "--num-workers", "0", "--no-augment")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"error: epoch 1, batch \d+: the training loss is not finite", line)
+    assert f"pool validate {pool.path}" in line
+    assert [ln for ln in err.splitlines() if "error" in ln] == [line] and not out.exists()
+
+
+def _corrupt_images_chunk(pool_path: Path) -> None:
+    """Flip a byte of the second `images` chunk: its CRC32C no longer matches, decoding fails."""
+    chunks = sorted(p for p in (pool_path / "images").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunks[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunks[1].write_bytes(bytes(data))
+
+
+def test_cli_train_a_corrupt_chunk_in_a_loader_worker_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = make_pool(tmp_path / "pool.zarr")
+    _corrupt_images_chunk(pool.path)
+    out = tmp_path / "model.pt"
+    code, _, err = _cli(monkeypatch, capsys, "--pool", str(pool.path), "--out", str(out), "--epochs", "1",
+                        "--batch-size", "16", "--device", "cpu", "--num-workers", "2")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not out.exists(), err
+    assert "array 'images' images 16..31 cannot be decoded" in lines[0] and "pool validate" in lines[0]

@@ -82,3 +82,71 @@ def test_the_umask_is_read_without_proc(tmp_path: Path, umask: None, monkeypatch
     assert os.umask(0o027) == 0o027  # and left as it was
     atomic_write_text(tmp_path / "a.json", "{}\n")
     assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o640
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _socket(path: Path) -> Path:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+    return path
+
+
+def _dev_null_link(path: Path) -> Path:
+    path.symlink_to("/dev/null")
+    return path
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda p: (p.mkdir(), p)[1], "is a directory"),
+    (_fifo, "is a FIFO"),
+    (_socket, "is a socket"),
+    (_dev_null_link, "(-> /dev/null) is a character device"),
+])
+def test_what_is_not_a_regular_file_is_refused_and_left_alone(tmp_path: Path, make, kind: str) -> None:
+    from xal_engine.errors import XalError
+
+    path = make(tmp_path / "out.csv")
+    before = os.lstat(path)
+    with pytest.raises(XalError) as err:
+        atomic_write_text(path, "a\n")
+    assert str(err.value).startswith(str(path)) and kind in str(err.value) and "\n" not in str(err.value)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["out.csv"]  # no temporary file left
+
+
+def test_a_symlink_is_kept_and_its_target_replaced(tmp_path: Path, umask: None) -> None:
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "batch.csv"
+    target.write_text("old\n")
+    os.chmod(target, 0o640)
+    (tmp_path / "hop").symlink_to(target)
+    link = tmp_path / "batch.csv"
+    link.symlink_to("hop")  # a chain of links is followed to its end
+    atomic_write_text(link, "new\n")
+    assert link.is_symlink() and os.readlink(link) == "hop" and (tmp_path / "hop").is_symlink()
+    assert target.read_text() == "new\n" and stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path / "shared")) == ["batch.csv"]
+
+
+def test_a_dangling_symlink_creates_its_target(tmp_path: Path) -> None:
+    link = tmp_path / "out.csv"
+    link.symlink_to("real.csv")
+    atomic_write_text(link, "a\n")
+    assert link.is_symlink() and (tmp_path / "real.csv").read_text() == "a\n"
+
+
+def test_a_symlink_loop_is_one_error(tmp_path: Path) -> None:
+    from xal_engine.errors import XalError
+
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(XalError, match="cannot write there"):
+        atomic_write_text(tmp_path / "a", "x\n")

@@ -293,7 +293,10 @@ def test_info_counts_and_subgroups(pool_path: Path) -> None:
     pool.group.create_group("al").create_group("exp_b")
     pool.group["al"].create_group("exp_a")
     reopened = Pool.open(pool_path)
-    assert reopened.validate() == []
+    not_a_run = ("scores/run1: missing array(s) 'pred', 'entropy', 'margin', 'least_confidence', "
+                 "'soft_dice', 'energy', 'hit', 'probs', 'done'; expected a score run's result arrays and "
+                 "done flags")
+    assert reopened.validate() == [not_a_run]
     info = reopened.info()
     assert info["n"] == 70 and info["shape"] == [2, 6, 5] and info["dtype"] == "uint8"
     assert info["score_runs"] == ["run1"] and info["al_experiments"] == ["exp_a", "exp_b"]

@@ -98,8 +98,15 @@ def _folder(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], Any]:
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: as the first image")
     p.add_argument("--dtype", choices=("uint8", "uint16", "float16"), default=None,
                    help="default: as the first image (8 -> uint8, 16 bit -> uint16)")
+    p.add_argument("--max-megapixels", type=float, default=FolderSettings.max_megapixels,
+                   help="skip images whose header gives more pixels, before decoding them "
+                        "(default: %(default)g)")
+    p.add_argument("--masks-folder-as-images", action="store_true",
+                   help="without --masks, read SRC/masks as images too (by default it is skipped as a "
+                        "folder of masks)")
     return lambda a: FolderSource(Path(a.src), a.size, FolderSettings(
-        _path(a.masks), _path(a.labels), _names(a.classes), a.channels, a.dtype))
+        _path(a.masks), _path(a.labels), _names(a.classes), a.channels, a.dtype, a.max_megapixels,
+        a.masks_folder_as_images))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

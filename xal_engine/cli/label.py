@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --undo: the import recorded as this round of --experiment")
     p.add_argument("--allow-any-split", action="store_true",
                    help="accept validation/test ids too (labelled, never marked as AL-labelled)")
+    p.add_argument("--allow-outside-rois", action="store_true",
+                   help="read ROI paths that lead outside the CSV's folder (absolute, '..' or a symlink "
+                        "out); refused by default so that a CSV cannot make the import read any file")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check and print what would change (labels set/changed per class, "
                         "ROIs added/replaced, the round and import number); write nothing")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from xal_engine.jobs.label import ImportConfig, import_labels
 
     config = ImportConfig(experiment=args.experiment, round=args.round,
-                          allow_any_split=args.allow_any_split, dry_run=args.dry_run)
+                          allow_any_split=args.allow_any_split, allow_outside_rois=args.allow_outside_rois,
+                          dry_run=args.dry_run)
     summary = import_labels(args.pool, args.import_csv, config)
     if args.json:
         print(json.dumps(asdict(summary)))

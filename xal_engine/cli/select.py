@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default=None,
                    help="AL experiment whose labelled images are excluded (al/EXPERIMENT/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
-    p.add_argument("--out", required=True, help="CSV file to write (OUT.json is written beside it)")
+    p.add_argument("--out", required=True,
+                   help="CSV file to write (OUT.json is written beside it; a symlink's target is replaced, "
+                        "a directory, device, FIFO or socket is refused)")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="also draw the batch: DIR/contact_sheet.png and DIR/<rank>_<id>.png, Grad-CAM over "
                         "each image (stored by `score --save-cams`, else recomputed with the run's model)")
@@ -49,11 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from xal_engine.core.acquisition import SelectConfig
     from xal_engine.jobs.batch_sheet import check_overlays, write_overlays
-    from xal_engine.jobs.select import select_batch, write_batch
+    from xal_engine.jobs.select import check_out, select_batch, write_batch
 
     config = SelectConfig(strategy=args.strategy, budget=args.budget, lam=args.lam, dice=args.dice,
                           normalise=args.normalise, balance=args.balance,
                           missing_roi=args.missing_roi, seed=args.seed)
+    check_out(args.out)  # before the ranking, which can take a while
     source = check_overlays(args.pool, args.run, args.overlays) if args.overlays else None  # before writing
     selection = select_batch(args.pool, args.run, config, experiment=args.experiment)
     csv_path, sidecar = write_batch(selection, args.out, args.pool)

@@ -16,6 +16,11 @@ for them, so that NaN never decides a ranking:
            image competes on its uncertainty alone;
     last   they rank after every image with an ROI, among themselves by uncertainty (entropy);
     skip   they are not candidates.
+
+Images the model gave no finite output (NaN or inf pixels: NaN entropy, ``pred`` -1) and any image
+whose score is not finite are not eligible: they are never selected, whatever the normalisation, and
+the normalisations are computed over the finite values alone (a NaN neither sets the min-max range nor
+takes a rank).
 """
 
 from __future__ import annotations
@@ -75,21 +80,28 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def normalise(x: np.ndarray, how: str) -> np.ndarray:
-    """Rescale one term over the candidates: none, min-max to [0, 1], or rank / (n - 1)."""
+    """Rescale one term over the candidates: none, min-max to [0, 1], or rank / (n - 1), over its n
+    finite values; non-finite values become NaN (not eligible, see ``compute_score``)."""
     x = x.astype(np.float64)
-    if how == "none" or x.size == 0:
-        return x
+    finite = np.isfinite(x)
+    if how == "none" or not finite.any():
+        return np.where(finite, x, np.nan)
+    out = np.full_like(x, np.nan)
+    v = x[finite]
     if how == "minmax":
-        lo, hi = x.min(), x.max()
-        return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    ranks = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
-    return ranks / max(x.size - 1, 1)
+        lo, hi = v.min(), v.max()
+        out[finite] = (v - lo) / (hi - lo) if hi > lo else 0.0
+        return out
+    ranks = np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64)
+    out[finite] = ranks / max(v.size - 1, 1)
+    return out
 
 
 def misalignment(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
     """1 - Dice with the missing-ROI rule applied; returns (term [n], has_roi [n])."""
     dice = scores.dice if config.dice == "hard" else scores.soft_dice
-    has_roi = np.isfinite(dice)
+    # an image without a finite model output has no meaningful Grad-CAM: it does not count for the mean
+    has_roi = np.isfinite(dice) & np.isfinite(scores.entropy)
     term = 1.0 - dice.astype(np.float64)
     if not has_roi.any():
         if config.missing_roi == "skip":
@@ -106,7 +118,13 @@ def misalignment(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, n
 
 
 def compute_score(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The acquisition score [n] (higher = label first) and the eligibility mask [n]."""
+    """The acquisition score [n] (higher = label first) and the eligibility mask [n]: an image is
+    eligible when the model's output for it is finite (its entropy) and so is its score."""
+    score, eligible = _score(scores, config)
+    return score, eligible & np.isfinite(score) & np.isfinite(scores.entropy)
+
+
+def _score(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
     n = scores.entropy.shape[0]
     eligible = np.ones(n, dtype=bool)
     if config.strategy == "random":
@@ -128,7 +146,7 @@ def compute_score(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, 
     elif config.missing_roi == "last":
         # below every image with an ROI: shift by the full score range, order among them by entropy
         ent = normalise(scores.entropy, "minmax")
-        floor = score[has_roi].min() if has_roi.any() else 0.0
+        floor = np.nanmin(score[has_roi]) if np.isfinite(score[has_roi]).any() else 0.0
         score = np.where(has_roi, score, floor - 2.0 + ent)
     return score, eligible
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -144,7 +146,7 @@ class PerImage(Generic[T]):
         return f"{type(self).__name__}({', '.join(self._values)})"
 
 
-class BatchScores(PerImage[torch.Tensor]):
+class BatchScores(PerImage["torch.Tensor"]):
     """Per-image results of one batch on the model's device: probs (B, K) fp32, pred (B,) int64,
     the float fields (B,) fp32 (ROI metrics NaN where no ROI exists), hit (B,) bool; ``cam`` is the
     normalised low-resolution map N (B, h, w) fp32 when asked for, else None (and then not a field)."""
@@ -169,6 +171,8 @@ def pack(scores: Mapping[str, torch.Tensor] | PerImage[torch.Tensor]) -> torch.T
     takes K columns, the CAM h * w), so that one device -> host copy moves them all. int16 and bool
     values are exact in fp32; the CAM is rounded to fp16 only on the host, like probs."""
     present = [f.name for f in FIELDS if f.name in scores]
+    import torch  # not at module import: the stores read this registry without torch
+
     return torch.cat([scores[n].float().reshape(scores[n].shape[0], -1) for n in present], dim=1)
 
 

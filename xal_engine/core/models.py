@@ -13,7 +13,9 @@ The default Grad-CAM layer depends on the image size: the deepest of the arch's 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +266,19 @@ def build_model(arch: str, num_classes: int, in_channels: int,
 
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_KEY = "xal_checkpoint"  # its value is the format version
+# sha256 of the state dict (state_checksum): torch.load checks no CRC of the tensor data, so a flipped
+# byte in a weight would otherwise load silently. Absent in checkpoints written before it was recorded.
+_CHECKSUM_KEY = "state_sha256"
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in sorted key order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # bytes of any dtype (bf16 has no numpy type)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -303,6 +318,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
     payload["target_map"] = list(info.target_map) if info.target_map is not None else None
     payload[_CHECKPOINT_KEY] = info.format_version
     payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload[_CHECKSUM_KEY] = state_checksum(payload["state_dict"])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(payload, tmp)
@@ -320,6 +336,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
+        if _cut_short(path):
+            raise XalError(f"checkpoint {path} is corrupt: truncated (an incomplete copy or download?)") from None
         raise XalError(f"checkpoint file {path} cannot be read: corrupt, not a torch file, or not plain "
                        f"data ({_first_line(err)})") from None
     if not isinstance(payload, dict) or _CHECKPOINT_KEY not in payload:
@@ -329,6 +347,16 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise XalError(f"checkpoint {path} has format version {version}; "
                        f"this xal-engine reads version {CHECKPOINT_FORMAT}")
     return payload
+
+
+def _cut_short(path: Path) -> bool:
+    """A file that begins as a zip archive (torch.save's format) but has no end-of-archive record."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:  # unreadable: reported as such by the caller
+        return False
 
 
 def _map_size(value: Any) -> tuple[int, int] | None:
@@ -351,7 +379,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             pool=dict(payload["pool"]), metrics=dict(payload["metrics"]),
             target_map=_map_size(payload.get("target_map")), format_version=int(payload[_CHECKPOINT_KEY]))
         state = payload["state_dict"]
-    except (KeyError, TypeError, ValueError) as err:
+        checksum = payload.get(_CHECKSUM_KEY)
+        if checksum is not None and checksum != state_checksum(state):
+            raise XalError(f"checkpoint {path} is corrupt: checksum mismatch (its weights differ from those "
+                           "saved; copy or train it again)")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise XalError(f"checkpoint {path} is incomplete or malformed ({err!r})") from None
     model = build_model(info.arch, info.num_classes, info.in_channels)
     try:

@@ -40,7 +40,8 @@ def score_batch(
 
     ``targets`` picks the Grad-CAM class per image (see :func:`xal_engine.core.capture.target_scores`).
     Images without an ROI (``rois`` None, or ``has_roi`` False) get NaN dice/soft_dice/energy and
-    ``hit`` False; their uncertainty is computed as usual. Under ``torch.autocast`` only the model
+    ``hit`` False; their uncertainty is computed as usual. An image whose logits are not all finite
+    (NaN or inf pixels) gets ``pred`` -1 and no ROI metrics either; its probs and uncertainty are NaN. Under ``torch.autocast`` only the model
     runs in reduced precision; the scores are computed in fp32.
     """
     batch = images.shape[0]
@@ -62,13 +63,17 @@ def score_batch(
             raise XalError(f"has_roi must have shape ({batch},), got {tuple(flags.shape)}")
         valid = valid & flags.bool()
 
+    # NaN or inf pixels give non-finite logits: no class and no Grad-CAM (NaN probs and uncertainty stay
+    # as they are, so that the image is seen as not scored rather than as confident)
+    finite = torch.isfinite(out.logits).all(dim=1)  # (B,)
+    valid = valid & finite
     with torch.autocast(device.type, enabled=False):
         probs = torch.softmax(out.logits.float(), dim=1)  # (B, K)
         roi = gradcam_dice(act, grad, roi_mask.bool(), threshold=threshold, return_cam=return_cam,
                            backend=backend)
     values = {
         "probs": probs,
-        "pred": out.logits.argmax(dim=1),
+        "pred": out.logits.argmax(dim=1).masked_fill(~finite, -1),  # -1: the pred field's fill
         "entropy": entropy(probs),
         "margin": margin(probs),
         "least_confidence": least_confidence(probs),

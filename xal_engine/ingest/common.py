@@ -39,6 +39,8 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise XalError(f"--workers: expected at least 1, got {self.workers}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise XalError(f"--chunk-size: must be at least 1, got {self.chunk_size}")
         for flag, frac in (("--test-fraction", self.test_fraction), ("--val-fraction", self.val_fraction)):
             if not 0.0 <= frac <= 1.0:
                 raise XalError(f"{flag}: expected a fraction in [0, 1], got {frac}")

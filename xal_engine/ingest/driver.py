@@ -22,7 +22,7 @@ from xal_engine.ingest.common import IngestConfig, IngestSource, Item, Skip, ass
 from xal_engine.ingest.workers import ordered_map
 from xal_engine.progress import plural, progress
 from xal_engine.store import SPLIT_NAMES, Pool, PoolWriter
-from xal_engine.store.files import dumps_json
+from xal_engine.store.files import atomic_write_text, dumps_json, write_target
 
 
 def report_path(out: Path) -> Path:
@@ -100,6 +100,8 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
     config = config or IngestConfig()
     t0 = time.perf_counter()
     out = Path(out)
+    if out.parent.is_dir():  # else the pool's writer creates it
+        write_target(report_path(out))  # a report path that is not a file is refused before any work
     items, skipped = source.scan()
     if not items:
         first = f"; first: {skipped[0].item}: {skipped[0].reason}" if skipped else ""
@@ -148,7 +150,7 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
               **_counts(pool), "classes": pool.classes, "resumed_from": resumed_from,
               "skipped_count": len(skipped), "skipped": [s._asdict() for s in skipped],
               "settings": settings, "seconds": round(time.perf_counter() - t0, 3)}
-    report_path(out).write_text(dumps_json(report, indent=1, default=str) + "\n")
+    atomic_write_text(report_path(out), dumps_json(report, indent=1, default=str) + "\n")
     return report
 
 

@@ -2,8 +2,10 @@
 
 The CSV has a header with ``id`` and ``class`` (a class name of the pool, or its index) and an
 optional ``roi`` column (a PNG mask, relative to the CSV's folder; nonzero = ROI; an empty cell = no
-mask for that row). Other columns are ignored, so a batch CSV from ``select`` with a ``class`` column
-added imports as it is.
+mask for that row). An ROI path must stay inside the CSV's folder once symlinks are resolved (no
+absolute path, no ``..`` out of it) unless ``allow_outside_rois`` is set: a CSV from elsewhere must
+not make the import read arbitrary files. Other columns are ignored, so a batch CSV from ``select``
+with a ``class`` column added imports as it is.
 
 The import is all or nothing: the file, every row and every mask are checked first, and any problem
 raises one :class:`XalError` naming the file, the line and the problem (the first few, then a
@@ -50,6 +52,7 @@ class ImportConfig:
     experiment: str | None = None  # AL experiment (al/<experiment>/); None: labels and ROIs only
     round: int | None = None  # None: max existing round + 1 (0 for a new experiment)
     allow_any_split: bool = False  # accept validation/test ids (never marked as AL-labelled)
+    allow_outside_rois: bool = False  # accept ROI paths leading outside the CSV's folder
     dry_run: bool = False  # check and count everything, write nothing (the pool is opened read-only)
     shown: int = 5  # problems listed in the error before "and N more"
 
@@ -216,6 +219,16 @@ def load_roi_png(path: Path, height: int, width: int) -> np.ndarray | str:
     return mask
 
 
+def _outside(cell: str, folder: Path) -> str | None:
+    """Why the ROI path ``cell`` (relative to ``folder``) leads outside ``folder`` once symlinks are
+    resolved; None when it stays inside."""
+    base = folder.resolve()
+    if (folder / cell).resolve().is_relative_to(base):
+        return None
+    return (f"ROI path {cell!r} leads outside the CSV's folder {base} "
+            "(pass --allow-outside-rois to read it anyway)")
+
+
 def _check_experiment(config: ImportConfig) -> None:
     name = config.experiment
     if name is None:
@@ -265,7 +278,12 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
         else:
             labels[r] = k
         if roi:
-            roi_paths[r] = csv_path.parent / roi
+            path = csv_path.parent / roi
+            outside = None if config.allow_outside_rois else _outside(roi, csv_path.parent)
+            if outside:
+                problems.add(line, outside)
+            else:
+                roi_paths[r] = path
     masks: dict[int, np.ndarray] = {}
     for r, path in roi_paths.items():
         mask = load_roi_png(path, pool.height, pool.width)

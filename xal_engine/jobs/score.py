@@ -28,6 +28,7 @@ from xal_engine.jobs.streaming import (
     open_run,
     plan_run,
     score_and_store,
+    worker_errors,
 )
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
@@ -117,10 +118,12 @@ def _score_locked(pool: Pool, model_path: Path, config: ScoreConfig, device: tor
     bar = progress(n_images, desc=f"score {config.run}", enabled=show_progress)
     items = iter(loader)
     try:
-        for _, _, host in score_and_store(model, ckpt, items, config, device, writer, on_batch=bar.update):
-            finite = np.isfinite(host.dice)
-            dice_sum += float(host.dice[finite].sum())
-            dice_count += int(finite.sum())
+        with worker_errors():
+            for _, _, host in score_and_store(model, ckpt, items, config, device, writer,
+                                              on_batch=bar.update):
+                finite = np.isfinite(host.dice)
+                dice_sum += float(host.dice[finite].sum())
+                dice_count += int(finite.sum())
     finally:
         stop_workers(items)
         bar.close()

@@ -19,7 +19,7 @@ from xal_engine.core.fields import FIELDS
 from xal_engine.errors import XalError
 from xal_engine.progress import plural
 from xal_engine.store import SPLIT_TRAIN, Pool
-from xal_engine.store.files import atomic_write, atomic_write_text, dumps_json
+from xal_engine.store.files import atomic_write, atomic_write_text, dumps_json, write_target
 from xal_engine.store.score_run import ScoreRun
 
 # The batch CSV: rank and identity, the acquisition score, every scalar result field (the predicted
@@ -101,11 +101,28 @@ def _cell(value: np.generic) -> int | float | bool:
     return int(value) if value.dtype.kind in "iu" else float(value)
 
 
-def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Path) -> tuple[Path, Path]:
-    """Write `out` (CSV) and `out`.json (selection config) atomically; returns both paths."""
+def sidecar_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an --out (or its .json sidecar) that is not a file to write, before any work or writing."""
     out = Path(out)
     if not out.parent.is_dir():
         raise XalError(f"--out directory {out.parent} does not exist")
+    for path in (out, sidecar_path(out)):
+        try:
+            write_target(path)
+        except XalError as err:
+            raise XalError(f"--out: {err}") from None
+
+
+def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Path) -> tuple[Path, Path]:
+    """Write `out` (CSV) and `out`.json (selection config) atomically; returns both paths. A symlink
+    is followed (its target is replaced); anything else that is not a regular file is refused."""
+    out = Path(out)
+    check_out(out)  # both, so a refused sidecar leaves no CSV behind
     meta = {
         "pool": str(pool_path), "run": selection.run, "experiment": selection.experiment,
         "n_candidates": selection.n_candidates, "n_selected": len(selection.rows),
@@ -113,7 +130,7 @@ def write_batch(selection: BatchSelection, out: str | Path, pool_path: str | Pat
         # the paper's class balance by TRUE labels leaks the labels the batch is meant to discover
         "oracle_balance": selection.config.balance == "oracle",
     }
-    sidecar = out.with_name(out.name + ".json")
+    sidecar = sidecar_path(out)
     atomic_write(out, lambda f: _write_csv(f, selection.rows))
     atomic_write_text(sidecar, dumps_json(meta, indent=2) + "\n")
     return out, sidecar

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,43 @@ class ScoreConfig:
             raise XalError(f"--kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
         if self.targets not in TARGET_RULES:
             raise XalError(f"--targets must be one of {', '.join(TARGET_RULES)}, got {self.targets!r}")
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """An XalError raised in a DataLoader worker (a chunk that fails to decode) ends as its own one-line
+    message: the loader re-raises it with the worker's whole traceback as the message (as a
+    RuntimeError when its type cannot be built from one string). Other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        original = _worker_xal_error(err)
+        if original is None:
+            raise
+        raise original from None
+
+
+def _worker_xal_error(err: Exception) -> XalError | None:
+    """The worker's XalError, rebuilt from the last ``module.Type: message`` line of the traceback in
+    ``err``'s message; None when ``err`` is not a re-raised worker exception or not an XalError."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "in DataLoader worker process" in text.split("\n", 1)[0]):
+        return None
+    for line in reversed(text.splitlines()):
+        name, sep, message = line.partition(": ")
+        module, _, cls_name = name.rpartition(".")
+        if not sep or not module or not name.replace(".", "").replace("_", "").isalnum():
+            continue  # a source line, an indented frame or the continuation of a message
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            continue
+        if not issubclass(cls, XalError):
+            return None  # the worker's final exception is not one of ours: keep the traceback
+        try:
+            return cls(message.strip())
+        except Exception:  # noqa: BLE001  (a subclass with another signature)
+            return XalError(message.strip())
+    return None
 
 
 def file_sha256(path: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,7 @@ from xal_engine.core.models import (
 )
 from xal_engine.errors import XalError
 from xal_engine.jobs.runtime import torch_threads
+from xal_engine.jobs.streaming import worker_errors
 from xal_engine.progress import progress
 from xal_engine.store import SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.store.dataset import (
@@ -244,10 +246,14 @@ class _Trainer:
         return rebatch(loader, self.config.batch_size, self.shuffle_gen if shuffle else None,
                        self.config.shuffle_buffer if shuffle else 0, min_last=2 if shuffle else 1)
 
-    def train_epoch(self, loader: Any, n_images: int, desc: str) -> float:
-        """One pass over the training set; the mean (weighted) training loss."""
+    @worker_errors()  # a worker's decode error as its one line, not a traceback
+    def train_epoch(self, loader: Any, n_images: int, desc: str, epoch: int = 1) -> float:
+        """One pass over the training set; the mean (weighted) training loss. An XalError naming the
+        first batch whose loss is not finite (NaN or inf pixels, or a diverging run): its weights are
+        spoilt, so the run stops rather than keep an epoch of them."""
         self.model.train()
         total = torch.zeros((), device=self.device)
+        finite: list[torch.Tensor] = []  # one flag per batch, on the device: read once per epoch
         seen = 0
         with progress(n_images, desc, enabled=self.show_progress) as bar:
             for batch in self.batches(loader, shuffle=True):
@@ -261,6 +267,7 @@ class _Trainer:
                 if self.explanation is not None:
                     has_roi = batch["has_roi"].to(self.device, non_blocking=True)
                     loss = loss + self.explanation(logits, y, rois, has_roi)
+                finite.append(torch.isfinite(loss.detach()))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -268,8 +275,14 @@ class _Trainer:
                 total += loss.detach() * len(y)
                 seen += len(y)
                 bar.update(len(y))
-        return float(total) / max(seen, 1)  # one synchronisation per epoch
+        if finite and not bool(torch.stack(finite).all()):  # one synchronisation per epoch
+            batch = int(torch.stack(finite).logical_not().nonzero()[0]) + 1
+            raise XalError(f"epoch {epoch}, batch {batch}: the training loss is not finite (NaN or inf); "
+                           f"check the pool's images for non-finite pixels with `xal-engine pool validate "
+                           f"{self.pool.path}`, or lower --lr; no checkpoint written")
+        return float(total) / max(seen, 1)
 
+    @worker_errors()
     @torch.no_grad()
     def recalibrate_batch_norm(self, loader: Any) -> None:
         """Batch-norm running statistics recomputed over the (unaugmented) training set with the
@@ -291,6 +304,7 @@ class _Trainer:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
+    @worker_errors()
     @torch.no_grad()
     def evaluate(self, loader: Any) -> tuple[float, float, float]:
         """(mean unweighted loss, accuracy, balanced accuracy) over the validation set."""
@@ -371,11 +385,15 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         row: dict[str, float] = {"epoch": epoch, "train_loss": trainer.train_epoch(
-            train_loader, len(train_idx), f"epoch {epoch}/{config.epochs}")}
+            train_loader, len(train_idx), f"epoch {epoch}/{config.epochs}", epoch)}
         if config.recalibrate_bn:
             trainer.recalibrate_batch_norm(train_loader)
         if val_loader is not None:
             row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"] = trainer.evaluate(val_loader)
+            if not math.isfinite(row["val_loss"]):  # NaN would make every later epoch's comparison false
+                raise XalError(f"epoch {epoch}: the validation loss is not finite (NaN or inf); check the "
+                               f"pool's images for non-finite pixels with `xal-engine pool validate "
+                               f"{pool.path}`; no checkpoint written")
             key = (row["val_balanced_accuracy"], -row["val_loss"])
         else:
             key = (-row["train_loss"], 0.0)

@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from xal_engine.errors import XalError
+
 
 def current_umask() -> int:
     """The process umask. Linux reports it in /proc/self/status; elsewhere it can only be read by setting
@@ -30,10 +32,44 @@ def current_umask() -> int:
     return mask
 
 
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is, in words; None for a regular file."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def write_target(path: str | Path) -> Path:
+    """The file an atomic write of ``path`` replaces: ``path`` itself, or the file a symlink at ``path``
+    points to (resolved through every link, so the link stays a link and its target gets the new
+    contents). Raises XalError, naming the path, when that is a directory, device, FIFO or socket:
+    renaming a file over one of those would silently swap it for a regular file."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise XalError(f"{path}: directory {target.parent} does not exist") from None
+        return target
+    except OSError as err:  # a symlink loop, a path through a file, no permission
+        raise XalError(f"{path}: cannot write there ({err.strerror})") from None
+    kind = _kind(mode)
+    if kind is not None:
+        shown = path if target == path else f"{path} (-> {target})"
+        raise XalError(f"{shown} is {kind}; expected a regular file to write")
+    return target
+
+
 def atomic_write(path: Path, write: Callable[[TextIO], object]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path`` (all or
-    nothing). The file gets the mode a plain ``open(path, "w")`` would give it: an existing file's mode,
-    else 0666 less the umask (mkstemp alone would make it 0600)."""
+    nothing). A symlink is followed: its final target is the file replaced, the link is kept. A
+    directory, device, FIFO or socket at ``path`` is refused (XalError) and left as it is. The file
+    gets the mode a plain ``open(path, "w")`` would give it: an existing file's mode, else 0666 less
+    the umask (mkstemp alone would make it 0600)."""
+    path = write_target(path)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:

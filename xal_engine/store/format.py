@@ -120,6 +120,38 @@ def read_arrays(arrays: Mapping[str, zarr.Array], start: int,
     return dict(zip(arrays, values, strict=True))  # type: ignore[arg-type]
 
 
+def chunk_key(array: zarr.Array, chunk: int) -> str:
+    """Store key of chunk ``chunk`` along N of ``array`` (chunked along N only)."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+
+
+def stored_keys(group: zarr.Group | zarr.Array) -> set[str]:
+    """Every store key under ``group`` (one listing: a chunk lookup per read would be one per key)."""
+    prefix = f"{group.path}/" if group.path else ""
+
+    async def listing() -> set[str]:
+        return {key async for key in group.store.list_prefix(prefix)}
+
+    return sync(listing())
+
+
+def missing_chunks(array: zarr.Array, keys: set[str] | None = None,
+                   chunks: range | list[int] | None = None) -> list[int]:
+    """Chunks along N of ``array`` (all of them, or ``chunks``) with no stored key, ascending; ``keys``
+    from :func:`stored_keys` of a group holding ``array`` (listed here when None)."""
+    keys = stored_keys(array) if keys is None else keys
+    chunks = range(-(-array.shape[0] // array.chunks[0])) if chunks is None else chunks
+    return [c for c in chunks if chunk_key(array, c) not in keys]
+
+
+def missing_chunk_error(where: str, name: str, chunk: int, chunk_size: int, n: int,
+                        what: str = "images") -> PoolError:
+    """The error of reading a chunk that is not stored (it would read as fill values)."""
+    first, last = chunk * chunk_size, min((chunk + 1) * chunk_size, n) - 1
+    return PoolError(f"{where}: array '{name}' chunk {chunk} ({what} {first}..{last}) is missing, expected "
+                     "it stored; run `xal-engine pool validate`")
+
+
 def write_rows(array: zarr.Array, index: np.ndarray, values: np.ndarray) -> int:
     """``array[index] = values`` (``index``: (n,) sorted unique positions along N) rewriting only the
     chunks that hold ``index`` (each read, updated and written whole); chunks are kept even when they

@@ -26,6 +26,8 @@ from xal_engine.store.format import (
     PER_IMAGE_ARRAYS,
     WRITING_ATTR,
     as_str,
+    missing_chunk_error,
+    missing_chunks,
     open_group,
     read_arrays,
     structure_problems,
@@ -71,6 +73,10 @@ class Pool:
         self.chunk_size = int(images.chunks[0])
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.classes: list[str] = list(self.attrs.get("classes", []))
+        # A missing chunk would read as fill values (black images, split 0): the chunks are listed once
+        # here, as per-image arrays only change through write_rows, which stores every chunk it touches.
+        self.missing: dict[str, set[int]] = {name: set(missing_chunks(array))
+                                             for name, array in self.arrays.items()}
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> Pool:
@@ -109,6 +115,8 @@ class Pool:
         """Images [start, stop); chunk-aligned ranges decode each chunk once."""
         if not 0 <= start <= stop <= self.n:
             raise PoolError(f"{self.path}: cannot read images {start}..{stop} of a pool of {self.n}")
+        if stop > start:
+            self._check_stored(self.arrays, range(start // self.chunk_size, (stop - 1) // self.chunk_size + 1))
         data = read_arrays(self.arrays, start, stop)
         for name, value in data.items():
             if isinstance(value, Exception):
@@ -124,17 +132,21 @@ class Pool:
         if name not in COLUMNS:
             raise PoolError(f"{self.path}: {name!r} is not an (N,) per-image array "
                             f"(expected one of {', '.join(COLUMNS)})")
+        self._check_stored({name: self.arrays[name]})
         values = np.asarray(self.arrays[name][:])
         return as_str(values) if name == "ids" else values
 
     def take(self, name: str, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` ((n,) positions) of the per-image array ``name``, decoding only the chunks
         that hold them; ids as ``<U`` strings, as :meth:`read` gives them."""
-        values = np.asarray(self._array(name).oindex[index])
+        array = self._array(name)
+        self._check_stored({name: array}, np.unique(np.asarray(index, dtype=np.int64) // self.chunk_size))
+        values = np.asarray(array.oindex[index])
         return as_str(values) if name == "ids" else values
 
     def find_ids(self, ids: Sequence[str]) -> np.ndarray:
         """(n,) int64 pool positions of ``ids``, -1 where the pool has no such id."""
+        self._check_stored({"ids": self.arrays["ids"]})
         pool_ids = np.asarray(self.arrays["ids"][:])  # (N,) numpy StringDType (zarr's str), or <U / object
         if pool_ids.dtype.kind == "O":
             pool_ids = pool_ids.astype(np.str_)
@@ -152,7 +164,19 @@ class Pool:
         array = self._array(name)
         if self.group.read_only:
             raise PoolError(f"pool {self.path} is open read-only; open it with mode 'r+' to write '{name}'")
-        return write_rows(array, index, values)
+        written = write_rows(array, index, values)
+        self.missing[name].difference_update(np.unique(index // self.chunk_size).tolist())
+        return written
+
+    def _check_stored(self, arrays: dict[str, zarr.Array], chunks: Any = None) -> None:
+        """:class:`PoolError` when a chunk (of ``chunks``, or any) of ``arrays`` is not stored."""
+        for name in arrays:
+            missing = self.missing[name]
+            if not missing:
+                continue
+            hit = sorted(missing if chunks is None else missing.intersection(np.asarray(chunks).tolist()))
+            if hit:
+                raise missing_chunk_error(f"pool {self.path}", name, hit[0], self.chunk_size, self.n)
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self.arrays:

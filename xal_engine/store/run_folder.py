@@ -214,7 +214,7 @@ class RunWriter(RunFolder):
         if not cfg.is_file():
             atomic_write_text(cfg, dumps_json(config_json, indent=2) + "\n")
         if run.metrics_json.is_file():
-            run.rows = json.loads(run.metrics_json.read_text())
+            run.rows = _read_json(run.metrics_json, "; pass --overwrite to start afresh")
         return run
 
     def make_round_dir(self, strategy: str, seed: int, round_: int) -> Path:

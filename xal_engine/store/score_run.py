@@ -16,6 +16,10 @@ length, so writing a unit is one chunk-aligned assignment per array. A unit's `d
 after all its arrays are written; a crash before that leaves it pending and a rerun recomputes it, so
 a run is idempotent. Each flag is its own chunk: shards that write different units never touch the
 same chunk (Zarr has no locks).
+
+Every array is blosc + CRC32C like the pool's (runs written before have zstd only and still read), and
+every chunk of a done unit is stored, fill values included: a missing chunk of a done unit is a lost
+one, never a fill value. A missing `done` flag reads as not done (the unit is scored again).
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from xal_engine.core.fields import BY_NAME, FIELDS, REQUIRED_NAMES, Field, Layout, PerImage
-from xal_engine.errors import XalError
+from xal_engine.errors import PoolError, XalError
 from xal_engine.store.files import jsonable
+from xal_engine.store.format import compressors, missing_chunk_error, missing_chunks, stored_keys
+
+DONE = "done"
 
 # A unit's results on the host: every registry field, rows in pool order, in its stored dtype.
 UnitResult = PerImage[np.ndarray]
@@ -53,6 +61,10 @@ class ScoreRun:
         # the registry fields this run stores: every required one, and the optional ones it was made with
         present = set(group.array_keys())
         self.fields: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional or f.name in present)
+        # Runs written before checksums skipped chunks equal to the fill value (a unit without ROIs
+        # has no dice chunk): there only the fields that never equal their fill must be stored.
+        self.checked = DONE in present and any(isinstance(c, Crc32cCodec) for c in group[DONE].compressors)
+        self.always_stored = tuple(f.name for f in self.fields if self.checked or not f.needs_roi)
 
     def has(self, name: str) -> bool:
         """Whether the run stores field ``name`` (an optional field such as ``cam`` may be absent)."""
@@ -100,10 +112,11 @@ class ScoreRun:
         layout = Layout(n_classes=n_classes, cam_shape=cam_shape)
         for field in layout.fields:  # (N,), (N, K) or (N, h, w), chunked by work unit
             tail = layout.tail(field)
-            group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=field.dtype,
-                               fill_value=field.fill, overwrite=True)
-        group.create_array("done", shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
-                           fill_value=False, overwrite=True)
+            dtype = np.dtype(field.dtype)
+            group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=dtype,
+                               fill_value=field.fill, compressors=compressors(dtype, "lz4", 5), overwrite=True)
+        group.create_array(DONE, shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
+                           fill_value=False, compressors=compressors(np.dtype(bool), "lz4", 5), overwrite=True)
         group.attrs.update({**jsonable(attrs), "fingerprint": jsonable(fingerprint),
                             "unit_size": unit_size})
         return cls(group, name, n, unit_size)
@@ -126,7 +139,11 @@ class ScoreRun:
         return start, min(start + self.unit_size, self.n)
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """(U,) bool done flags; :class:`PoolError` when `done` is missing or cannot be decoded."""
+        if DONE not in self.group.array_keys():
+            raise PoolError(f"{self.where}: array '{DONE}' is missing, expected the (U,) done flags; "
+                            "run `xal-engine pool validate`")
+        return self._decode(DONE, lambda a: np.asarray(a[:], dtype=bool), set(), [])
 
     def shard_units(self, shard_id: int = 0, num_shards: int = 1) -> range:
         """The units shard ``shard_id`` of ``num_shards`` owns: contiguous, disjoint, covering the run."""
@@ -143,20 +160,45 @@ class ScoreRun:
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
         for field in self.fields:
-            self.group[field.name][start:stop] = np.asarray(result[field.name], dtype=field.dtype)
-        self.group["done"][unit] = True
+            array = self.group[field.name].with_config({"write_empty_chunks": True})
+            array[start:stop] = np.asarray(result[field.name], dtype=field.dtype)
+        self.group[DONE][unit] = True
 
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
     def read(self, fields: tuple[str, ...] = REQUIRED_NAMES) -> dict[str, np.ndarray]:
-        return {f: np.asarray(self.group[f][:]) for f in fields}
+        """Fields ``fields`` of every image; :class:`PoolError` when a chunk of a done unit or of
+        `done` is missing or fails its checksum (units not done read as fill values)."""
+        keys = stored_keys(self.group)
+        done_units = np.flatnonzero(self.done_mask()).tolist()
+        return {f: self._decode(f, lambda a: a[:], keys, done_units) for f in fields}
 
     def take(self, name: str, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` ((n,) positions) of field ``name``, decoding only the chunks that hold them."""
         if not self.has(name):
             raise XalError(f"score run {self.name!r} stores no {name!r} ({BY_NAME[name].doc})")
-        return np.asarray(self.group[name].oindex[np.asarray(index, dtype=np.int64)])
+        index = np.asarray(index, dtype=np.int64)
+        keys = stored_keys(self.group)
+        done = self.done_mask()
+        units = [u for u in np.unique(index // self.unit_size).tolist() if done[u]]
+        return self._decode(name, lambda a: a.oindex[index], keys, units)
+
+    @property
+    def where(self) -> str:
+        root = _local_path(self.group)
+        return f"score run {root if root is not None else self.name}"
+
+    def _decode(self, name: str, read: Any, keys: set[str], units: list[int]) -> np.ndarray:
+        array = self.group[name]
+        lost = missing_chunks(array, keys, units) if units and name in self.always_stored else []
+        if lost:
+            raise missing_chunk_error(self.where, name, lost[0], self.unit_size, self.n)
+        try:
+            return np.asarray(read(array))
+        except Exception as err:  # checksum or blosc failure: a damaged chunk
+            raise PoolError(f"{self.where}: array '{name}' cannot be decoded ({type(err).__name__}: "
+                            f"{err}); run `xal-engine pool validate`") from err
 
     def clean_partial_files(self) -> int:
         """Remove `*.partial` files a killed writer left behind (local stores only); returns the count."""

@@ -1,4 +1,5 @@
-"""The content check behind ``Pool.validate``: every chunk decoded, every value checked.
+"""The content check behind ``Pool.validate``: every chunk decoded, every value checked, of the
+per-image arrays, of every score run (its done units) and of every AL experiment and label import.
 
 Problems are collected, never raised: one line per kind, naming the array and the first few image
 indices, so a single run reports everything that is wrong with a pool.
@@ -6,12 +7,28 @@ indices, so a single run reports everything that is wrong with a pool.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xal_engine.core.fields import REQUIRED_NAMES
+from xal_engine.errors import XalError
 from xal_engine.progress import progress
-from xal_engine.store.format import SPLIT_TEST, as_str, read_arrays
+from xal_engine.store.format import (
+    AL_GROUP,
+    LABELLED_ROUND,
+    LABELS_HISTORY,
+    SCORES_GROUP,
+    SPLIT_TEST,
+    as_str,
+    missing_chunks,
+    read_arrays,
+    stored_keys,
+)
+from xal_engine.store.score_run import DONE, ScoreRun
+
+ROI_METRICS = ("dice", "soft_dice", "energy")  # in [0, 1] with an ROI, NaN without
 
 if TYPE_CHECKING:
     from xal_engine.store.pool import Pool
@@ -64,7 +81,7 @@ class _Checker:
         if not pool.classes:
             self.problems.append("attribute 'classes' is empty")
         for name, array in pool.arrays.items():
-            missing = array.nchunks - array.nchunks_initialized
+            missing = len(missing_chunks(array))  # listed now: the store may have changed since open
             if missing:
                 self.problems.append(f"array '{name}': {missing} of {array.nchunks} chunk(s) missing "
                                      "(they would read as fill values)")
@@ -74,6 +91,12 @@ class _Checker:
                 bar.update(stop - start)
         self.problems += [f.message() for f in self.findings.values() if f.count]
         self._check_unique_ids()
+        for run in pool.subgroups(SCORES_GROUP):
+            self._check_run(run)
+        for experiment in pool.subgroups(AL_GROUP):
+            self._check_experiment(experiment)
+        for number in pool.subgroups(LABELS_HISTORY):
+            self._check_history(number)
         return self.problems
 
     def _check_chunk(self, start: int, stop: int) -> None:
@@ -108,3 +131,102 @@ class _Checker:
         if dup.any():
             shown = ", ".join(repr(v) for v in values[dup][:_Findings.SHOWN].tolist())
             self.problems.append(f"ids: {int(dup.sum())} id(s) used more than once ({shown})")
+
+    def _undecodable(self, key: str, chunk: int, start: int, stop: int, err: Exception) -> None:
+        self.problems.append(f"array '{key}' chunk {chunk} (images {start}..{stop - 1}) cannot be decoded: "
+                             f"{type(err).__name__}: {err}")
+
+    def _check_run(self, name: str) -> None:
+        """The done units of ``scores/<name>/``: every chunk stored and decodable, values in range."""
+        pool, where = self.pool, f"{SCORES_GROUP}/{name}"
+        present = set(pool.group[SCORES_GROUP][name].array_keys())
+        absent = [a for a in (*REQUIRED_NAMES, DONE) if a not in present]
+        if absent:
+            self.problems.append(f"{where}: missing array(s) {', '.join(map(repr, absent))}; expected a "
+                                 "score run's result arrays and done flags")
+            return
+        try:
+            run = ScoreRun.open(pool.group, name)
+            done = run.done_mask()
+        except (XalError, KeyError) as err:
+            self.problems.append(f"{where}: cannot be opened ({type(err).__name__}: {err})")
+            return
+        arrays = {f.name: run.group[f.name] for f in run.fields}
+        for field, array in arrays.items():
+            if array.shape[0] != pool.n or array.chunks[0] != run.unit_size:
+                self.problems.append(f"array '{where}/{field}' has shape {array.shape}, chunks {array.chunks}; "
+                                     f"expected {pool.n} images in chunks of {run.unit_size}")
+                return
+        units = np.flatnonzero(done).tolist()
+        keys = stored_keys(run.group)
+        lost_units: set[int] = set()
+        for field in run.always_stored:
+            lost = missing_chunks(arrays[field], keys, units)
+            lost_units.update(lost)
+            if lost:
+                shown = ", ".join(map(str, lost[:_Findings.SHOWN])) + (", ..." if len(lost) > _Findings.SHOWN else "")
+                self.problems.append(f"array '{where}/{field}': {len(lost)} chunk(s) of done units missing "
+                                     f"(chunk {shown}); expected every chunk of a done unit stored")
+        k = int(arrays["probs"].shape[1])
+        checks = {"probs": "outside [0, 1] or not summing to 1", "pred": f"outside 0..{k - 1}",
+                  "entropy": f"outside [0, ln {k}]", "margin": "outside [0, 1]",
+                  "least_confidence": "outside [0, 1]", "hit": "True where has_roi is False"}
+        for f in ROI_METRICS:
+            checks[f] = "outside [0, 1] where has_roi is True"
+            checks[f"{f}/no_roi"] = "not NaN where has_roi is False"
+        findings = {key: _Findings(f"{where}/{key.split('/')[0]}: {what}") for key, what in checks.items()}
+        has_roi_all = np.asarray(pool.arrays["has_roi"][:], dtype=bool)
+        eps = 1e-5  # fp32 rounding of values computed in [0, 1]
+        for unit in (u for u in units if u not in lost_units):  # lost chunks read as fill: reported above
+            start, stop = run.unit_range(unit)
+            d = read_arrays(arrays, start, stop)
+            if any(isinstance(v, Exception) for v in d.values()):
+                for field, value in d.items():
+                    if isinstance(value, Exception):
+                        self._undecodable(f"{where}/{field}", unit, start, stop, value)
+                continue
+            has_roi = has_roi_all[start:stop]
+            probs = d["probs"].astype(np.float32)  # (n, K)
+            tol = k * 2.0 ** -11  # K fp16 roundings of at most half an ulp of 1
+            findings["probs"].add(start, ~((probs >= 0) & (probs <= 1)).all(axis=1)
+                                  | ~(np.abs(probs.sum(axis=1) - 1) <= tol))
+            findings["pred"].add(start, (d["pred"] < 0) | (d["pred"] >= k))
+            findings["entropy"].add(start, ~((d["entropy"] >= -eps) & (d["entropy"] <= math.log(k) + eps)))
+            for f in ("margin", "least_confidence"):
+                findings[f].add(start, ~((d[f] >= -eps) & (d[f] <= 1 + eps)))
+            findings["hit"].add(start, d["hit"] & ~has_roi)
+            for f in ROI_METRICS:
+                findings[f].add(start, has_roi & ~((d[f] >= -eps) & (d[f] <= 1 + eps)))
+                findings[f"{f}/no_roi"].add(start, ~has_roi & ~np.isnan(d[f]))
+        self.problems += [f.message() for f in findings.values() if f.count]
+
+    def _check_experiment(self, name: str) -> None:
+        """``al/<name>/labelled_round``: every stored chunk decodable, rounds >= -1 (a chunk not stored
+        is rows never labelled)."""
+        pool, key = self.pool, f"{AL_GROUP}/{name}/{LABELLED_ROUND}"
+        try:
+            node = pool.experiment(name).labelled_round_array()
+        except XalError as err:
+            self.problems.append(str(err))
+            return
+        if node is None:
+            return
+        below = _Findings(f"{key}: below -1")
+        for start, stop in pool.chunk_ranges():
+            value = read_arrays({LABELLED_ROUND: node}, start, stop)[LABELLED_ROUND]
+            if isinstance(value, Exception):
+                self._undecodable(key, start // pool.chunk_size, start, stop, value)
+            else:
+                below.add(start, value < -1)
+        if below.count:
+            self.problems.append(below.message())
+
+    def _check_history(self, number: str) -> None:
+        """``labels_history/<number>/``: every array decodable and consistent with the pool."""
+        if not number.isdigit():
+            self.problems.append(f"{LABELS_HISTORY}/{number}: not an import number")
+            return
+        try:
+            self.pool.labels_history().read(int(number))
+        except XalError as err:
+            self.problems.append(str(err))
