@@ -15,6 +15,7 @@ from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, generate_block
 from xal_engine.jobs.label import ImportConfig, UndoConfig, import_labels, undo_import
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool, PoolWriter
+from xal_engine.store.al_state import GENERATION_ATTR
 
 N, SIZE, CHUNK = 40, 32, 8
 # Image i: split fixed by hand so tests can name train/val/test ids; labels start unknown.
@@ -97,6 +98,12 @@ def test_import_writes_labels_rounds_and_masks(pool_path: Path, tmp_path: Path) 
     # Only the chunks holding rows 2, 9 and 17 (chunks 0, 1, 2) changed; no other file did.
     new = snapshot(pool_path)
     changed = {k for k in old if old[k] != new.get(k)}  # chunk keys: labels/c/1, rois/c/1/0/0
+    if "zarr.json" in changed:  # the pool's attributes: only its generation may have changed
+        root_old, root_new = json.loads(old["zarr.json"]), json.loads(new["zarr.json"])
+        root_new["attributes"].pop(GENERATION_ATTR)
+        root_old["attributes"].pop(GENERATION_ATTR, None)
+        assert root_new == root_old
+        changed.remove("zarr.json")
     assert changed <= {"labels/c/0", "labels/c/1", "labels/c/2", "rois/c/0/0/0", "rois/c/1/0/0",
                        "has_roi/c/0", "has_roi/c/1"}
     assert {"labels/c/0", "labels/c/1", "labels/c/2", "rois/c/0/0/0", "rois/c/1/0/0"} <= changed
@@ -448,3 +455,104 @@ def test_an_roi_absolute_path_into_the_csv_folder_is_accepted(pool_path: Path, t
     folder, _ = _outside_layout(tmp_path)
     csv_path = write_csv(folder / "labels.csv", f"id,class,roi\n{ident(1)},round,{folder / 'in.png'}\n")
     assert import_labels(pool_path, csv_path).n_rois == 1
+
+
+# --- an import killed part-way ---------------------------------------------------------------------
+KILLED_IMPORT = """
+import os, sys
+from xal_engine.jobs.label import ImportConfig, import_labels
+from xal_engine.store import Pool
+writes = [0]
+original = Pool.write_rows
+def write_rows(self, name, index, values):
+    done = original(self, name, index, values)
+    writes[0] += 1
+    if str(writes[0]) == sys.argv[3]:
+        os.kill(os.getpid(), 9)
+    return done
+def partly(array, index, values):
+    first = index // array.chunks[0] == index[0] // array.chunks[0]
+    original_rows(array, index[first], values[first])
+    os.kill(os.getpid(), 9)
+if sys.argv[3] == "rounds":
+    import xal_engine.store.al_state as al_state
+    original_rows = al_state.write_rows
+    al_state.write_rows = partly
+Pool.write_rows = write_rows
+import_labels(sys.argv[1], sys.argv[2], ImportConfig(experiment="e"))
+"""
+
+
+def kill_import(pool_path: Path, csv_path: Path, after_writes: int | str) -> None:
+    """Run the import in a subprocess that SIGKILLs itself after its ``after_writes``-th row write
+    ("rounds": once the first chunk of the experiment's rounds is written)."""
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(pool_path), str(csv_path),
+                           str(after_writes)], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+@pytest.mark.parametrize("after_writes", [1, 3, "rounds"])
+def test_a_killed_import_rerun_equals_an_uninterrupted_one(pool_path: Path, tmp_path: Path,
+                                                           after_writes: int | str) -> None:
+    import shutil
+
+    first_import(pool_path, tmp_path)
+    reference = tmp_path / "reference.zarr"
+    shutil.copytree(pool_path, reference)
+    csv_path = second_csv(tmp_path)
+    expected = import_labels(reference, csv_path, ImportConfig(experiment="e"))
+    kill_import(pool_path, csv_path, after_writes)
+
+    pending = Pool.open(pool_path).labels_history().pending()
+    assert pending is not None and (pending["number"], pending["round"]) == (2, 1)
+    with pytest.raises(XalError, match=r"label import 2 \(.*two.csv\) was interrupted") as err:
+        import_labels(pool_path, write_csv(tmp_path / "other.csv", f"id,class\n{ident(4)},0\n"),
+                      ImportConfig(experiment="e", dry_run=True))
+    assert "\n" not in str(err.value)
+    assert import_labels(pool_path, csv_path, ImportConfig(experiment="e", dry_run=True)).resumed
+
+    got = import_labels(pool_path, csv_path, ImportConfig(experiment="e"))
+    assert got.resumed and not expected.resumed
+    assert {**vars(got), "resumed": False, "pool": ""} == {**vars(expected), "pool": ""}
+    assert_state(state(pool_path), state(reference))
+    pool, ref = Pool.open(pool_path), Pool.open(reference)
+    assert without_times(pool.labels_history().records()) == without_times(ref.labels_history().records())
+    assert without_times(pool.experiment("e").imports()) == without_times(ref.experiment("e").imports())
+    assert pool.labels_history().pending() is None
+    undo_import(pool_path)
+    undo_import(reference)
+    assert_state(state(pool_path), state(reference))
+
+
+def test_a_killed_import_is_completed_before_another_import_or_an_undo(pool_path: Path,
+                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    first_import(pool_path, tmp_path)
+    after_first = state(pool_path)
+    reference = tmp_path / "reference.zarr"
+    shutil.copytree(pool_path, reference)
+    csv_path = second_csv(tmp_path)
+    import_labels(reference, csv_path, ImportConfig(experiment="e"))
+    kill_import(pool_path, csv_path, 1)
+    killed = tmp_path / "killed.zarr"
+    shutil.copytree(pool_path, killed)
+
+    other = write_csv(tmp_path / "other.csv", f"id,class\n{ident(4)},0\n")
+    summary = import_labels(pool_path, other, ImportConfig(experiment="e"))
+    assert (summary.import_number, summary.round, summary.resumed) == (3, 2, False)
+    import_labels(reference, other, ImportConfig(experiment="e"))
+    assert_state(state(pool_path), state(reference))
+
+    undone = undo_import(killed)  # completes import 2, then undoes it
+    assert undone.import_number == 2
+    assert_state(state(killed), after_first)
+    assert Pool.open(killed).labels_history().pending() is None

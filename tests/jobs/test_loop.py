@@ -369,3 +369,42 @@ def test_a_run_folder_begun_before_layers_were_recorded_resumes_with_the_last_st
     assert (tmp_path / "run" / "config.json").read_bytes() == before  # resumed, not refused or rewritten
     info = load_checkpoint(tmp_path / "run" / "random" / "seed0" / "round0" / "model.pt")[1]
     assert info.target_layer == "layer4"
+
+
+def test_an_experiment_label_made_is_refused_unless_taken_over(tmp_path: Path) -> None:
+    from xal_engine.jobs.label import ImportConfig, import_labels, undo_import
+
+    pool_path = tmp_path / "pool.zarr"
+    create_synthetic_pool(replace(POOL, n=60), pool_path)
+    pool = Pool.open(pool_path)
+    train_rows = np.flatnonzero(pool.column("split") == SPLIT_TRAIN)[:30]
+    ids, labels = pool.take("ids", train_rows), pool.take("labels", train_rows)
+    csv_path = tmp_path / "batch.csv"
+    csv_path.write_text("id,class\n" + "".join(f"{i},{k}\n" for i, k in zip(ids, labels)))
+    import_labels(pool_path, csv_path, ImportConfig(experiment="random-seed0"))
+    imported = labelled_round(pool_path, "random-seed0")
+    config = replace(TINY, strategies=("random",), rounds=0)
+
+    with pytest.raises(XalError, match=r"AL experiment 'random-seed0' holds 1 label import\(s\); pass "
+                                       r"--take-over-experiments") as err:
+        run_loop(pool_path, tmp_path / "run", config, log=lambda line: None)
+    assert "\n" not in str(err.value)
+    np.testing.assert_array_equal(labelled_round(pool_path, "random-seed0"), imported)
+
+    lines: list[str] = []
+    run_loop(pool_path, tmp_path / "run", config, log=lines.append, take_over_experiments=True)
+    rounds = labelled_round(pool_path, "random-seed0")
+    assert int((rounds >= 0).sum()) == TINY.initial and (rounds >= 0).sum() != (imported >= 0).sum()
+    assert "random-seed0: took over AL experiment 'random-seed0' (1 label import(s) detached)" in lines
+    experiment = Pool.open(pool_path).experiment("random-seed0")
+    assert experiment.imports() == [] and len(experiment.attrs()["replaced_imports"]) == 1
+    assert Pool.open(pool_path).labels_history().records()[0]["rounds_replaced"]
+    undone = undo_import(pool_path)  # the labels go back; the loop's rounds are not the import's
+    assert (undone.n_labels, undone.n_rounds) == (30, 0)
+    np.testing.assert_array_equal(labelled_round(pool_path, "random-seed0"), rounds)
+    run_loop(pool_path, tmp_path / "run", config, log=lambda line: None)  # its own experiment: resumes
+
+
+def test_cli_names_the_take_over_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["loop", "--help"]) == 0
+    assert "--take-over-experiments" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -474,3 +475,76 @@ def test_score_a_checkpoint_with_a_flipped_weight_byte_is_one_line(setup, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [(f"xal-engine score: error: checkpoint {flipped} is corrupt: checksum mismatch "
                     "(its weights differ from those saved; copy or train it again)")]
+
+
+def test_a_resuming_shard_leaves_the_other_shards_half_written_chunks(setup):
+    _, pool, model, _ = setup
+    shard0 = ScoreConfig(run="own-partials", batch_size=UNIT, num_workers=0, shard_id=0, num_shards=2)
+    score_pool(pool, model, shard0)
+    root = pool / "scores" / "own-partials"
+    mine = root / "dice" / "c" / "0.aa.partial"  # unit 0: shard 0 has units 0..3
+    theirs = root / "dice" / "c" / "7.bb.partial"  # unit 7: shard 1's
+    for path in (mine, theirs):
+        path.write_bytes(b"in flight")
+    assert score_pool(pool, model, shard0).images == 0
+    assert not mine.exists() and theirs.exists()  # shard 1's file may be a live writer's
+
+
+def test_a_run_scored_before_a_label_import_is_refused_as_stale(tmp_path):
+    from xal_engine.jobs.label import ImportConfig, UndoConfig, import_labels, undo_import
+
+    pool = make_pool(tmp_path / "pool.zarr", n=16)
+    model = make_model(tmp_path / "model.pt")
+    config = ScoreConfig(run="r", batch_size=UNIT, num_workers=0)
+    score_pool(pool, model, config)
+    opened = Pool.open(pool)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text(f"id,class\n{opened.take('ids', np.array([0]))[0]},{opened.classes[1]}\n")
+    import_labels(pool, csv_path, ImportConfig(allow_any_split=True))
+    with pytest.raises(XalError, match=r"^pool changed since run 'r' was scored \(generation 0 -> \d+\); "
+                                       r"rescore with --overwrite or another --run$"):
+        score_pool(pool, model, config)
+    assert score_pool(pool, model, replace(config, overwrite=True)).images == 16
+    assert score_pool(pool, model, config).images == 0  # the same generation resumes
+    undo_import(pool, UndoConfig())
+    with pytest.raises(XalError, match=r"^pool changed since run 'r' was scored"):
+        score_pool(pool, model, config)
+
+
+def _score_shard_at_the_barrier(pool: str, model: str, shard_id: int, rounds: int, barrier, results) -> None:
+    """Score shard ``shard_id`` of 2 of a new run per round, started together with the other shard."""
+    for i in range(rounds):
+        barrier.wait(timeout=300)
+        try:
+            summary = score_pool(pool, model, ScoreConfig(run=f"together{i}", batch_size=UNIT, num_workers=0,
+                                                          shard_id=shard_id, num_shards=2, threads=1))
+            results.put((i, shard_id, summary.images, None))
+        except Exception as err:  # noqa: BLE001  (reported to the test)
+            results.put((i, shard_id, 0, f"{type(err).__name__}: {err}"))
+
+
+@pytest.mark.slow
+def test_two_shards_of_a_new_run_started_together_equal_one_run(tmp_path):
+    import multiprocessing
+
+    pool = make_pool(tmp_path / "pool.zarr", n=2 * UNIT)
+    model = make_model(tmp_path / "model.pt")
+    score_pool(pool, model, ScoreConfig(run="single", batch_size=UNIT, num_workers=0, threads=1))
+    rounds = 20
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has run torch
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_score_shard_at_the_barrier, args=(str(pool), str(model), k, rounds,
+                                                                  barrier, results)) for k in range(2)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=300) for _ in range(2 * rounds)]
+    for proc in procs:
+        proc.join()
+    assert [g for g in got if g[3] is not None] == []
+    assert all(proc.exitcode == 0 for proc in procs)
+    single = read_run(pool, "single")
+    for i in range(rounds):
+        assert sum(g[2] for g in got if g[0] == i) == 2 * UNIT  # each shard scored its own unit once
+        run = ScoreRun.open(Pool.open(pool).group, f"together{i}")
+        assert run.is_complete()
+        assert_runs_equal(single, run.read())

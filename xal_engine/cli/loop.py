@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="loader processes decoding Zarr chunks (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run folder with another configuration and start afresh")
+    p.add_argument("--take-over-experiments", action="store_true",
+                   help="replace the labelled set of an AL experiment of the same name that `label --import` "
+                        "made or wrote to (its imports' labels and masks stay undoable)")
     add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the metrics rows as JSON")
     p.set_defaults(func=run)
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from xal_engine.jobs.loop import run_loop
 
     config = config_from_args(args)
-    rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite, show_progress=show_progress(args))
+    rows = run_loop(args.pool, args.out, config, overwrite=args.overwrite, show_progress=show_progress(args),
+                    take_over_experiments=args.take_over_experiments)
     if args.json:
         print(dumps_json(rows))
     else:

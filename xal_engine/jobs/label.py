@@ -10,12 +10,19 @@ with a ``class`` column added imports as it is.
 The import is all or nothing: the file, every row and every mask are checked first, and any problem
 raises one :class:`XalError` naming the file, the line and the problem (the first few, then a
 count) before anything is written. A dry run stops there and reports what would change. Otherwise
-what the import replaces (the rows' labels, has_roi, masks and rounds) is stored as the next numbered
-``labels_history/<number>/`` and recorded, then only the chunks holding the imported rows are
-rewritten: ``rois``/``has_roi`` (rows with a mask), ``labels``, and last
+what the import replaces (the rows' labels, has_roi, masks and rounds) and what it writes are stored
+as the next numbered ``labels_history/<number>/`` and recorded as ``pending``, then only the chunks
+holding the imported rows are rewritten: ``rois``/``has_roi`` (rows with a mask), ``labels``, and last
 ``al/<experiment>/labelled_round`` (so an image never counts as labelled before its label is in
-place). This module parses, checks and plans; the rows are written by :meth:`Pool.write_rows` and
-:meth:`ALExperiment.mark_labelled`, the history by :class:`LabelsHistory`.
+place); the record is then marked ``complete``. This module parses, checks and plans; the rows are
+written by :meth:`Pool.write_rows` and :meth:`ALExperiment.mark_labelled`, the history by
+:class:`LabelsHistory`.
+
+An interrupted import (killed, power lost) stays ``pending`` and is completed, never rolled back
+implicitly: the next import or undo first writes its planned values again (:func:`complete_pending`).
+Run again with the same file and flags, it completes as the same import number and round and reports
+the summary the uninterrupted import would have (``resumed``); ``--undo`` after it completes and then
+undoes it. A dry run with a pending import is refused unless it is that import's rerun.
 
 Undo (``label --undo``) puts one import's previous values back, byte for byte, and marks its records
 undone. Imports are undone newest first: an import is refused while a later import that is not undone
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +46,14 @@ import numpy as np
 
 from xal_engine.errors import XalError
 from xal_engine.store import SPLIT_NAMES, SPLIT_TRAIN, Pool
-from xal_engine.store.al_state import LabelsHistory, PreviousValues
+from xal_engine.store.al_state import (
+    COMPLETE,
+    PENDING,
+    ROUNDS_REPLACED_ATTR,
+    LabelsHistory,
+    PlannedValues,
+    PreviousValues,
+)
 
 ID, CLASS, ROI = "id", "class", "roi"
 MAX_ROUND = int(np.iinfo(np.int16).max)
@@ -99,6 +113,7 @@ class ImportSummary:
     n_rois_added: int  # masks on rows without one (has_roi False -> True)
     n_rois_replaced: int  # masks replacing an existing one
     n_new: int  # train rows the experiment marks as labelled for the first time
+    resumed: bool = False  # the run completed this import, interrupted before (same number and round)
 
 
 @dataclass(frozen=True)
@@ -322,21 +337,33 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     rows = read_label_csv(csv_path, problems)
     plan = _plan(pool, rows, csv_path, config, problems)
     experiment = pool.experiment(config.experiment) if config.experiment is not None else None
-    previous = experiment.read_labelled_round(missing_ok=True) if experiment is not None else \
-        np.full(pool.n, -1, dtype=np.int16)  # (N,) int16, -1 = not labelled
-    round_ = config.round if config.round is not None else int(previous.max(initial=-1)) + 1
-    if round_ > MAX_ROUND:
-        raise XalError(f"pool {pool.path}: experiment {config.experiment!r} has no round left "
-                       f"(rounds are int16, at most {MAX_ROUND})")
     history = pool.labels_history()
-    number = len(history.records()) + 1
-    marked = plan.index[plan.in_train] if experiment is not None else np.zeros(0, dtype=np.int64)  # (k,)
-    old = PreviousValues(
-        index=plan.index, labels=pool.take("labels", plan.index), roi_index=plan.roi_index,
-        has_roi=pool.take("has_roi", plan.roi_index), rois=pool.take("rois", plan.roi_index),
-        round_index=marked, labelled_round=previous[marked],
-        round_chunks_created=experiment.missing_chunks(marked) if experiment is not None else [])
-    first = np.where(old.labelled_round >= 0, old.labelled_round, round_).astype(np.int16)  # (k,)
+    pending = history.pending()
+    resumed = pending is not None and _same_import(history, pending, plan, config)
+    if pending is not None and not resumed:
+        if config.dry_run:
+            raise XalError(_interrupted(pool, pending, "before a dry run"))
+        complete_pending(pool)
+    if resumed:
+        number, round_ = int(pending["number"]), pending["round"]
+        old = history.read(number)
+        marked = old.round_index
+        first = history.read_planned(number, old).labelled_round
+    else:
+        number = len(history.records()) + 1
+        marked = plan.index[plan.in_train] if experiment is not None else np.zeros(0, dtype=np.int64)  # (k,)
+        previous = experiment.read_labelled_round(missing_ok=True) if experiment is not None else \
+            np.full(pool.n, -1, dtype=np.int16)  # (N,) int16, -1 = not labelled
+        round_ = config.round if config.round is not None else int(previous.max(initial=-1)) + 1
+        if round_ > MAX_ROUND:
+            raise XalError(f"pool {pool.path}: experiment {config.experiment!r} has no round left "
+                           f"(rounds are int16, at most {MAX_ROUND})")
+        old = PreviousValues(
+            index=plan.index, labels=pool.take("labels", plan.index), roi_index=plan.roi_index,
+            has_roi=pool.take("has_roi", plan.roi_index), rois=pool.take("rois", plan.roi_index),
+            round_index=marked, labelled_round=previous[marked],
+            round_chunks_created=experiment.missing_chunks(marked) if experiment is not None else [])
+        first = np.where(old.labelled_round >= 0, old.labelled_round, round_).astype(np.int16)  # (k,)
     known = old.labels >= 0  # (n,) rows that had a label
     summary = ImportSummary(
         pool=str(pool.path), file=str(csv_path), experiment=config.experiment,
@@ -348,24 +375,71 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
         set_per_class=_per_class(plan.labels[~known], pool.classes),
         changed_per_class=_per_class(plan.labels[known & (old.labels != plan.labels)], pool.classes),
         n_unchanged=int((old.labels == plan.labels).sum()), n_rois_added=int((~old.has_roi).sum()),
-        n_rois_replaced=int(old.has_roi.sum()), n_new=int((old.labelled_round < 0).sum()))
+        n_rois_replaced=int(old.has_roi.sum()), n_new=int((old.labelled_round < 0).sum()),
+        resumed=resumed)
     if config.dry_run:
         return summary
+    if resumed:
+        complete_pending(pool)
+        return summary
 
-    # Everything is checked. What the import replaces is stored and recorded first, so that an
-    # interrupted import can be undone too; then the rows, marking them labelled last.
-    key = history.write(number, old)
+    # Everything is checked. What the import replaces and what it writes are stored, and the import
+    # recorded as pending, before the first row is written; it is marked complete after the last.
+    planned = PlannedValues(labels=plan.labels, rois=plan.rois, labelled_round=first)
+    key = history.write(number, old, planned)
     history.record({"number": number, "file": str(csv_path), "experiment": config.experiment,
                     "round": summary.round, "n_rows": len(plan.index), "n_rois": len(plan.roi_index),
-                    "history": key, "time": _now(), "undone": None})
-    pool.write_rows("rois", plan.roi_index, plan.rois)
-    pool.write_rows("has_roi", plan.roi_index, np.ones(len(plan.roi_index), dtype=bool))
-    pool.write_rows("labels", plan.index, plan.labels)
-    if experiment is not None:
-        experiment.mark_labelled(marked, first)
-        experiment.record_import({"file": str(csv_path), "round": round_, "n_new": summary.n_new,
-                                  "time": _now(), "import": number, "history": key})
+                    "n_new": summary.n_new, "history": key, "time": _now(), "undone": None,
+                    "state": PENDING})
+    complete_pending(pool)
     return summary
+
+
+def _interrupted(pool: Pool, record: dict[str, Any], when: str) -> str:
+    return (f"pool {pool.path}: label import {record['number']} ({record.get('file')}) was interrupted and "
+            f"must be completed {when}; rerun it, or run `xal-engine label --pool {pool.path} --undo` "
+            "to complete and then undo it")
+
+
+def _same_import(history: LabelsHistory, record: dict[str, Any], plan: _Plan, config: ImportConfig) -> bool:
+    """Whether ``plan`` (with ``config``) is the pending import ``record`` run again: the same
+    experiment and round, rows and values (the file may be named another way)."""
+    if record.get("experiment") != config.experiment or \
+            (config.round is not None and record.get("round") != config.round):
+        return False
+    old = history.read(int(record["number"]))
+    planned = history.read_planned(int(record["number"]), old)
+    return (np.array_equal(old.index, plan.index) and np.array_equal(planned.labels, plan.labels)
+            and np.array_equal(old.roi_index, plan.roi_index) and np.array_equal(planned.rois, plan.rois))
+
+
+def complete_pending(pool: Pool) -> int | None:
+    """Write the planned values of the pending (interrupted) import of ``pool`` again, in the import's
+    order, and mark it complete: an interrupted import is finished, never left half applied. Returns
+    its number, None when no import is pending."""
+    history = pool.labels_history()
+    record = history.pending()
+    if record is None:
+        return None
+    number = int(record["number"])
+    old = history.read(number)
+    planned = history.read_planned(number, old)
+    name = record.get("experiment")
+    if len(old.round_index) and name is None:
+        raise XalError(f"pool {pool.path}: labels_history/{number} has rounds but its record names no "
+                       "experiment")
+    pool.write_rows("rois", old.roi_index, planned.rois)
+    pool.write_rows("has_roi", old.roi_index, np.ones(len(old.roi_index), dtype=bool))
+    pool.write_rows("labels", old.index, planned.labels)
+    if name is not None:  # rows are marked labelled last: never before their label is in place
+        experiment = pool.experiment(name)
+        experiment.mark_labelled(old.round_index, planned.labelled_round)
+        if not any(r.get("import") == number for r in experiment.imports()):
+            experiment.record_import({"file": record.get("file"), "round": record.get("round"),
+                                      "n_new": record.get("n_new"), "time": record.get("time"),
+                                      "import": number, "history": record["history"]})
+    history.set_state(number, COMPLETE)
+    return number
 
 
 def _undo_target(pool: Pool, records: list[dict[str, Any]], config: UndoConfig) -> dict[str, Any]:
@@ -411,10 +485,18 @@ def undo_import(pool_path: str | Path, config: UndoConfig = UndoConfig()) -> Und
         raise XalError("--round needs --experiment (the AL experiment the round belongs to)")
     pool = Pool.open(pool_path, mode="r" if config.dry_run else "r+")
     history: LabelsHistory = pool.labels_history()
+    pending = history.pending()
+    if pending is not None:
+        if config.dry_run:
+            raise XalError(_interrupted(pool, pending, "before a dry run"))
+        complete_pending(pool)
     records = history.records()
     target = _undo_target(pool, records, config)
     number = int(target["number"])
     old = history.read(number)
+    if target.get(ROUNDS_REPLACED_ATTR):  # a loop took the experiment over: its rounds are not this import's
+        none = np.zeros(0, dtype=np.int64)
+        old = replace(old, round_index=none, labelled_round=none.astype(np.int16), round_chunks_created=[])
     for later in records[number:]:
         if later.get("undone"):
             continue

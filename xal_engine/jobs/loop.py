@@ -14,6 +14,10 @@ For each seed and strategy one experiment ``<strategy>-seed<k>`` runs rounds 0..
 The labelled set lives in the pool, ``al/<experiment>/labelled_round`` (N,) int16, -1 = not
 labelled; its attributes hold the loop config. Test images are never candidates nor trained on;
 validation images only select the epoch. An experiment stops early when no candidate is left.
+An experiment of the same name that ``label --import`` made or wrote to is refused (its labelled set
+and import history would no longer match); ``take_over_experiments`` replaces its labelled set,
+first detaching its imports (:meth:`ALExperiment.take_over`: an undo then puts back labels and masks
+only).
 
 The run folder (config.json, metrics.csv/json, per round selected.csv and model.pt) is the format
 of :mod:`xal_engine.store.run_folder`, which ``xal-engine report`` reads. A round is complete when
@@ -38,6 +42,7 @@ from scipy.stats import rankdata
 from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
 from xal_engine.core.models import DEFAULT_TARGET_LAYERS, load_checkpoint, save_checkpoint
 from xal_engine.errors import XalError
+from xal_engine.jobs.label import complete_pending
 from xal_engine.jobs.score import ScoreConfig, score_pool
 from xal_engine.jobs.select import BatchSelection, select_batch, write_batch
 from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, resolve_target_layer, train
@@ -190,8 +195,10 @@ class ALLoop:
     round remains."""
 
     def __init__(self, pool_path: str | Path, run_dir: RunWriter, config: LoopConfig, strategy: str,
-                 seed: int, log: Callable[[str], None] = _stderr, show_progress: bool | None = None) -> None:
+                 seed: int, log: Callable[[str], None] = _stderr, show_progress: bool | None = None,
+                 take_over_experiments: bool = False) -> None:
         self.pool_path = Path(pool_path)
+        self.take_over_experiments = take_over_experiments
         self.run_dir, self.config, self.strategy, self.seed = run_dir, config, strategy, seed
         self.experiment = experiment_name(strategy, seed)
         self.log, self.show_progress = log, show_progress
@@ -238,6 +245,7 @@ class ALLoop:
     def _label(self, pool: Pool, r: int, selected: Path) -> int | None:
         """Reveal round r's images (their batch CSV to ``selected``); the labelled count, or None when
         no candidate is left."""
+        self._check_imports(pool)
         if r > 0:
             self._check_owner(pool)
         labelled = self._round_array(pool, fresh=r == 0)
@@ -270,6 +278,25 @@ class ALLoop:
         if owner != str(self.run_dir.path.resolve()):
             raise XalError(f"pool {pool.path}: AL experiment {self.experiment!r} now belongs to run folder "
                            f"{owner}, not {self.run_dir.path}; pass --overwrite to restart this run")
+
+    def _check_imports(self, pool: Pool) -> None:
+        """The experiment must hold only this loop's labelled set: one made by ``label --import`` (or
+        with imports not undone) is refused, or with ``take_over_experiments`` detached from its imports
+        (their labels and masks stay undoable) so that the loop's rounds replace it."""
+        experiment = pool.experiment(self.experiment)
+        attrs = experiment.attrs()
+        imports = [r for r in experiment.imports() if not r.get("undone")]
+        if (not attrs and experiment.labelled_round_array() is None) or ("run_dir" in attrs and not imports):
+            return
+        if not self.take_over_experiments:
+            what = f"holds {len(imports)} label import(s)" if imports else "was not created by `xal-engine loop`"
+            raise XalError(f"pool {pool.path}: AL experiment {self.experiment!r} {what}; pass "
+                           "--take-over-experiments to replace its labelled set with this run's, or import "
+                           "labels under another --experiment name")
+        complete_pending(pool)
+        experiment.take_over(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.log(f"{self.experiment}: took over AL experiment {self.experiment!r} "
+                 f"({len(imports)} label import(s) detached)")
 
     def _round_array(self, pool: Pool, fresh: bool) -> Any:
         """al/<experiment>/labelled_round, created (all -1) when ``fresh``; the config in its attrs."""
@@ -322,14 +349,15 @@ def check_pool(pool: Pool, config: LoopConfig) -> None:
 
 def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,
              overwrite: bool = False, log: Callable[[str], None] = _stderr,
-             show_progress: bool | None = None) -> list[dict[str, Any]]:
+             show_progress: bool | None = None, take_over_experiments: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows.
     RUN_DIR/.lock is held throughout: a second process on the same run folder is refused."""
     pool = Pool.open(pool_path)
     check_pool(pool, config)
     with RunFolder(out).lock():  # one process writes a run folder; released however the loop ends
         recorded, config = _fix_target_layer(pool, out, config, overwrite)
-        return _run_experiments(pool_path, out, config, recorded, overwrite, log, show_progress)
+        return _run_experiments(pool_path, out, config, recorded, overwrite, log, show_progress,
+                                take_over_experiments)
 
 
 def _fix_target_layer(pool: Pool, out: str | Path, config: LoopConfig,
@@ -356,12 +384,13 @@ def _fix_target_layer(pool: Pool, out: str | Path, config: LoopConfig,
 
 def _run_experiments(pool_path: str | Path, out: str | Path, config: LoopConfig, recorded: LoopConfig,
                      overwrite: bool, log: Callable[[str], None],
-                     show_progress: bool | None) -> list[dict[str, Any]]:
+                     show_progress: bool | None, take_over_experiments: bool = False) -> list[dict[str, Any]]:
     """The body of :func:`run_loop`, run folder locked; ``recorded`` is what config.json holds."""
     run_dir = RunWriter.prepare(out, config_record(pool_path, recorded), overwrite)
     for seed in range(config.seeds):
         for strategy in config.strategies:
-            loop = ALLoop(pool_path, run_dir, config, strategy, seed, log=log, show_progress=show_progress)
+            loop = ALLoop(pool_path, run_dir, config, strategy, seed, log=log, show_progress=show_progress,
+                          take_over_experiments=take_over_experiments)
             if loop.finished:  # a rerun of a finished run: nothing is recomputed
                 log(f"{loop.experiment}: already complete (rounds 0..{config.rounds} recorded); nothing to run")
             elif loop.round:

@@ -32,7 +32,7 @@ from xal_engine.jobs.streaming import (
 )
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
-from xal_engine.store.dataset import UnitRanges
+from xal_engine.store.dataset import UnitRanges, worker_exit_with_parent
 from xal_engine.store.locks import LockFile, score_lock_path
 
 __all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
@@ -71,12 +71,13 @@ def loader_context() -> str | None:
 def unit_loader(pool: Pool, items: list[list[tuple[int, int, int]]], with_labels: bool, num_workers: int,
                 device: torch.device) -> DataLoader:
     """The scorer's loader: ``UnitRanges`` items in order, decoded in ``num_workers`` forked processes
-    (in-process with 0), pinned for CUDA, two items prefetched per worker."""
+    (in-process with 0) that die with this one, pinned for CUDA, two items prefetched per worker."""
     return DataLoader(
         UnitRanges(pool, items, with_labels=with_labels),
         batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
         multiprocessing_context=loader_context() if num_workers else None,
+        worker_init_fn=worker_exit_with_parent() if num_workers else None,
     )
 
 

@@ -39,7 +39,8 @@ from xal_engine.core.scoring import score_batch
 from xal_engine.errors import XalError
 from xal_engine.ops import BACKENDS
 from xal_engine.store import Pool
-from xal_engine.store.score_run import ScoreRun, UnitResult, check_run_name
+from xal_engine.store.al_state import pool_generation
+from xal_engine.store.score_run import GENERATION_KEY, ScoreRun, UnitResult, check_run_name
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_RULES = ("pred", "label")
@@ -259,6 +260,8 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     The fingerprint decides whether two invocations (local, sharded or distributed) are the same run.
     Its ``target_layer`` is the layer scored at (``ckpt`` as :func:`fit_target_layer` returns it): a
     ``--target-layer`` other than the checkpoint's makes another run; without one it is unchanged.
+    Its ``pool_generation`` (only once labels were imported or undone) makes a run scored before a
+    label change stale.
     """
     check_model_fits_pool(ckpt, pool, model_path)
     if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
@@ -274,6 +277,8 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     }
     if config.save_cams:  # only when set, so that runs made without it keep their fingerprint
         fingerprint["save_cams"] = True
+    if generation := pool_generation(pool):  # labels changed: ROI metrics of another generation are stale
+        fingerprint[GENERATION_KEY] = generation
     attrs = {
         "model": str(model_path),
         "classes": list(ckpt.classes),
@@ -310,6 +315,7 @@ class RunPlan:
 def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> RunPlan:
     """Create or resume the run (``open_run``) and group this shard's pending units into items."""
     run = open_run(pool, model_path, ckpt, config)
+    run.clean_partial_files(run.shard_units(config.shard_id, config.num_shards))  # this shard's own
     pending = run.pending_units(config.shard_id, config.num_shards)
     items = group_units(run, pending, config.batch_size)
     return RunPlan(run=run, pending=pending,

@@ -15,7 +15,15 @@ of label imports that makes each one undoable, under ``labels_history/``.
             rois            (m, H, W) bool    their masks before
             round_index     (k,) int64        rows marked by the experiment, sorted (k = 0 without one)
             labelled_round  (k,) int16        their rounds before
+            planned_labels  (n,) int16        the labels the import writes
+            planned_rois    (m, H, W) bool    the masks it writes
+            planned_labelled_round (k,) int16 the rounds it writes
             attribute ``round_chunks_created``: chunks of labelled_round the import created
+
+An import's record is ``state: "pending"`` from before its first row write until after its last
+(``"complete"``; a record without ``state`` is complete). A pending import was interrupted: its
+planned values are written again (:func:`xal_engine.jobs.label.complete_pending`) before the next
+label import or undo, so an import is applied whole or (with ``label --undo``) not at all.
 
 The history arrays are chunked along their first axis like the pool's arrays and blosc + CRC32C
 compressed. Imports are numbered pool-wide because experiments share ``labels``/``rois``: undoing
@@ -43,6 +51,24 @@ if TYPE_CHECKING:
 
 IMPORTS_ATTR = "imports"  # list of import records (dicts), oldest first
 ROUND_CHUNKS_ATTR = "round_chunks_created"
+ROUNDS_REPLACED_ATTR = "rounds_replaced"  # on an import record: its experiment's rounds were replaced since
+# Attribute of labels_history: the pool generation, how many times label imports and undos have
+# changed (or begun to change) labels, has_roi or rois, counted before each records update; a score
+# run records the generation it scored. Absent: 0.
+GENERATION_ATTR = "xal_pool_generation"
+
+
+def pool_generation(pool: Pool) -> int:
+    """The pool's generation: 0 before the first label import or undo."""
+    node = pool.group.get(LABELS_HISTORY)
+    return int(node.attrs.get(GENERATION_ATTR, 0)) if isinstance(node, zarr.Group) else 0
+
+
+def bump_generation(pool: Pool) -> int:
+    """Count one more change of the pool's labels, has_roi or rois; returns the new generation."""
+    generation = pool_generation(pool) + 1
+    pool.group.require_group(LABELS_HISTORY).attrs[GENERATION_ATTR] = generation
+    return generation
 
 
 class ALExperiment:
@@ -76,7 +102,11 @@ class ALExperiment:
             raise PoolError(f"pool {pool.path} has no AL experiment {self.name!r} (array "
                             f"{self.key}/{LABELLED_ROUND} missing; experiments: {known}); "
                             "`xal-engine label --experiment NAME --import labels.csv` starts one")
-        return np.asarray(node[:])
+        try:
+            return np.asarray(node[:])
+        except Exception as err:  # checksum mismatch or undecodable chunk: one line, not a traceback
+            raise PoolError(f"pool {self.pool.path}: array '{self.key}/{LABELLED_ROUND}' cannot be decoded "
+                            f"({type(err).__name__}: {err}); run `xal-engine pool validate`") from err
 
     def create_labelled_round(self) -> zarr.Array:
         """A new ``al/<name>/labelled_round`` of -1, chunked and checksummed like the pool's arrays
@@ -144,6 +174,26 @@ class ALExperiment:
         """Set ``values`` in the experiment's attributes (one metadata write per key, in order)."""
         self._group().attrs.update(values)
 
+    def imports(self) -> list[dict[str, Any]]:
+        """The experiment's import records ([] when none or when it does not exist yet)."""
+        return [dict(r) for r in self.attrs().get(IMPORTS_ATTR, [])]
+
+    def take_over(self, when: str) -> None:
+        """Detach the experiment's label imports from its rounds before another writer replaces them:
+        their records in ``labels_history`` get ``rounds_replaced`` (an undo then puts back labels and
+        masks only) and move from ``imports`` to ``replaced_imports`` here."""
+        history = self.pool.labels_history()
+        records = history.records()
+        for record in records:
+            if record.get("experiment") == self.name and not record.get(ROUNDS_REPLACED_ATTR):
+                record[ROUNDS_REPLACED_ATTR] = when
+        if records:
+            self.pool.group.require_group(LABELS_HISTORY).attrs[IMPORTS_ATTR] = records
+        node = self.pool.group.get(self.key)
+        if isinstance(node, zarr.Group):
+            replaced = [*node.attrs.get("replaced_imports", []), *self.imports()]
+            node.attrs.update({"replaced_imports": replaced, IMPORTS_ATTR: []})
+
     def record_import(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` to the experiment's ``imports`` attribute."""
         group = self._group()
@@ -173,6 +223,15 @@ class PreviousValues:
     round_chunks_created: list[int]  # chunks of labelled_round the import created (removed on undo)
 
 
+@dataclass(frozen=True)
+class PlannedValues:
+    """What one label import writes, for the rows of its :class:`PreviousValues`."""
+
+    labels: np.ndarray  # (n,) int16 for index
+    rois: np.ndarray  # (m, H, W) bool for roi_index
+    labelled_round: np.ndarray  # (k,) int16 for round_index
+
+
 # array name -> (dtype, shape after the first axis is "", "hw" for (H, W))
 _HISTORY_ARRAYS: dict[str, tuple[np.dtype, str]] = {
     "index": (np.dtype(np.int64), ""), "labels": (np.dtype(np.int16), ""),
@@ -180,6 +239,12 @@ _HISTORY_ARRAYS: dict[str, tuple[np.dtype, str]] = {
     "rois": (np.dtype(bool), "hw"), "round_index": (np.dtype(np.int64), ""),
     "labelled_round": (np.dtype(np.int16), ""),
 }
+# planned array -> (the history array giving its rows, dtype, "hw" for (H, W))
+_PLANNED_ARRAYS: dict[str, tuple[str, np.dtype, str]] = {
+    "planned_labels": ("index", np.dtype(np.int16), ""), "planned_rois": ("roi_index", np.dtype(bool), "hw"),
+    "planned_labelled_round": ("round_index", np.dtype(np.int16), ""),
+}
+PENDING, COMPLETE = "pending", "complete"
 _SAME_LENGTH = (("index", "labels"), ("roi_index", "has_roi"), ("roi_index", "rois"),
                 ("round_index", "labelled_round"))
 
@@ -210,13 +275,16 @@ class LabelsHistory:
     def key(self, number: int) -> str:
         return f"{LABELS_HISTORY}/{number}"
 
-    def write(self, number: int, previous: PreviousValues) -> str:
-        """Store ``previous`` as ``labels_history/<number>/`` (replacing a leftover group of that number
-        from an import that never recorded itself); returns its key."""
+    def write(self, number: int, previous: PreviousValues, planned: PlannedValues) -> str:
+        """Store ``previous`` and ``planned`` as ``labels_history/<number>/`` (replacing a leftover group
+        of that number from an import that never recorded itself); returns its key."""
         pool = self.pool
         group = pool.group.require_group(LABELS_HISTORY).create_group(str(number), overwrite=True)
-        for name, (dtype, tail) in _HISTORY_ARRAYS.items():
-            values = np.asarray(getattr(previous, name), dtype=dtype)
+        arrays = {name: (dtype, tail, getattr(previous, name)) for name, (dtype, tail) in _HISTORY_ARRAYS.items()}
+        arrays.update({name: (dtype, tail, getattr(planned, name.removeprefix("planned_")))
+                       for name, (_, dtype, tail) in _PLANNED_ARRAYS.items()})
+        for name, (dtype, tail, given) in arrays.items():
+            values = np.asarray(given, dtype=dtype)
             inner = (pool.height, pool.width) if tail else ()
             array = group.create_array(name, shape=values.shape, chunks=(pool.chunk_size, *inner), dtype=dtype,
                                        fill_value=0, compressors=compressors(dtype, "lz4", 5))
@@ -235,7 +303,7 @@ class LabelsHistory:
     def _decode(self, group: zarr.Group, name: str) -> np.ndarray:
         """``labels_history/<number>/<name>`` decoded, its dtype and trailing shape checked."""
         pool = self.pool
-        dtype, tail = _HISTORY_ARRAYS[name]
+        dtype, tail = _HISTORY_ARRAYS[name] if name in _HISTORY_ARRAYS else _PLANNED_ARRAYS[name][1:]
         node = group.get(name)
         inner = (pool.height, pool.width) if tail else ()
         where = f"pool {pool.path}: {group.path}/{name}"
@@ -268,8 +336,33 @@ class LabelsHistory:
             raise PoolError(f"{where}: attribute '{ROUND_CHUNKS_ATTR}' is not a list of chunk numbers")
         return PreviousValues(**values, round_chunks_created=created)
 
+    def read_planned(self, number: int, previous: PreviousValues) -> PlannedValues:
+        """The values import ``number`` writes, checked against its ``previous`` rows."""
+        group = self._group(number)
+        values = {}
+        for name, (rows, _, _) in _PLANNED_ARRAYS.items():
+            array = self._decode(group, name)
+            if len(array) != len(getattr(previous, rows)):
+                raise PoolError(f"pool {self.pool.path}: {group.path}/{name} has {len(array)} rows but "
+                                f"{rows} {len(getattr(previous, rows))}")
+            values[name.removeprefix("planned_")] = array
+        return PlannedValues(**values)
+
+    def pending(self) -> dict[str, Any] | None:
+        """The record of the import that was interrupted (state ``pending``); None when there is none."""
+        pending = [r for r in self.records() if r.get("state") == PENDING]
+        return pending[-1] if pending else None
+
+    def set_state(self, number: int, state: str) -> None:
+        """Set ``state`` on the record of import ``number``."""
+        records = self.records()
+        records[number - 1]["state"] = state
+        bump_generation(self.pool)
+        self.pool.group.require_group(LABELS_HISTORY).attrs[IMPORTS_ATTR] = records
+
     def record(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` (its ``number`` the next one) to ``labels_history``'s ``imports``."""
+        bump_generation(self.pool)
         group = self.pool.group.require_group(LABELS_HISTORY)
         group.attrs[IMPORTS_ATTR] = [*self.records(), dict(record)]
 
@@ -277,4 +370,5 @@ class LabelsHistory:
         """Set ``undone`` on the record of import ``number``."""
         records = self.records()
         records[number - 1]["undone"] = when
+        bump_generation(self.pool)
         self.pool.group.require_group(LABELS_HISTORY).attrs[IMPORTS_ATTR] = records

@@ -9,9 +9,12 @@ few blocks and the (N,) index arrays, never the pool.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +29,29 @@ if TYPE_CHECKING:
 # A block or batch: images (n,C,H,W) pool dtype, rois (n,H,W) bool, has_roi (n,) bool,
 # labels (n,) int64 (-1 unknown), index (n,) int64 pool positions.
 Block = dict[str, torch.Tensor]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(worker_id: int, parent: int) -> None:
+    """In a loader worker on Linux: the kernel kills it (SIGKILL) as soon as its parent exits, and it
+    exits now when the parent already has (it was reparented before the request took effect)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the loader's own parent check remains
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_exit_with_parent() -> Callable[[int], None] | None:
+    """A DataLoader ``worker_init_fn`` that makes the workers of a loader built by this process die
+    with it, even when it is SIGKILLed; None off Linux, where workers keep the loader's own check."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return functools.partial(_die_with_parent, parent=os.getpid())
+
 
 def select_indices(pool: Pool, split: int | None = None, known_labels: bool = True,
                    labelled_only: str | None = None) -> np.ndarray:
@@ -154,11 +180,12 @@ class EpochPermutation(Sampler[int]):
 def block_loader(dataset: BlockDataset, sampler: Sampler[int], num_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader[Block]:
     """A DataLoader yielding one block per item (no collation), decoded in ``num_workers`` forked
-    processes that stay alive across epochs."""
+    processes that stay alive across epochs and die with their parent."""
     fork = num_workers > 0 and sys.platform.startswith("linux")
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      multiprocessing_context="fork" if fork else None, prefetch_factor=2 if num_workers else None)
+                      multiprocessing_context="fork" if fork else None, prefetch_factor=2 if num_workers else None,
+                      worker_init_fn=worker_exit_with_parent() if num_workers else None)
 
 
 def _cat(blocks: list[Block]) -> Block:

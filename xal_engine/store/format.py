@@ -184,7 +184,13 @@ def structure_problems(group: zarr.Group) -> list[str]:
     arrays: dict[str, zarr.Array] = {}
     problems = []
     for name in PER_IMAGE_ARRAYS:
-        node = group.get(name)
+        try:
+            node = group.get(name)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as err:
+            # its zarr.json does not parse, or describes no valid array
+            problems.append(f"array '{name}' has unreadable metadata ({name}/zarr.json: "
+                            f"{type(err).__name__}: {err})")
+            continue
         if not isinstance(node, zarr.Array):
             problems.append(f"missing array '{name}'")
         else:
@@ -203,6 +209,8 @@ def structure_problems(group: zarr.Group) -> list[str]:
         if array.shape != (n, *tail):
             problems.append(f"array '{name}' has shape {array.shape}, expected {(n, *tail)} "
                             f"to match 'images' {images.shape}")
+            if array.ndim == 0:
+                continue
         if name == "ids":
             if array.dtype.kind not in "TUO":
                 problems.append(f"array 'ids' has dtype {array.dtype}, expected str")

@@ -3,6 +3,8 @@
     RUN_DIR/.lock                                    held by ``xal-engine loop`` (and ``demo``)
     POOL.score-<run>.shard<I>of<S>.lock              held by ``xal-engine score`` for shard I of S; beside
                                                      the pool, since Zarr warns about foreign files inside it
+    POOL.score-create.lock                           held while a score run is created or opened for
+                                                     writing (:func:`waiting_lock`: others wait, not fail)
 
 A lock file holds its holder's ``{"pid", "host", "since"}`` as JSON, and the holder keeps an exclusive
 ``flock`` on it. The kernel drops a flock when its process ends, however it ends, so a lock file left
@@ -19,6 +21,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -80,6 +84,47 @@ def score_lock_path(pool_path: str | Path, run: str, shard_id: int, num_shards: 
     """Where shard ``shard_id`` of ``num_shards`` of score run ``run`` keeps its lock file."""
     pool_path = Path(pool_path).absolute()
     return pool_path.with_name(f"{pool_path.name}.score-{run}.shard{shard_id}of{num_shards}.lock")
+
+
+def score_create_lock_path(pool_path: str | Path) -> Path:
+    """Where the lock that serialises the creation of the pool's score runs lives."""
+    pool_path = Path(pool_path).absolute()
+    return pool_path.with_name(f"{pool_path.name}.score-create.lock")
+
+
+@contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, waiting for the holder; the file is deleted on release.
+    Where ``flock`` is unavailable, nothing is locked."""
+    path = Path(path)
+    fd = _wait_for(path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+
+def _wait_for(path: Path) -> int | None:
+    """The descriptor of ``path``, flocked once the holder releases it; None where flock is unavailable."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise XalError(f"cannot create lock file {path}: {err.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in _UNSUPPORTED:
+                raise XalError(f"cannot lock {path}: {err.strerror}") from None
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # released and deleted after our open: try again
 
 
 class LockFile:

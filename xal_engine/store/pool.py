@@ -9,7 +9,7 @@ callers import all of them from :mod:`xal_engine.store`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ class Pool:
             raise PoolError(f"{self.path}: {name!r} is not an (N,) per-image array "
                             f"(expected one of {', '.join(COLUMNS)})")
         self._check_stored({name: self.arrays[name]})
-        values = np.asarray(self.arrays[name][:])
+        values = self._decoded(name, lambda array: array[:])
         return as_str(values) if name == "ids" else values
 
     def take(self, name: str, index: np.ndarray) -> np.ndarray:
@@ -141,13 +141,13 @@ class Pool:
         that hold them; ids as ``<U`` strings, as :meth:`read` gives them."""
         array = self._array(name)
         self._check_stored({name: array}, np.unique(np.asarray(index, dtype=np.int64) // self.chunk_size))
-        values = np.asarray(array.oindex[index])
+        values = self._decoded(name, lambda array: array.oindex[index])
         return as_str(values) if name == "ids" else values
 
     def find_ids(self, ids: Sequence[str]) -> np.ndarray:
         """(n,) int64 pool positions of ``ids``, -1 where the pool has no such id."""
         self._check_stored({"ids": self.arrays["ids"]})
-        pool_ids = np.asarray(self.arrays["ids"][:])  # (N,) numpy StringDType (zarr's str), or <U / object
+        pool_ids = self._decoded("ids", lambda array: array[:])  # (N,) numpy StringDType (zarr's str), or <U / object
         if pool_ids.dtype.kind == "O":
             pool_ids = pool_ids.astype(np.str_)
         order = np.argsort(pool_ids, kind="stable")
@@ -177,6 +177,15 @@ class Pool:
             hit = sorted(missing if chunks is None else missing.intersection(np.asarray(chunks).tolist()))
             if hit:
                 raise missing_chunk_error(f"pool {self.path}", name, hit[0], self.chunk_size, self.n)
+
+    def _decoded(self, name: str, read: Callable[[zarr.Array], Any]) -> np.ndarray:
+        """``read(array)`` of the per-image array ``name`` as numpy; :class:`PoolError` when a chunk of it
+        cannot be decoded (checksum, blosc)."""
+        try:
+            return np.asarray(read(self.arrays[name]))
+        except Exception as err:
+            raise PoolError(f"{self.path}: array '{name}' cannot be decoded ({type(err).__name__}: {err}); "
+                            "run `xal-engine pool validate`") from err
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self.arrays:

@@ -20,11 +20,17 @@ same chunk (Zarr has no locks).
 Every array is blosc + CRC32C like the pool's (runs written before have zstd only and still read), and
 every chunk of a done unit is stored, fill values included: a missing chunk of a done unit is a lost
 one, never a fill value. A missing `done` flag reads as not done (the unit is scored again).
+
+A run's attributes (its fingerprint among them) are written with its group, before any array, and
+`done` is created last: a run without both is a creation that was killed and is created again.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +41,17 @@ from zarr.codecs import Crc32cCodec
 from xal_engine.core.fields import BY_NAME, FIELDS, REQUIRED_NAMES, Field, Layout, PerImage
 from xal_engine.errors import PoolError, XalError
 from xal_engine.store.files import jsonable
-from xal_engine.store.format import compressors, missing_chunk_error, missing_chunks, stored_keys
+from xal_engine.store.format import (
+    PARTIAL_SUFFIX,
+    compressors,
+    missing_chunk_error,
+    missing_chunks,
+    stored_keys,
+)
+from xal_engine.store.locks import score_create_lock_path, waiting_lock
 
 DONE = "done"
+GENERATION_KEY = "pool_generation"  # in a fingerprint: the pool generation scored (absent: 0)
 
 # A unit's results on the host: every registry field, rows in pool order, in its stored dtype.
 UnitResult = PerImage[np.ndarray]
@@ -89,26 +103,35 @@ class ScoreRun:
         when `cam_shape` is given.
 
         An existing run with another fingerprint (model, target layer, threshold, precision, …) is
-        refused unless `overwrite`, which deletes it first.
+        refused unless `overwrite`, which deletes it first; one scored at another pool generation
+        (labels imported or undone since) is refused as stale. A run whose creation was interrupted
+        (no fingerprint or no `done`) is created again. On a local store the creation holds
+        ``<pool>.score-create.lock``, so shards started together create the run once and the others
+        open it.
         """
         check_run_name(name)
-        scores = pool_group.require_group("scores")
-        if name in scores:
-            existing = scores[name]
-            if overwrite:
-                del scores[name]
-            else:
-                old = existing.attrs.get("fingerprint")
-                if old != jsonable(fingerprint):
-                    diff = _describe_difference(old, fingerprint)
-                    raise XalError(
-                        f"run {name!r} exists in this pool with a different {diff}; "
-                        "choose another --run or pass --overwrite"
-                    )
-                run = cls(existing, name, n, unit_size)
-                run.clean_partial_files()
-                return run
-        group = scores.require_group(name)
+        root = _local_path(pool_group)
+        with waiting_lock(score_create_lock_path(root)) if root is not None else nullcontext():
+            existing = pool_group.require_group("scores").get(name)
+            if isinstance(existing, zarr.Group) and not overwrite and _created(existing):
+                _check_fingerprint(name, existing.attrs.get("fingerprint"), jsonable(fingerprint))
+                return cls(existing, name, n, unit_size)
+            return cls._create(pool_group, name, n=n, n_classes=n_classes, unit_size=unit_size,
+                               attrs={**jsonable(attrs), "fingerprint": jsonable(fingerprint),
+                                      "unit_size": unit_size}, cam_shape=cam_shape)
+
+    @classmethod
+    def _create(cls, pool_group: zarr.Group, name: str, *, n: int, n_classes: int, unit_size: int,
+                attrs: dict[str, Any], cam_shape: tuple[int, int] | None) -> ScoreRun:
+        """A new run replacing whatever ``scores/<name>`` holds; its attributes (the fingerprint among
+        them) are written with the group, `done` last."""
+        scores = pool_group["scores"]
+        folder = _local_path(scores)
+        if folder is not None:
+            shutil.rmtree(folder / name, ignore_errors=True)  # also a folder a killed creation left
+        elif name in scores:
+            del scores[name]
+        group = scores.create_group(name, attributes=attrs)
         layout = Layout(n_classes=n_classes, cam_shape=cam_shape)
         for field in layout.fields:  # (N,), (N, K) or (N, h, w), chunked by work unit
             tail = layout.tail(field)
@@ -117,8 +140,6 @@ class ScoreRun:
                                fill_value=field.fill, compressors=compressors(dtype, "lz4", 5), overwrite=True)
         group.create_array(DONE, shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
                            fill_value=False, compressors=compressors(np.dtype(bool), "lz4", 5), overwrite=True)
-        group.attrs.update({**jsonable(attrs), "fingerprint": jsonable(fingerprint),
-                            "unit_size": unit_size})
         return cls(group, name, n, unit_size)
 
     @classmethod
@@ -200,16 +221,41 @@ class ScoreRun:
             raise PoolError(f"{self.where}: array '{name}' cannot be decoded ({type(err).__name__}: "
                             f"{err}); run `xal-engine pool validate`") from err
 
-    def clean_partial_files(self) -> int:
-        """Remove `*.partial` files a killed writer left behind (local stores only); returns the count."""
+    def clean_partial_files(self, units: Iterable[int] | None = None) -> int:
+        """Remove the half-written chunk files (``<array>/c/<unit>….partial``) a killed writer left in
+        ``units`` (default: every unit), local stores only; returns the count. Only the shard that owns
+        a unit writes its chunks, so a shard cleaning its own units never touches a live shard's file."""
         root = _local_path(self.group)
         if root is None:
             return 0
+        wanted = set(range(self.n_units) if units is None else units)
         removed = 0
-        for path in root.rglob("*.partial"):
-            path.unlink(missing_ok=True)
-            removed += 1
+        for name in self.group.array_keys():
+            for path in (root / name / "c").rglob(f"*{PARTIAL_SUFFIX}"):
+                first = path.relative_to(root / name / "c").parts[0].split(".", 1)[0]
+                if first.isdigit() and int(first) in wanted:
+                    path.unlink(missing_ok=True)
+                    removed += 1
         return removed
+
+
+def _created(group: zarr.Group) -> bool:
+    """Whether the run's creation finished: the fingerprint is written with the group, `done` last."""
+    return "fingerprint" in group.attrs and isinstance(group.get(DONE), zarr.Array)
+
+
+def _check_fingerprint(name: str, old: Any, new: dict[str, Any]) -> None:
+    """:class:`XalError` unless fingerprint ``old`` (stored) is ``new``; a missing generation is 0."""
+    if isinstance(old, dict):
+        then, now = old.get(GENERATION_KEY, 0), new.get(GENERATION_KEY, 0)
+        if then != now:
+            raise XalError(f"pool changed since run {name!r} was scored (generation {then} -> {now}); "
+                           "rescore with --overwrite or another --run")
+        old = {k: v for k, v in old.items() if k != GENERATION_KEY}
+        new = {k: v for k, v in new.items() if k != GENERATION_KEY}
+    if old != new:
+        raise XalError(f"run {name!r} exists in this pool with a different {_describe_difference(old, new)}; "
+                       "choose another --run or pass --overwrite")
 
 
 def _local_path(group: zarr.Group) -> Path | None:

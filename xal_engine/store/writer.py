@@ -2,10 +2,13 @@
 
 The writer puts ``<path>.partial`` on disk chunk by chunk and renames it to ``<path>`` on close, so an
 interrupted write never leaves anything that ``Pool.open`` accepts; ``resume=True`` continues it.
+An overwrite moves the old pool to ``<path>.replaced-<hex>`` for the swap; a writer of ``<path>``
+finishes a swap a killed one left (see :func:`finish_swap`) before it starts.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -47,6 +50,30 @@ def _is_replaceable(path: Path) -> bool:
     return False
 
 
+def finish_swap(path: str | Path) -> None:
+    """Finish an overwrite of ``path`` killed during its swap: delete a leftover old pool
+    ``<path>.replaced-*`` once ``<path>`` exists, or, when killed between the two renames, move in the
+    complete new pool from ``<path>.partial`` (else put the old pool back) first."""
+    path = Path(path)
+    for old in sorted(path.parent.glob(f"{path.name}.replaced-*")):
+        if not _is_replaceable(old):
+            continue
+        if not path.exists():
+            partial = partial_path(path)
+            (partial if _is_complete(partial) else old).rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+
+
+def _is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a pool that its writer closed (``xal_pool`` set, nothing left to write)."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and "xal_pool" in attrs and WRITING_ATTR not in attrs
+
+
 class PoolWriter:
     """Writes a new pool chunk by chunk: ``with PoolWriter(...) as w: w.append(...)``.
 
@@ -79,6 +106,7 @@ class PoolWriter:
                                                          storage.target_chunk_bytes)
         if self.chunk_size < 1:
             raise PoolError(f"{self.path}: chunk_size must be at least 1 (got {self.chunk_size})")
+        finish_swap(self.path)
         if self.path.exists() and not overwrite:
             raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
         if self.path.exists() and not _is_replaceable(self.path):
