@@ -408,3 +408,42 @@ def test_an_experiment_label_made_is_refused_unless_taken_over(tmp_path: Path) -
 def test_cli_names_the_take_over_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["loop", "--help"]) == 0
     assert "--take-over-experiments" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_loop_killed_after_two_rounds_resumes_to_the_uninterrupted_run(done: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    """SIGKILL `xal-engine loop` once metrics.csv holds 2 rows; the same command again equals `done`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pool, run_dir = tmp_path / "pool.zarr", tmp_path / "run"
+    create_synthetic_pool(POOL, pool)
+    cmd = [sys.executable, "-m", "xal_engine", "loop", "--pool", str(pool), "--strategy", "random",
+           "--strategy", "dual", "--initial", "20", "--per-round", "10", "--rounds", "2", "--epochs", "1",
+           "--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--target-layer", "layer2",
+           "--threads", "1", "--quiet", "--out", str(run_dir)]
+    metrics = run_dir / "metrics.csv"
+
+    def rows_written() -> int:
+        try:
+            return max(0, len(metrics.read_text().splitlines()) - 1)
+        except OSError:
+            return 0
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and rows_written() < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n = rows_written()
+    assert 2 <= n < 6, f"the kill was not mid-way ({n} of 6 rows)"
+    subprocess.run(cmd, capture_output=True, check=True)
+    resumed, reference = read_metrics_csv(metrics), read_metrics_csv(done["run"] / "metrics.csv")
+    strip = [[{k: v for k, v in r.items() if k not in TIMING} for r in rows] for rows in (resumed, reference)]
+    assert strip[0] == strip[1]
+    for experiment in ("random-seed0", "dual-seed0"):
+        assert np.array_equal(labelled_round(pool, experiment), labelled_round(done["pool"], experiment))
