@@ -42,7 +42,7 @@ class DemoConfig:
 
 
 DEFAULT = DemoConfig()
-# --quick: the same story at a smoke-test size (about a minute on a 2-core CPU)
+# --quick: the same story at a smoke-test size (about 15 s on a 2-core CPU)
 QUICK = DemoConfig(pool=replace(DEFAULT.pool, n=300), name="quick",
                    loop=replace(DEFAULT.loop, initial=60, per_round=60, rounds=1,
                                 train=replace(_TRAIN, epochs=3)))
