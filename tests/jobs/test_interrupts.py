@@ -120,6 +120,32 @@ def test_score_refuses_a_shard_another_process_holds_and_takes_over_a_stale_lock
     assert not path.exists() and ScoreRun.open(Pool.open(pool).group, "locked").is_complete()
 
 
+def test_a_shard_count_other_than_a_live_shards_is_refused(small, capsys) -> None:
+    """Shards of 2 and of 3 overlap (unit 2 belongs to 0/2 and 1/3): while shard 1/2 runs, shard 0/3
+    is refused in one line; once it has ended, any count resumes the run, and the joint result equals
+    one process's."""
+    pool, model = small
+    config = {"batch_size": 3, "num_workers": 0, "device": "cpu"}
+    with LockFile(score_lock_path(pool, "mixed", 1, 2), "held by the test"):
+        argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "mixed", "--num-workers", "0",
+                "--device", "cpu", "--quiet", "--shard-id", "0", "--num-shards", "3"]
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and (f"is being scored as shard 1/2 by pid {os.getpid()}" in err[0]
+                                  and "must use the same --num-shards (this one: 3)" in err[0]), err
+        # the same count is no conflict, and another run's locks are not this run's
+        assert score_pool(pool, model, ScoreConfig(run="mixed", shard_id=0, num_shards=2, **config)).units > 0
+        assert score_pool(pool, model, ScoreConfig(run="mixed.shard1", num_shards=3, **config)).units > 0
+    assert not score_pool(pool, model, ScoreConfig(run="mixed", shard_id=2, num_shards=3, **config)).complete
+    assert score_pool(pool, model, ScoreConfig(run="mixed", **config)).complete
+    score_pool(pool, model, ScoreConfig(run="whole", **config))
+    group = Pool.open(pool).group
+    got, want = ScoreRun.open(group, "mixed").read(), ScoreRun.open(group, "whole").read()
+    for field, value in want.items():
+        np.testing.assert_array_equal(got[field], value, err_msg=field)
+
+
 def test_loop_refuses_a_run_folder_another_process_holds(small, tmp_path, capsys) -> None:
     pool, _ = small
     out = tmp_path / "run"

@@ -409,11 +409,11 @@ def test_undo_checks_the_history_before_writing(pool_path: Path, tmp_path: Path)
 def test_label_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["label", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--import LABELS.csv", "--undo [NUMBER|last]", "--dry-run", "labels_history/NUMBER/",
+    for flag in ("--import LABELS.csv", "--undo [NUMBER|last]", "--complete", "--dry-run", "labels_history/NUMBER/",
                  "newest first"):
         assert flag in text
     assert main(["label", "--pool", "p.zarr"]) == 2
-    assert "one of the arguments --import --undo is required" in capsys.readouterr().err
+    assert "one of the arguments --import --undo --complete is required" in capsys.readouterr().err
 
 
 # --- ROI paths stay in the CSV's folder ---------------------------------------------------------------
@@ -556,3 +556,47 @@ def test_a_killed_import_is_completed_before_another_import_or_an_undo(pool_path
     assert undone.import_number == 2
     assert_state(state(killed), after_first)
     assert Pool.open(killed).labels_history().pending() is None
+
+
+def test_a_pending_import_stops_every_job_until_label_complete(pool_path: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed mid-import, the pool is part old, part new: score, select, train and loop refuse it with
+    one line (before loading anything), validate reports it, and ``label --complete`` finishes it to
+    the state of an uninterrupted import."""
+    import shutil
+
+    first_import(pool_path, tmp_path)
+    reference = tmp_path / "reference.zarr"
+    shutil.copytree(pool_path, reference)
+    csv_path = second_csv(tmp_path)
+    import_labels(reference, csv_path, ImportConfig(experiment="e"))
+    kill_import(pool_path, csv_path, 1)
+    before = snapshot(pool_path)
+
+    p, model = str(pool_path), str(tmp_path / "absent.pt")  # refused before the model is read
+    for argv in (["score", "--pool", p, "--model", model, "--run", "r"],
+                 ["select", "--pool", p, "--run", "r", "--budget", "2", "--out", str(tmp_path / "b.csv")],
+                 ["train", "--pool", p, "--out", str(tmp_path / "m.pt"), "--epochs", "1"],
+                 ["loop", "--pool", p, "--out", str(tmp_path / "runs"), "--rounds", "1", "--strategy", "random",
+                  "--initial", "4", "--per-round", "2"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "label import 2 (" in err and f"label --pool {p} --complete" in err, err
+    assert snapshot(pool_path) == before  # and nothing written
+    assert not (tmp_path / "b.csv").exists() and not (tmp_path / "m.pt").exists()
+
+    assert main(["pool", "validate", p]) == 1
+    assert "label import 2 (" in capsys.readouterr().out
+    assert main(["label", "--pool", p, "--complete", "--round", "1"]) == 2
+    assert "--round does not go with --complete" in capsys.readouterr().err
+
+    assert main(["label", "--pool", p, "--complete"]) == 0
+    assert capsys.readouterr().out.strip() == (f"completed label import 2 ({csv_path}) of {p} "
+                                               "(experiment e, round 1)")
+    assert_state(state(pool_path), state(reference))
+    pool, ref = Pool.open(pool_path), Pool.open(reference)
+    assert without_times(pool.labels_history().records()) == without_times(ref.labels_history().records())
+    assert without_times(pool.experiment("e").imports()) == without_times(ref.experiment("e").imports())
+    assert pool.validate() == []
+    assert main(["label", "--pool", p, "--complete"]) == 2
+    assert "no label import is pending" in capsys.readouterr().err

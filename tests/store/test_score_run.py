@@ -70,6 +70,19 @@ def test_a_run_killed_while_created_is_created_again_by_the_same_rerun(pool: Pat
     assert create(pool).group.attrs["fingerprint"] == FINGERPRINT  # and it resumes from now on
 
 
+def test_a_kill_while_scores_itself_is_first_created_leaves_nothing_after_the_rerun(pool: Path) -> None:
+    scores = pool / "scores"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_BEFORE_PUBLISHING), str(pool),
+                           str(scores / "zarr.json")], check=False, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in scores.iterdir()] and all(p.name.startswith("zarr.") for p in scores.iterdir())
+    assert list(scores.glob("*.partial"))
+    run = create(pool)
+    assert not run.done_mask().any() and run.group.attrs["fingerprint"] == FINGERPRINT
+    assert not list(scores.rglob("*.partial")) and (scores / "zarr.json").is_file()
+    assert Pool.open(pool).validate() == []
+
+
 def test_a_created_run_resumes_and_keeps_its_done_units(pool: Path) -> None:
     run = create(pool)
     run.group["done"][1] = True

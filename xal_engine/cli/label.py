@@ -1,5 +1,5 @@
-"""`xal-engine label --import | --undo`: write annotators' labels (and ROI masks) for a batch into a
-pool, or put back what one such import replaced."""
+"""`xal-engine label --import | --undo | --complete`: write annotators' labels (and ROI masks) for a
+batch into a pool, put back what one such import replaced, or finish one that was interrupted."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="undo an import: its number (as --json and --dry-run report it) or 'last' "
                              "(the default; with --experiment that experiment's last, with --round the "
                              "import recorded as that round)")
+    action.add_argument("--complete", action="store_true",
+                        help="finish an interrupted (killed) import from what it stored before its first "
+                             "write, without its CSV; score, select, train and loop refuse the pool until "
+                             "then")
     p.add_argument("--experiment", default=None,
                    help="AL experiment whose labelled set grows (al/EXPERIMENT/labelled_round); with "
                         "--undo: only its imports")
@@ -76,6 +80,8 @@ def _nonzero(counts: dict[str, int]) -> str:
 def run(args: argparse.Namespace) -> int:
     if "undo" in args:
         return _undo(args)
+    if args.complete:
+        return _complete(args)
     from xal_engine.jobs.label import ImportConfig, import_labels
 
     config = ImportConfig(experiment=args.experiment, round=args.round,
@@ -114,6 +120,25 @@ def _import_line(summary: ImportSummary) -> str:
         return (f"dry run: would import {labels} into {summary.pool} as import {summary.import_number}{where}; "
                 f"{'; '.join(notes)}; nothing written")
     return f"imported {labels} into {summary.pool}{where}: {_nonzero(summary.per_class)}; {'; '.join(notes)}"
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from xal_engine.errors import XalError
+    from xal_engine.jobs.label import complete_interrupted
+
+    given = [flag for flag, value in (("--experiment", args.experiment), ("--round", args.round),
+                                      ("--allow-any-split", args.allow_any_split),
+                                      ("--allow-outside-rois", args.allow_outside_rois),
+                                      ("--dry-run", args.dry_run)) if value not in (None, False)]
+    if given:
+        raise XalError(f"{given[0]} does not go with --complete (the interrupted import keeps its own)")
+    record = complete_interrupted(args.pool)
+    if args.json:
+        print(json.dumps({"pool": args.pool, "completed": record}))
+        return 0
+    where = f" (experiment {record['experiment']}, round {record['round']})" if record.get("experiment") else ""
+    print(f"completed label import {record['number']} ({record.get('file')}) of {args.pool}{where}")
+    return 0
 
 
 def _undo(args: argparse.Namespace) -> int:

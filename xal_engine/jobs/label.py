@@ -19,7 +19,9 @@ written by :meth:`Pool.write_rows` and :meth:`ALExperiment.mark_labelled`, the h
 :class:`LabelsHistory`.
 
 An interrupted import (killed, power lost) stays ``pending`` and is completed, never rolled back
-implicitly: the next import or undo first writes its planned values again (:func:`complete_pending`).
+implicitly: the next import or undo first writes its planned values again (:func:`complete_pending`),
+and ``label --complete`` does only that. Until then score, select, train and loop refuse the pool
+(:meth:`Pool.require_settled`) and ``pool validate`` reports the import.
 Run again with the same file and flags, it completes as the same import number and round and reports
 the summary the uninterrupted import would have (``resumed``); ``--undo`` after it completes and then
 undoes it. A dry run with a pending import is refused unless it is that import's rerun.
@@ -342,7 +344,7 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     resumed = pending is not None and _same_import(history, pending, plan, config)
     if pending is not None and not resumed:
         if config.dry_run:
-            raise XalError(_interrupted(pool, pending, "before a dry run"))
+            raise XalError(history.interrupted("before a dry run"))
         complete_pending(pool)
     if resumed:
         number, round_ = int(pending["number"]), pending["round"]
@@ -395,12 +397,6 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     return summary
 
 
-def _interrupted(pool: Pool, record: dict[str, Any], when: str) -> str:
-    return (f"pool {pool.path}: label import {record['number']} ({record.get('file')}) was interrupted and "
-            f"must be completed {when}; rerun it, or run `xal-engine label --pool {pool.path} --undo` "
-            "to complete and then undo it")
-
-
 def _same_import(history: LabelsHistory, record: dict[str, Any], plan: _Plan, config: ImportConfig) -> bool:
     """Whether ``plan`` (with ``config``) is the pending import ``record`` run again: the same
     experiment and round, rows and values (the file may be named another way)."""
@@ -440,6 +436,17 @@ def complete_pending(pool: Pool) -> int | None:
                                       "import": number, "history": record["history"]})
     history.set_state(number, COMPLETE)
     return number
+
+
+def complete_interrupted(pool_path: str | Path) -> dict[str, Any]:
+    """``label --complete``: finish the pool's interrupted import without its CSV (its planned values
+    are in ``labels_history/``); returns its record. An XalError when no import is pending."""
+    pool = Pool.open(pool_path, mode="r+")
+    record = pool.labels_history().pending()
+    if record is None:
+        raise XalError(f"pool {pool.path}: no label import is pending (nothing was interrupted)")
+    complete_pending(pool)
+    return record
 
 
 def _undo_target(pool: Pool, records: list[dict[str, Any]], config: UndoConfig) -> dict[str, Any]:
@@ -488,7 +495,7 @@ def undo_import(pool_path: str | Path, config: UndoConfig = UndoConfig()) -> Und
     pending = history.pending()
     if pending is not None:
         if config.dry_run:
-            raise XalError(_interrupted(pool, pending, "before a dry run"))
+            raise XalError(history.interrupted("before a dry run"))
         complete_pending(pool)
     records = history.records()
     target = _undo_target(pool, records, config)

@@ -353,6 +353,7 @@ def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopCo
     """Run (or resume) every experiment of ``config`` into run directory ``out``; the metrics rows.
     RUN_DIR/.lock is held throughout: a second process on the same run folder is refused."""
     pool = Pool.open(pool_path)
+    pool.require_settled("before the loop")
     check_pool(pool, config)
     with RunFolder(out).lock():  # one process writes a run folder; released however the loop ends
         recorded, config = _fix_target_layer(pool, out, config, overwrite)

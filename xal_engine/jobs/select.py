@@ -62,6 +62,7 @@ def labelled_mask(pool: Pool, experiment: str | None) -> np.ndarray:
 def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
                  experiment: str | None = None) -> BatchSelection:
     pool = Pool.open(pool_path)
+    pool.require_settled("before selecting")
     run = ScoreRun.open(pool.group, run_name)
     done = run.done_mask()
     if not done.all():

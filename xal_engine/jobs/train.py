@@ -338,6 +338,7 @@ def train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str | 
     the true class on training images with an ROI (:mod:`xal_engine.core.explanation`).
     ``config.threads``: torch's intra-op threads while training (None: the process's setting).
     """
+    pool.require_settled("before training")
     with torch_threads(config.threads):
         return _train(pool, config, pretrained=pretrained, show_progress=show_progress, log=log,
                       initial_state=initial_state)

@@ -353,6 +353,16 @@ class LabelsHistory:
         pending = [r for r in self.records() if r.get("state") == PENDING]
         return pending[-1] if pending else None
 
+    def interrupted(self, when: str) -> str:
+        """The one-line refusal for a pool whose pending import must be completed ``when`` ("before
+        scoring"), naming the commands that complete it."""
+        record = self.pending()
+        assert record is not None
+        path = self.pool.path
+        return (f"pool {path}: label import {record['number']} ({record.get('file')}) was interrupted and "
+                f"must be completed {when}; run `xal-engine label --pool {path} --complete` (or rerun "
+                f"that import), or `xal-engine label --pool {path} --undo` to complete and then undo it")
+
     def set_state(self, number: int, state: str) -> None:
         """Set ``state`` on the record of import ``number``."""
         records = self.records()

@@ -215,6 +215,14 @@ class Pool:
         """``labels_history/``: the record of every label import and what it replaced."""
         return LabelsHistory(self)
 
+    def require_settled(self, when: str) -> None:
+        """Refuse (:class:`PoolError`, one line) a pool whose last label import was interrupted: its
+        labels, ROIs and labelled rounds are part old, part new until the import is completed. Every
+        job that reads labels or ROIs (score, select, train, loop) calls this after opening the pool."""
+        history = self.labels_history()
+        if history.pending() is not None:
+            raise PoolError(history.interrupted(when))
+
     def labelled_round_array(self, experiment: str) -> zarr.Array | None:
         """``al/<experiment>/labelled_round``, checked to be (N,) int16; None when the experiment is new."""
         return self.experiment(experiment).labelled_round_array()

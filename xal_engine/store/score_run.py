@@ -113,6 +113,9 @@ class ScoreRun:
         root = _local_path(pool_group)
         with waiting_lock(score_create_lock_path(root)) if root is not None else nullcontext():
             existing = pool_group.require_group("scores").get(name)
+            if root is not None:  # a creator killed while writing scores/zarr.json left its temporary
+                for stray in (root / "scores").glob(f"zarr.*{PARTIAL_SUFFIX}"):  # only creators write it
+                    stray.unlink(missing_ok=True)
             if isinstance(existing, zarr.Group) and not overwrite and _created(existing):
                 _check_fingerprint(name, existing.attrs.get("fingerprint"), jsonable(fingerprint))
                 return cls(existing, name, n, unit_size)

@@ -97,6 +97,9 @@ class _Checker:
             self._check_experiment(experiment)
         for number in pool.subgroups(LABELS_HISTORY):
             self._check_history(number)
+        history = pool.labels_history()
+        if history.pending() is not None:
+            self.problems.append(history.interrupted("before it is used"))
         return self.problems
 
     def _check_chunk(self, start: int, stop: int) -> None:
