@@ -185,6 +185,58 @@ def test_a_killed_driver_resumes_from_the_done_flags(setup, tmp_path):
     assert_bit_equal(read_run(pool, "r"), read_run(pool, "whole"))
 
 
+@pytest.mark.slow
+def test_a_killed_local_instance_leaves_no_process_and_holds_the_shard_meanwhile(setup, tmp_path):
+    """`score --backend ray` on its own local instance: while it runs, its shard lock refuses a second
+    scorer; SIGKILLed, every process it started is gone within seconds (Ray's agents alone would wait
+    60 s on a dead GCS, its actor about 2 s), and a local rerun completes the run bit for bit."""
+    from xal_engine.jobs.reaper import descendants, start_time
+    from xal_engine.store.locks import LockHeld
+
+    _, model, _, _, _ = setup
+    pool = make_pool(tmp_path / "solo.zarr", n=40 * UNIT, size=64)
+    cli = "import sys; from xal_engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "r", "--backend", "ray",
+            "--workers", "1", "--batches-per-call", "1", "--batch-size", str(UNIT), "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-c", cli, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": ""})
+    started: dict[int, int] = {}
+    try:
+        done_dir = pool / "scores" / "r" / "done" / "c"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()[-500:] if proc.stderr else ""
+        with pytest.raises(LockHeld, match=f"score run 'r' shard 0/1 .* is in use by pid {proc.pid}"):
+            score_pool(pool, model, config("r"))
+        started = descendants(proc.pid)
+        assert len(started) >= 3, started  # raylet, GCS, agents, the actor, the reaper
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(start_time(p) == t for p, t in started.items()):
+            time.sleep(0.1)
+        left = [p for p, t in started.items() if start_time(p) == t]
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p, t in started.items():
+            if start_time(p) == t:
+                os.kill(p, signal.SIGKILL)
+        if proc.stderr:
+            proc.stderr.close()
+    n_done = int(ScoreRun.open(Pool.open(pool).group, "r").done_mask().sum())
+    assert 0 < n_done < 40
+    resumed = score_pool(pool, model, config("r"))  # the lock went with the driver
+    assert resumed.complete and resumed.units_already_done == n_done
+    score_pool(pool, model, config("whole"))
+    assert_bit_equal(read_run(pool, "r"), read_run(pool, "whole"))
+
+
 def test_gpu_requests_without_gpus_are_refused(setup):
     pool, model, _, _, _ = setup
     with pytest.raises(XalError, match="needs GPUs on the Ray cluster"):

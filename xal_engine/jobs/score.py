@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from xal_engine.jobs.streaming import (
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
 from xal_engine.store.dataset import UnitRanges, worker_exit_with_parent
-from xal_engine.store.locks import LockFile, score_lock_path
+from xal_engine.store.locks import LockFile, score_shard_lock
 
 __all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
 
@@ -89,6 +90,12 @@ def stop_workers(items: Iterator[Any]) -> None:
         shutdown()
 
 
+def shard_lock(pool: Pool, config: ScoreConfig) -> AbstractContextManager[LockFile]:
+    """The lock of this shard of run ``config.run``, to hold while scoring (see
+    :func:`~xal_engine.store.locks.score_shard_lock`): one process per shard, one shard count per run."""
+    return score_shard_lock(pool.path, config.run, config.shard_id, config.num_shards)
+
+
 def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfig,
                show_progress: bool | None = None) -> ScoreSummary:
     """Score every pending work unit of this shard of run `config.run`; returns the summary.
@@ -100,9 +107,8 @@ def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfi
     device = resolve_device(config.device)
     model_path = Path(model_path)
     pool = Pool.open(pool_path, mode="r+")
-    lock = LockFile(score_lock_path(pool.path, config.run, config.shard_id, config.num_shards),
-                    f"score run {config.run!r} shard {config.shard_id}/{config.num_shards} of pool {pool.path}")
-    with lock, torch_threads(config.threads):
+    pool.require_settled("before scoring")
+    with shard_lock(pool, config), torch_threads(config.threads):
         return _score_locked(pool, model_path, config, device, show_progress)
 
 

@@ -16,8 +16,11 @@ Fault tolerance
     time (to another only after that one died). Actors run with ``max_restarts=-1`` and ``max_task_retries=-1``: a worker process that
     dies is restarted and its unfinished calls are retried, and a retried call rewrites the same chunks
     with the same values (idempotent). If the driver dies, rerunning the same command scores only the
-    units not marked done, like the local scorer (Ray ends a dead driver's actors; one that is still
-    finishing a unit meanwhile writes the same bytes as its replacement).
+    units not marked done, like the local scorer. The driver holds the shard's lock file, as the local
+    scorer does, so a second scorer of the shard is refused while it runs; actors on the driver's host
+    exit within 0.2 s of its end, and the processes of a local instance are killed by a reaper when the
+    driver ends, however it ends (:mod:`xal_engine.jobs.reaper`). On a cluster, Ray ends a lost
+    driver's actors itself; one still finishing a unit meanwhile writes the same bytes as its retry.
 
 Running it
     Local machine (starts a private Ray instance with ``--workers`` CPUs, one actor per CPU)::
@@ -85,7 +88,8 @@ import numpy as np
 from xal_engine.core.inputs import resolve_device
 from xal_engine.core.models import load_checkpoint
 from xal_engine.errors import XalError
-from xal_engine.jobs.score import ScoreSummary
+from xal_engine.jobs.reaper import Reaper, exit_with_driver
+from xal_engine.jobs.score import ScoreSummary, shard_lock
 from xal_engine.jobs.streaming import (
     ScoreConfig,
     UnitWriter,
@@ -144,7 +148,10 @@ class RayScoreSummary(ScoreSummary):
 class ScorerActor:
     """One Ray actor: the model loaded once, the pool opened once; scores batches of unit ranges."""
 
-    def __init__(self, pool_path: str, model_path: str, config: ScoreConfig, device: str) -> None:
+    def __init__(self, pool_path: str, model_path: str, config: ScoreConfig, device: str,
+                 driver: tuple[int, str] | None = None) -> None:
+        if driver is not None:  # (pid, host): no unit is written for a driver that has died
+            exit_with_driver(*driver)
         self.config = config
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         # A user error (a pool this node cannot see, say) travels back as data: Ray would retry a
@@ -226,6 +233,14 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
     ray = import_ray()
     model_path = Path(model_path).resolve()
     pool = Pool.open(Path(pool_path).resolve(), mode="r+")
+    pool.require_settled("before scoring")
+    with shard_lock(pool, config):  # the driver holds it for its actors, which end with it
+        return _score_ray_locked(ray, pool, model_path, config, ray_config, show_progress, actor)
+
+
+def _score_ray_locked(ray: ModuleType, pool: Pool, model_path: Path, config: ScoreConfig,
+                      ray_config: RayConfig, show_progress: bool | None,
+                      actor: type[ScorerActor]) -> RayScoreSummary:
     model, ckpt = load_checkpoint(model_path)  # metadata and a shape probe for the checks, the fingerprint
     ckpt = fit_target_layer(model, ckpt, pool, model_path, config)
     plan = plan_run(pool, model_path, ckpt, config)  # the run exists before any actor starts
@@ -234,7 +249,7 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
     stats: dict[str, list[np.ndarray]] = {f: [] for f in STAT_FIELDS}
     device = "ray"
     if groups:  # a finished run starts no cluster
-        started = _init_ray(ray, ray_config)
+        started, reaper = _init_ray(ray, ray_config)
         try:
             gpus = _gpus_per_worker(ray, config, ray_config)
             actor_device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
@@ -248,7 +263,8 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
             ds = ds.map_batches(
                 actor,
                 fn_constructor_kwargs={"pool_path": str(pool.path), "model_path": str(model_path),
-                                       "config": config, "device": actor_device},
+                                       "config": config, "device": actor_device,
+                                       "driver": (os.getpid(), socket.gethostname())},
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 batch_size=per_call, batch_format="numpy",
                 num_cpus=ray_config.num_cpus_per_worker, num_gpus=gpus,
@@ -257,6 +273,8 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
             bar = progress(n_images, desc=f"score {config.run} (ray)", enabled=show_progress)
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if reaper is not None:
+                        reaper.watch()  # actors and what Ray started for them, restarted ones too
                     if errors := [e for e in out["error"].tolist() if e]:
                         raise XalError(errors[0])
                     for f in STAT_FIELDS:
@@ -265,8 +283,12 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
             finally:
                 bar.close()
         finally:
-            if started:
-                ray.shutdown()
+            try:
+                if started:
+                    ray.shutdown()
+            finally:
+                if reaper is not None:
+                    reaper.close()
     seconds = time.perf_counter() - t0
     cols = {f: np.concatenate(v) if v else np.zeros(0) for f, v in stats.items()}
     scored = int(cols["images"].sum())
@@ -300,24 +322,32 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def _init_ray(ray: ModuleType, cfg: RayConfig) -> bool:
-    """Connect to `cfg.address`, or start a local instance sized for the actors; True if started here."""
+def _init_ray(ray: ModuleType, cfg: RayConfig) -> tuple[bool, Reaper | None]:
+    """Connect to `cfg.address`, or start a local instance sized for the actors. Returns whether
+    this call initialised Ray (then the caller shuts it down) and, for a local instance, the reaper
+    of its processes (:class:`~xal_engine.jobs.reaper.Reaper`: they end with this process)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images
     context.print_on_execution_start = False
     if ray.is_initialized():
-        return False
+        return False, None
     if cfg.address is None:
-        ray.init(num_cpus=math.ceil(cfg.workers * cfg.num_cpus_per_worker), include_dashboard=False,
-                 log_to_driver=False)
-    else:
-        check_reachable(cfg.address)
+        reaper = Reaper()
         try:
-            ray.init(address=cfg.address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise XalError(f"--address {cfg.address}: cannot connect to a Ray cluster "
-                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    return True
+            ray.init(num_cpus=math.ceil(cfg.workers * cfg.num_cpus_per_worker), include_dashboard=False,
+                     log_to_driver=False)
+        except BaseException:
+            reaper.close()
+            raise
+        reaper.watch()
+        return True, reaper
+    check_reachable(cfg.address)
+    try:
+        ray.init(address=cfg.address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise XalError(f"--address {cfg.address}: cannot connect to a Ray cluster "
+                       f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    return True, None
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -199,6 +201,56 @@ class LockFile:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+@contextmanager
+def score_shard_lock(pool_path: str | Path, run: str, shard_id: int, num_shards: int) -> Iterator[LockFile]:
+    """Hold shard ``shard_id`` of ``num_shards`` of score run ``run``; :class:`LockHeld` (one line)
+    when another process holds that shard, or any shard of the run under another ``--num-shards``:
+    their unit ranges overlap, and a shard cleaning its own units' half-written chunks must know that
+    no live writer owns them. The check and the taking happen under the pool's creation lock, so two
+    starters with different counts cannot both pass."""
+    what = f"score run {run!r} shard {shard_id}/{num_shards} of pool {Path(pool_path).absolute()}"
+    lock = LockFile(score_lock_path(pool_path, run, shard_id, num_shards), what)
+    with waiting_lock(score_create_lock_path(pool_path)):
+        prefix = score_lock_path(pool_path, run, 0, num_shards).name.rsplit(".shard", 1)[0]  # POOL.score-RUN
+        for other in sorted(lock.path.parent.glob(glob.escape(prefix) + ".shard*of*.lock")):
+            shard = other.name[len(prefix) + len(".shard"):-len(".lock")]  # "IofS"
+            if not re.fullmatch(r"\d+of\d+", shard) or shard.rpartition("of")[2] == str(num_shards):
+                continue  # another run's lock ("RUN.shard1" is a run name too), or a shard of our count
+            holder = held_by(other)
+            if holder is not False:
+                by = holder.describe() if holder is not None else "another process"
+                raise LockHeld(f"score run {run!r} of pool {Path(pool_path).absolute()} is being scored as "
+                               f"shard {shard.replace('of', '/')} by {by} (lock file {other}); every shard of "
+                               f"a run must use the same --num-shards (this one: {num_shards})")
+        lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def held_by(path: str | Path) -> Holder | None | bool:
+    """Whether lock file ``path`` is held now: False when not (or gone), else its holder (None when
+    it names none)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd, wait=True)
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED:
+                raise XalError(f"cannot lock {path}: {err.strerror}") from None
+            holder = _read_holder(fd)  # no flock here: the content decides
+            return holder if holder is not None and holder.running() else False
+        return False  # we could lock it: nobody holds it (our shared lock goes with the close)
+    finally:
+        os.close(fd)
 
 
 def read_holder(path: str | Path) -> Holder | None:
