@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
 from xal_engine.core.acquisition import BALANCES, STRATEGIES
+from xal_engine.core.strategies import strategy_help
 from xal_engine.progress import plural
 from xal_engine.store.files import dumps_json
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group) with labels for every train image")
     p.add_argument("--arch", default=t.arch, help="backbone (default: %(default)s)")
     p.add_argument("--strategy", action="append", choices=STRATEGIES, required=True,
-                   help="acquisition strategy; repeat for several")
+                   help=f"acquisition strategy; repeat for several. {strategy_help()}")
     p.add_argument("--initial", type=int, required=True, help="images labelled in round 0")
     p.add_argument("--per-round", type=int, required=True, help="images selected per round")
     p.add_argument("--rounds", type=int, required=True, help="selection rounds after round 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, NORMALISATIONS, STRATEGIES
+from xal_engine.core.strategies import strategy_help
 from xal_engine.store.files import dumps_json
 
 
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group)")
     p.add_argument("--run", default="default", help="score run to rank by (default: %(default)s)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="dual", help="acquisition (default: dual)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="dual",
+                   help=f"acquisition (default: dual). {strategy_help()}")
     p.add_argument("--budget", type=int, required=True, help="number of images to select")
     p.add_argument("--lambda", dest="lam", type=float, default=0.3,
                    help="weight of uncertainty in dual (default: %(default)s)")

@@ -1,7 +1,10 @@
 """Acquisition: which unlabelled images an expert should label next.
 
-Every strategy turns a scoring run's per-image numbers into one score per candidate, higher = label
-first (the shape of baal's heuristics: one ``compute_score`` per strategy, one ranking function).
+Every strategy (one file each under :mod:`xal_engine.core.strategies`, known by name through its
+registry) turns a scoring run's per-image numbers into one score per candidate, higher = label
+first; :func:`select` is the one ranking function (the shape of baal's heuristics). Per-image
+strategies are ranked top-k, class-balanced as configured; batch-aware ones choose the batch
+themselves from the whole candidate set and the budget.
 
     entropy        U = -Σ_k p_k ln p_k                      ∈ [0, ln K]
     margin         -(p_top1 - p_top2)                       small margin first
@@ -10,17 +13,11 @@ first (the shape of baal's heuristics: one ``compute_score`` per strategy, one r
     dual           λ·U + (1 - λ)·(1 - Dice)                 the paper's criterion (λ = 0.3)
     random         a seeded permutation
 
-Images without an ROI have NaN Dice. The rule (``missing_roi``) decides what the attention term is
-for them, so that NaN never decides a ranking:
-    mean   (default) 1 - Dice := the mean of 1 - Dice over candidates that have an ROI: neutral, the
-           image competes on its uncertainty alone;
-    last   they rank after every image with an ROI, among themselves by uncertainty (entropy);
-    skip   they are not candidates.
-
-Images the model gave no finite output (NaN or inf pixels: NaN entropy, ``pred`` -1) and any image
-whose score is not finite are not eligible: they are never selected, whatever the normalisation, and
-the normalisations are computed over the finite values alone (a NaN neither sets the min-max range nor
-takes a rank).
+Images without an ROI have NaN Dice; the ``missing_roi`` rule (:mod:`.strategies.terms`) decides
+their attention term, so that NaN never decides a ranking. Images the model gave no finite output
+(NaN or inf pixels: NaN entropy, ``pred`` -1) and any image whose score is not finite are not
+eligible: they are never selected, whatever the normalisation, and the normalisations are computed
+over the finite values alone (a NaN neither sets the min-max range nor takes a rank).
 """
 
 from __future__ import annotations
@@ -29,11 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xal_engine.core.fields import PerImage
+from xal_engine.core import strategies as _strategies
+from xal_engine.core.strategies import CandidateSet, RunScores
+from xal_engine.core.strategies.terms import misalignment, normalise
 from xal_engine.errors import XalError
 
-STRATEGIES = ("random", "entropy", "margin", "least-confidence", "misalignment", "dual")
-ROI_STRATEGIES = ("misalignment", "dual")
+__all__ = ["BALANCES", "MISSING_ROI_RULES", "NORMALISATIONS", "ROI_STRATEGIES", "STRATEGIES", "RunScores",
+           "SelectConfig", "Selection", "compute_score", "misalignment", "normalise", "select"]
+
+STRATEGIES = _strategies.STRATEGIES
+ROI_STRATEGIES = tuple(name for name, s in _strategies.REGISTRY.items() if s.needs_roi)
 NORMALISATIONS = ("none", "minmax", "rank")
 BALANCES = ("predicted", "none", "oracle")
 MISSING_ROI_RULES = ("mean", "last", "skip")
@@ -62,11 +64,6 @@ class SelectConfig:
             raise XalError(f"--lambda must lie in [0, 1], got {self.lam}")
 
 
-# Per-candidate numbers of a scoring run (numpy, one row per candidate): any subset of the result
-# fields of xal_engine.core.fields, e.g. RunScores(entropy=..., dice=..., pred=...).
-RunScores = PerImage[np.ndarray]
-
-
 @dataclass(frozen=True)
 class Selection:
     order: np.ndarray  # [budget] positions into the candidate arrays, best first
@@ -79,80 +76,18 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise XalError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def normalise(x: np.ndarray, how: str) -> np.ndarray:
-    """Rescale one term over the candidates: none, min-max to [0, 1], or rank / (n - 1), over its n
-    finite values; non-finite values become NaN (not eligible, see ``compute_score``)."""
-    x = x.astype(np.float64)
-    finite = np.isfinite(x)
-    if how == "none" or not finite.any():
-        return np.where(finite, x, np.nan)
-    out = np.full_like(x, np.nan)
-    v = x[finite]
-    if how == "minmax":
-        lo, hi = v.min(), v.max()
-        out[finite] = (v - lo) / (hi - lo) if hi > lo else 0.0
-        return out
-    ranks = np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64)
-    out[finite] = ranks / max(v.size - 1, 1)
-    return out
-
-
-def misalignment(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
-    """1 - Dice with the missing-ROI rule applied; returns (term [n], has_roi [n])."""
-    dice = scores.dice if config.dice == "hard" else scores.soft_dice
-    # an image without a finite model output has no meaningful Grad-CAM: it does not count for the mean
-    has_roi = np.isfinite(dice) & np.isfinite(scores.entropy)
-    term = 1.0 - dice.astype(np.float64)
-    if not has_roi.any():
-        if config.missing_roi == "skip":
-            return np.zeros_like(term), has_roi
-        raise XalError(
-            f"strategy {config.strategy!r} needs ROI agreement, but no candidate image has an ROI "
-            "(use an uncertainty strategy, or label ROIs first)"
-        )
-    if config.missing_roi == "mean":
-        term[~has_roi] = term[has_roi].mean()
-    else:  # "last" and "skip" handle these images in `select`; keep the term finite
-        term[~has_roi] = 0.0
-    return term, has_roi
-
-
 def compute_score(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
     """The acquisition score [n] (higher = label first) and the eligibility mask [n]: an image is
     eligible when the model's output for it is finite (its entropy) and so is its score."""
-    score, eligible = _score(scores, config)
+    score, eligible = _strategies.get(config.strategy).score(scores, config)
     return score, eligible & np.isfinite(score) & np.isfinite(scores.entropy)
 
 
-def _score(scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
-    n = scores.entropy.shape[0]
-    eligible = np.ones(n, dtype=bool)
-    if config.strategy == "random":
-        return np.random.default_rng(config.seed).random(n), eligible
-    if config.strategy == "entropy":
-        return normalise(scores.entropy, config.normalise), eligible
-    if config.strategy == "margin":
-        return normalise(-scores.margin, config.normalise), eligible
-    if config.strategy == "least-confidence":
-        return normalise(scores.least_confidence, config.normalise), eligible
-    term, has_roi = misalignment(scores, config)
-    if config.strategy == "misalignment":
-        score = normalise(term, config.normalise)
-    else:
-        u = normalise(scores.entropy, config.normalise)
-        score = config.lam * u + (1.0 - config.lam) * normalise(term, config.normalise)
-    if config.missing_roi == "skip":
-        eligible &= has_roi
-    elif config.missing_roi == "last":
-        # below every image with an ROI: shift by the full score range, order among them by entropy
-        ent = normalise(scores.entropy, "minmax")
-        floor = np.nanmin(score[has_roi]) if np.isfinite(score[has_roi]).any() else 0.0
-        score = np.where(has_roi, score, floor - 2.0 + ent)
-    return score, eligible
-
-
-def select(scores: RunScores, config: SelectConfig, labels: np.ndarray | None = None) -> Selection:
-    """Top-`budget` candidates by acquisition score, class-balanced as configured.
+def select(scores: RunScores, config: SelectConfig, labels: np.ndarray | None = None,
+           labelled_embedding: np.ndarray | None = None) -> Selection:
+    """Top-`budget` candidates by acquisition score, class-balanced as configured; a batch-aware
+    strategy chooses the batch itself (``labelled_embedding``: (m, D) embeddings of the images
+    already labelled, for strategies that spread the batch away from them).
 
     `balance="predicted"` fills the batch round-robin over predicted classes (best remaining of each
     class in turn, classes visited in the order of their best score); a class that runs out leaves
@@ -166,6 +101,10 @@ def select(scores: RunScores, config: SelectConfig, labels: np.ndarray | None = 
         raise XalError("no candidate image is eligible for selection")
     budget = min(config.budget, n_eligible)
     score = np.where(eligible, score, -np.inf)
+    strategy = _strategies.get(config.strategy)
+    if strategy.batch_aware:
+        chosen = strategy.choose(CandidateSet(scores, score, eligible, labelled_embedding), config, budget)
+        return Selection(order=np.asarray(chosen, dtype=np.int64), score=score, eligible=eligible)
     order = np.argsort(-score, kind="stable")[:n_eligible]  # eligible candidates, best first
     if config.balance == "none":
         return Selection(order=order[:budget], score=score, eligible=eligible)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xal_engine.core import strategies
 from xal_engine.core.acquisition import RunScores, SelectConfig, select
-from xal_engine.core.fields import FIELDS
+from xal_engine.core.fields import FIELDS, REQUIRED_NAMES
 from xal_engine.errors import XalError
 from xal_engine.progress import plural
 from xal_engine.store import SPLIT_TRAIN, Pool
@@ -74,12 +75,22 @@ def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
     candidates = np.flatnonzero((split == SPLIT_TRAIN) & ~labelled_mask(pool, experiment))
     if candidates.size == 0:
         raise XalError("the pool has no unlabelled train images left to select from")
-    r = run.read()
-    # fp16 fields (probs) are ranked in fp32
-    scores = RunScores(**{name: v[candidates].astype(np.float32) if v.dtype == np.float16 else v[candidates]
+    strategy = strategies.get(config.strategy)
+    extra = tuple(f for f in strategy.needs if f not in REQUIRED_NAMES)
+    lacking = [f for f in extra if not run.has(f)]
+    if lacking:
+        raise XalError(f"strategy {config.strategy!r} needs the run's {', '.join(lacking)}, which score run "
+                       f"{run_name!r} does not store; {strategy.how or 'score the run again'}")
+    r = run.read((*REQUIRED_NAMES, *extra))
+    # fp16 fields (probs) are ranked in fp32; an embedding stays fp16 (D values an image)
+    scores = RunScores(**{name: v[candidates].astype(np.float32)
+                          if v.dtype == np.float16 and name in REQUIRED_NAMES else v[candidates]
                           for name, v in r.items()})
     labels = pool.column("labels")[candidates] if config.balance == "oracle" else None
-    chosen = select(scores, config, labels=labels)
+    labelled = None
+    if "embedding" in r:  # the train images the experiment already has, for strategies that avoid them
+        labelled = r["embedding"][np.flatnonzero((split == SPLIT_TRAIN) & labelled_mask(pool, experiment))]
+    chosen = select(scores, config, labels=labels, labelled_embedding=labelled)
     indices = candidates[chosen.order]
     ids = pool.column("ids")
     has_roi = pool.column("has_roi")
