@@ -106,6 +106,22 @@ def test_metrics_equal_a_direct_evaluation_of_the_checkpoint(done: dict[str, Any
     assert 0.0 <= row["test_dice"] <= 1.0 and not math.isnan(row["test_soft_dice"])
 
 
+def test_the_stopping_signal_is_the_kappa_of_consecutive_rounds_predictions(done: dict[str, Any]) -> None:
+    from xal_engine.core.stopping import cohen_kappa
+    from xal_engine.store.score_run import ScoreRun
+
+    pool = Pool.open(done["pool"])
+    train = np.flatnonzero(pool.column("split") == SPLIT_TRAIN)
+    for row in done["rows"]:
+        if row["round"] == 0:
+            assert row["pred_kappa"] is None and row["stop_suggested"] == 0.0  # NaN recorded as null
+            continue
+        preds = [ScoreRun.open(pool.group, f"{row['strategy']}-seed0-r{r}").read(("pred",))["pred"][train]
+                 for r in (row["round"] - 1, row["round"])]
+        assert row["pred_kappa"] == pytest.approx(cohen_kappa(*preds), abs=1e-12)
+        assert row["stop_suggested"] == 0.0  # 2 rounds: the 3-round window is never full
+
+
 def test_labelled_sets_lie_in_the_train_split_and_grow_by_the_selected_batches(done: dict[str, Any]) -> None:
     a = arrays(done["pool"])
     for strategy in ("random", "dual"):

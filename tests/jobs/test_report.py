@@ -22,6 +22,7 @@ from xal_engine.ingest.synthetic import SyntheticConfig, create_synthetic_pool
 from xal_engine.jobs.overlay import Panel, contact_sheet, display_image
 from xal_engine.jobs.report import (
     CURVE_METRICS,
+    FIGURE_METRICS,
     ReportConfig,
     batch_panels,
     last_batch,
@@ -125,7 +126,8 @@ def test_final_round_and_alc_statistics_by_hand(run_dir: Path) -> None:
 
 def test_learning_curves_have_one_line_per_strategy(run_dir: Path) -> None:
     fig = learning_curve_figure(load_run(run_dir))
-    assert [ax.get_title() for ax in fig.axes] == list(CURVE_METRICS.values())
+    assert [ax.get_title() for ax in fig.axes] == list(FIGURE_METRICS.values())
+    assert not fig.axes[-1].lines  # a metrics.csv from before the stopping signal: no κ column
     for ax, metric in zip(fig.axes, CURVE_METRICS):
         assert [line.get_label() for line in ax.lines] == ["random", "dual"]
         assert ax.lines[0].get_xdata().tolist() == [10.0, 20.0]
@@ -137,6 +139,16 @@ def test_learning_curves_have_one_line_per_strategy(run_dir: Path) -> None:
     assert band[:, 1].max() == pytest.approx(0.7 + math.sqrt(0.02))
     dice = fig.axes[3]  # random at round 1 has one finite Dice: the mean of what is there
     np.testing.assert_allclose(dice.lines[0].get_ydata(), [0.2, 0.2])
+
+
+def test_the_stopping_signal_is_plotted_per_strategy(run_dir: Path) -> None:
+    rows = [f"{row},{kappa}" for row, kappa in zip(ROWS, ["nan", "0.5", "nan", "0.7", "nan", "0.9", "nan"])]
+    (run_dir / "metrics.csv").write_text("\n".join([HEADER + ",pred_kappa", *rows]) + "\n")
+    kappa = learning_curve_figure(load_run(run_dir)).axes[-1]
+    assert kappa.get_title().startswith("Prediction κ")
+    assert [line.get_label() for line in kappa.lines] == ["random", "dual"]
+    np.testing.assert_allclose(kappa.lines[0].get_ydata(), [np.nan, 0.6])  # round 1: mean of 0.5, 0.7
+    np.testing.assert_allclose(kappa.lines[1].get_ydata(), [np.nan, 0.9])
 
 
 def test_report_files_tables_and_sheets(run_dir: Path) -> None:

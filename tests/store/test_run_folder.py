@@ -94,8 +94,8 @@ def test_add_row_writes_json_and_csv_replacing_a_rounds_row(tmp_path: Path) -> N
     run.add_row(row("random", 0, 0, accuracy=0.75))  # round 0 again: replaces the first row, now last
     assert run.metrics_csv.read_text() == (
         ",".join(METRIC_FIELDS) + "\n"
-        "random,0,1,15,nan,0.5,0.5,0.5,0.25,0.5,0.5,0.5,0.5,0.5\n"
-        "random,0,0,10,0.75,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5\n")
+        "random,0,1,15,nan,0.5,0.5,0.5,0.25,0.5,0.5,0.5,0.5,0.5,0.5,0.5\n"
+        "random,0,0,10,0.75,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5\n")
     text = run.metrics_json.read_text()
     assert "NaN" not in text  # NaN is null: plain JSON
     assert json.loads(text) == [row("random", 0, 1, accuracy=None, test_dice=0.25),  # type: ignore[arg-type]
@@ -266,13 +266,20 @@ def test_metrics_csv_strings_round_trip_byte_for_byte(tmp_path: Path) -> None:
     run.add_row(row("dual", 1, 1, accuracy=1 / 3))
     rows = read_metrics_csv(run.metrics_csv)  # strings as written, no checks
     assert rows[0] == dict(zip(METRIC_FIELDS, ["random", "0", "0", "10", "0.5", "0.5", "0.5", "nan", "0.5",
-                                               "0.5", "0.5", "0.5", "0.5", "0.5"]))
+                                               "0.5", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5"], strict=True))
     assert rows[1]["accuracy"] == "0.3333333333333333" and rows[1]["n_labelled"] == "15"
     write_metrics_csv(tmp_path / "copy.csv", rows)
     assert (tmp_path / "copy.csv").read_bytes() == run.metrics_csv.read_bytes()
     write_metrics_csv(tmp_path / "dual.csv", [r for r in rows if r["strategy"] == "dual"])
     assert (tmp_path / "dual.csv").read_text().splitlines() == [run.metrics_csv.read_text().splitlines()[i]
                                                                 for i in (0, 2)]
+
+
+def test_rows_from_before_the_stopping_signal_are_written_with_nan_there(tmp_path: Path) -> None:
+    old = {k: v for k, v in row("random", 0, 0).items() if k not in ("pred_kappa", "stop_suggested")}
+    write_metrics_csv(tmp_path / "m.csv", [old])
+    got = read_metrics_csv(tmp_path / "m.csv")[0]
+    assert (got["pred_kappa"], got["stop_suggested"], got["accuracy"]) == ("nan", "nan", "0.5")
 
 
 def test_read_selected_and_count_selected(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from scipy.stats import rankdata
 
 from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
 from xal_engine.core.models import DEFAULT_TARGET_LAYERS, load_checkpoint, save_checkpoint
+from xal_engine.core.stopping import cohen_kappa, stop_suggested
 from xal_engine.errors import XalError
 from xal_engine.jobs.label import complete_pending
 from xal_engine.jobs.score import ScoreConfig, score_pool
@@ -232,15 +233,30 @@ class ALLoop:
             num_workers=tc.num_workers, targets="pred", overwrite=True, threads=tc.threads),
             show_progress=self.show_progress)
         t2 = time.perf_counter()
+        pool = Pool.open(self.pool_path)
         row: dict[str, Any] = {"strategy": self.strategy, "seed": self.seed, "round": r,
-                               "n_labelled": n_labelled, **evaluate_run(Pool.open(self.pool_path), run_name),
-                               "train_seconds": t1 - t0, "score_seconds": t2 - t1}
+                               "n_labelled": n_labelled, **evaluate_run(pool, run_name),
+                               **self._stability(pool, r), "train_seconds": t1 - t0, "score_seconds": t2 - t1}
         self.run_dir.add_row(row)
         self.log(f"{self.experiment} round {r}/{c.rounds}: {n_labelled} labelled, test acc "
                  f"{row['accuracy']:.3f}, bal acc {row['balanced_accuracy']:.3f}, AUROC {row['auroc']:.3f}, "
                  f"Dice {row['test_dice']:.3f}, hit {row['test_hit_rate']:.3f}")
         self.round += 1
         return not self.finished
+
+    def _stability(self, pool: Pool, r: int) -> dict[str, float]:
+        """The stopping signal of round r (:mod:`xal_engine.core.stopping`): κ between rounds r-1 and r's
+        predictions on the train split, and whether the last rounds' κ suggests stopping (1.0) or not."""
+        if r == 0:
+            return {"pred_kappa": math.nan, "stop_suggested": 0.0}
+        train = np.flatnonzero(pool.column("split") == SPLIT_TRAIN)
+        before, now = (ScoreRun.open(pool.group, f"{self.experiment}-r{k}").take("pred", train) for k in (r - 1, r))
+        kappa = cohen_kappa(before, now)
+        mine = sorted((row for row in self.run_dir.rows
+                       if row["strategy"] == self.strategy and int(row["seed"]) == self.seed
+                       and int(row["round"]) < r), key=lambda row: int(row["round"]))
+        earlier = [math.nan if row.get("pred_kappa") is None else float(row["pred_kappa"]) for row in mine]
+        return {"pred_kappa": kappa, "stop_suggested": float(stop_suggested([*earlier, kappa]))}
 
     def _label(self, pool: Pool, r: int, selected: Path) -> int | None:
         """Reveal round r's images (their batch CSV to ``selected``); the labelled count, or None when

@@ -35,6 +35,9 @@ CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
                  "macro_f1": "Macro-F1", "test_dice": "Test Dice"}
 TABLE_METRICS = {**CURVE_METRICS, "auroc": "AUROC", "test_soft_dice": "Test soft Dice",
                  "test_energy": "Test energy", "test_hit_rate": "Test hit rate"}
+# the stopping signal (xal_engine.core.stopping): plotted beside the learning curves, not summarised
+STOPPING_METRICS = {"pred_kappa": "Prediction κ, round r-1 vs r (stop ≥ 0.99)"}
+FIGURE_METRICS = {**CURVE_METRICS, **STOPPING_METRICS}
 CURVES_PNG = "learning_curves.png"
 SHEETS_TITLE = "Last selected batches"
 SHEETS_KEY = ("Grad-CAM (jet) over each image, the expert ROI's contour in magenta; captions: id, predicted "
@@ -107,7 +110,7 @@ def load_run(run_dir: str | Path) -> RunData:
     """config.json and metrics.csv of ``run_dir``; an XalError names a missing file or bad value."""
     folder = RunFolder.open(run_dir)
     config = folder.read_config()
-    table = folder.read_metrics(TABLE_METRICS)
+    table = folder.read_metrics({**TABLE_METRICS, **STOPPING_METRICS})
     listed = [str(s) for s in config.get("strategies", [])]
     strategies = listed + sorted(set(table.strategy) - set(listed))
     return RunData(path=folder.path, config=config, strategies=strategies,
@@ -125,7 +128,7 @@ def learning_curve(run: RunData, strategy: str, metric: str) -> Curve:
                  np.asarray([s.std for s in stats]))
 
 
-def learning_curve_figure(run: RunData, metrics: dict[str, str] = CURVE_METRICS) -> Figure:
+def learning_curve_figure(run: RunData, metrics: dict[str, str] = FIGURE_METRICS) -> Figure:
     """One panel per metric; per strategy a line (mean) with a band (± std) over labels."""
     fig = Figure(figsize=(4.2 * len(metrics), 3.6), dpi=110)
     FigureCanvasAgg(fig)

@@ -36,8 +36,8 @@ from xal_engine.store.locks import RUN_DIR_LOCK, LockFile
 
 RUN_FORMAT = 1
 METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balanced_accuracy", "macro_f1",
-                 "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "train_seconds",
-                 "score_seconds")
+                 "auroc", "test_dice", "test_soft_dice", "test_energy", "test_hit_rate", "pred_kappa",
+                 "stop_suggested", "train_seconds", "score_seconds")
 KEY_COLUMNS = METRIC_FIELDS[:4]  # strategy, seed, round, n_labelled: what every metrics.csv needs
 # loop.train fields that may change between a run and its resumption (another machine, other cores)
 RESUME_FREE = ("num_workers", "threads")
@@ -242,10 +242,11 @@ class RunWriter(RunFolder):
 
 
 def write_metrics_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """metrics.csv of ``rows`` (each with every METRIC_FIELDS key), replaced atomically: a float as its
-    repr, None as nan, anything else (the strings of :func:`read_metrics_csv` too) as ``str``."""
+    """metrics.csv of ``rows`` (each with the METRIC_FIELDS keys; one written before a column existed
+    has nan there), replaced atomically: a float as its repr, None as nan, anything else (the strings
+    of :func:`read_metrics_csv` too) as ``str``."""
     lines = [",".join(METRIC_FIELDS)]  # header, then one line per row
-    lines += [",".join(_csv_value(r[f]) for f in METRIC_FIELDS) for r in rows]
+    lines += [",".join(_csv_value(r.get(f)) for f in METRIC_FIELDS) for r in rows]  # older rows: nan
     atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
