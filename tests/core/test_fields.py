@@ -35,7 +35,8 @@ def test_pack_unpack_gives_every_field_in_its_stored_dtype():
     packed = fields.pack(s)
     assert packed.shape == (5, 8 + 3) and packed.dtype == torch.float32  # 8 scalar columns + K probs
     host = fields.unpack(packed.numpy())
-    assert list(host) == list(REQUIRED_NAMES) == [n for n in NAMES if n != "cam"]  # cam: only on request
+    optional = ("cam", "bald", "mc_entropy", "variation_ratio", "embedding")  # only on request
+    assert list(host) == list(REQUIRED_NAMES) == [n for n in NAMES if n not in optional]
     for f in REQUIRED:
         assert host[f.name].dtype == np.dtype(f.dtype), f.name
         assert host[f.name].shape == ((5, 3) if f.per_class else (5,)), f.name
@@ -52,7 +53,7 @@ def test_the_cam_travels_in_the_same_copy_when_present():
     with_cam = BatchScores(cam=cam, **s.as_dict())
     layout = Layout.of(with_cam)
     assert layout == Layout(n_classes=3, cam_shape=(3, 4)) and Layout.of(s) == Layout(n_classes=3)
-    assert [f.name for f in layout.fields] == list(NAMES) and layout.tail(FIELDS[-1]) == (3, 4)
+    assert [f.name for f in layout.fields] == [*REQUIRED_NAMES, "cam"] and layout.tail(fields.BY_NAME["cam"]) == (3, 4)
     packed = fields.pack(with_cam)
     assert packed.shape == (5, 8 + 3 + 12)  # + h * w CAM columns
     host = fields.unpack(packed.numpy(), layout)
@@ -85,6 +86,36 @@ def test_containers_refuse_unknown_or_missing_fields():
 
 
 def test_batch_csv_columns_follow_the_registry():
-    scalar = [f.name for f in FIELDS if f.shape == SCALAR]
+    scalar = [f.name for f in FIELDS if f.shape == SCALAR and not f.optional]  # optional: absent from most runs
     assert CSV_FIELDS == ("rank", "index", "id", "score", "pred", "pred_class", *scalar[1:], "has_roi")
     assert "probs" not in CSV_FIELDS
+
+
+def test_embedding_and_mc_fields_travel_in_the_same_copy_after_the_cam():
+    s = device_scores()
+    gen = torch.Generator().manual_seed(2)
+    cam = torch.rand(5, 2, 2, generator=gen)
+    embedding = torch.randn(5, 6, generator=gen) * 10  # (B, D)
+    mc = {"bald": torch.rand(5, generator=gen), "mc_entropy": torch.rand(5, generator=gen),
+          "variation_ratio": torch.tensor([0.0, 0.25, 0.5, 0.75, 0.0])}
+    full = BatchScores(cam=cam, embedding=embedding, **mc, **s.as_dict())
+    layout = Layout.of(full)
+    assert layout == Layout(n_classes=3, cam_shape=(2, 2), embedding_dim=6, mc=True)
+    assert [f.name for f in layout.fields] == [*REQUIRED_NAMES, "cam", "bald", "mc_entropy", "variation_ratio",
+                                               "embedding"]
+    assert layout.tail(fields.BY_NAME["embedding"]) == (6,) and layout.tail(fields.BY_NAME["bald"]) == ()
+    packed = fields.pack(full)
+    assert packed.shape == (5, 8 + 3 + 4 + 3 + 6)  # scalars, K probs, h*w CAM, 3 MC scalars, D embedding
+    np.testing.assert_array_equal(packed[:, :15].numpy(), fields.pack(BatchScores(cam=cam, **s.as_dict())).numpy())
+    host = fields.unpack(packed.numpy(), layout)
+    assert host.embedding.dtype == np.float16 and host.embedding.shape == (5, 6)
+    np.testing.assert_array_equal(host.embedding, embedding.numpy().astype(np.float16))
+    for name, value in mc.items():
+        assert host[name].dtype == np.float32
+        np.testing.assert_array_equal(host[name], value.numpy())
+    # only the embedding, or only MC: the layout says which, and the other is absent
+    only = BatchScores(embedding=embedding, **s.as_dict())
+    assert Layout.of(only) == Layout(n_classes=3, embedding_dim=6)
+    assert list(fields.unpack(fields.pack(only).numpy(), Layout.of(only))) == [*REQUIRED_NAMES, "embedding"]
+    with pytest.raises(ValueError, match="needs the run's embedding size"):
+        Layout(n_classes=3).tail(fields.BY_NAME["embedding"])

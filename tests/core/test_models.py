@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,54 @@ def test_checkpoint_stores_the_target_map_and_old_checkpoints_still_load(tmp_pat
     old = load_checkpoint(tmp_path / "old.pt")[1]
     assert old.target_map is None and old.target_layer == "layer2" and old.format_version == 1
     assert _info().image_size is None  # no height/width in its pool entry
+
+
+def test_head_dropout_is_placed_before_the_head_and_keeps_the_state_dict() -> None:
+    from torch import nn
+
+    from xal_engine.core.models import DropoutLinear, head_dropout_p, head_layer
+
+    torch.manual_seed(0)
+    plain = build_model("resnet18", 3, 1)
+    torch.manual_seed(0)
+    dropped = build_model("resnet18", 3, 1, head_dropout=0.5)
+    assert type(plain.fc) is nn.Linear and isinstance(dropped.fc, DropoutLinear)
+    assert (head_dropout_p(plain, "resnet18"), head_dropout_p(dropped, "resnet18")) == (0.0, 0.5)
+    assert list(plain.state_dict()) == list(dropped.state_dict())  # same keys: either loads the other
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), dropped.eval()(x))  # eval: dropout is the identity
+        features = torch.ones(4, 512)
+        assert (dropped.fc.train().dropout(features) == 0).any()  # train: it drops
+    assert head_layer(dropped, "resnet18") is dropped.fc
+    assert isinstance(build_model("densenet121", 3, 1, head_dropout=0.2).classifier, DropoutLinear)
+    assert isinstance(build_model("convnext_tiny", 3, 1, head_dropout=0.2).classifier[2], DropoutLinear)
+    # efficientnet_b0 has its own dropout before the head: kept (p 0.2), or set to the given p
+    eff = build_model("efficientnet_b0", 3, 1)
+    assert type(eff.classifier[1]) is nn.Linear and head_dropout_p(eff, "efficientnet_b0") == 0.2
+    assert build_model("efficientnet_b0", 3, 1, head_dropout=0.6).classifier[0].p == 0.6
+    for bad in (1.0, -0.1):
+        with pytest.raises(XalError, match=r"--head-dropout must lie in \[0, 1\)"):
+            build_model("resnet18", 3, 1, head_dropout=bad)
+
+
+def test_checkpoint_records_head_dropout_and_old_checkpoints_load_without_it(tmp_path: Path) -> None:
+    from xal_engine.core.models import DropoutLinear
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 1, head_dropout=0.3)
+    path = save_checkpoint(tmp_path / "m.pt", model, _info())  # info says 0.0: the model's p is recorded
+    assert torch.load(path, weights_only=True)["head_dropout"] == 0.3
+    loaded, info = load_checkpoint(path)
+    assert info.head_dropout == 0.3 and isinstance(loaded.fc, DropoutLinear) and loaded.fc.dropout.p == 0.3
+    # written before the entry existed: resnet has no head dropout, efficientnet_b0 its own 0.2
+    for arch, want in (("resnet18", 0.0), ("efficientnet_b0", 0.2)):
+        info = _info(arch) if arch == "resnet18" else replace(_info(arch), target_layer="features.8")
+        save_checkpoint(tmp_path / "new.pt", build_model(arch, 3, 1), info)
+        payload = torch.load(tmp_path / "new.pt", weights_only=True)
+        del payload["head_dropout"]
+        torch.save(payload, tmp_path / "old.pt")
+        old_model, old = load_checkpoint(tmp_path / "old.pt")
+        assert old.head_dropout == want, arch
+        assert not any(isinstance(m, DropoutLinear) for m in old_model.modules())

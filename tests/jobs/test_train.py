@@ -213,6 +213,8 @@ def test_cli_train_writes_loadable_checkpoint(pool: Pool, tmp_path: Path, monkey
     (["--pool", "{pool}", "--out", "{tmp}"], "--out .* is a directory"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--device", "tpu"], "device 'tpu' is not"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--head-dropout", "1"], r"head_dropout must be in \[0, 1\), got 1.0"),
+    (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--head-dropout", "-0.2"], r"head_dropout must be in \[0, 1\)"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--labelled-only", "x"], "no AL experiment 'x'"),
     (["--pool", "{pool}", "--out", "{tmp}/m.pt", "--pretrained", "{tmp}/w.pth"], "w.pth not found"),
 ])
@@ -329,3 +331,24 @@ def test_cli_train_a_corrupt_chunk_in_a_loader_worker_is_one_line(
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and not out.exists(), err
     assert "array 'images' images 16..31 cannot be decoded" in lines[0] and "pool validate" in lines[0]
+
+
+def test_head_dropout_trains_with_dropout_and_is_recorded(pool: Pool, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from xal_engine.core.models import DropoutLinear
+
+    out = tmp_path / "drop.pt"
+    code, _, _ = _cli(monkeypatch, capsys, "--pool", str(pool.path), "--out", str(out), "--epochs", "1",
+                      "--batch-size", "16", "--device", "cpu", "--num-workers", "0", "--head-dropout", "0.4",
+                      "--threads", "1")
+    assert code == 0
+    model, info = load_checkpoint(out)
+    assert info.head_dropout == 0.4 and info.config["head_dropout"] == 0.4
+    assert isinstance(model.fc, DropoutLinear) and model.fc.dropout.p == 0.4
+    # dropout changes the training: other weights than without it, from the same seed and config
+    plain = train(pool, replace(FAST, epochs=1), log=lambda _: None)
+    dropped = train(pool, replace(FAST, epochs=1, head_dropout=0.4), log=lambda _: None)
+    assert plain.checkpoint.head_dropout == 0.0 and type(plain.model.fc) is torch.nn.Linear
+    assert dropped.checkpoint.head_dropout == 0.4
+    assert not torch.equal(plain.model.fc.weight, dropped.model.fc.weight)

@@ -42,6 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-cams", action="store_true",
                    help="also store each image's low-resolution Grad-CAM (fp16) as RUN/cam, for "
                         "`select --overlays`")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store each image's pooled penultimate features (the classifier's input, fp16) "
+                        "as RUN/embedding, from the same forward pass")
+    mc = p.add_argument_group("MC dropout (T stochastic passes of the classifier head over the trunk's "
+                              "features, computed once)")
+    mc.add_argument("--mc-samples", type=int, default=0, metavar="T",
+                    help="store bald, mc_entropy and variation_ratio from T >= 2 passes (default: 0, off)")
+    mc.add_argument("--mc-dropout", type=float, default=None, metavar="P",
+                    help="dropout probability of the passes, in (0, 1) (default: the checkpoint's "
+                         "head_dropout, from `train --head-dropout`)")
+    mc.add_argument("--mc-seed", type=int, default=0,
+                    help="seed of the dropout masks; with each image's pool index it fixes them, so shards "
+                         "and resumed runs equal one run (default: %(default)s)")
     p.add_argument("--target-layer", metavar="NAME", default=None,
                    help="Grad-CAM layer (dotted module name, e.g. layer2) in place of the one stored in the "
                         "checkpoint; a run with another layer is another run (default: the checkpoint's)")
@@ -71,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite, kernel=args.kernel,
         save_cams=args.save_cams, target_layer=args.target_layer, threads=threads(args, args.num_workers),
+        embeddings=args.embeddings, mc_samples=args.mc_samples, mc_dropout=args.mc_dropout, mc_seed=args.mc_seed,
     )
     if args.backend == "ray":
         from xal_engine.jobs.score_ray import RayConfig, score_pool_ray

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=("none", "imagenet"), default="none",
                    help="input normalisation after scaling to [0, 1]; 'imagenet' suits ImageNet "
                         "weights (default: %(default)s)")
+    p.add_argument("--head-dropout", type=float, default=d.head_dropout, metavar="P",
+                   help="dropout probability on the classifier's input, in [0, 1), recorded in the checkpoint "
+                        "(for `score --mc-samples`); archs without dropout there get one (default: none; "
+                        "efficientnet_b0 keeps its own 0.2)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="loader processes decoding Zarr chunks (default: %(default)s)")
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         class_weighting=not args.no_class_weighting, augment=not args.no_augment,
         num_workers=args.num_workers, labelled_only=args.labelled_only, normalize_mean=mean,
         normalize_std=std, target_layer=args.target_layer, threads=threads(args, args.num_workers),
+        head_dropout=args.head_dropout,
     )
     result = train(pool, config, pretrained=args.pretrained, show_progress=show_progress(args))
     save_checkpoint(out, result.model, result.checkpoint)

@@ -5,6 +5,10 @@ turns the first target layer that runs into a detached leaf (no graph is built u
 layers further downstream stay graph tensors, so one ``torch.autograd.grad(Σ_b score_b, [A_1, …])``
 gives every G. No host copy, no retained graph; hooks, train/eval flags and ``requires_grad`` are
 restored on exit, also after an exception.
+
+A ``feature_layer`` (the classifier head) adds one more forward hook that keeps its input, the
+pooled penultimate features (B, D), from the same forward: embeddings and cached MC-dropout passes
+of the head need no second trunk pass.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class CamCapture:
     scores: Tensor  # (B,) fp32 target score per image (raw logit for a class target)
     activations: tuple[Tensor, ...]  # per target layer: A (B, C, h, w)
     gradients: tuple[Tensor, ...]  # per target layer: G = d(Σ_b score_b)/dA, same shape and dtype as A
+    features: Tensor | None = None  # (B, D) input of the feature layer, model dtype; None without one
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
@@ -87,7 +92,8 @@ class GradCamCapture:
     ...     a, g = out.activations[0], out.gradients[0]
     """
 
-    def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec]) -> None:
+    def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec],
+                 feature_layer: LayerSpec | None = None) -> None:
         layers = [target_layers] if isinstance(target_layers, (nn.Module, str)) else list(target_layers)
         if not layers:
             raise XalError("at least one target layer is required")
@@ -99,6 +105,9 @@ class GradCamCapture:
         self._training: list[nn.Module] = []  # modules that were in train mode on entry
         self._frozen: list[nn.Parameter] = []  # parameters that required grad on entry
         self._acts: list[Tensor | None] = []
+        self.feature_name, self.feature_layer = (None, None) if feature_layer is None else \
+            resolve_layer(model, feature_layer)
+        self._features: list[Tensor] | None = None  # inside __call__: the feature layer's input, once
         self._active = False
 
     def __enter__(self) -> GradCamCapture:  # noqa: PYI034  (typing.Self needs Python 3.11)
@@ -114,6 +123,8 @@ class GradCamCapture:
                 p.requires_grad_(False)
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._hook(i)))
+            if self.feature_layer is not None:
+                self._handles.append(self.feature_layer.register_forward_hook(self._feature_hook))
         except BaseException:
             self._restore()
             raise
@@ -132,8 +143,19 @@ class GradCamCapture:
             module.training = True  # per module: a caller's mixed train/eval state comes back as it was
         for p in self._frozen:
             p.requires_grad_(True)
-        self._training, self._frozen, self._acts = [], [], []
+        self._training, self._frozen, self._acts, self._features = [], [], [], None
         self._active = False
+
+    def _feature_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if self._features is None:  # a plain model(x) inside the `with` block
+            return
+        x = inputs[0] if inputs else None
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise XalError(f"feature layer '{self.feature_name}' must read pooled features (B, D), got {got}")
+        if self._features:
+            raise XalError(f"feature layer '{self.feature_name}' ran twice in one forward pass")
+        self._features.append(x.detach())
 
     def _hook(self, index: int) -> Callable[[nn.Module, object, object], Tensor | None]:
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor | None:
@@ -161,12 +183,15 @@ class GradCamCapture:
         if not self._active:
             raise RuntimeError("GradCamCapture must be used inside a `with` block")
         self._acts = [None] * len(self.layers)
+        self._features = [] if self.feature_layer is not None else None
         try:
             with torch.enable_grad():
                 logits = self.model(images)
                 if not isinstance(logits, Tensor):
                     raise XalError(f"model must return a logits tensor (B, K), got {type(logits).__name__}")
                 missing = [n for n, a in zip(self.layer_names, self._acts) if a is None]
+                if self._features == []:
+                    missing.append(str(self.feature_name))
                 if missing:
                     raise XalError(f"target layer(s) {', '.join(missing)} did not run in the forward pass")
                 scores = target_scores(logits, targets)
@@ -176,18 +201,20 @@ class GradCamCapture:
                 acts = [a for a in self._acts if a is not None]
                 # Σ_b score_b: image b's score depends only on image b (eval mode), so dΣ/dA_b = dscore_b/dA_b.
                 grads = torch.autograd.grad(scores.sum(), acts, materialize_grads=True)
+            features = self._features[0] if self._features else None
         finally:
-            self._acts = []
+            self._acts, self._features = [], None
         return CamCapture(
             logits=logits.detach(),
             scores=scores.detach(),
             activations=tuple(a.detach() for a in acts),
             gradients=tuple(grads),
+            features=features,
         )
 
 
 def capture(model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec], images: Tensor,
-            targets: Targets = None) -> CamCapture:
+            targets: Targets = None, feature_layer: LayerSpec | None = None) -> CamCapture:
     """One-shot :class:`GradCamCapture`: enter, capture one batch, restore the model."""
-    with GradCamCapture(model, target_layers) as cap:
+    with GradCamCapture(model, target_layers, feature_layer) as cap:
         return cap(images, targets)

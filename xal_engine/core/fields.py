@@ -5,9 +5,11 @@ in one transfer (:func:`pack` / :func:`unpack`), a score run stores one array pe
 ``scores/<run>/``, selection reads them back (:class:`PerImage`) and the batch CSV writes the
 scalar ones. Adding a field is one line here plus its computation in ``score_batch``.
 
-A field's per-image shape is a kind: a scalar, one value per class (K,), or the low-resolution CAM
-(h, w), whose sizes a run fixes at creation (:class:`Layout`). An optional field (``cam``) is computed,
-copied and stored only by runs that ask for it (``score --save-cams``).
+A field's per-image shape is a kind: a scalar, one value per class (K,), the low-resolution CAM
+(h, w) or the pooled penultimate features (D,), whose sizes a run fixes at creation (:class:`Layout`).
+An optional field is computed, copied and stored only by runs that ask for it: ``cam``
+(``score --save-cams``), ``embedding`` (``score --embeddings``) and the MC-dropout group ``bald``,
+``mc_entropy``, ``variation_ratio`` (``score --mc-samples T``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-SCALAR, PER_CLASS, CAM_MAP = "scalar", "class", "map"  # per-image shape kinds: (), (K,), (h, w)
+# per-image shape kinds: (), (K,), (h, w), (D,)
+SCALAR, PER_CLASS, CAM_MAP, EMBEDDING = "scalar", "class", "map", "embedding"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Field:
 
     name: str
     dtype: str  # numpy dtype of the stored array (and of the host copy)
-    shape: str  # SCALAR (), PER_CLASS (K,) or CAM_MAP (h, w); sizes from the run's Layout
+    shape: str  # SCALAR (), PER_CLASS (K,), CAM_MAP (h, w) or EMBEDDING (D,); sizes from the run's Layout
     fill: float | int | bool  # value of an image not scored yet
     needs_roi: bool  # NaN (hit: False) for an image without an ROI
     doc: str
@@ -46,7 +49,8 @@ class Field:
 
     @property
     def in_batch_csv(self) -> bool:
-        return self.shape == SCALAR  # one CSV column per scalar field
+        # one CSV column per scalar field every run stores (an optional one is absent from most runs)
+        return self.shape == SCALAR and not self.optional
 
 
 NAN = math.nan
@@ -62,11 +66,21 @@ FIELDS: tuple[Field, ...] = (
     Field("probs", "float16", PER_CLASS, NAN, False, "softmax of the logits (fp32 on the device)"),
     Field("cam", "float16", CAM_MAP, NAN, False, "normalised low-resolution Grad-CAM N at the target "
           "layer's resolution (score --save-cams)", optional=True),
+    # MC dropout (score --mc-samples T): T stochastic passes of the head over the trunk's pooled features
+    Field("bald", "float32", SCALAR, NAN, False, "BALD mutual information H[mean_t p_t] - mean_t H[p_t] over "
+          "T MC-dropout passes of the head, nats (score --mc-samples)", optional=True),
+    Field("mc_entropy", "float32", SCALAR, NAN, False, "entropy of the mean softmax over T MC-dropout passes, "
+          "nats (score --mc-samples)", optional=True),
+    Field("variation_ratio", "float32", SCALAR, NAN, False, "1 - (passes voting the modal class) / T over T "
+          "MC-dropout passes (score --mc-samples)", optional=True),
+    Field("embedding", "float16", EMBEDDING, NAN, False, "pooled penultimate features: the input of the final "
+          "classifier layer (score --embeddings)", optional=True),
 )
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 REQUIRED: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional)  # in every run
 REQUIRED_NAMES: tuple[str, ...] = tuple(f.name for f in REQUIRED)
+MC_NAMES: tuple[str, ...] = ("bald", "mc_entropy", "variation_ratio")  # stored together, or not at all
 
 
 @dataclass(frozen=True)
@@ -75,27 +89,45 @@ class Layout:
 
     n_classes: int  # K
     cam_shape: tuple[int, int] | None = None  # (h, w) of the stored CAM; None: the run stores no cam
+    embedding_dim: int | None = None  # D of the stored embedding; None: the run stores no embedding
+    mc: bool = False  # the run stores the MC-dropout fields (MC_NAMES)
+
+    def stores(self, field: Field) -> bool:
+        """Whether a run of this layout has ``field``: every required one, and the optional ones asked for."""
+        if not field.optional:
+            return True
+        if field.name == "cam":
+            return self.cam_shape is not None
+        if field.name == "embedding":
+            return self.embedding_dim is not None
+        return self.mc and field.name in MC_NAMES
 
     @property
     def fields(self) -> tuple[Field, ...]:
-        return tuple(f for f in FIELDS if not f.optional or (f.name == "cam" and self.cam_shape is not None))
+        return tuple(f for f in FIELDS if self.stores(f))
 
     def tail(self, field: Field) -> tuple[int, ...]:
-        """The per-image shape of ``field``: (), (K,) or (h, w)."""
+        """The per-image shape of ``field``: (), (K,), (h, w) or (D,)."""
         if field.shape == PER_CLASS:
             return (self.n_classes,)
         if field.shape == CAM_MAP:
             if self.cam_shape is None:
                 raise ValueError(f"field {field.name!r} needs the run's CAM shape")
             return tuple(self.cam_shape)
+        if field.shape == EMBEDDING:
+            if self.embedding_dim is None:
+                raise ValueError(f"field {field.name!r} needs the run's embedding size")
+            return (self.embedding_dim,)
         return ()
 
     @classmethod
     def of(cls, values: Mapping[str, torch.Tensor] | PerImage[torch.Tensor]) -> Layout:
         """The layout of one batch's results (shapes only: no device synchronisation)."""
-        cam = values.get("cam")
+        cam, embedding = values.get("cam"), values.get("embedding")
         return cls(n_classes=int(values["probs"].shape[1]),
-                   cam_shape=None if cam is None else (int(cam.shape[1]), int(cam.shape[2])))
+                   cam_shape=None if cam is None else (int(cam.shape[1]), int(cam.shape[2])),
+                   embedding_dim=None if embedding is None else int(embedding.shape[1]),
+                   mc="bald" in values)
 
 
 class PerImage(Generic[T]):
@@ -149,7 +181,9 @@ class PerImage(Generic[T]):
 class BatchScores(PerImage["torch.Tensor"]):
     """Per-image results of one batch on the model's device: probs (B, K) fp32, pred (B,) int64,
     the float fields (B,) fp32 (ROI metrics NaN where no ROI exists), hit (B,) bool; ``cam`` is the
-    normalised low-resolution map N (B, h, w) fp32 when asked for, else None (and then not a field)."""
+    normalised low-resolution map N (B, h, w) fp32 when asked for, else None (and then not a field).
+    The other optional fields (``embedding`` (B, D), the MC group (B,) each) are present only when
+    computed."""
 
     def __init__(self, cam: torch.Tensor | None = None, **values: torch.Tensor) -> None:
         missing = sorted(set(REQUIRED_NAMES) - set(values))
@@ -168,8 +202,9 @@ def concat(parts: list[PerImage[np.ndarray]]) -> PerImage[np.ndarray]:
 
 def pack(scores: Mapping[str, torch.Tensor] | PerImage[torch.Tensor]) -> torch.Tensor:
     """Every field present as fp32 columns of one (B, F) tensor, registry order (a per-class field
-    takes K columns, the CAM h * w), so that one device -> host copy moves them all. int16 and bool
-    values are exact in fp32; the CAM is rounded to fp16 only on the host, like probs."""
+    takes K columns, the CAM h * w, the embedding D), so that one device -> host copy moves them all.
+    int16 and bool values are exact in fp32; the CAM and the embedding are rounded to fp16 only on the
+    host, like probs."""
     present = [f.name for f in FIELDS if f.name in scores]
     import torch  # not at module import: the stores read this registry without torch
 
@@ -187,7 +222,7 @@ def unpack(packed: np.ndarray, layout: Layout | None = None) -> PerImage[np.ndar
     for f in layout.fields:
         tail = layout.tail(f)
         width = math.prod(tail)
-        values = packed[:, col:col + width].reshape(packed.shape[0], *tail)  # (B,), (B, K) or (B, h, w)
+        values = packed[:, col:col + width].reshape(packed.shape[0], *tail)  # (B,), (B, K), (B, h, w), (B, D)
         col += width
         out[f.name] = values > 0.5 if f.dtype == "bool" else values.astype(f.dtype)
     if col != packed.shape[1]:

@@ -3,8 +3,14 @@
 A model is built as torchvision's 3-channel, 1000-class network (so a published or local state dict
 loads strictly), then its first convolution is adapted to ``in_channels`` and its head replaced by a
 fresh ``num_classes`` linear layer. A checkpoint is one ``torch.save`` file holding the
-architecture, shapes, class names, target layer and its map size, state dict, training config, pool
-fingerprint and metrics, enough for ``score`` and ``loop`` to rebuild the model.
+architecture, shapes, class names, target layer and its map size, head dropout, state dict, training
+config, pool fingerprint and metrics, enough for ``score`` and ``loop`` to rebuild the model.
+
+Head dropout (``train --head-dropout P``, MC dropout in ``score --mc-samples``): an arch whose head
+has no dropout before it (resnet, densenet, convnext) gets its head replaced by a
+:class:`DropoutLinear` (dropout on the input, then the same linear layer: the state dict keys do not
+change, so checkpoints load either way); an arch that has one (efficientnet_b0's ``classifier.0``,
+torchvision's p = 0.2) keeps it, with its p set to P when given.
 
 The default Grad-CAM layer depends on the image size: the deepest of the arch's candidate layers
 (its stages) whose map is at least MIN_TARGET_MAP on both sides, read off a shape probe
@@ -16,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ class ArchSpec:
     first_conv: str  # the stem convolution that reads the image, 3 input channels
     head: str  # the final nn.Linear producing 1000 ImageNet logits
     candidates: tuple[str, ...]  # Grad-CAM layers in forward order, shallow to deep (the stages)
+    head_dropout: str | None = None  # the arch's own nn.Dropout right before the head, if it has one
 
     @property
     def target_layer(self) -> str:
@@ -54,7 +61,9 @@ ARCHS: dict[str, ArchSpec] = {
     "densenet121": ArchSpec("features.conv0", "classifier",
                             tuple(f"features.denseblock{i}" for i in range(1, 5))),
     # features.1..7 are the MBConv stages; features.8 the final 1x1 Conv-BN-SiLU block (1280 channels).
-    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", tuple(f"features.{i}" for i in range(1, 9))),
+    # classifier = Dropout(0.2), Linear: the arch's own head dropout
+    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", tuple(f"features.{i}" for i in range(1, 9)),
+                                head_dropout="classifier.0"),
     # features.1, 3, 5, 7 are the four stages; the even entries are their downsampling layers.
     "convnext_tiny": ArchSpec("features.0.0", "classifier.2", ("features.1", "features.3", "features.5",
                                                                 "features.7")),
@@ -193,10 +202,56 @@ def _replace_first_conv(model: nn.Module, spec: ArchSpec, in_channels: int) -> N
     model.set_submodule(spec.first_conv, new)
 
 
-def _replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> None:
+class DropoutLinear(nn.Linear):
+    """``Linear(Dropout(p)(x))``: a head with dropout on its input. Dropout has no parameters, so the
+    state dict is a plain ``nn.Linear``'s (``weight``, ``bias``); a forward hook on it sees the
+    features before dropout as its input."""
+
+    def __init__(self, in_features: int, out_features: int, p: float) -> None:
+        super().__init__(in_features, out_features)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.dropout(x))
+
+
+def parse_head_dropout(p: float | None, flag: str = "--head-dropout") -> float | None:
+    """``p`` when None or in [0, 1), else an XalError naming ``flag``."""
+    if p is not None and not 0.0 <= p < 1.0:
+        raise XalError(f"{flag} must lie in [0, 1), got {p}")
+    return p
+
+
+def _replace_head(model: nn.Module, spec: ArchSpec, num_classes: int, dropout: float | None) -> None:
     old = model.get_submodule(spec.head)
     assert isinstance(old, nn.Linear)
-    model.set_submodule(spec.head, nn.Linear(old.in_features, num_classes))
+    if spec.head_dropout is not None:  # the arch's own dropout before the head: set its p
+        if dropout is not None:
+            own = model.get_submodule(spec.head_dropout)
+            assert isinstance(own, nn.Dropout)
+            own.p = dropout
+        model.set_submodule(spec.head, nn.Linear(old.in_features, num_classes))
+    elif dropout:  # > 0: dropout placed before the head
+        model.set_submodule(spec.head, DropoutLinear(old.in_features, num_classes, dropout))
+    else:
+        model.set_submodule(spec.head, nn.Linear(old.in_features, num_classes))
+
+
+def head_layer(model: nn.Module, arch: str) -> nn.Linear:
+    """The final classifier layer of a :func:`build_model` model (its input: the pooled features)."""
+    head = model.get_submodule(parse_arch(arch).head)
+    if not isinstance(head, nn.Linear):
+        raise XalError(f"{arch} head {parse_arch(arch).head!r} is a {type(head).__name__}, not a linear layer")
+    return head
+
+
+def head_dropout_p(model: nn.Module, arch: str) -> float:
+    """The dropout probability on the head's input in train mode: 0.0 where there is none."""
+    spec = parse_arch(arch)
+    if spec.head_dropout is not None:
+        return float(model.get_submodule(spec.head_dropout).p)
+    head = model.get_submodule(spec.head)
+    return float(head.dropout.p) if isinstance(head, DropoutLinear) else 0.0
 
 
 def _first_line(err: BaseException) -> str:
@@ -240,15 +295,17 @@ def _load_state(model: nn.Module, state: object, what: str, arch: str) -> None:
 
 
 def build_model(arch: str, num_classes: int, in_channels: int,
-                pretrained: str | Path | None = None) -> nn.Module:
+                pretrained: str | Path | None = None, head_dropout: float | None = None) -> nn.Module:
     """A torchvision ``arch`` reading ``in_channels`` and giving ``num_classes`` logits.
 
     ``pretrained``: None (random init), ``"imagenet"`` (torchvision's published weights, from the
     torch.hub cache or a download; an XalError when unavailable), or a path to a torchvision state
     dict of the 3-channel, 1000-class model. The first conv is adapted by :func:`adapt_conv_weight`;
-    the head is always freshly initialised.
+    the head is always freshly initialised. ``head_dropout``: the dropout p on the head's input (see
+    the module docstring); None keeps the arch's own (0 where it has none).
     """
     spec = parse_arch(arch)
+    parse_head_dropout(head_dropout)
     if num_classes < 2:
         raise XalError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
@@ -260,7 +317,7 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         else:
             _load_local_weights(model, Path(pretrained), arch)
     _replace_first_conv(model, spec, in_channels)
-    _replace_head(model, spec, num_classes)
+    _replace_head(model, spec, num_classes, head_dropout)
     return model
 
 
@@ -296,6 +353,10 @@ class Checkpoint:
     # (h, w) of the target layer's output at the training image size; None in checkpoints written
     # before it was recorded (an optional entry: the format version is unchanged)
     target_map: tuple[int, int] | None = None
+    # dropout p on the head's input (DropoutLinear or the arch's own); save_checkpoint records the
+    # model's p, whatever this says. Absent in older checkpoints: the arch's own (0 for
+    # resnet/densenet/convnext, 0.2 for efficientnet_b0). load_checkpoint always gives a float.
+    head_dropout: float = 0.0
     format_version: int = CHECKPOINT_FORMAT
 
     @property
@@ -316,6 +377,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
     payload = asdict(info)
     payload["classes"] = list(info.classes)
     payload["target_map"] = list(info.target_map) if info.target_map is not None else None
+    payload["head_dropout"] = head_dropout_p(model, info.arch)  # the model's own p, whatever info says
     payload[_CHECKPOINT_KEY] = info.format_version
     payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload[_CHECKSUM_KEY] = state_checksum(payload["state_dict"])
@@ -377,7 +439,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             in_channels=int(payload["in_channels"]), classes=tuple(payload["classes"]),
             target_layer=str(payload["target_layer"]), config=dict(payload["config"]),
             pool=dict(payload["pool"]), metrics=dict(payload["metrics"]),
-            target_map=_map_size(payload.get("target_map")), format_version=int(payload[_CHECKPOINT_KEY]))
+            target_map=_map_size(payload.get("target_map")), format_version=int(payload[_CHECKPOINT_KEY]),
+            head_dropout=float(payload.get("head_dropout") or 0.0))
+        recorded = payload.get("head_dropout")  # None (older checkpoints): the arch's own dropout
         state = payload["state_dict"]
         checksum = payload.get(_CHECKSUM_KEY)
         if checksum is not None and checksum != state_checksum(state):
@@ -385,7 +449,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                            "saved; copy or train it again)")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise XalError(f"checkpoint {path} is incomplete or malformed ({err!r})") from None
-    model = build_model(info.arch, info.num_classes, info.in_channels)
+    try:
+        model = build_model(info.arch, info.num_classes, info.in_channels,
+                            head_dropout=None if recorded is None else float(recorded))
+    except XalError as err:
+        raise XalError(f"checkpoint {path}: {err}") from None
+    info = replace(info, head_dropout=head_dropout_p(model, info.arch))  # absent: the arch's own
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:

@@ -2,19 +2,96 @@
 
 Per batch: logits → softmax probs → entropy / margin / least confidence; A, G of the target layer →
 ``gradcam_dice`` → Dice, soft Dice, energy, pointing-game hit. Everything stays on the model's device.
+
+On request, from the same forward: the head's input f (B, D), the pooled penultimate features
+(``embedding``), and T MC-dropout passes of the head only over f (:func:`mc_head_probs`, baal's
+cached MC inference: the trunk runs once) → BALD, MC entropy, variation ratio. Every other field is
+the deterministic pass's (eval mode).
+
+MC dropout masks are a counter-based hash, not a stateful generator: the keep bit of feature d of
+the image at pool index i in pass t is a function of (seed, i, t, d) only (:func:`dropout_keep`), so
+a result depends neither on the batch an image falls in nor on the shard or the resume point, and is
+the same on every device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xal_engine.core.capture import LayerSpec, Targets, capture
+from xal_engine.core.capture import LayerSpec, Targets, capture, resolve_layer
 from xal_engine.core.fields import FIELDS, BatchScores
-from xal_engine.core.uncertainty import entropy, least_confidence, margin
+from xal_engine.core.uncertainty import bald, entropy, least_confidence, margin, mc_entropy, variation_ratio
 from xal_engine.errors import XalError
 from xal_engine.ops import gradcam_dice
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class McDropout:
+    """T stochastic passes of the head with dropout ``p`` on its input, masks keyed by ``seed``."""
+
+    samples: int  # T >= 2
+    p: float  # in (0, 1)
+    seed: int = 0  # in [0, 2**32)
+
+    def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise XalError(f"--mc-samples must be at least 2, got {self.samples}")
+        if not 0.0 < self.p < 1.0:
+            raise XalError(f"MC dropout p must lie in (0, 1), got {self.p}")
+        if not 0 <= self.seed <= _M32:
+            raise XalError(f"--mc-seed must lie in [0, 2**32), got {self.seed}")
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """x · c mod 2**32 for int64 x in [0, 2**32) and c < 2**32, exact: in 16-bit halves so that no
+    product leaves int64 (each < 2**48)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons' hash-prospector): a bijective 32-bit integer mix, int64 in and out."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, index: Tensor, samples: int, dim: int, p: float) -> Tensor:
+    """Dropout keep masks (T, B, D) bool for the images at pool positions ``index`` (B,) int64.
+
+    h = mix(k_i ^ mix(t·D + d)), k_i = mix(mix(mix(seed ^ φ) ^ lo32(i)) ^ hi32(i)), mix = lowbias32;
+    u = (h >> 8) / 2**24 ∈ [0, 1) (exact in fp32); kept where u >= p (probability 1 - p, to 2**-24).
+    A function of (seed, i, t, d) only. Memory: a few int64 (T, B, D) temporaries.
+    """
+    device = index.device
+    key = _mix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64, device=device))
+    i = index.to(torch.int64)
+    k = _mix32(_mix32(key ^ (i & _M32)) ^ ((i >> 32) & _M32))  # (B,)
+    counter = torch.arange(samples * dim, dtype=torch.int64, device=device).reshape(samples, 1, dim)
+    h = _mix32(k[None, :, None] ^ _mix32(counter))  # (T, B, D)
+    u = (h >> 8).to(torch.float32) * 2.0 ** -24
+    return u >= p
+
+
+def mc_head_probs(features: Tensor, head: nn.Linear, mc: McDropout, index: Tensor) -> Tensor:
+    """Softmax of T MC-dropout passes of ``head`` over pooled features f (B, D): (T, B, K) fp32.
+
+    logits_t = W · (m_t ⊙ f / (1 - p)) + b with m_t = :func:`dropout_keep` (inverted dropout, as
+    nn.Dropout), all T passes one batched matmul in fp32: reads B·D features, writes T·B·K probs.
+    """
+    f = features.float()  # (B, D)
+    keep = dropout_keep(mc.seed, index, mc.samples, f.shape[1], mc.p)  # (T, B, D)
+    dropped = f[None] * keep * (1.0 / (1.0 - mc.p))  # (T, B, D)
+    weight, bias = head.weight.detach().float(), None if head.bias is None else head.bias.detach().float()
+    logits = torch.nn.functional.linear(dropped, weight, bias)  # (T, B, K); no graph: weights are constants
+    return torch.softmax(logits, dim=2)
 
 
 def _as_device_tensor(x: Tensor | np.ndarray, device: torch.device, name: str) -> Tensor:
@@ -35,8 +112,17 @@ def score_batch(
     has_roi: Tensor | np.ndarray | None = None,
     return_cam: bool = False,
     backend: str = "auto",
+    head: LayerSpec | None = None,
+    return_embedding: bool = False,
+    mc: McDropout | None = None,
+    index: Tensor | np.ndarray | None = None,
 ) -> BatchScores:
     """Scores of ``images`` (B, C, H, W); ``rois`` (B, H', W') bool at any resolution, or None.
+
+    ``head``: the final nn.Linear (e.g. ``fc``); its input, the pooled features, is kept from the same
+    forward for ``return_embedding`` (``embedding`` (B, D) fp32) and for ``mc`` (``bald``,
+    ``mc_entropy``, ``variation_ratio`` from :func:`mc_head_probs`; needs ``index`` (B,), the images'
+    pool positions that key the dropout masks).
 
     ``targets`` picks the Grad-CAM class per image (see :func:`xal_engine.core.capture.target_scores`).
     Images without an ROI (``rois`` None, or ``has_roi`` False) get NaN dice/soft_dice/energy and
@@ -45,7 +131,16 @@ def score_batch(
     runs in reduced precision; the scores are computed in fp32.
     """
     batch = images.shape[0]
-    out = capture(model, target_layer, images, targets)
+    head_module = None
+    if return_embedding or mc is not None:
+        if head is None:
+            raise XalError("embeddings and MC dropout need the model's head layer (head=...)")
+        head_module = resolve_layer(model, head)[1]
+        if mc is not None and not isinstance(head_module, nn.Linear):
+            raise XalError(f"MC dropout needs a linear head, got {type(head_module).__name__}")
+        if mc is not None and index is None:
+            raise XalError("MC dropout needs the images' pool positions (index=...) to key the dropout masks")
+    out = capture(model, target_layer, images, targets, feature_layer=head_module)
     act, grad = out.activations[0], out.gradients[0]
     device = act.device
     if rois is None:
@@ -82,6 +177,18 @@ def score_batch(
         "energy": roi.energy,
         "hit": roi.hit,
     }
+    if return_embedding:
+        values["embedding"] = out.features  # (B, D), fp32 in the host copy, fp16 stored
+    if mc is not None:
+        assert out.features is not None and isinstance(head_module, nn.Linear)
+        positions = _as_device_tensor(index, device, "index")
+        if tuple(positions.shape) != (batch,):
+            raise XalError(f"index must have shape ({batch},), got {tuple(positions.shape)}")
+        with torch.autocast(device.type, enabled=False):
+            mc_probs = mc_head_probs(out.features, head_module, mc, positions)  # (T, B, K)
+        nan = torch.full((batch,), float("nan"), device=device)
+        for name, fn in (("bald", bald), ("mc_entropy", mc_entropy), ("variation_ratio", variation_ratio)):
+            values[name] = torch.where(finite, fn(mc_probs), nan)  # non-finite logits: NaN, like probs
     for f in FIELDS:  # images without an ROI: NaN ROI metrics, no hit
         if f.needs_roi:
             values[f.name] = torch.where(valid, values[f.name], torch.full_like(values[f.name], f.fill))

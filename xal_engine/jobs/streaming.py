@@ -32,10 +32,13 @@ from xal_engine.core.models import (
     check_layer_name,
     choose_target_layer,
     feature_map_sizes,
+    head_layer,
     layer_choice,
     load_checkpoint,
+    parse_arch,
+    parse_head_dropout,
 )
-from xal_engine.core.scoring import score_batch
+from xal_engine.core.scoring import McDropout, score_batch
 from xal_engine.errors import XalError
 from xal_engine.ops import BACKENDS
 from xal_engine.store import Pool
@@ -62,9 +65,20 @@ class ScoreConfig:
     save_cams: bool = False  # also store the low-resolution CAM N (h, w) per image as scores/<run>/cam
     target_layer: str | None = None  # Grad-CAM layer in place of the checkpoint's (--target-layer)
     threads: int | None = None  # torch intra-op threads of a local run; None: the process's setting
+    embeddings: bool = False  # also store the head's input (pooled features, fp16 (D,)) as scores/<run>/embedding
+    mc_samples: int = 0  # T >= 2: MC-dropout passes of the head (bald, mc_entropy, variation_ratio); 0: off
+    mc_dropout: float | None = None  # dropout p of the MC passes; None: the checkpoint's head_dropout
+    mc_seed: int = 0  # keys the MC dropout masks (with each image's pool index: see core.scoring)
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
+        if self.mc_samples == 1 or self.mc_samples < 0:
+            raise XalError(f"--mc-samples must be 0 (off) or at least 2, got {self.mc_samples}")
+        parse_head_dropout(self.mc_dropout, "--mc-dropout")
+        if self.mc_dropout is not None and not self.mc_samples:
+            raise XalError("--mc-dropout needs --mc-samples T (T >= 2)")
+        if not 0 <= self.mc_seed < 2 ** 32:
+            raise XalError(f"--mc-seed must lie in [0, 2**32), got {self.mc_seed}")
         if self.threads is not None and self.threads < 1:
             raise XalError(f"--threads must be at least 1, got {self.threads}")
         if self.batch_size < 1:
@@ -207,6 +221,19 @@ def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn
     return model.to(memory_format=torch.channels_last), ckpt
 
 
+def mc_dropout(ckpt: Checkpoint, config: ScoreConfig, model_path: Path | None = None) -> McDropout | None:
+    """The MC-dropout passes a run makes: None without ``--mc-samples``; p is ``--mc-dropout``, else the
+    checkpoint's ``head_dropout``; an XalError naming both flags when that is 0."""
+    if not config.mc_samples:
+        return None
+    p = config.mc_dropout if config.mc_dropout is not None else ckpt.head_dropout
+    if p == 0.0:
+        model = f"model {model_path}" if model_path is not None else "the model"
+        raise XalError(f"--mc-samples needs dropout: {model} has no head dropout (head_dropout 0); pass "
+                       "--mc-dropout P (0 < P < 1) or train with --head-dropout P")
+    return McDropout(samples=config.mc_samples, p=p, seed=config.mc_seed)
+
+
 def with_target_layer(ckpt: Checkpoint, config: ScoreConfig) -> Checkpoint:
     """``ckpt`` with ``config.target_layer`` (when set) as its Grad-CAM layer: the layer a run scores at."""
     return ckpt if config.target_layer is None else replace(ckpt, target_layer=config.target_layer)
@@ -226,6 +253,7 @@ def fit_target_layer(model: torch.nn.Module, ckpt: Checkpoint, pool: Pool, model
     an XalError when both: a model trained at another size whose layer collapses to 1x1 here.
     """
     check_model_fits_pool(ckpt, pool, model_path)  # the channel count, before a probe at that count
+    mc_dropout(ckpt, config, model_path)  # --mc-samples without any dropout: refused before any warning
     if config.target_layer is not None:
         check_layer_name(model, ckpt.arch, config.target_layer)
     scored = with_target_layer(ckpt, config)
@@ -266,6 +294,7 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     check_model_fits_pool(ckpt, pool, model_path)
     if config.targets == "label" and len(pool.classes) != ckpt.num_classes:
         raise XalError("--targets label needs the model's classes to equal the pool's")
+    mc = mc_dropout(ckpt, config, model_path)
     fingerprint = {
         "model_sha256": file_sha256(model_path),
         "arch": ckpt.arch,
@@ -277,6 +306,10 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     }
     if config.save_cams:  # only when set, so that runs made without it keep their fingerprint
         fingerprint["save_cams"] = True
+    if config.embeddings:  # likewise
+        fingerprint["embeddings"] = True
+    if mc is not None:  # likewise; p as used (the flag or the checkpoint's)
+        fingerprint.update(mc_samples=mc.samples, mc_dropout=mc.p, mc_seed=mc.seed)
     if generation := pool_generation(pool):  # labels changed: ROI metrics of another generation are stale
         fingerprint[GENERATION_KEY] = generation
     attrs = {
@@ -286,17 +319,32 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
         "versions": {"xal_engine": __version__, "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    layout = run_layout(model_path, ckpt, pool, config)
     return ScoreRun.create_or_resume(
         pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
-        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite,
-        cam_shape=cam_shape(model_path, ckpt, pool) if config.save_cams else None,
+        fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite, cam_shape=layout.cam_shape,
+        embedding_dim=layout.embedding_dim, mc=layout.mc,
     )
 
 
-def cam_shape(model_path: Path, ckpt: Checkpoint, pool: Pool) -> tuple[int, int]:
+def run_layout(model_path: Path, ckpt: Checkpoint, pool: Pool, config: ScoreConfig) -> fields.Layout:
+    """The fields run ``config.run`` stores and their sizes; the model is loaded on the CPU only when
+    an optional field needs a size (a run's arrays are created before any batch)."""
+    model = load_checkpoint(model_path, device="cpu")[0] if config.save_cams or config.embeddings else None
+    return fields.Layout(
+        n_classes=ckpt.num_classes,
+        cam_shape=cam_shape(model_path, ckpt, pool, model) if config.save_cams else None,
+        embedding_dim=head_layer(model, ckpt.arch).in_features if model is not None and config.embeddings else None,
+        mc=bool(config.mc_samples),
+    )
+
+
+def cam_shape(model_path: Path, ckpt: Checkpoint, pool: Pool,
+              model: torch.nn.Module | None = None) -> tuple[int, int]:
     """(h, w) of the low-resolution CAM of this model on the pool's images: the target layer's
     feature map, probed on the CPU (a run's arrays are created before any batch)."""
-    model, _ = load_checkpoint(model_path, device="cpu")
+    if model is None:
+        model, _ = load_checkpoint(model_path, device="cpu")
     shape = (pool.channels, pool.height, pool.width)
     return feature_map_sizes(model, [ckpt.target_layer], shape)[ckpt.target_layer]
 
@@ -334,21 +382,25 @@ def score_and_store(model: torch.nn.Module, ckpt: Checkpoint, items: Iterable[di
     scored batch of n images (an item may be one chunk of many batches): a progress bar's ``update``.
     """
     for item in to_device(items, device):
-        host = score_item(model, ckpt, item, config, device, on_batch)
         units, bounds = item["units"].tolist(), item["bounds"].tolist()
+        start = writer.run.unit_range(units[0])[0]  # the item's first pool position
+        host = score_item(model, ckpt, item, config, device, on_batch, start=start)
         for unit, (a, b) in zip(units, bounds):
             writer.put(unit, host.rows(a, b))
         yield units, bounds, host
 
 
 def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
-               device: torch.device, on_batch: Callable[[int], object] | None = None) -> UnitResult:
+               device: torch.device, on_batch: Callable[[int], object] | None = None,
+               start: int = 0) -> UnitResult:
     """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
-    is whole chunks and may hold more); one device→host copy per batch, then ``on_batch(images)``."""
+    is whole chunks and may hold more); one device→host copy per batch, then ``on_batch(images)``.
+    ``start``: the pool position of the item's first image (keys the MC dropout masks)."""
     n = item["images"].shape[0]
     parts = []
     for a in range(0, n, config.batch_size):
         batch = {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item}
+        batch["index"] = torch.arange(start + a, start + min(a + config.batch_size, n), device=device)
         parts.append(score_images(model, ckpt, batch, config, device))
         if on_batch is not None:
             on_batch(parts[-1].pred.shape[0])
@@ -367,15 +419,23 @@ def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any]
 def device_scores(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
                   device: torch.device) -> BatchScores:
     """One batch's results on the device, the low-resolution CAM (B, h, w) fp32 among them with
-    ``config.save_cams``."""
+    ``config.save_cams``, the embedding (B, D) with ``config.embeddings``, the MC fields with
+    ``config.mc_samples`` where the batch has ``index`` (B,), its pool positions (a batch without it,
+    such as a sheet's recomputed CAMs, gets no MC fields)."""
     targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
     mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
     images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
     autocast = PRECISIONS[config.precision]
+    mc = mc_dropout(ckpt, config) if "index" in batch else None
+    extra: dict[str, Any] = {}
+    if config.embeddings or mc is not None:  # only then: a plain run calls score_batch as it always did
+        extra = {"head": parse_arch(ckpt.arch).head, "return_embedding": config.embeddings, "mc": mc,
+                 "index": batch.get("index")}
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         scores = score_batch(
             model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
             targets=targets, threshold=config.threshold, backend=config.kernel, return_cam=config.save_cams,
+            **extra,
         )
     return scores
 

@@ -35,6 +35,7 @@ from xal_engine.core.models import (
     build_model,
     check_layer_name,
     choose_target_layer,
+    head_dropout_p,
     layer_choice,
     parse_arch,
     resolve_layer,
@@ -78,6 +79,9 @@ class TrainConfig:
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     explanation_weight: float = 0.0  # W: adds W·(1 − soft Dice(Grad-CAM, ROI)) on images with an ROI
     threads: int | None = None  # torch intra-op threads while training; None: the process's setting
+    # dropout p on the classifier's input (recorded in the checkpoint; MC dropout at scoring); None: the
+    # arch's own (none for resnet/densenet/convnext, 0.2 for efficientnet_b0)
+    head_dropout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def parse_config(config: TrainConfig) -> TrainConfig:
               ("num_workers", config.num_workers >= 0, ">= 0"),
               ("shuffle_buffer", config.shuffle_buffer >= 0, ">= 0"),
               ("explanation_weight", config.explanation_weight >= 0, ">= 0"),
-              ("threads", config.threads is None or config.threads >= 1, ">= 1")]
+              ("threads", config.threads is None or config.threads >= 1, ">= 1"),
+              ("head_dropout", config.head_dropout is None or 0 <= config.head_dropout < 1, "in [0, 1)")]
     for name, ok, expected in checks:
         if not ok:
             raise XalError(f"{name} must be {expected}, got {getattr(config, name)}")
@@ -358,7 +363,7 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
             "keeping the epoch with the lowest training loss")
 
     torch.manual_seed(config.seed)  # model initialisation
-    model = build_model(config.arch, k, pool.channels, pretrained)
+    model = build_model(config.arch, k, pool.channels, pretrained, head_dropout=config.head_dropout)
     if initial_state is not None:
         try:
             model.load_state_dict(initial_state)
@@ -422,6 +427,7 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
     info = Checkpoint(
         arch=config.arch, num_classes=k, in_channels=pool.channels, classes=tuple(pool.classes),
         target_layer=target_layer, target_map=layer.size, config=config_dict,
+        head_dropout=head_dropout_p(trainer.model, config.arch),
         pool={"path": str(pool.path), "fingerprint": pool_fingerprint(pool, train_idx, val_idx),
               "height": pool.height, "width": pool.width, "image_dtype": str(pool.image_dtype)},
         metrics=metrics)

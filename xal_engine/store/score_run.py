@@ -9,6 +9,8 @@ Layout (N = pool size, K = classes, U = number of work units): one array per res
     hit              (N,)   bool
     cam              (N, h, w) float16, only in runs scored with --save-cams (h, w: the target layer's
                      feature map, fixed at creation)
+    embedding        (N, D) float16, only in runs scored with --embeddings (D: the head's input size)
+    bald, mc_entropy, variation_ratio   (N,) float32, only in runs scored with --mc-samples T
     done             (U,)   bool, one chunk per flag
 
 A work unit is one chunk of the pool's per-image arrays, and every result array uses the same chunk
@@ -98,9 +100,12 @@ class ScoreRun:
         attrs: dict[str, Any],
         overwrite: bool = False,
         cam_shape: tuple[int, int] | None = None,
+        embedding_dim: int | None = None,
+        mc: bool = False,
     ) -> ScoreRun:
         """Open run `name` for writing; create it when new, with a `cam` array of (h, w) maps per image
-        when `cam_shape` is given.
+        when `cam_shape` is given, an `embedding` array of (D,) features when `embedding_dim` is, and
+        the MC-dropout arrays (`bald`, `mc_entropy`, `variation_ratio`) with `mc`.
 
         An existing run with another fingerprint (model, target layer, threshold, precision, …) is
         refused unless `overwrite`, which deletes it first; one scored at another pool generation
@@ -119,13 +124,14 @@ class ScoreRun:
             if isinstance(existing, zarr.Group) and not overwrite and _created(existing):
                 _check_fingerprint(name, existing.attrs.get("fingerprint"), jsonable(fingerprint))
                 return cls(existing, name, n, unit_size)
-            return cls._create(pool_group, name, n=n, n_classes=n_classes, unit_size=unit_size,
+            layout = Layout(n_classes=n_classes, cam_shape=cam_shape, embedding_dim=embedding_dim, mc=mc)
+            return cls._create(pool_group, name, n=n, unit_size=unit_size,
                                attrs={**jsonable(attrs), "fingerprint": jsonable(fingerprint),
-                                      "unit_size": unit_size}, cam_shape=cam_shape)
+                                      "unit_size": unit_size}, layout=layout)
 
     @classmethod
-    def _create(cls, pool_group: zarr.Group, name: str, *, n: int, n_classes: int, unit_size: int,
-                attrs: dict[str, Any], cam_shape: tuple[int, int] | None) -> ScoreRun:
+    def _create(cls, pool_group: zarr.Group, name: str, *, n: int, unit_size: int,
+                attrs: dict[str, Any], layout: Layout) -> ScoreRun:
         """A new run replacing whatever ``scores/<name>`` holds; its attributes (the fingerprint among
         them) are written with the group, `done` last."""
         scores = pool_group["scores"]
@@ -135,8 +141,7 @@ class ScoreRun:
         elif name in scores:
             del scores[name]
         group = scores.create_group(name, attributes=attrs)
-        layout = Layout(n_classes=n_classes, cam_shape=cam_shape)
-        for field in layout.fields:  # (N,), (N, K) or (N, h, w), chunked by work unit
+        for field in layout.fields:  # (N,), (N, K), (N, h, w) or (N, D), chunked by work unit
             tail = layout.tail(field)
             dtype = np.dtype(field.dtype)
             group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=dtype,

@@ -177,6 +177,12 @@ class _Checker:
         for f in ROI_METRICS:
             checks[f] = "outside [0, 1] where has_roi is True"
             checks[f"{f}/no_roi"] = "not NaN where has_roi is False"
+        # optional fields, where the run stores them; NaN only for an image with non-finite logits (pred -1)
+        samples = (run.group.attrs.get("fingerprint") or {}).get("mc_samples")
+        vr_max = 1.0 - 1.0 / samples if isinstance(samples, int) and samples >= 2 else 1.0
+        optional = {"bald": f"outside [0, ln {k}]", "mc_entropy": f"outside [0, ln {k}]",
+                    "variation_ratio": f"outside [0, {vr_max:.6g}]", "embedding": "not finite"}
+        checks.update({f: what for f, what in optional.items() if f in arrays})
         findings = {key: _Findings(f"{where}/{key.split('/')[0]}: {what}") for key, what in checks.items()}
         has_roi_all = np.asarray(pool.arrays["has_roi"][:], dtype=bool)
         eps = 1e-5  # fp32 rounding of values computed in [0, 1]
@@ -201,6 +207,12 @@ class _Checker:
             for f in ROI_METRICS:
                 findings[f].add(start, has_roi & ~((d[f] >= -eps) & (d[f] <= 1 + eps)))
                 findings[f"{f}/no_roi"].add(start, ~has_roi & ~np.isnan(d[f]))
+            scored = d["pred"] >= 0
+            for f, top in (("bald", math.log(k)), ("mc_entropy", math.log(k)), ("variation_ratio", vr_max)):
+                if f in d:
+                    findings[f].add(start, scored & ~((d[f] >= -eps) & (d[f] <= top + eps)))
+            if "embedding" in d:
+                findings["embedding"].add(start, scored & ~np.isfinite(d["embedding"]).all(axis=1))
         self.problems += [f.message() for f in findings.values() if f.count]
 
     def _check_experiment(self, name: str) -> None:
