@@ -96,8 +96,11 @@ class ExperimentConfig:
 # shared (load 4-5), i.e. ~57 min for the 36 experiments; cut to 40 px, 6 epochs, 450 images, 2 rounds
 # (about 55 s per experiment shared) so that 3 seeds of every strategy fit in ~20 min; 5 seeds (~30 min on
 # the quiet machine) since training recomputes batch-norm statistics, for a tighter spread.
+# Every registered strategy is a row (bald, coreset, badge, dual-diverse and typiclust since the committed
+# run, which had the first six); every model trains with dropout 0.2 before its classifier, so that bald's
+# MC-dropout passes and every other row share one model family.
 _TRAIN = TrainConfig(arch="resnet18", epochs=6, batch_size=8, target_layer="layer2", num_workers=0,
-                     device="cpu")
+                     device="cpu", head_dropout=0.2)
 FULL = ExperimentConfig(
     pools=(PoolSpec("phantom", SyntheticConfig(n=450, size=40, classes=3, channels=1, seed=0, shortcut=0.7)),
            PoolSpec("brain", BrainPhantomConfig(n=450, size=40, seed=0))),

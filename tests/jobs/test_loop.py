@@ -32,6 +32,7 @@ from xal_engine.jobs.train import TrainConfig
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, Pool
 from xal_engine.store.run_folder import METRIC_FIELDS, read_metrics_csv
 from xal_engine.store.run_folder import RunWriter as RunDir
+from xal_engine.store.score_run import ScoreRun
 
 # 120 phantoms of 32x32: 84 train, 12 val, 24 test. layer2 gives a 4x4 CAM at this size.
 POOL = SyntheticConfig(n=120, size=32, classes=3, shortcut=0.9, seed=0)
@@ -108,7 +109,6 @@ def test_metrics_equal_a_direct_evaluation_of_the_checkpoint(done: dict[str, Any
 
 def test_the_stopping_signal_is_the_kappa_of_consecutive_rounds_predictions(done: dict[str, Any]) -> None:
     from xal_engine.core.stopping import cohen_kappa
-    from xal_engine.store.score_run import ScoreRun
 
     pool = Pool.open(done["pool"])
     train = np.flatnonzero(pool.column("split") == SPLIT_TRAIN)
@@ -463,3 +463,38 @@ def test_cli_loop_killed_after_two_rounds_resumes_to_the_uninterrupted_run(done:
     assert strip[0] == strip[1]
     for experiment in ("random-seed0", "dual-seed0"):
         assert np.array_equal(labelled_round(pool, experiment), labelled_round(done["pool"], experiment))
+
+
+@pytest.mark.slow
+def test_a_quick_loop_runs_every_registered_strategy_from_a_typiclust_start(tmp_path: Path) -> None:
+    """Every strategy of the registry through two rounds (round 0 chosen label-free by TypiClust on a
+    random model's embeddings): the runs store what each strategy needs, every batch is new train
+    images, and every experiment of the seed starts from the same initial set."""
+    from xal_engine.core import strategies
+    from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
+    from xal_engine.ingest.synthetic import class_names
+
+    pool = tmp_path / "pool.zarr"
+    create_synthetic_pool(POOL, pool)
+    torch.manual_seed(0)
+    embedder = save_checkpoint(tmp_path / "embedder.pt", build_model("resnet18", 3, 1),
+                               Checkpoint(arch="resnet18", num_classes=3, in_channels=1,
+                                          classes=tuple(class_names(3)), target_layer="layer2"))
+    config = replace(TINY, strategies=strategies.STRATEGIES, rounds=1, mc_samples=4,
+                     initial_strategy="typiclust", initial_model=str(embedder),
+                     train=replace(TINY.train, head_dropout=0.3))
+    rows = run_loop(pool, tmp_path / "run", config, log=lambda line: None)
+    assert sorted({r["strategy"] for r in rows}) == sorted(strategies.STRATEGIES) and len(rows) == 2 * len(
+        strategies.STRATEGIES)
+    p = Pool.open(pool)
+    split = p.column("split")
+    starts = set()
+    for name in strategies.STRATEGIES:
+        rounds = labelled_round(pool, f"{name}-seed0")
+        assert (split[rounds >= 0] == SPLIT_TRAIN).all()
+        assert (rounds == 0).sum() == 20 and (rounds == 1).sum() == 10, name
+        starts.add(tuple(np.flatnonzero(rounds == 0)))
+        stored = set(ScoreRun.open(p.group, f"{name}-seed0-r0").group.array_keys())
+        for needed in strategies.get(name).needs:
+            assert needed in stored, (name, needed)
+    assert len(starts) == 1  # one TypiClust initial set for the seed

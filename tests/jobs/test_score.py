@@ -188,12 +188,20 @@ def test_model_pool_mismatches_are_refused(setup, tmp_path):
     (["--pool", "{pool}", "--model", "{model}", "--run", "a/b"], "--run"),
     (["--pool", "{pool}", "--model", "{model}", "--device", "cuda:0"], "cuda"),
     (["--pool", "{pool}", "--model", "{model}", "--precision", "fp8"], "--precision"),
+    (["--pool", "{pool}", "--model", "{model}", "--mc-samples", "1"], "--mc-samples must be 0 (off) or at least 2"),
+    (["--pool", "{pool}", "--model", "{model}", "--mc-samples", "4", "--mc-dropout", "1"], "--mc-dropout must lie"),
+    (["--pool", "{pool}", "--model", "{model}", "--mc-samples", "4", "--mc-dropout", "-0.1"], "--mc-dropout must"),
+    (["--pool", "{pool}", "--model", "{model}", "--mc-dropout", "0.5"], "--mc-dropout needs --mc-samples"),
+    # the checkpoint has no head dropout: both ways out are named
+    (["--pool", "{pool}", "--model", "{model}", "--mc-samples", "4"],
+     "--mc-samples needs dropout: model {model} has no head dropout (head_dropout 0); pass --mc-dropout P"),
 ])
 def test_score_cli_errors_are_one_line_exit_2(setup, capsys, argv, needle):
     root, pool, model, _ = setup
     if needle == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     argv = [a.format(root=root, pool=pool, model=model) for a in argv]
+    needle = needle.format(model=model)
     assert main(["score", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
@@ -223,6 +231,32 @@ def test_select_writes_a_batch_of_unlabelled_train_images(setup, tmp_path, capsy
             assert float(r["score"]) == pytest.approx(float(expected), rel=1e-5)
     meta = json.loads((tmp_path / "batch.csv.json").read_text())
     assert meta["config"]["strategy"] == "dual" and meta["oracle_balance"] is False
+
+
+def test_select_with_a_batch_aware_strategy_reads_the_runs_embeddings(setup, tmp_path, capsys):
+    """coreset on a run without embeddings is one line naming the flag; on one with them, the batch is
+    the k-center order of the unlabelled train images' embeddings (labelled ones as centres)."""
+    import torch
+
+    from xal_engine.core.diversity import kcenter_greedy
+
+    _, pool, model, _ = setup
+    out = tmp_path / "b.csv"
+    argv = ["select", "--pool", str(pool), "--strategy", "coreset", "--budget", "5", "--out", str(out),
+            "--device", "cpu"]
+    assert main([*argv, "--run", "ref"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("strategy 'coreset' needs the run's embedding, which score run 'ref' does not store; "
+                        "score the run with --embeddings") and not out.exists()
+    score_pool(pool, model, ScoreConfig(run="emb", batch_size=UNIT, num_workers=0, device="cpu", embeddings=True))
+    assert main([*argv, "--run", "emb"]) == 0
+    p = Pool.open(pool)
+    train = np.flatnonzero(np.asarray(p.group["split"][:]) == SPLIT_TRAIN)
+    assert capsys.readouterr().out.strip() == (f"selected 5 of {train.size} candidates by coreset "
+                                               f"(batch-aware) -> {out}")
+    emb = ScoreRun.open(p.group, "emb").read(("embedding",))["embedding"][train]
+    want = train[kcenter_greedy(torch.from_numpy(emb), 5).numpy()]
+    assert [int(r["index"]) for r in csv.DictReader(out.open())] == want.tolist()
 
 
 def test_select_refuses_an_incomplete_run_and_an_unknown_run(setup, tmp_path, capsys):
@@ -548,3 +582,105 @@ def test_two_shards_of_a_new_run_started_together_equal_one_run(tmp_path):
         run = ScoreRun.open(Pool.open(pool).group, f"together{i}")
         assert run.is_complete()
         assert_runs_equal(single, run.read())
+
+
+MC = {"embeddings": True, "mc_samples": 4, "mc_dropout": 0.5, "mc_seed": 3}
+MC_FIELDS = ("bald", "mc_entropy", "variation_ratio", "embedding")
+
+
+def read_mc(pool: Path, run: str) -> dict[str, np.ndarray]:
+    return ScoreRun.open(Pool.open(pool).group, run).read((*ScoreRun.open(Pool.open(pool).group, "ref").read(),
+                                                           *MC_FIELDS))
+
+
+def test_embeddings_and_mc_fields_sharded_or_resumed_equal_one_run_bit_for_bit(setup):
+    _, pool, model, _ = setup
+    whole = score_pool(pool, model, ScoreConfig(run="mc", batch_size=UNIT, num_workers=0, **MC))
+    assert whole.complete and whole.images == 60
+    one = read_mc(pool, "mc")
+    assert_runs_equal(read_run(pool, "ref"), read_run(pool, "mc"))  # the deterministic fields are unchanged
+    # two shards
+    for shard in (0, 1):
+        score_pool(pool, model, ScoreConfig(run="mc2", batch_size=UNIT, num_workers=0, shard_id=shard,
+                                            num_shards=2, **MC))
+    assert_runs_equal(one, read_mc(pool, "mc2"))
+    # interrupted after its first third of the units (shard 0 of 3 done), then resumed as one process
+    first = score_pool(pool, model, ScoreConfig(run="mcr", batch_size=UNIT, num_workers=0, shard_id=0,
+                                                num_shards=3, **MC))
+    resumed = score_pool(pool, model, ScoreConfig(run="mcr", batch_size=UNIT, num_workers=2, **MC))
+    assert resumed.units_already_done == first.units > 0 and resumed.complete
+    assert_runs_equal(one, read_mc(pool, "mcr"))
+    # other batches (3 images, or 3 units): the masks follow the image, not its batch
+    for name, size in (("mcnarrow", 3), ("mcwide", 3 * UNIT)):
+        score_pool(pool, model, ScoreConfig(run=name, batch_size=size, num_workers=0, **MC))
+        other = read_mc(pool, name)
+        for f in ("bald", "mc_entropy"):
+            np.testing.assert_allclose(other[f], one[f], rtol=1e-5, atol=1e-6, err_msg=f)
+        np.testing.assert_array_equal(other["variation_ratio"], one["variation_ratio"])
+        np.testing.assert_allclose(other["embedding"], one["embedding"], rtol=2e-3, atol=1e-4)
+
+
+def test_an_mc_run_stores_what_the_model_gives_and_validates(setup):
+    _, pool_path, model_path, _ = setup
+    score_pool(pool_path, model_path, ScoreConfig(run="mc", batch_size=UNIT, num_workers=0, **MC))
+    run = ScoreRun.open(Pool.open(pool_path, mode="r+").group, "mc")
+    got = read_mc(pool_path, "mc")
+    fp = run.group.attrs["fingerprint"]
+    assert (fp["embeddings"], fp["mc_samples"], fp["mc_dropout"], fp["mc_seed"]) == (True, 4, 0.5, 3)
+    assert got["embedding"].dtype == np.float16 and got["embedding"].shape == (60, 512)
+    assert got["bald"].dtype == np.float32 and got["bald"].shape == (60,)
+    # the stored embedding is the model's avgpool output (the fc input), to fp16 rounding
+    index = np.array([0, 17, 59])
+    pool = Pool.open(pool_path)
+    net, _ = load_checkpoint(model_path)
+    pooled: list[torch.Tensor] = []
+    handle = net.avgpool.register_forward_hook(lambda m, i, o: pooled.append(o.detach().flatten(1)))
+    with torch.no_grad():
+        net(to_unit_float(torch.from_numpy(pool.take("images", index))))
+    handle.remove()
+    np.testing.assert_allclose(got["embedding"][index].astype(np.float32), pooled[0].numpy(), rtol=2e-3, atol=1e-4)
+    # ranges: bald and mc_entropy in [0, ln 3], BALD <= MC entropy; T = 4 votes: ratios in {0, 1/4, 1/2}
+    # (3 classes: the modal class has at least 2 of 4 votes)
+    assert (got["bald"] >= 0).all() and (got["mc_entropy"] <= np.log(3) + 1e-6).all()
+    assert (got["bald"] <= got["mc_entropy"] + 1e-6).all() and got["bald"].max() > 0
+    assert set(got["variation_ratio"].tolist()) <= {0.0, 0.25, 0.5}
+    # another seed: other masks, other values
+    score_pool(pool_path, model_path, ScoreConfig(run="mcseed", batch_size=UNIT, num_workers=0,
+                                                  **{**MC, "mc_seed": 4}))
+    assert not np.array_equal(read_mc(pool_path, "mcseed")["bald"], got["bald"])
+    with pytest.raises(XalError, match=r"different configuration \(mc_seed\)"):
+        score_pool(pool_path, model_path, ScoreConfig(run="mc", num_workers=0, **{**MC, "mc_seed": 4}))
+    assert Pool.open(pool_path).validate() == []
+    # an out-of-range value is reported by validate, naming the array
+    run.group["bald"][5] = 2.0  # > ln 3
+    run.group["variation_ratio"][6] = 0.8  # > 1 - 1/4
+    problems = Pool.open(pool_path).validate()
+    assert problems == ["scores/mc/bald: outside [0, ln 3]: 1 image(s) (index 5)",
+                        "scores/mc/variation_ratio: outside [0, 0.75]: 1 image(s) (index 6)"]
+    run.group["bald"][5] = got["bald"][5]
+    run.group["variation_ratio"][6] = got["variation_ratio"][6]
+
+
+def test_runs_without_the_new_fields_read_as_before(setup):
+    _, pool, _, _ = setup
+    ref = ScoreRun.open(Pool.open(pool).group, "ref")
+    assert not any(ref.has(f) for f in MC_FIELDS) and "fingerprint" in ref.group.attrs
+    assert not set(MC_FIELDS) & set(ref.group.array_keys())
+    with pytest.raises(XalError, match="stores no 'bald'"):
+        ref.take("bald", np.arange(3))
+
+
+def test_mc_dropout_from_the_checkpoint(setup, tmp_path):
+    _, pool, _, _ = setup
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 1, head_dropout=0.3)
+    path = save_checkpoint(tmp_path / "drop.pt", model, Checkpoint(
+        arch="resnet18", num_classes=3, in_channels=1, classes=THREE_CLASSES, target_layer="layer4"))
+    score_pool(pool, path, ScoreConfig(run="mcckpt", batch_size=UNIT, num_workers=0, mc_samples=3))
+    run = ScoreRun.open(Pool.open(pool).group, "mcckpt")
+    assert run.group.attrs["fingerprint"]["mc_dropout"] == 0.3 and run.has("bald") and not run.has("embedding")
+    got = run.read(("bald", "variation_ratio"))
+    assert np.isfinite(got["bald"]).all() and np.isclose(got["variation_ratio"][:, None], [0, 1 / 3, 2 / 3], atol=1e-6).any(axis=1).all()
+    # --mc-dropout overrides it: another run
+    with pytest.raises(XalError, match=r"different configuration \(mc_dropout\)"):
+        score_pool(pool, path, ScoreConfig(run="mcckpt", num_workers=0, mc_samples=3, mc_dropout=0.6))

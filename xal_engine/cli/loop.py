@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", action="append", choices=STRATEGIES, required=True,
                    help=f"acquisition strategy; repeat for several. {strategy_help()}")
     p.add_argument("--initial", type=int, required=True, help="images labelled in round 0")
+    p.add_argument("--initial-strategy", choices=("stratified", "typiclust"), default=d.initial_strategy,
+                   help="round 0: stratified (random within each true class, the default) or typiclust "
+                        "(label-free: the most typical image of each of --initial k-means clusters of the "
+                        "embeddings by --initial-model)")
+    p.add_argument("--initial-model", default=None, metavar="CKPT",
+                   help="typiclust: checkpoint whose pooled features embed the pool (any model, e.g. one "
+                        "pretrained on other data; trained on nothing of this pool's labels)")
     p.add_argument("--per-round", type=int, required=True, help="images selected per round")
     p.add_argument("--rounds", type=int, required=True, help="selection rounds after round 0")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seeds 0..K-1 (default: %(default)s)")
@@ -54,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-layer", default=None,
                    help="Grad-CAM layer (dotted module name; default: the deepest stage of the "
                         "architecture whose map at the pool's image size is at least 7x7)")
+    p.add_argument("--head-dropout", type=float, default=None, metavar="P",
+                   help="train every round's model with dropout P before the classifier (bald's MC passes "
+                        "use it)")
+    p.add_argument("--mc-samples", type=int, default=d.mc_samples,
+                   help="MC-dropout passes of the head for bald (default: %(default)s)")
+    p.add_argument("--mc-dropout", type=float, default=None, metavar="P",
+                   help="dropout P of bald's MC passes (default: the model's --head-dropout)")
     p.add_argument("--epochs", type=int, default=t.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="(default: %(default)s)")
     p.add_argument("--device", default=t.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
@@ -80,10 +94,12 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
     train_fields = {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
                     "device": args.device, "num_workers": args.num_workers,
                     "target_layer": args.target_layer, "explanation_weight": args.explanation_loss,
-                    "threads": threads(args, args.num_workers)}
+                    "threads": threads(args, args.num_workers), "head_dropout": args.head_dropout}
     return LoopConfig(strategies=tuple(args.strategy), seeds=args.seeds, initial=args.initial,
                       per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
-                      balance=args.balance, retrain=args.retrain, train=replace(d.train, **train_fields))
+                      balance=args.balance, retrain=args.retrain, mc_samples=args.mc_samples,
+                      mc_dropout=args.mc_dropout, initial_strategy=args.initial_strategy,
+                      initial_model=args.initial_model, train=replace(d.train, **train_fields))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rule for images without an ROI (default: mean)")
     p.add_argument("--experiment", default=None,
                    help="AL experiment whose labelled images are excluded (al/EXPERIMENT/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of random and of the sampling in badge, dual-diverse, typiclust (default: 0)")
+    p.add_argument("--device", default="auto",
+                   help="where batch-aware strategies compute: auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--out", required=True,
                    help="CSV file to write (OUT.json is written beside it; a symlink's target is replaced, "
                         "a directory, device, FIFO or socket is refused)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = SelectConfig(strategy=args.strategy, budget=args.budget, lam=args.lam, dice=args.dice,
                           normalise=args.normalise, balance=args.balance,
-                          missing_roi=args.missing_roi, seed=args.seed)
+                          missing_roi=args.missing_roi, seed=args.seed, device=args.device)
     check_out(args.out)  # before the ranking, which can take a while
     source = check_overlays(args.pool, args.run, args.overlays) if args.overlays else None  # before writing
     selection = select_batch(args.pool, args.run, config, experiment=args.experiment)

@@ -51,6 +51,7 @@ class SelectConfig:
     balance: str = "predicted"  # class balance by predicted class; "oracle" uses TRUE labels
     missing_roi: str = "mean"
     seed: int = 0
+    device: str = "auto"  # where batch-aware strategies compute (CUDA when available)
 
     def __post_init__(self) -> None:
         _check_choice("--strategy", self.strategy, STRATEGIES)

@@ -39,13 +39,23 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from xal_engine.core.acquisition import BALANCES, MISSING_ROI_RULES, STRATEGIES, SelectConfig
+from xal_engine.core import strategies
+from xal_engine.core.acquisition import (
+    BALANCES,
+    MISSING_ROI_RULES,
+    STRATEGIES,
+    RunScores,
+    SelectConfig,
+    select,
+)
+from xal_engine.core.fields import REQUIRED_NAMES
 from xal_engine.core.models import DEFAULT_TARGET_LAYERS, load_checkpoint, save_checkpoint
 from xal_engine.core.stopping import cohen_kappa, stop_suggested
 from xal_engine.errors import XalError
 from xal_engine.jobs.label import complete_pending
 from xal_engine.jobs.score import ScoreConfig, score_pool
 from xal_engine.jobs.select import BatchSelection, select_batch, write_batch
+from xal_engine.jobs.streaming import file_sha256
 from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, resolve_target_layer, train
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, Pool
 from xal_engine.store.files import jsonable as _jsonable
@@ -53,6 +63,7 @@ from xal_engine.store.run_folder import RunFolder, RunWriter, run_config
 from xal_engine.store.score_run import ScoreRun
 
 RETRAIN_MODES = ("scratch", "finetune")
+INITIAL_STRATEGIES = ("stratified", "typiclust")
 SEED_STRIDE = 1000  # training / selection seed of (seed, round) = seed * SEED_STRIDE + round
 
 
@@ -73,6 +84,10 @@ class LoopConfig:
     retrain: str = "scratch"  # scratch: fresh init each round; finetune: from the previous round
     threshold: float = 0.5  # CAM threshold of the hard Dice
     score_batch_size: int = 64
+    mc_samples: int = 20  # T MC-dropout passes of the head, for strategies that rank by them (bald)
+    mc_dropout: float | None = None  # their dropout p; None: the checkpoints' --head-dropout
+    initial_strategy: str = "stratified"  # round 0: stratified (by true label, random) | typiclust
+    initial_model: str | None = None  # typiclust: the checkpoint whose embeddings cluster the pool
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -91,7 +106,16 @@ class LoopConfig:
         for flag, ok, expected in checks:
             if not ok:
                 raise XalError(f"{flag} must be {expected}")
-        for flag, value, choices in (("--dice", self.dice, ("hard", "soft")),
+        if "bald" in self.strategies and not self.train.head_dropout and self.mc_dropout is None:
+            raise XalError("--strategy bald needs dropout before the classifier: --head-dropout P (trained "
+                           "in) or --mc-dropout P (at scoring)")
+        if self.mc_samples < 2:
+            raise XalError(f"--mc-samples must be at least 2, got {self.mc_samples}")
+        if (self.initial_strategy == "typiclust") != (self.initial_model is not None):
+            raise XalError("--initial-strategy typiclust needs --initial-model CKPT (a checkpoint whose "
+                           "embeddings cluster the pool), and --initial-model needs typiclust")
+        for flag, value, choices in (("--initial-strategy", self.initial_strategy, INITIAL_STRATEGIES),
+                                     ("--dice", self.dice, ("hard", "soft")),
                                      ("--balance", self.balance, BALANCES),
                                      ("--missing-roi", self.missing_roi, MISSING_ROI_RULES),
                                      ("--retrain", self.retrain, RETRAIN_MODES)):
@@ -228,9 +252,12 @@ class ALLoop:
         t1 = time.perf_counter()
         run_name = f"{self.experiment}-r{r}"
         c, tc = self.config, self.config.train
+        needs = strategies.get(self.strategy).needs  # what this experiment's next selection reads
         score_pool(self.pool_path, model_path, ScoreConfig(
             run=run_name, batch_size=c.score_batch_size, device=tc.device, threshold=c.threshold,
-            num_workers=tc.num_workers, targets="pred", overwrite=True, threads=tc.threads),
+            num_workers=tc.num_workers, targets="pred", overwrite=True, threads=tc.threads,
+            embeddings="embedding" in needs, mc_samples=c.mc_samples if "bald" in needs else 0,
+            mc_dropout=c.mc_dropout if "bald" in needs else None),
             show_progress=self.show_progress)
         t2 = time.perf_counter()
         pool = Pool.open(self.pool_path)
@@ -269,8 +296,10 @@ class ALLoop:
         rounds[rounds >= r] = -1  # a half-done round (or a later one) is undone
         split = pool.column("split")
         if r == 0:
-            labels = pool.column("labels")
-            chosen = initial_set(labels, split, self.config.initial, self.seed)
+            if self.config.initial_strategy == "typiclust":
+                chosen = self._typiclust_initial(pool)
+            else:
+                chosen = initial_set(pool.column("labels"), split, self.config.initial, self.seed)
             selection = initial_selection(pool, chosen, self.experiment, self.seed)
         else:
             labelled[:] = rounds  # candidates exclude exactly rounds 0..r-1
@@ -279,13 +308,30 @@ class ALLoop:
             c = self.config
             select = SelectConfig(strategy=self.strategy, budget=c.per_round, lam=c.lam, dice=c.dice,
                                   balance=c.balance, missing_roi=c.missing_roi,
-                                  seed=self.seed * SEED_STRIDE + r)
+                                  seed=self.seed * SEED_STRIDE + r, device=c.train.device)
             selection = select_batch(self.pool_path, f"{self.experiment}-r{r - 1}", select, self.experiment)
             chosen = selection.indices
         write_batch(selection, selected, self.pool_path)
         rounds[chosen] = r
         labelled[:] = rounds
         return int((rounds >= 0).sum())
+
+    def _typiclust_initial(self, pool: Pool) -> np.ndarray:
+        """Round 0 without labels: TypiClust over the train split's embeddings by ``initial_model``
+        (scored once per model into run ``initial-<sha256[:12]>``, shared by every experiment), seeded
+        by the seed alone, so every strategy of a seed starts from the same set."""
+        c, tc = self.config, self.config.train
+        model = Path(str(c.initial_model))
+        run_name = f"initial-{file_sha256(model)[:12]}"
+        score_pool(self.pool_path, model, ScoreConfig(
+            run=run_name, batch_size=c.score_batch_size, device=tc.device, num_workers=tc.num_workers,
+            targets="pred", threads=tc.threads, embeddings=True), show_progress=self.show_progress)
+        train = np.flatnonzero(pool.column("split") == SPLIT_TRAIN)
+        fields = ScoreRun.open(Pool.open(self.pool_path).group, run_name).read(("embedding", *REQUIRED_NAMES))
+        scores = RunScores(**{k: v[train] for k, v in fields.items()})
+        config = SelectConfig(strategy="typiclust", budget=min(c.initial, train.size), balance="none",
+                              seed=self.seed, device=tc.device)
+        return np.sort(train[select(scores, config).order]).astype(np.int64)
 
     def _check_owner(self, pool: Pool) -> None:
         """A resumed experiment must still be this run's: another run folder on the same pool reuses
@@ -361,6 +407,8 @@ def check_pool(pool: Pool, config: LoopConfig) -> None:
                        f"{pool.path}")
     check_inputs(pool, config.train)
     check_target_layer(config.train)
+    if config.initial_model is not None and not Path(config.initial_model).is_file():
+        raise XalError(f"--initial-model {config.initial_model}: no such checkpoint file")
 
 
 def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,

@@ -50,7 +50,9 @@ class BatchSelection:
             head = f"budget {budget} > {candidates}: selected {n}"
         else:  # --missing-roi skip leaves fewer eligible images than candidates
             head = f"budget {budget} > {n} eligible of {candidates}: selected {n}"
-        return f"{head} by {self.config.strategy} (balance {self.config.balance}) -> {out}"
+        how = ("batch-aware" if strategies.get(self.config.strategy).batch_aware
+               else f"balance {self.config.balance}")
+        return f"{head} by {self.config.strategy} ({how}) -> {out}"
 
 
 def labelled_mask(pool: Pool, experiment: str | None) -> np.ndarray:

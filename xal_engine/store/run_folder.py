@@ -41,6 +41,9 @@ METRIC_FIELDS = ("strategy", "seed", "round", "n_labelled", "accuracy", "balance
 KEY_COLUMNS = METRIC_FIELDS[:4]  # strategy, seed, round, n_labelled: what every metrics.csv needs
 # loop.train fields that may change between a run and its resumption (another machine, other cores)
 RESUME_FREE = ("num_workers", "threads")
+# loop fields added after run folders were first written, at the value that earlier runs behaved as
+ADDED_LOOP = {"mc_samples": 20, "mc_dropout": None, "initial_strategy": "stratified", "initial_model": None}
+ADDED_TRAIN = {"head_dropout": None}
 
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -297,9 +300,11 @@ def _number(text: str | None, path: Path, line: int, column: str) -> float:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json without the RESUME_FREE training fields."""
-    loop = dict(config.get("loop", {}))
-    loop["train"] = {k: v for k, v in dict(loop.get("train", {})).items() if k not in RESUME_FREE}
+    """config.json without the RESUME_FREE training fields, and with the fields added since a run
+    folder was begun at the values that run used (ADDED_LOOP, ADDED_TRAIN)."""
+    loop = {**ADDED_LOOP, **dict(config.get("loop", {}))}
+    train = {**ADDED_TRAIN, **dict(loop.get("train", {}))}
+    loop["train"] = {k: v for k, v in train.items() if k not in RESUME_FREE}
     return {**config, "loop": loop}
 
 

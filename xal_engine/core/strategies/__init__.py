@@ -6,13 +6,18 @@ choices (``select``, ``loop``), the loop, the report and the benchmarks read the
 
 from __future__ import annotations
 
+from xal_engine.core.strategies.badge import Badge
+from xal_engine.core.strategies.bald import Bald
 from xal_engine.core.strategies.base import CandidateSet, RunScores, Strategy
+from xal_engine.core.strategies.coreset import Coreset
 from xal_engine.core.strategies.dual import Dual
+from xal_engine.core.strategies.dual_diverse import DualDiverse
 from xal_engine.core.strategies.entropy import Entropy
 from xal_engine.core.strategies.least_confidence import LeastConfidence
 from xal_engine.core.strategies.margin import Margin
 from xal_engine.core.strategies.misalignment import Misalignment
 from xal_engine.core.strategies.random import Random
+from xal_engine.core.strategies.typiclust import TypiClust
 
 REGISTRY: dict[str, Strategy] = {s.name: s for s in (
     Random(),
@@ -21,6 +26,11 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
     LeastConfidence(),
     Misalignment(),
     Dual(),
+    Bald(),
+    Coreset(),
+    Badge(),
+    DualDiverse(),
+    TypiClust(),
 )}
 STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
 
