@@ -51,7 +51,8 @@ def one(strategy: str, n: int, budget: int, device: str, repeats: int) -> dict:
     entropy = -(probs * np.log(probs)).sum(1).astype(np.float32)
     dice = rng.random(n).astype(np.float32)
     scores = RunScores(probs=probs, pred=probs.argmax(1).astype(np.int16), entropy=entropy,
-                       margin=np.zeros(n, np.float32), least_confidence=1 - probs.max(1), dice=dice,
+                       margin=np.diff(np.sort(probs, 1)[:, -2:], axis=1)[:, 0], least_confidence=1 - probs.max(1),
+                       dice=dice,
                        soft_dice=dice, bald=(entropy * rng.random(n)).astype(np.float32), embedding=embedding)
     labelled = embedding[:: max(n // 1000, 1)][:1000]  # 1000 labelled images' embeddings
     config = SelectConfig(strategy=strategy, budget=budget, balance="none", device=device)
