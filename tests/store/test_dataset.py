@@ -218,3 +218,33 @@ def test_real_pool_blocks_in_forked_workers_match_direct_reads(tmp_path: Path) -
     assert got.dtype == torch.uint16 and np.array_equal(got.numpy(), images[idx])
     assert torch.cat([b["index"] for b in blocks]).tolist() == idx.tolist()
     assert to_unit_float(got).max() <= 1.0
+
+
+QUIET_FD_HANDOFF = """
+import functools, os, sys, threading
+import multiprocessing
+from xal_engine.store.dataset import _quiet_fd_handoff
+threading.excepthook = functools.partial(_quiet_fd_handoff, previous=threading.excepthook)
+sharer = os.path.join(os.path.dirname(multiprocessing.__file__), "resource_sharer.py")
+scope = {}
+exec(compile("def serve(exc):\\n    raise exc\\n", sharer, "exec"), scope)  # a frame in resource_sharer.py
+for exc, where in ((ConnectionResetError("reset"), scope["serve"]), (EOFError(), scope["serve"]),
+                   (ValueError("a real bug"), scope["serve"]),
+                   (ConnectionResetError("elsewhere"), lambda e: (_ for _ in ()).throw(e))):
+    t = threading.Thread(target=where, args=(exc,))
+    t.start()
+    t.join()
+"""
+
+
+def test_a_workers_fd_handoff_cut_by_a_stopping_parent_prints_nothing() -> None:
+    """Stopped by SIGTERM, the parent may drop a loader worker's file-descriptor handoff mid-way; the
+    worker's multiprocessing.resource_sharer thread then raises a connection error that used to print a
+    traceback over the one-line message. Only that is silenced: other errors still print."""
+    import subprocess
+    import sys
+
+    err = subprocess.run([sys.executable, "-c", QUIET_FD_HANDOFF], capture_output=True, text=True,
+                         check=True).stderr
+    assert "reset" not in err and "EOFError" not in err
+    assert "ValueError: a real bug" in err and "ConnectionResetError: elsewhere" in err

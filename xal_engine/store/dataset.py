@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +34,25 @@ Block = dict[str, torch.Tensor]
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _quiet_fd_handoff(args: threading.ExceptHookArgs, previous: Callable[..., Any]) -> None:
+    """threading.excepthook of a loader worker: the thread that hands shared-memory file descriptors
+    to the parent (multiprocessing.resource_sharer) raises a connection error when the parent drops
+    the connection mid-handshake because it is stopping (SIGTERM, Ctrl-C); that is the parent's exit,
+    not a worker error, and must not print a traceback over its one-line message. Anything else is
+    reported as before."""
+    tb, sharer = args.exc_traceback, False
+    while tb is not None:
+        sharer |= tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))
+        tb = tb.tb_next
+    if sharer and isinstance(args.exc_value, (OSError, EOFError)):
+        return
+    previous(args)
+
+
 def _die_with_parent(worker_id: int, parent: int) -> None:
     """In a loader worker on Linux: the kernel kills it (SIGKILL) as soon as its parent exits, and it
     exits now when the parent already has (it was reparented before the request took effect)."""
+    threading.excepthook = functools.partial(_quiet_fd_handoff, previous=threading.excepthook)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
