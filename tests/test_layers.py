@@ -1,6 +1,6 @@
 """The package's layering, read from the source: every import of xal_engine goes down the layers.
 
-    cli -> bench, jobs -> ingest -> core, store -> ops -> kernels          (errors, progress: anywhere)
+    cli -> bench, jobs -> ingest, exchange -> core, store -> ops -> kernels   (errors, progress: anywhere)
 
 store reads the result schema from core.fields and nothing else of core; kernels import only the
 result type and errors. Function-local imports count like module-level ones.
@@ -18,10 +18,11 @@ KERNELS = PACKAGE.parent / "kernels"  # installed as xal_engine.kernels
 BASE = {"xal_engine", "xal_engine.errors", "xal_engine.progress"}  # the version, errors, progress bars
 # layer -> the layers its modules may import (besides itself and BASE)
 ALLOWED = {
-    "cli": {"bench", "jobs", "ingest", "core", "store", "ops", "kernels"},
-    "bench": {"jobs", "ingest", "core", "store", "ops", "kernels"},
-    "jobs": {"ingest", "core", "store", "ops", "kernels"},
+    "cli": {"bench", "jobs", "ingest", "exchange", "core", "store", "ops", "kernels"},
+    "bench": {"jobs", "ingest", "exchange", "core", "store", "ops", "kernels"},
+    "jobs": {"ingest", "exchange", "core", "store", "ops", "kernels"},
     "ingest": {"core", "store", "ops"},
+    "exchange": {"core", "store", "ops"},
     "core": {"ops", "kernels"},
     "store": set(),
     "ops": {"kernels"},

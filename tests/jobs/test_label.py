@@ -600,3 +600,25 @@ def test_a_pending_import_stops_every_job_until_label_complete(pool_path: Path, 
     assert pool.validate() == []
     assert main(["label", "--pool", p, "--complete"]) == 2
     assert "no label import is pending" in capsys.readouterr().err
+
+
+def test_label_studio_export_dry_run_then_import_with_a_polygon(pool_path: Path, tmp_path: Path) -> None:
+    # A polygon 25%..50% of the 32x32 image: pixel centres (c + 0.5) / 32 in [0.25, 0.5) -> rows/cols 8..15.
+    poly = {"type": "polygonlabels", "from_name": "roi", "to_name": "image",
+            "value": {"points": [[25, 25], [50, 25], [50, 50], [25, 50]], "polygonlabels": ["ROI"]}}
+    choice = {"type": "choices", "from_name": "class", "to_name": "image", "value": {"choices": ["stippled"]}}
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{"data": {"xal_id": ident(3)}, "annotations": [
+        {"result": [choice, poly], "was_cancelled": False}]}]))
+    old = snapshot(pool_path)
+    dry = import_labels(pool_path, path, ImportConfig(format="label-studio", dry_run=True))
+    assert (dry.n_imported, dry.n_rois, dry.set_per_class["stippled"]) == (1, 1, 1)
+    assert snapshot(pool_path) == old
+    import_labels(pool_path, path, ImportConfig(format="label-studio"))
+    after = Pool.open(pool_path).read(0, N)
+    expected = np.zeros((SIZE, SIZE), dtype=bool)
+    expected[8:16, 8:16] = True
+    assert after.labels[3] == 2 and after.has_roi[3]
+    np.testing.assert_array_equal(after.rois[3], expected)
+    with pytest.raises(XalError, match="--format 'xml': expected one of csv, label-studio"):
+        import_labels(pool_path, path, ImportConfig(format="xml"))

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.select",
     "xal_engine.cli.loop",
     "xal_engine.cli.label",
+    "xal_engine.cli.label_studio",
     "xal_engine.cli.report",
     "xal_engine.cli.bench",
 ]
@@ -42,7 +43,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def command_name(module: str) -> str:
-    return module.rsplit(".", 1)[1]
+    """The command a module under cli/ implements: cli.label_studio -> label-studio."""
+    return module.rsplit(".", 1)[1].replace("_", "-")
 
 
 def build_parser(only: str | None = None) -> ArgumentParser:

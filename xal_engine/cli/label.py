@@ -39,13 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "an image already labelled keeps its first round. --dry-run checks the same and prints what "
             "would change, writing nothing. Each import is numbered and stores the values it replaced "
             "under labels_history/NUMBER/; --undo puts them back (the last import by default), newest "
-            "first: an import is refused while a later one that is not undone wrote the same rows."
+            "first: an import is refused while a later one that is not undone wrote the same rows. "
+            "--format label-studio reads Label Studio's JSON export of tasks written by `select --format "
+            "label-studio` instead: the class from the choices (majority of the annotators, a tie is "
+            "refused), the ROI from brush or polygon results (pixel-wise majority), cancelled annotations "
+            "ignored, tasks without a usable annotation skipped."
         ),
     )
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to write into")
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--import", dest="import_csv", metavar="LABELS.csv",
-                        help="CSV file with columns id, class[, roi]")
+                        help="CSV file with columns id, class[, roi] (or, with --format label-studio, "
+                             "Label Studio's JSON export)")
     action.add_argument("--undo", nargs="?", const=None, default=argparse.SUPPRESS, type=_import_number,
                         metavar="NUMBER|last",
                         help="undo an import: its number (as --json and --dry-run report it) or 'last' "
@@ -61,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round", type=int, default=None,
                    help="AL round of this batch (default: the experiment's last round + 1, 0 when new); "
                         "with --undo: the import recorded as this round of --experiment")
+    p.add_argument("--format", choices=("csv", "label-studio"), default="csv",
+                   help="what --import reads: csv (default) or label-studio (its JSON export)")
     p.add_argument("--allow-any-split", action="store_true",
                    help="accept validation/test ids too (labelled, never marked as AL-labelled)")
     p.add_argument("--allow-outside-rois", action="store_true",
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ImportConfig(experiment=args.experiment, round=args.round,
                           allow_any_split=args.allow_any_split, allow_outside_rois=args.allow_outside_rois,
-                          dry_run=args.dry_run)
+                          dry_run=args.dry_run, format=args.format)
     summary = import_labels(args.pool, args.import_csv, config)
     if args.json:
         print(json.dumps(asdict(summary)))
@@ -113,6 +120,8 @@ def _import_line(summary: ImportSummary) -> str:
             notes.append(f"{summary.n_relabelled} replaced an existing label")
     if summary.n_outside_train:
         notes.append(f"{summary.n_outside_train} outside the train split")
+    if summary.n_skipped:
+        notes.append(f"{plural(summary.n_skipped, 'task')} without a usable annotation skipped")
     if summary.ignored_columns:
         notes.append(f"ignored column(s) {', '.join(summary.ignored_columns)}")
     labels = plural(summary.n_imported, "label")

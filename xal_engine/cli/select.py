@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and writes the top BUDGET to a CSV (plus OUT.json with the selection config). "
             "dual = lambda * entropy + (1 - lambda) * (1 - Dice). Images without an ROI follow "
             "--missing-roi: 'mean' gives them the mean misalignment of images with an ROI (they "
-            "compete on uncertainty), 'last' ranks them after all images with an ROI, 'skip' drops them."
+            "compete on uncertainty), 'last' ranks them after all images with an ROI, 'skip' drops them. "
+            "--format label-studio makes OUT a new (or empty) folder holding tasks.json (Label Studio "
+            "tasks with the predicted class and the thresholded Grad-CAM as pre-annotations, the score, "
+            "entropy and Dice in each task's data), config.xml (the labelling config), images/ (PNGs) and "
+            "the batch as batch.csv and batch.csv.json; import the annotations back with "
+            "`xal-engine label --import EXPORT.json --format label-studio`."
         ),
     )
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group)")
@@ -46,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="CSV file to write (OUT.json is written beside it; a symlink's target is replaced, "
                         "a directory, device, FIFO or socket is refused)")
+    p.add_argument("--format", choices=("csv", "label-studio"), default="csv",
+                   help="csv: OUT is the batch CSV (default); label-studio: OUT is a folder for a Label "
+                        "Studio project (tasks.json, config.xml, images/, batch.csv); Grad-CAMs are the "
+                        "run's stored ones (score --save-cams), else recomputed with its model")
+    p.add_argument("--image-url-prefix", default=None, metavar="URL",
+                   help="with --format label-studio: task images are URL + file name (PNGs served "
+                        "elsewhere) instead of the relative path images/FILE")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="also draw the batch: DIR/contact_sheet.png and DIR/<rank>_<id>.png, Grad-CAM over "
                         "each image (stored by `score --save-cams`, else recomputed with the run's model)")
@@ -55,23 +67,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xal_engine.core.acquisition import SelectConfig
+    from xal_engine.errors import XalError
     from xal_engine.jobs.batch_sheet import check_overlays, write_overlays
+    from xal_engine.jobs.label_studio_export import check_export, write_label_studio
     from xal_engine.jobs.select import check_out, select_batch, write_batch
 
     config = SelectConfig(strategy=args.strategy, budget=args.budget, lam=args.lam, dice=args.dice,
                           normalise=args.normalise, balance=args.balance,
                           missing_roi=args.missing_roi, seed=args.seed, device=args.device)
-    check_out(args.out)  # before the ranking, which can take a while
+    studio = args.format == "label-studio"
+    if args.image_url_prefix is not None and not studio:
+        raise XalError("--image-url-prefix goes with --format label-studio")
+    # before the ranking, which can take a while
+    tasks_source = check_export(args.pool, args.run, args.out, args.device) if studio else check_out(args.out)
     source = check_overlays(args.pool, args.run, args.overlays) if args.overlays else None  # before writing
     selection = select_batch(args.pool, args.run, config, experiment=args.experiment)
-    csv_path, sidecar = write_batch(selection, args.out, args.pool)
+    studio_files = None
+    if studio:
+        studio_files = write_label_studio(args.pool, selection, tasks_source, args.out, args.image_url_prefix)
+        csv_path = studio_files.csv
+        sidecar = csv_path.with_name(csv_path.name + ".json")
+    else:
+        csv_path, sidecar = write_batch(selection, args.out, args.pool)
     overlays = write_overlays(args.pool, selection, source, args.overlays) if source is not None else None
     summary = {"selected": len(selection.rows), "candidates": selection.n_candidates, "budget": config.budget,
                "strategy": config.strategy, "balance": config.balance, "out": str(csv_path),
                "config": str(sidecar)}
+    if studio_files is not None:
+        summary |= {"format": "label-studio", "tasks": str(studio_files.tasks), "tasks_cams": studio_files.cams,
+                    "tasks_with_roi": studio_files.n_rois}
     if overlays is not None:
         summary |= {"overlays": str(overlays.sheet.parent), "overlay_cams": overlays.cams}
     print(dumps_json(summary) if args.json else selection.line(csv_path))
+    if studio_files is not None and not args.json:
+        print(studio_files.line())
     if overlays is not None and not args.json:
         print(overlays.line())
     return 0

@@ -34,6 +34,12 @@ AL rounds: an image enters the experiment in the round it is first imported; re-
 corrects its label (and mask) but keeps that first round. Validation and test images are refused
 unless ``allow_any_split``; they then get their label and mask but are never marked as labelled by
 the experiment (an experiment's labelled set lies in the train split).
+
+Label Studio (``format="label-studio"``, ``label --import export.json --format label-studio``): the
+rows come from Label Studio's JSON export, read by :func:`xal_engine.exchange.label_studio.read_export`
+(class by majority of the annotators, ROI from brush RLE or polygons, pixel-wise majority; cancelled
+annotations ignored, tasks without a usable one skipped and counted); problems name the task's position
+in the export ("task 3: ..."). Everything else (checks, history, pending, dry run, undo) is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from xal_engine.errors import XalError
+from xal_engine.exchange.label_studio import read_export, resize_mask
 from xal_engine.store import SPLIT_NAMES, SPLIT_TRAIN, Pool
 from xal_engine.store.al_state import (
     COMPLETE,
@@ -59,6 +66,7 @@ from xal_engine.store.al_state import (
 
 ID, CLASS, ROI = "id", "class", "roi"
 MAX_ROUND = int(np.iinfo(np.int16).max)
+FORMATS = ("csv", "label-studio")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class ImportConfig:
     allow_outside_rois: bool = False  # accept ROI paths leading outside the CSV's folder
     dry_run: bool = False  # check and count everything, write nothing (the pool is opened read-only)
     shown: int = 5  # problems listed in the error before "and N more"
+    format: str = "csv"  # the file: "csv" (id,class[,roi]) or "label-studio" (its JSON export)
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,12 @@ class UndoConfig:
 
 @dataclass(frozen=True)
 class LabelRows:
-    """The parsed rows of a label CSV, one entry per data row."""
+    """The parsed rows of a label file, one entry per data row (CSV) or usable task (Label Studio)."""
 
-    lines: list[int]  # line number in the file (1 = header)
+    lines: list[int]  # line number in the file (1 = header); a Label Studio task's position (1-based)
     ids: list[str]
     classes: list[str]  # the class cell as written (name or index)
-    rois: list[str]  # ROI path as written, "" = none
+    rois: list[str | np.ndarray]  # ROI path as written ("" = none), or an in-memory (h, w) bool mask
     ignored_columns: list[str]
 
 
@@ -116,6 +125,7 @@ class ImportSummary:
     n_rois_replaced: int  # masks replacing an existing one
     n_new: int  # train rows the experiment marks as labelled for the first time
     resumed: bool = False  # the run completed this import, interrupted before (same number and round)
+    n_skipped: int = 0  # Label Studio tasks without a usable annotation (none, cancelled or empty)
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,8 @@ class UndoSummary:
 class Problems:
     """Problems found in one file: collected, then raised together as one line."""
 
-    def __init__(self, path: Path, shown: int) -> None:
-        self.path, self.shown = path, shown
+    def __init__(self, path: Path, shown: int, unit: str = "line") -> None:
+        self.path, self.shown, self.unit = path, shown, unit  # unit: what a number names ("line", "task")
         self.items: list[tuple[int, str]] = []
 
     def add(self, line: int, message: str) -> None:
@@ -145,7 +155,7 @@ class Problems:
         if not self.items:
             return
         items = sorted(self.items, key=lambda item: item[0])
-        listed = "; ".join(f"line {line}: {msg}" if line else msg for line, msg in items[:self.shown])
+        listed = "; ".join(f"{self.unit} {line}: {msg}" if line else msg for line, msg in items[:self.shown])
         more = f"; and {len(items) - self.shown} more" if len(items) > self.shown else ""
         count = f"{len(items)} problem(s), nothing imported: " if len(items) > 1 else "nothing imported: "
         raise XalError(f"{self.path}: {count}{listed}{more}")
@@ -230,10 +240,22 @@ def load_roi_png(path: Path, height: int, width: int) -> np.ndarray | str:
     if not mask.any():
         return f"ROI mask {path} is empty (no nonzero pixel)"
     if mask.shape != (height, width):
-        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+        mask = resize_mask(mask, height, width)
         if not mask.any():
             return f"ROI mask {path} is empty once resized to {height}x{width}"
     return mask
+
+
+def read_label_studio(path: str | Path, pool: Pool, problems: Problems) -> tuple[LabelRows, int]:
+    """Label Studio's JSON export as rows (ROIs as in-memory masks at the pool's size) and the number
+    of tasks skipped for want of a usable annotation."""
+    got = read_export(path, pool, problems)
+    rows = LabelRows(lines=got.tasks, ids=got.ids, classes=got.classes,
+                     rois=[m if m is not None else "" for m in got.masks], ignored_columns=[])
+    if not rows.lines and not problems.items:
+        raise XalError(f"{path}: no task has a usable annotation ({got.n_skipped} skipped: none, "
+                       "cancelled or empty)")
+    return rows, got.n_skipped
 
 
 def _outside(cell: str, folder: Path) -> str | None:
@@ -277,10 +299,11 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
     first_line: dict[str, int] = {}
     labels = np.full(len(index), -1, dtype=np.int16)
     roi_paths: dict[int, Path] = {}
+    masks: dict[int, np.ndarray] = {}
     classes = pool.classes
     for r, (line, id_, cell, roi) in enumerate(zip(rows.lines, rows.ids, rows.classes, rows.rois)):
         if id_ in first_line:
-            problems.add(line, f"duplicate id {id_!r} (also on line {first_line[id_]})")
+            problems.add(line, f"duplicate id {id_!r} (also on {problems.unit} {first_line[id_]})")
             continue
         first_line[id_] = line
         if index[r] < 0:
@@ -294,14 +317,19 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
                                f"or an index 0..{len(classes) - 1})")
         else:
             labels[r] = k
-        if roi:
+        if isinstance(roi, np.ndarray):  # in memory (Label Studio): the PNG masks' resize rule
+            mask = resize_mask(roi, pool.height, pool.width)
+            if mask.any():
+                masks[r] = mask
+            else:
+                problems.add(line, f"the ROI of {id_!r} is empty once resized to {pool.height}x{pool.width}")
+        elif roi:
             path = csv_path.parent / roi
             outside = None if config.allow_outside_rois else _outside(roi, csv_path.parent)
             if outside:
                 problems.add(line, outside)
             else:
                 roi_paths[r] = path
-    masks: dict[int, np.ndarray] = {}
     for r, path in roi_paths.items():
         mask = load_roi_png(path, pool.height, pool.width)
         if isinstance(mask, str):
@@ -331,12 +359,19 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     """Check ``csv_path`` completely against the pool, record what it replaces in ``labels_history/``,
     then write its labels (see the module doc); with ``dry_run`` only check and count."""
     _check_experiment(config)
+    if config.format not in FORMATS:
+        raise XalError(f"--format {config.format!r}: expected one of {', '.join(FORMATS)}")
     csv_path = Path(csv_path)
     pool = Pool.open(pool_path, mode="r" if config.dry_run else "r+")
     if not pool.classes:
         raise XalError(f"pool {pool.path} has no class names (attribute 'classes')")
-    problems = Problems(csv_path, config.shown)
-    rows = read_label_csv(csv_path, problems)
+    skipped = 0
+    if config.format == "label-studio":
+        problems = Problems(csv_path, config.shown, unit="task")
+        rows, skipped = read_label_studio(csv_path, pool, problems)
+    else:
+        problems = Problems(csv_path, config.shown)
+        rows = read_label_csv(csv_path, problems)
     plan = _plan(pool, rows, csv_path, config, problems)
     experiment = pool.experiment(config.experiment) if config.experiment is not None else None
     history = pool.labels_history()
@@ -378,7 +413,7 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
         changed_per_class=_per_class(plan.labels[known & (old.labels != plan.labels)], pool.classes),
         n_unchanged=int((old.labels == plan.labels).sum()), n_rois_added=int((~old.has_roi).sum()),
         n_rois_replaced=int(old.has_roi.sum()), n_new=int((old.labelled_round < 0).sum()),
-        resumed=resumed)
+        resumed=resumed, n_skipped=skipped)
     if config.dry_run:
         return summary
     if resumed:
