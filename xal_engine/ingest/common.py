@@ -75,6 +75,8 @@ class ItemResult:
     labels: np.ndarray      # (n,) int16, -1 = unknown
     ids: tuple[str, ...]
     skipped: tuple[Skip, ...] = field(default=())
+    # the optional pool arrays of the source's ``extra_arrays``, (n, ...) each (DICOM: UIDs, shapes)
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,6 +91,7 @@ class IngestSource(abc.ABC):
     """A dataset format: lists its items in a fixed order and decodes one item (in a worker).
 
     ``classes``, ``channels`` and ``dtype`` describe the pool; they are final after ``scan``.
+    ``extra_arrays`` names the optional pool arrays every non-empty result gives in ``extra``.
     """
 
     name: str        # format name, e.g. "brats"
@@ -96,6 +99,7 @@ class IngestSource(abc.ABC):
     classes: list[str]
     channels: int
     dtype: np.dtype
+    extra_arrays: tuple[str, ...] = ()
 
     def __init__(self, root: Path, size: int) -> None:
         if size < 1:

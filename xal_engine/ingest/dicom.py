@@ -32,6 +32,7 @@ from xal_engine.ingest.common import (
     quantise,
     resize_images,
 )
+from xal_engine.store.format import DICOM_ARRAYS
 
 
 def require_pydicom() -> None:
@@ -85,20 +86,40 @@ def read_dicom(path: Path, use_window: bool = True) -> np.ndarray:
     return dicom_to_unit(ds, use_window)
 
 
+def source_uids(ds: Any) -> dict[str, str]:
+    """The dataset's SOP, Series and Study Instance UIDs (the pool's optional DICOM columns; "" where
+    absent)."""
+    return {"sop_instance_uid": str(ds.get("SOPInstanceUID", "") or "").strip(),
+            "series_instance_uid": str(ds.get("SeriesInstanceUID", "") or "").strip(),
+            "study_instance_uid": str(ds.get("StudyInstanceUID", "") or "").strip()}
+
+
 def load_radiograph(key: str, path: Path, label: int, boxes: np.ndarray, size: int, dtype: np.dtype,
                     use_window: bool = True, require_roi: bool = False) -> ItemResult:
-    """One DICOM radiograph -> a 1-channel pool image with the ROI of its boxes (original pixels)."""
+    """One DICOM radiograph -> a 1-channel pool image with the ROI of its boxes (original pixels),
+    and its UIDs and Rows x Columns (the pool's optional DICOM arrays).
+
+    Geometry: the whole image (Rows x Columns) is resized to size x size (:func:`resize_images`), no
+    crop or padding, so source pixel (r, c) covers pool pixels [r * S / Rows, (r + 1) * S / Rows) x
+    [c * S / Columns, (c + 1) * S / Columns); boxes map by that scale (:func:`boxes_mask`).
+    """
     try:
-        x = read_dicom(path, use_window)                                    # (H, W) in [0, 1]
+        ds = pydicom.dcmread(path)
+        x = dicom_to_unit(ds, use_window)                                   # (H, W) in [0, 1]
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for damaged files
         return ItemResult.only_skips(Skip(key, f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})"))
+    uids = source_uids(ds)
+    if not uids["sop_instance_uid"]:
+        return ItemResult.only_skips(Skip(key, f"{path.name}: no SOP Instance UID"))
     height, width = x.shape
     roi = boxes_mask(boxes, height, width, size)
     if require_roi and not roi.any():
         return ItemResult.only_skips(Skip(key, f"all boxes lie outside the image ({width}x{height})"))
     image = quantise(resize_images(x[None, None], size), dtype)              # (1, 1, S, S)
+    extra = {name: np.array([value], dtype=object) for name, value in uids.items()}
+    extra["source_shape"] = np.array([[height, width]], np.int32)
     return ItemResult(images=image, rois=roi[None], has_roi=np.array([roi.any()]),
-                      labels=np.array([label], np.int16), ids=(key,))
+                      labels=np.array([label], np.int16), ids=(key,), extra=extra)
 
 
 def index_dicoms(root: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, Path], list[Skip]]:
@@ -111,7 +132,10 @@ def index_dicoms(root: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, Path]
 
 
 class RadiographSource(IngestSource):
-    """A DICOM radiograph format: items carry (path, label, boxes (nb, 4), require_roi)."""
+    """A DICOM radiograph format: items carry (path, label, boxes (nb, 4), require_roi). Pools keep
+    each image's UIDs and source shape (``DICOM_ARRAYS``)."""
+
+    extra_arrays = DICOM_ARRAYS
 
     def __init__(self, root: Path, size: int, dtype: str, use_window: bool) -> None:
         require_pydicom()

@@ -114,7 +114,8 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
     writer = PoolWriter(out, channels=source.channels, height=source.size, width=source.size,
                         dtype=source.dtype, classes=source.classes, modality=source.modality,
                         source=str(source.root.resolve()), attrs={"ingest": settings},
-                        overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume)
+                        overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume,
+                        extra_arrays=source.extra_arrays)
     log = ProgressLog(progress_log_path(out), _fingerprint(settings, items))
     with writer:
         resumed_from = writer.n_written
@@ -134,7 +135,8 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
                 part = slice(first, n)
                 writer.append(result.images[part], result.rois[part], result.has_roi[part],
                               result.labels[part], list(result.ids[part]),
-                              np.full(n - first, splits[item.group], np.uint8))
+                              np.full(n - first, splits[item.group], np.uint8),
+                              {name: value[part] for name, value in result.extra.items()})
             bar.set_postfix(images=resumed_from + appended, refresh=False)
             bar.update(1)
         bar.close()

@@ -7,6 +7,15 @@
     ids      (N,)          str                         stable external id
     split    (N,)          uint8                       0 train pool, 1 validation, 2 test
 
+Optional per-image arrays, all or none of a group (absent in pools whose source gives none of them;
+pools without them open and read unchanged):
+
+    sop_instance_uid     (N,)    str     DICOM sources (vindr, siim): the image's SOP Instance UID,
+    series_instance_uid  (N,)    str     its Series and Study Instance UIDs (matching DICOM SEG
+    study_instance_uid   (N,)    str     objects to pool rows, and exported SEGs to their sources)
+    source_shape         (N, 2)  int32   the source image's Rows, Columns (pool image = the whole
+                                         source resized to H x W, no crop or padding)
+
 Every per-image array uses the same chunk length, so one chunk-aligned range [a, b) decodes exactly
 one chunk of each. Each chunk is blosc (bit-shuffled) + CRC32C: a corrupted chunk raises on read.
 Other subgroups (``scores/<run>/``, ``al/<experiment>/``) are added later by other commands.
@@ -38,6 +47,11 @@ IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float16))
 PER_IMAGE_ARRAYS = ("images", "rois", "has_roi", "labels", "ids", "split")
 # The (N,) per-image arrays: small enough to read whole (images and rois are read by range).
 COLUMNS = ("has_roi", "labels", "ids", "split")
+# Optional per-image arrays (see the module doc), by group: a pool stores a whole group or none of it.
+DICOM_ARRAYS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "source_shape")
+OPTIONAL_GROUPS = {"dicom": DICOM_ARRAYS}
+OPTIONAL_ARRAYS = DICOM_ARRAYS
+OPTIONAL_COLUMNS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid")  # (N,) str
 PARTIAL_SUFFIX = ".partial"
 # Present only while a writer owns the group: how many images are durably written.
 WRITING_ATTR = "xal_pool_written"
@@ -93,6 +107,22 @@ def array_specs(channels: int, height: int, width: int,
         "ids": ((), str, ""),
         "split": ((), np.dtype(np.uint8), SPLIT_TRAIN),
     }
+
+
+def optional_specs() -> dict[str, tuple[tuple[int, ...], Any, Any]]:
+    """name -> (shape after N, dtype, fill value) of every optional per-image array."""
+    return {
+        "sop_instance_uid": ((), str, ""),
+        "series_instance_uid": ((), str, ""),
+        "study_instance_uid": ((), str, ""),
+        "source_shape": ((2,), np.dtype(np.int32), 0),
+    }
+
+
+def optional_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """The optional per-image arrays ``group`` stores (name -> array; {} in a pool without them)."""
+    present = set(group.array_keys())
+    return {name: group[name] for name in OPTIONAL_ARRAYS if name in present}
 
 
 def as_str(values: np.ndarray) -> np.ndarray:
@@ -221,4 +251,33 @@ def structure_problems(group: zarr.Group) -> list[str]:
         if array.chunks[0] != images.chunks[0]:
             problems.append(f"array '{name}' has {array.chunks[0]} images per chunk, 'images' "
                             f"{images.chunks[0]}: every per-image array must use the same chunk length")
+    return problems + _optional_problems(group, n, images.chunks[0])
+
+
+def _optional_problems(group: zarr.Group, n: int, chunk: int) -> list[str]:
+    """The optional per-image arrays present: whole groups, shape (n, ...), dtype, chunked like 'images'."""
+    try:
+        present = optional_arrays(group)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as err:
+        return [f"an optional per-image array has unreadable metadata ({type(err).__name__}: {err})"]
+    problems = []
+    for kind, names in OPTIONAL_GROUPS.items():
+        got = [name for name in names if name in present]
+        if got and len(got) != len(names):
+            missing = ", ".join(repr(name) for name in names if name not in present)
+            problems.append(f"missing array(s) {missing}: the {kind} arrays are stored all or none "
+                            f"(found {', '.join(map(repr, got))})")
+    specs = optional_specs()
+    for name, array in present.items():
+        tail, dtype, _ = specs[name]
+        if array.shape != (n, *tail):
+            problems.append(f"array '{name}' has shape {array.shape}, expected {(n, *tail)} to match 'images'")
+        if dtype is str:
+            if array.dtype.kind not in "TUO":
+                problems.append(f"array '{name}' has dtype {array.dtype}, expected str")
+        elif array.dtype != dtype:
+            problems.append(f"array '{name}' has dtype {array.dtype}, expected {np.dtype(dtype)}")
+        if array.ndim and array.chunks[0] != chunk:
+            problems.append(f"array '{name}' has {array.chunks[0]} images per chunk, 'images' {chunk}: "
+                            "every per-image array must use the same chunk length")
     return problems

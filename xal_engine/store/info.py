@@ -43,11 +43,11 @@ def pool_info(pool: Pool) -> dict[str, Any]:
             "per_class": {c: int(counts[i + 1]) for i, c in enumerate(pool.classes)},
             "unknown": int(counts[0]),
         }
-    storage = {name: _storage(array) for name, array in pool.arrays.items()}
+    storage = {name: _storage(array) for name, array in {**pool.arrays, **pool.optional}.items()}
     stored = sum(s["stored_bytes"] for s in storage.values())
     raw = sum(s["raw_bytes"] or 0 for s in storage.values())
     storage["total"] = {"stored_bytes": stored, "raw_bytes": raw, "ratio": stored / raw if raw else None}
-    known = set(PER_IMAGE_ARRAYS) | {SCORES_GROUP, AL_GROUP, LABELS_HISTORY}
+    known = set(PER_IMAGE_ARRAYS) | set(pool.optional) | {SCORES_GROUP, AL_GROUP, LABELS_HISTORY}
     extra_attrs = {key: v for key, v in pool.attrs.items() if key not in RESERVED_ATTRS}
     return {
         "path": str(pool.path),
@@ -66,6 +66,7 @@ def pool_info(pool: Pool) -> dict[str, Any]:
                      * pool.image_dtype.itemsize},
         "compression_ratio": storage["images"]["ratio"],
         "storage": storage,
+        "optional_arrays": sorted(pool.optional),
         "score_runs": pool.subgroups(SCORES_GROUP),
         "al_experiments": pool.subgroups(AL_GROUP),
         "other_members": sorted(set(g.keys()) - known),

@@ -22,6 +22,8 @@ from xal_engine.store.al_state import ALExperiment, LabelsHistory
 from xal_engine.store.format import (
     COLUMNS,
     FORMAT_VERSION,
+    OPTIONAL_ARRAYS,
+    OPTIONAL_COLUMNS,
     PARTIAL_SUFFIX,
     PER_IMAGE_ARRAYS,
     WRITING_ATTR,
@@ -29,6 +31,7 @@ from xal_engine.store.format import (
     missing_chunk_error,
     missing_chunks,
     open_group,
+    optional_arrays,
     read_arrays,
     structure_problems,
     write_rows,
@@ -67,6 +70,8 @@ class Pool:
         self.group = group
         # the per-image arrays' metadata never changes after the writer closes: open it once
         self.arrays: dict[str, zarr.Array] = {name: group[name] for name in PER_IMAGE_ARRAYS}
+        # the optional per-image arrays this pool stores ({} without them): read by take / column only
+        self.optional: dict[str, zarr.Array] = optional_arrays(group)
         images = self.arrays["images"]
         self.n, self.channels, self.height, self.width = (int(s) for s in images.shape)
         self.image_dtype = np.dtype(images.dtype)
@@ -76,7 +81,7 @@ class Pool:
         # A missing chunk would read as fill values (black images, split 0): the chunks are listed once
         # here, as per-image arrays only change through write_rows, which stores every chunk it touches.
         self.missing: dict[str, set[int]] = {name: set(missing_chunks(array))
-                                             for name, array in self.arrays.items()}
+                                             for name, array in {**self.arrays, **self.optional}.items()}
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> Pool:
@@ -127,14 +132,16 @@ class Pool:
         return PoolBatch(start=start, stop=stop, **data)
 
     def column(self, name: str) -> np.ndarray:
-        """The whole (N,) per-image array ``name`` (has_roi, labels, ids or split) in its pool dtype;
-        ids as ``<U`` strings, as :meth:`read` gives them."""
-        if name not in COLUMNS:
+        """The whole (N,) per-image array ``name`` (has_roi, labels, ids or split, or an optional str
+        column the pool stores, e.g. sop_instance_uid) in its pool dtype; strings as ``<U``, as
+        :meth:`read` gives ids."""
+        if name not in COLUMNS and name not in OPTIONAL_COLUMNS:
             raise PoolError(f"{self.path}: {name!r} is not an (N,) per-image array "
-                            f"(expected one of {', '.join(COLUMNS)})")
-        self._check_stored({name: self.arrays[name]})
+                            f"(expected one of {', '.join((*COLUMNS, *OPTIONAL_COLUMNS))})")
+        array = self._array(name)
+        self._check_stored({name: array})
         values = self._decoded(name, lambda array: array[:])
-        return as_str(values) if name == "ids" else values
+        return as_str(values) if values.dtype.kind in "TUO" else values
 
     def take(self, name: str, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` ((n,) positions) of the per-image array ``name``, decoding only the chunks
@@ -142,7 +149,7 @@ class Pool:
         array = self._array(name)
         self._check_stored({name: array}, np.unique(np.asarray(index, dtype=np.int64) // self.chunk_size))
         values = self._decoded(name, lambda array: array.oindex[index])
-        return as_str(values) if name == "ids" else values
+        return as_str(values) if values.dtype.kind in "TUO" else values
 
     def find_ids(self, ids: Sequence[str]) -> np.ndarray:
         """(n,) int64 pool positions of ``ids``, -1 where the pool has no such id."""
@@ -182,16 +189,21 @@ class Pool:
         """``read(array)`` of the per-image array ``name`` as numpy; :class:`PoolError` when a chunk of it
         cannot be decoded (checksum, blosc)."""
         try:
-            return np.asarray(read(self.arrays[name]))
+            return np.asarray(read(self._array(name)))
         except Exception as err:
             raise PoolError(f"{self.path}: array '{name}' cannot be decoded ({type(err).__name__}: {err}); "
                             "run `xal-engine pool validate`") from err
 
     def _array(self, name: str) -> zarr.Array:
-        if name not in self.arrays:
-            raise PoolError(f"{self.path}: {name!r} is not a per-image array "
-                            f"(expected one of {', '.join(PER_IMAGE_ARRAYS)})")
-        return self.arrays[name]
+        if name in self.arrays:
+            return self.arrays[name]
+        if name in self.optional:
+            return self.optional[name]
+        if name in OPTIONAL_ARRAYS:
+            raise PoolError(f"pool {self.path} has no '{name}' array (an optional per-image array, "
+                            "stored by DICOM ingests: vindr, siim)")
+        raise PoolError(f"{self.path}: {name!r} is not a per-image array "
+                        f"(expected one of {', '.join(PER_IMAGE_ARRAYS)})")
 
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         """[start, stop) cut at chunk boundaries: [(start, b1), (b1, b2), ..., (bk, stop)]."""

@@ -80,7 +80,7 @@ class _Checker:
         pool = self.pool
         if not pool.classes:
             self.problems.append("attribute 'classes' is empty")
-        for name, array in pool.arrays.items():
+        for name, array in {**pool.arrays, **pool.optional}.items():
             missing = len(missing_chunks(array))  # listed now: the store may have changed since open
             if missing:
                 self.problems.append(f"array '{name}': {missing} of {array.nchunks} chunk(s) missing "
@@ -91,6 +91,7 @@ class _Checker:
                 bar.update(stop - start)
         self.problems += [f.message() for f in self.findings.values() if f.count]
         self._check_unique_ids()
+        self._check_optional()
         for run in pool.subgroups(SCORES_GROUP):
             self._check_run(run)
         for experiment in pool.subgroups(AL_GROUP):
@@ -134,6 +135,25 @@ class _Checker:
         if dup.any():
             shown = ", ".join(repr(v) for v in values[dup][:_Findings.SHOWN].tolist())
             self.problems.append(f"ids: {int(dup.sum())} id(s) used more than once ({shown})")
+
+    def _check_optional(self) -> None:
+        """The optional per-image arrays stored (DICOM UIDs, source shapes): every chunk decodable, no
+        empty UID, positive source shapes."""
+        pool = self.pool
+        if not pool.optional:
+            return
+        findings = {name: _Findings(f"{name}: empty UID") for name in pool.optional if name != "source_shape"}
+        if "source_shape" in pool.optional:
+            findings["source_shape"] = _Findings("source_shape: rows or columns below 1")
+        for start, stop in pool.chunk_ranges():
+            for name, value in read_arrays(pool.optional, start, stop).items():
+                if isinstance(value, Exception):
+                    self._undecodable(name, start // pool.chunk_size, start, stop, value)
+                elif name == "source_shape":
+                    findings[name].add(start, (value < 1).any(axis=1))
+                else:
+                    findings[name].add(start, as_str(value) == "")
+        self.problems += [f.message() for f in findings.values() if f.count]
 
     def _undecodable(self, key: str, chunk: int, start: int, stop: int, err: Exception) -> None:
         self.problems.append(f"array '{key}' chunk {chunk} (images {start}..{stop - 1}) cannot be decoded: "

@@ -25,6 +25,8 @@ from xal_engine.store.files import finite_or_none
 from xal_engine.store.format import (
     FORMAT_VERSION,
     IMAGE_DTYPES,
+    OPTIONAL_ARRAYS,
+    OPTIONAL_GROUPS,
     PARTIAL_SUFFIX,
     PER_IMAGE_ARRAYS,
     RESERVED_ATTRS,
@@ -35,6 +37,8 @@ from xal_engine.store.format import (
     compressors,
     images_per_chunk,
     open_group,
+    optional_arrays,
+    optional_specs,
     partial_path,
     structure_problems,
 )
@@ -74,6 +78,18 @@ def _is_complete(path: Path) -> bool:
     return isinstance(attrs, dict) and "xal_pool" in attrs and WRITING_ATTR not in attrs
 
 
+def _parse_extras(path: Path, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``extra_arrays`` checked: optional array names, whole groups of them; in the format's order."""
+    unknown = sorted(set(names) - set(OPTIONAL_ARRAYS))
+    if unknown:
+        raise PoolError(f"{path}: unknown optional array(s) {unknown} (expected some of {list(OPTIONAL_ARRAYS)})")
+    for kind, group in OPTIONAL_GROUPS.items():
+        if set(group) & set(names) and not set(group) <= set(names):
+            raise PoolError(f"{path}: the {kind} arrays {list(group)} are written all or none "
+                            f"(got {sorted(set(group) & set(names))})")
+    return tuple(name for name in OPTIONAL_ARRAYS if name in names)
+
+
 class PoolWriter:
     """Writes a new pool chunk by chunk: ``with PoolWriter(...) as w: w.append(...)``.
 
@@ -81,13 +97,16 @@ class PoolWriter:
     ``xal_pool_written`` records it as durable (``n_written``), so ``resume=True`` continues an
     interrupted ``<path>.partial`` after its last whole chunk. ``close`` flushes the tail, sets
     ``xal_pool: 1`` and renames ``<path>.partial`` to ``<path>``.
+
+    ``extra_arrays`` names optional per-image arrays (whole groups of ``OPTIONAL_GROUPS``, e.g. the
+    DICOM UIDs) that every ``append`` then gives in ``extra``; a pool written without them has none.
     """
 
     def __init__(self, path: str | Path, *, channels: int, height: int, width: int,
                  dtype: np.dtype | str, classes: list[str], modality: str = "", source: str = "",
                  attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
                  chunk_size: int | None = None, resume: bool = False,
-                 storage: StorageConfig = _DEFAULT_STORAGE) -> None:
+                 storage: StorageConfig = _DEFAULT_STORAGE, extra_arrays: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.dtype = np.dtype(dtype)
@@ -111,7 +130,9 @@ class PoolWriter:
             raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
         if self.path.exists() and not _is_replaceable(self.path):
             raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
-        self._specs = array_specs(channels, height, width, self.dtype)
+        self.extras = _parse_extras(self.path, extra_arrays)
+        self._specs = {**array_specs(channels, height, width, self.dtype),
+                       **{name: spec for name, spec in optional_specs().items() if name in self.extras}}
         meta = finite_or_none({"classes": list(classes), "modality": modality, "source": source,
                                "xal_engine_version": __version__, **(attrs or {})})  # zarr.json: strict JSON
         if resume and self.partial.exists():
@@ -119,9 +140,9 @@ class PoolWriter:
         else:
             self._group = self._create(meta, storage)
         with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk = a lost one
-            self._arrays = {name: self._group[name] for name in PER_IMAGE_ARRAYS}
+            self._arrays = {name: self._group[name] for name in (*PER_IMAGE_ARRAYS, *self.extras)}
         self._n = int(self._group.attrs[WRITING_ATTR])
-        self._buffer = {name: np.empty((self.chunk_size, *tail), dtype=object if name == "ids" else dt)
+        self._buffer = {name: np.empty((self.chunk_size, *tail), dtype=object if dt is str else dt)
                         for name, (tail, dt, _) in self._specs.items()}
         self._fill = 0
         self._closed = False
@@ -150,6 +171,11 @@ class PoolWriter:
         arrays = {name: group.get(name) for name in PER_IMAGE_ARRAYS}
         if WRITING_ATTR not in group.attrs or not all(isinstance(a, zarr.Array) for a in arrays.values()):
             raise PoolError(f"{self.partial} cannot be resumed: it is not an unfinished pool")
+        extras = optional_arrays(group)
+        if set(extras) != set(self.extras):
+            raise PoolError(f"{self.partial} cannot be resumed: it stores the optional arrays "
+                            f"{sorted(extras) or 'none'}, this write {sorted(self.extras) or 'none'}")
+        arrays.update(extras)
         for stray in self.partial.rglob(f"*{PARTIAL_SUFFIX}"):  # half-written chunk files
             stray.unlink()
         n = int(group.attrs[WRITING_ATTR])
@@ -170,11 +196,17 @@ class PoolWriter:
         return self._n
 
     def append(self, images: np.ndarray, rois: np.ndarray, has_roi: np.ndarray, labels: np.ndarray,
-               ids: np.ndarray | list[str], split: np.ndarray) -> None:
-        """Add images (n, C, H, W) with their rois (n, H, W), has_roi, labels, ids and split (n,)."""
+               ids: np.ndarray | list[str], split: np.ndarray,
+               extra: Mapping[str, np.ndarray] | None = None) -> None:
+        """Add images (n, C, H, W) with their rois (n, H, W), has_roi, labels, ids and split (n,), and
+        the optional arrays named by ``extra_arrays`` in ``extra`` (exactly those)."""
         if self._closed:
             raise PoolError(f"{self.path}: the writer is closed")
-        data = self._parse(images, rois, has_roi, labels, ids, split)
+        extra = dict(extra or {})
+        if set(extra) != set(self.extras):
+            raise PoolError(f"{self.path}: appended optional arrays {sorted(extra) or 'none'}, expected "
+                            f"{sorted(self.extras) or 'none'} (the writer's extra_arrays)")
+        data = self._parse(images, rois, has_roi, labels, ids, split, extra)
         count, done = len(data["images"]), 0
         while done < count:
             take = min(count - done, self.chunk_size - self._fill)
@@ -186,19 +218,21 @@ class PoolWriter:
                 self._flush()
 
     def _parse(self, images: np.ndarray, rois: np.ndarray, has_roi: np.ndarray, labels: np.ndarray,
-               ids: np.ndarray | list[str], split: np.ndarray) -> dict[str, np.ndarray]:
+               ids: np.ndarray | list[str], split: np.ndarray,
+               extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         data = {"images": np.asarray(images), "rois": np.asarray(rois), "has_roi": np.asarray(has_roi),
-                "labels": np.asarray(labels), "ids": np.asarray(ids), "split": np.asarray(split)}
+                "labels": np.asarray(labels), "ids": np.asarray(ids), "split": np.asarray(split),
+                **{name: np.asarray(value) for name, value in extra.items()}}
         n = len(data["images"])
         for name, (tail, dtype, _) in self._specs.items():
             array = data[name]
             if array.shape != (n, *tail):
                 raise PoolError(f"{self.path}: appended '{name}' has shape {array.shape}, "
                                 f"expected {(n, *tail)}")
-            if name == "ids":
+            if dtype is str:
                 if array.dtype.kind not in "TUO":
-                    raise PoolError(f"{self.path}: appended 'ids' must be strings (got {array.dtype})")
-            elif name in ("labels", "split"):
+                    raise PoolError(f"{self.path}: appended '{name}' must be strings (got {array.dtype})")
+            elif name in ("labels", "split", "source_shape"):
                 if array.dtype.kind not in "iu":
                     raise PoolError(f"{self.path}: appended '{name}' must be integers (got {array.dtype})")
             elif array.dtype != dtype:
@@ -206,6 +240,8 @@ class PoolWriter:
                                 f"expected {np.dtype(dtype)}")
         data["labels"] = data["labels"].astype(np.int16)
         data["split"] = data["split"].astype(np.uint8)
+        if "source_shape" in data:
+            data["source_shape"] = data["source_shape"].astype(np.int32)
         return data
 
     def _flush(self) -> None:
@@ -216,7 +252,7 @@ class PoolWriter:
         for name, array in self._arrays.items():
             array.resize((stop, *array.shape[1:]))
             block = self._buffer[name][:self._fill]
-            array[start:stop] = as_str(block) if name == "ids" else block
+            array[start:stop] = as_str(block) if block.dtype == object else block
         self._group.attrs[WRITING_ATTR] = stop
         self._n, self._fill = stop, 0
 
