@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.loop",
     "xal_engine.cli.label",
     "xal_engine.cli.label_studio",
+    "xal_engine.cli.export_seg",
     "xal_engine.cli.report",
     "xal_engine.cli.bench",
 ]

@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--format label-studio reads Label Studio's JSON export of tasks written by `select --format "
             "label-studio` instead: the class from the choices (majority of the annotators, a tie is "
             "refused), the ROI from brush or polygon results (pixel-wise majority), cancelled annotations "
-            "ignored, tasks without a usable annotation skipped."
+            "ignored, tasks without a usable annotation skipped. --format dicom-seg reads DICOM SEG objects "
+            "(a file or a folder) over the pool's source DICOMs (pools ingested from vindr/siim), matched by "
+            "SOP Instance UID: ROIs only (the union of the segments other than 'Grad-CAM', or --segment N), "
+            "resized to the pool grid; the images' classes are kept."
         ),
     )
     p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to write into")
@@ -66,8 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round", type=int, default=None,
                    help="AL round of this batch (default: the experiment's last round + 1, 0 when new); "
                         "with --undo: the import recorded as this round of --experiment")
-    p.add_argument("--format", choices=("csv", "label-studio"), default="csv",
-                   help="what --import reads: csv (default) or label-studio (its JSON export)")
+    p.add_argument("--format", choices=("csv", "label-studio", "dicom-seg"), default="csv",
+                   help="what --import reads: csv (default), label-studio (its JSON export) or dicom-seg "
+                        "(SEG.dcm or a folder of SEGs)")
+    p.add_argument("--segment", type=int, default=None, metavar="N",
+                   help="with --format dicom-seg: import segment N only (default: the union of every "
+                        "segment but 'Grad-CAM')")
     p.add_argument("--allow-any-split", action="store_true",
                    help="accept validation/test ids too (labelled, never marked as AL-labelled)")
     p.add_argument("--allow-outside-rois", action="store_true",
@@ -93,17 +100,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = ImportConfig(experiment=args.experiment, round=args.round,
                           allow_any_split=args.allow_any_split, allow_outside_rois=args.allow_outside_rois,
-                          dry_run=args.dry_run, format=args.format)
+                          dry_run=args.dry_run, format=args.format, segment=args.segment)
     summary = import_labels(args.pool, args.import_csv, config)
     if args.json:
         print(json.dumps(asdict(summary)))
         return 0
-    print(_import_line(summary))
+    print(_import_line(summary, rois_only=args.format == "dicom-seg"))
     return 0
 
 
-def _import_line(summary: ImportSummary) -> str:
-    """The one-line summary of an import, or of what a dry run would do."""
+def _import_line(summary: ImportSummary, rois_only: bool = False) -> str:
+    """The one-line summary of an import, or of what a dry run would do; ``rois_only``: a DICOM SEG
+    import, which brings masks and keeps the rows' classes."""
     from xal_engine.progress import plural
 
     where = f" (experiment {summary.experiment}, round {summary.round})" if summary.experiment else ""
@@ -124,7 +132,8 @@ def _import_line(summary: ImportSummary) -> str:
         notes.append(f"{plural(summary.n_skipped, 'task')} without a usable annotation skipped")
     if summary.ignored_columns:
         notes.append(f"ignored column(s) {', '.join(summary.ignored_columns)}")
-    labels = plural(summary.n_imported, "label")
+    labels = (f"{plural(summary.n_imported, 'ROI mask')} (classes kept)" if rois_only
+              else plural(summary.n_imported, "label"))
     if summary.dry_run:
         return (f"dry run: would import {labels} into {summary.pool} as import {summary.import_number}{where}; "
                 f"{'; '.join(notes)}; nothing written")

@@ -40,6 +40,13 @@ rows come from Label Studio's JSON export, read by :func:`xal_engine.exchange.la
 (class by majority of the annotators, ROI from brush RLE or polygons, pixel-wise majority; cancelled
 annotations ignored, tasks without a usable one skipped and counted); problems name the task's position
 in the export ("task 3: ..."). Everything else (checks, history, pending, dry run, undo) is the same.
+
+DICOM SEG (``format="dicom-seg"``, ``label --import SEG.dcm|DIR --format dicom-seg [--segment N]``): ROIs
+only, from SEG objects over the pool's source DICOMs, matched by SOP Instance UID and mapped to the pool
+grid by :func:`xal_engine.exchange.dicom_seg.read_seg` (union of the segments other than ``Grad-CAM``,
+or segment N). The rows' classes are kept (a row class of None): an image without a label keeps none and
+is not marked by ``--experiment``. A SEG referencing an image that is not in the pool is refused; problems
+name the SEG file's position ("SEG file 2: ...") and the file.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ from xal_engine.store.al_state import (
 
 ID, CLASS, ROI = "id", "class", "roi"
 MAX_ROUND = int(np.iinfo(np.int16).max)
-FORMATS = ("csv", "label-studio")
+FORMATS = ("csv", "label-studio", "dicom-seg")
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ class ImportConfig:
     allow_outside_rois: bool = False  # accept ROI paths leading outside the CSV's folder
     dry_run: bool = False  # check and count everything, write nothing (the pool is opened read-only)
     shown: int = 5  # problems listed in the error before "and N more"
-    format: str = "csv"  # the file: "csv" (id,class[,roi]) or "label-studio" (its JSON export)
+    format: str = "csv"  # the file: "csv" (id,class[,roi]), "label-studio" (its JSON export) or "dicom-seg"
+    segment: int | None = None  # dicom-seg: the segment number to import; None = union (module doc)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ class LabelRows:
 
     lines: list[int]  # line number in the file (1 = header); a Label Studio task's position (1-based)
     ids: list[str]
-    classes: list[str]  # the class cell as written (name or index)
+    classes: list[str | None]  # the class cell as written (name or index); None = keep the row's label
     rois: list[str | np.ndarray]  # ROI path as written ("" = none), or an in-memory (h, w) bool mask
     ignored_columns: list[str]
 
@@ -258,6 +266,19 @@ def read_label_studio(path: str | Path, pool: Pool, problems: Problems) -> tuple
     return rows, got.n_skipped
 
 
+def read_dicom_seg(path: str | Path, pool: Pool, problems: Problems, segment: int | None) -> LabelRows:
+    """DICOM SEG objects (a file or a folder of them) as ROI-only rows: masks at the pool's size, the
+    class None (kept)."""
+    from xal_engine.exchange.dicom_seg import read_seg
+
+    got = read_seg(path, pool, problems, segment)
+    rows = LabelRows(lines=got.files, ids=got.ids, classes=[None] * len(got.ids), rois=list(got.masks),
+                     ignored_columns=[])
+    if not rows.lines and not problems.items:
+        raise XalError(f"{path}: the SEG objects reference no source image")
+    return rows
+
+
 def _outside(cell: str, folder: Path) -> str | None:
     """Why the ROI path ``cell`` (relative to ``folder``) leads outside ``folder`` once symlinks are
     resolved; None when it stays inside."""
@@ -300,6 +321,7 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
     labels = np.full(len(index), -1, dtype=np.int16)
     roi_paths: dict[int, Path] = {}
     masks: dict[int, np.ndarray] = {}
+    keep = np.zeros(len(index), dtype=bool)  # (n,) rows whose class is None: their label is kept
     classes = pool.classes
     for r, (line, id_, cell, roi) in enumerate(zip(rows.lines, rows.ids, rows.classes, rows.rois)):
         if id_ in first_line:
@@ -311,8 +333,10 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
         elif split[index[r]] != SPLIT_TRAIN and not config.allow_any_split:
             problems.add(line, f"id {id_!r} is in the {SPLIT_NAMES[split[index[r]]]} split; only train-split "
                                "images are imported (pass --allow-any-split to label it anyway)")
-        k = _class_index(cell, classes)
-        if k is None:
+        k = None if cell is None else _class_index(cell, classes)
+        if cell is None:
+            keep[r] = index[r] >= 0
+        elif k is None:
             problems.add(line, f"unknown class {cell!r} (expected one of {', '.join(classes)} "
                                f"or an index 0..{len(classes) - 1})")
         else:
@@ -337,6 +361,8 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
         else:
             masks[r] = mask
     problems.raise_any()
+    if keep.any():
+        labels[keep] = pool.take("labels", index[keep])
     order = np.argsort(index, kind="stable")
     with_roi = np.array([r for r in order if r in masks], dtype=np.int64)
     rois = np.stack([masks[r] for r in with_roi]) if len(with_roi) else \
@@ -350,7 +376,7 @@ def _now() -> str:
 
 
 def _per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
-    counts = np.bincount(labels.astype(np.int64), minlength=len(classes))  # (K,)
+    counts = np.bincount(labels[labels >= 0].astype(np.int64), minlength=len(classes))  # (K,), -1 kept unlabelled
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
@@ -361,12 +387,17 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
     _check_experiment(config)
     if config.format not in FORMATS:
         raise XalError(f"--format {config.format!r}: expected one of {', '.join(FORMATS)}")
+    if config.segment is not None and config.format != "dicom-seg":
+        raise XalError("--segment goes with --format dicom-seg")
     csv_path = Path(csv_path)
     pool = Pool.open(pool_path, mode="r" if config.dry_run else "r+")
     if not pool.classes:
         raise XalError(f"pool {pool.path} has no class names (attribute 'classes')")
     skipped = 0
-    if config.format == "label-studio":
+    if config.format == "dicom-seg":
+        problems = Problems(csv_path, config.shown, unit="SEG file")
+        rows = read_dicom_seg(csv_path, pool, problems, config.segment)
+    elif config.format == "label-studio":
         problems = Problems(csv_path, config.shown, unit="task")
         rows, skipped = read_label_studio(csv_path, pool, problems)
     else:
@@ -388,7 +419,8 @@ def import_labels(pool_path: str | Path, csv_path: str | Path,
         first = history.read_planned(number, old).labelled_round
     else:
         number = len(history.records()) + 1
-        marked = plan.index[plan.in_train] if experiment is not None else np.zeros(0, dtype=np.int64)  # (k,)
+        labelled = plan.in_train & (plan.labels >= 0)  # (n,) an ROI-only row without a label is not marked
+        marked = plan.index[labelled] if experiment is not None else np.zeros(0, dtype=np.int64)  # (k,)
         previous = experiment.read_labelled_round(missing_ok=True) if experiment is not None else \
             np.full(pool.n, -1, dtype=np.int16)  # (N,) int16, -1 = not labelled
         round_ = config.round if config.round is not None else int(previous.max(initial=-1)) + 1
