@@ -123,6 +123,23 @@ def test_ray_stores_the_same_cams_as_the_local_scorer(setup):
     np.testing.assert_array_equal(cams, np.asarray(runs["cams-local"]["cam"][:]))
 
 
+def test_ray_stores_the_same_embeddings_and_mc_fields_as_the_local_scorer(setup):
+    """--embeddings and --mc-samples through Ray's actors: every field, the new ones included, equals
+    the local scorer's bit for bit (MC masks are keyed by pool index, not by the actor or batch)."""
+    pool, model, _, ref, _ = setup
+    extra = {"embeddings": True, "mc_samples": 3, "mc_dropout": 0.3}
+    score_pool(pool, model, config("mc-local", **extra))
+    summary = score_pool_ray(pool, model, config("mc-ray", **extra), RayConfig(workers=2, batches_per_call=1))
+    assert summary.complete and summary.images == N
+    fields = ("embedding", "bald", "mc_entropy", "variation_ratio")
+    group = Pool.open(pool).group
+    got = ScoreRun.open(group, "mc-ray").read((*ref, *fields))
+    want = ScoreRun.open(group, "mc-local").read((*ref, *fields))
+    assert_bit_equal(got, want)
+    assert_bit_equal({k: got[k] for k in ref}, ref)  # the deterministic fields are the plain run's
+    assert np.isfinite(got["bald"]).all() and got["embedding"].shape == (N, 512)
+
+
 def test_rerun_after_completion_does_no_work_on_either_backend(setup):
     pool, model, _, _, _ = setup
     again = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2))
