@@ -310,3 +310,92 @@ def test_checkpoint_records_head_dropout_and_old_checkpoints_load_without_it(tmp
         old_model, old = load_checkpoint(tmp_path / "old.pt")
         assert old.head_dropout == want, arch
         assert not any(isinstance(m, DropoutLinear) for m in old_model.modules())
+
+
+# ---------------------------------------------------------------- tiny: the host-overhead benchmark model
+def _tiny_reference(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """By hand: A = relu(conv(x, 7x7, stride 4, pad 3)), logits = fc(mean_hw(A)); (A, logits)."""
+    conv = model.features[0]
+    act = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=4, padding=3))  # (B, 16, h, w)
+    return act, act.mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias  # (B, K)
+
+
+@pytest.mark.parametrize("in_channels,classes", [(1, 2), (3, 5)])
+def test_tiny_builds_for_any_channels_and_classes(in_channels: int, classes: int) -> None:
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = build_model("tiny", classes, in_channels).eval()
+    assert DEFAULT_TARGET_LAYERS["tiny"] == "features" and type(model.fc) is nn.Linear
+    assert model.features[0].in_channels == in_channels and model.fc.out_features == classes
+    x = torch.rand(2, in_channels, 224, 224)
+    with torch.no_grad():
+        act, want = _tiny_reference(model, x)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+    assert act.shape[-2:] == (56, 56)  # (224 + 2·3 - 7) // 4 + 1
+    assert choose_target_layer(model, "tiny", (in_channels, 224, 224)) == LayerChoice("features", (56, 56), True)
+    assert choose_target_layer(model, "tiny", (in_channels, 32, 32)) == LayerChoice("features", (8, 8), True)
+    assert sum(p.numel() for p in model.parameters()) == 16 * (49 * in_channels + 1) + classes * 17
+
+
+def test_tiny_refuses_pretrained_weights(tmp_path: Path) -> None:
+    for pretrained in ("imagenet", tmp_path / "w.pth"):
+        with pytest.raises(XalError, match=r"^--pretrained: tiny has no pretrained weights"):
+            build_model("tiny", 3, 3, pretrained=pretrained)
+
+
+def test_tiny_trains_one_step() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 1)
+    x, y = torch.rand(8, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grad = model.fc.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.fc.weight, before["fc.weight"] - 0.5 * grad)  # plain SGD, by hand
+    assert not torch.equal(model.features[0].weight, before["features.0.weight"])  # the conv learns too
+    with torch.no_grad():
+        assert torch.nn.functional.cross_entropy(model(x), y) < loss
+
+
+def test_tiny_checkpoint_round_trip_and_head_dropout(tmp_path: Path) -> None:
+    from xal_engine.core.models import DropoutLinear, head_dropout_p, head_layer
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 3, head_dropout=0.4)
+    assert isinstance(model.fc, DropoutLinear) and head_dropout_p(model, "tiny") == 0.4
+    assert head_layer(model, "tiny") is model.fc
+    info = Checkpoint(arch="tiny", num_classes=3, in_channels=3, classes=("a", "b", "c"),
+                      target_layer="features", pool={"height": 32, "width": 32}, target_map=(8, 8))
+    loaded, got = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model, info))
+    assert got == replace(info, head_dropout=0.4)
+    assert isinstance(loaded.fc, DropoutLinear) and loaded.fc.dropout.p == 0.4 and not loaded.training
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_tiny_score_batch_grad_cam_on_its_conv_and_embeddings() -> None:
+    from xal_engine.core.scoring import score_batch
+    from xal_engine.ops import reference
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 3).eval()
+    x = torch.rand(4, 3, 64, 64)
+    rois = torch.zeros(4, 64, 64, dtype=torch.bool)
+    rois[:, 8:40, 16:48] = True
+    got = score_batch(model, "features", x, rois=rois, head="fc", return_embedding=True, return_cam=True)
+    # reference: A and dlogit[pred]/dA by autograd on the hand-written forward, then the reference kernel
+    act, logits = _tiny_reference(model, x)
+    act.retain_grad()
+    pred = logits.argmax(dim=1)
+    logits.gather(1, pred[:, None]).sum().backward()
+    want = reference.gradcam_dice(act.detach(), act.grad, rois, threshold=0.5, return_cam=True)
+    assert torch.equal(got.pred, pred)
+    torch.testing.assert_close(got.probs, logits.detach().softmax(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.cam, want.cam, rtol=1e-4, atol=1e-6)  # (4, 16, 16): the conv's map
+    for name in ("dice", "soft_dice", "energy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.embedding, act.detach().mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)  # (4, 16)

@@ -15,6 +15,9 @@ torchvision's p = 0.2) keeps it, with its p set to P when given.
 The default Grad-CAM layer depends on the image size: the deepest of the arch's candidate layers
 (its stages) whose map is at least MIN_TARGET_MAP on both sides, read off a shape probe
 (:func:`choose_target_layer`).
+
+``tiny`` (:class:`TinyNet`) is the one arch built here rather than by torchvision: one strided conv,
+global pooling, a linear head, random init only; it exists to make host overhead visible in benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,11 +49,31 @@ class ArchSpec:
     head: str  # the final nn.Linear producing 1000 ImageNet logits
     candidates: tuple[str, ...]  # Grad-CAM layers in forward order, shallow to deep (the stages)
     head_dropout: str | None = None  # the arch's own nn.Dropout right before the head, if it has one
+    # builds the 3-channel, 1000-class model for an arch that is not torchvision's (None: torchvision)
+    build: Callable[[], nn.Module] | None = None
 
     @property
     def target_layer(self) -> str:
         """The deepest candidate: the default at ImageNet's 224x224 (a 7x7 map on every arch here)."""
         return self.candidates[-1]
+
+
+class TinyNet(nn.Module):
+    """``tiny``: a near-zero-cost model whose only purpose is to make host overhead visible.
+
+    features = Conv2d(C, 16, 7x7, stride 4, pad 3) -> ReLU: the Grad-CAM layer, an (H/4, W/4) map
+    (56x56 at 224x224); then global average pooling and ``fc`` (16 -> K). 7·7·C·16 MACs per output
+    position, one output per 16 pixels: 7.4M MACs a 224x224x3 image (resnet18: 1.8G).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 7, stride=4, padding=3), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))  # (B, C, H, W) -> (B, K)
 
 
 _RESNET = ArchSpec("conv1", "fc", ("layer1", "layer2", "layer3", "layer4"))
@@ -67,6 +91,8 @@ ARCHS: dict[str, ArchSpec] = {
     # features.1, 3, 5, 7 are the four stages; the even entries are their downsampling layers.
     "convnext_tiny": ArchSpec("features.0.0", "classifier.2", ("features.1", "features.3", "features.5",
                                                                 "features.7")),
+    # not torchvision's: built here, random init only (see TinyNet)
+    "tiny": ArchSpec("features.0", "fc", ("features",), build=TinyNet),
 }
 
 DEFAULT_TARGET_LAYERS: dict[str, str] = {name: spec.target_layer for name, spec in ARCHS.items()}
@@ -310,7 +336,9 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         raise XalError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise XalError(f"in_channels must be at least 1, got {in_channels}")
-    model = torchvision.models.get_model(arch, weights=None)
+    if spec.build is not None and pretrained is not None:
+        raise XalError(f"--pretrained: {arch} has no pretrained weights (random init only); drop the flag")
+    model = spec.build() if spec.build is not None else torchvision.models.get_model(arch, weights=None)
     if pretrained is not None:
         if str(pretrained) == "imagenet":
             _load_published_weights(model, arch)
