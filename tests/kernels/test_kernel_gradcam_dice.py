@@ -222,6 +222,11 @@ def test_matches_reference_on_any_shape(c: int, h: int, w: int, big_h: int, big_
     n = reference.low_res_cam(a, g)
     u = F.interpolate(n[:, None], size=(big_h, big_w), mode="bilinear", align_corners=False).flatten(1)
     assume(bool(((n.flatten(1).amax(1) == 0) | (u.amax(1) - u.amin(1) >= 0.05)).all()))
+    # Hard Dice thresholds S at 0.5: a pixel within float noise of it falls on either side depending on
+    # the summation order (seed 67, 1x26 ROI: one pixel, Dice 0.333 vs 0.345), so keep maps whose
+    # pixels all lie more than 1e-5 (the parity tolerance) away from the threshold.
+    s = reference.gradcam_maps(a, g, (big_h, big_w))
+    assume(bool(((s - 0.5).abs() > 1e-5).all()))
     got, ref = run_both(a, g, rois)
     assert_matches(got, ref, hit=False)  # run_both compared the hits away from near-ties
 
