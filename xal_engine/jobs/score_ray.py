@@ -272,9 +272,12 @@ def _score_ray_locked(ray: ModuleType, pool: Pool, model_path: Path, config: Sco
             #    are restarted and their calls retried (passing them again is deprecated since 2.5x)
             bar = progress(n_images, desc=f"score {config.run} (ray)", enabled=show_progress)
             try:
+                seen: set[str] = set()  # actor processes (host:pid) the reaper has listed
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    if reaper is not None:
-                        reaper.watch()  # actors and what Ray started for them, restarted ones too
+                    workers = set(out["worker"].tolist())
+                    if reaper is not None and not workers <= seen:  # a new (or restarted) actor
+                        reaper.watch()  # lists it and what Ray started for it
+                        seen |= workers
                     if errors := [e for e in out["error"].tolist() if e]:
                         raise XalError(errors[0])
                     for f in STAT_FIELDS:

@@ -73,8 +73,9 @@ def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
             f"score run {run_name!r} is incomplete ({int(done.sum())} of {done.size} work units done); "
             "finish it with `xal-engine score` first"
         )
-    split = pool.column("split")
-    candidates = np.flatnonzero((split == SPLIT_TRAIN) & ~labelled_mask(pool, experiment))
+    train = pool.column("split") == SPLIT_TRAIN  # (N,)
+    labelled = labelled_mask(pool, experiment)  # (N,)
+    candidates = np.flatnonzero(train & ~labelled)
     if candidates.size == 0:
         raise XalError("the pool has no unlabelled train images left to select from")
     strategy = strategies.get(config.strategy)
@@ -89,10 +90,9 @@ def select_batch(pool_path: str | Path, run_name: str, config: SelectConfig,
                           if v.dtype == np.float16 and name in REQUIRED_NAMES else v[candidates]
                           for name, v in r.items()})
     labels = pool.column("labels")[candidates] if config.balance == "oracle" else None
-    labelled = None
-    if "embedding" in r:  # the train images the experiment already has, for strategies that avoid them
-        labelled = r["embedding"][np.flatnonzero((split == SPLIT_TRAIN) & labelled_mask(pool, experiment))]
-    chosen = select(scores, config, labels=labels, labelled_embedding=labelled)
+    # the train images the experiment already has, for strategies that spread the batch away from them
+    centres = r["embedding"][np.flatnonzero(train & labelled)] if "embedding" in r else None
+    chosen = select(scores, config, labels=labels, labelled_embedding=centres)
     indices = candidates[chosen.order]
     ids = pool.column("ids")
     has_roi = pool.column("has_roi")
