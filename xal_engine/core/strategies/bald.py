@@ -4,23 +4,13 @@ other, not merely where each is unsure (score --mc-samples T)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-from xal_engine.core.strategies.base import RunScores, Strategy
-from xal_engine.core.strategies.terms import normalise
-
-if TYPE_CHECKING:
-    from xal_engine.core.acquisition import SelectConfig
+from xal_engine.core.strategies.terms import FieldStrategy
 
 
-class Bald(Strategy):
+class Bald(FieldStrategy):
     name = "bald"
     summary = "BALD mutual information of T MC-dropout passes (score --mc-samples T)"
     needs = ("entropy", "bald")
     how = ("score the run with --mc-samples T (a model trained with --head-dropout P, or score "
            "--mc-dropout P)")
-
-    def score(self, scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
-        return normalise(scores.bald, config.normalise), np.ones(scores.bald.shape[0], dtype=bool)
+    field = "bald"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xal_engine.core.strategies.base import RunScores
+from xal_engine.core.strategies.base import RunScores, Strategy
 from xal_engine.errors import XalError
 
 if TYPE_CHECKING:
@@ -73,3 +73,15 @@ def with_missing_roi_rule(score: np.ndarray, has_roi: np.ndarray, scores: RunSco
         floor = np.nanmin(score[has_roi]) if np.isfinite(score[has_roi]).any() else 0.0
         score = np.where(has_roi, score, floor - 2.0 + ent)
     return score, eligible
+
+
+class FieldStrategy(Strategy):
+    """A per-image strategy that ranks one result field: score = sign · field, normalised as
+    configured (--normalise); every candidate is eligible (non-finite values are dropped by the ranking)."""
+
+    field: str
+    sign: float = 1.0  # -1: smallest first
+
+    def score(self, scores: RunScores, config: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
+        values = scores[self.field]
+        return normalise(self.sign * values, config.normalise), np.ones(values.shape[0], dtype=bool)
