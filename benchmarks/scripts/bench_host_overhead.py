@@ -37,7 +37,7 @@ import zarr
 
 from xal_engine.bench.timing import append_rows, device_name, git_commit, synchronize
 from xal_engine.core.fields import REQUIRED_NAMES, PerImage
-from xal_engine.core.inputs import resolve_device, to_unit_float
+from xal_engine.core.inputs import model_input, normalization_tensors, resolve_device
 from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, generate_block
 from xal_engine.jobs.runtime import available_cores, resolve_threads, torch_threads
@@ -110,13 +110,14 @@ class Bench:
         return time.perf_counter() - t0
 
     def plain(self, workers: int) -> float:
-        mean, std = self.ckpt.config.get("normalize_mean"), self.ckpt.config.get("normalize_std")
+        mean, std = normalization_tensors(self.ckpt.config.get("normalize_mean"),
+                                          self.ckpt.config.get("normalize_std"), self.device)
         b = self.base.batch_size
         t0 = time.perf_counter()
         with torch.inference_mode():
             for item in self._loader(workers):
                 for a in range(0, item["images"].shape[0], b):
-                    x = to_unit_float(item["images"][a:a + b], mean, std).contiguous(memory_format=torch.channels_last)
+                    x = model_input(item["images"][a:a + b], mean, std)
                     self.model(x).argmax(dim=1).cpu()  # (B,): the one host copy a real pipeline makes
         synchronize(self.device)
         return time.perf_counter() - t0

@@ -44,7 +44,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("cams")
     pool, model = make_pool(root / "pool.zarr", n=N), make_model(root / "model.pt")
     for run, save in (("plain", False), ("cams", True)):
-        score_pool(pool, model, ScoreConfig(run=run, batch_size=UNIT, num_workers=0, save_cams=save),
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run=run, batch_size=UNIT, num_workers=0, save_cams=save),
                    show_progress=False)
     return root, pool, model
 
@@ -93,11 +93,11 @@ def test_without_the_flag_no_cam_and_the_same_bytes(setup):
 
 def test_the_flag_is_part_of_the_fingerprint_only_when_set(setup):
     _, pool, model = setup
-    again = score_pool(pool, model, ScoreConfig(run="plain", batch_size=UNIT, num_workers=0),
+    again = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="plain", batch_size=UNIT, num_workers=0),
                        show_progress=False)
     assert again.images == 0 and again.complete  # resumed: nothing left to do
     with pytest.raises(XalError, match=r"run 'plain' exists .* different configuration \(save_cams\)"):
-        score_pool(pool, model, ScoreConfig(run="plain", num_workers=0, save_cams=True), show_progress=False)
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="plain", num_workers=0, save_cams=True), show_progress=False)
     assert main(["score", "--pool", str(pool), "--model", str(model), "--run", "cli", "--save-cams",
                  "--num-workers", "0", "--json"]) == 0
     runs = Pool.open(pool).group["scores"]  # batches of 64, not 8: equal up to one fp16 step
@@ -163,7 +163,7 @@ def test_select_overlays_refuses_without_cams_or_model(setup, tmp_path, capsys):
     root, pool, model = setup
     moved = tmp_path / "model.pt"
     shutil.copy(model, moved)
-    score_pool(pool, moved, ScoreConfig(run="gone", batch_size=UNIT, num_workers=0), show_progress=False)
+    score_pool(pool, moved, ScoreConfig(unit_size=UNIT, run="gone", batch_size=UNIT, num_workers=0), show_progress=False)
     moved.unlink()
     out = tmp_path / "b.csv"
     assert main(select_argv(pool, "gone", out, tmp_path / "o")) == 2

@@ -54,7 +54,7 @@ def test_sigterm_during_score_is_one_line_stops_workers_and_resumes_bit_for_bit(
     pool = make_pool(tmp_path / "big.zarr", n=160, size=48)
     model = make_model(tmp_path / "model.pt")
     cmd = [sys.executable, "-m", "xal_engine", "score", "--pool", str(pool), "--model", str(model),
-           "--run", "r", "--batch-size", str(UNIT), "--num-workers", "1", "--device", "cpu", "--threads", "1"]
+           "--run", "r", "--batch-size", str(UNIT), "--unit-size", str(UNIT), "--num-workers", "1", "--device", "cpu", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done_dir = pool / "scores" / "r" / "done" / "c"
     deadline = time.monotonic() + 120
@@ -78,7 +78,7 @@ def test_sigterm_during_score_is_one_line_stops_workers_and_resumes_bit_for_bit(
     summary = json.loads(resumed.stdout)
     assert summary["complete"] and summary["units_already_done"] == n_done
     assert summary["images"] == 160 - n_done * UNIT
-    score_pool(pool, model, ScoreConfig(run="whole", batch_size=UNIT, num_workers=0))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="whole", batch_size=UNIT, num_workers=0))
     whole, resumed_run = read_run(pool, "whole"), read_run(pool, "r")
     for field, value in whole.items():
         np.testing.assert_array_equal(value, resumed_run[field], err_msg=field)
@@ -97,7 +97,7 @@ def test_score_progress_advances_per_batch_not_per_chunk(small, monkeypatch) -> 
             pass
 
     monkeypatch.setattr(score_job, "progress", lambda total, desc, enabled=None: Bar())
-    summary = score_pool(small[0], small[1], ScoreConfig(run="bar", batch_size=3, num_workers=0))
+    summary = score_pool(small[0], small[1], ScoreConfig(unit_size=UNIT, run="bar", batch_size=3, num_workers=0))
     assert summary.units == 5 and updates == [3, 3, 2] * 5
 
 
@@ -135,11 +135,11 @@ def test_a_shard_count_other_than_a_live_shards_is_refused(small, capsys) -> Non
         assert len(err) == 1 and (f"is being scored as shard 1/2 by pid {os.getpid()}" in err[0]
                                   and "must use the same --num-shards (this one: 3)" in err[0]), err
         # the same count is no conflict, and another run's locks are not this run's
-        assert score_pool(pool, model, ScoreConfig(run="mixed", shard_id=0, num_shards=2, **config)).units > 0
-        assert score_pool(pool, model, ScoreConfig(run="mixed.shard1", num_shards=3, **config)).units > 0
-    assert not score_pool(pool, model, ScoreConfig(run="mixed", shard_id=2, num_shards=3, **config)).complete
-    assert score_pool(pool, model, ScoreConfig(run="mixed", **config)).complete
-    score_pool(pool, model, ScoreConfig(run="whole", **config))
+        assert score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mixed", shard_id=0, num_shards=2, **config)).units > 0
+        assert score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mixed.shard1", num_shards=3, **config)).units > 0
+    assert not score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mixed", shard_id=2, num_shards=3, **config)).complete
+    assert score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mixed", **config)).complete
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="whole", **config))
     group = Pool.open(pool).group
     got, want = ScoreRun.open(group, "mixed").read(), ScoreRun.open(group, "whole").read()
     for field, value in want.items():

@@ -23,7 +23,7 @@ from xal_engine.jobs.score import ScoreConfig, score_pool
 from xal_engine.store import SPLIT_TRAIN, Pool, PoolWriter
 from xal_engine.store.score_run import ScoreRun
 
-UNIT = 8  # images per pool chunk = per work unit
+UNIT = 8  # images per pool chunk; the tests score most runs with one chunk per work unit (unit_size=UNIT)
 THREE_CLASSES = tuple(class_names(3))
 
 
@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     pool = make_pool(root / "pool.zarr", n=60)
     model = make_model(root / "model.pt")
-    summary = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0))
+    summary = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="ref", batch_size=UNIT, num_workers=0))
     return root, pool, model, summary
 
 
@@ -97,33 +97,35 @@ def test_scores_equal_score_batch_on_the_same_images(setup):
 
 def test_rerun_after_completion_does_no_work(setup):
     _, pool, model, _ = setup
-    again = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0))
+    again = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="ref", batch_size=UNIT, num_workers=0))
     assert again.images == 0 and again.units_already_done == -(-60 // UNIT)  # every 8-image unit of the 60
     assert again.complete
 
 
-def test_batches_spanning_several_units_give_the_same_scores(setup):
+def test_batches_of_several_chunks_in_multi_chunk_units_give_the_same_scores(setup):
+    """Units of 3 chunks (24 images, the last 12), batches of 16 (two chunks; 8 at each unit's end)."""
     _, pool, model, _ = setup
-    score_pool(pool, model, ScoreConfig(run="wide", batch_size=3 * UNIT, num_workers=1))
+    score_pool(pool, model, ScoreConfig(unit_size=3 * UNIT, run="wide", batch_size=2 * UNIT, num_workers=1))
+    assert ScoreRun.open(Pool.open(pool).group, "wide").n_units == 3
     assert_scores_match_reference(pool, "wide")
 
 
 def test_batches_smaller_than_a_unit_split_it(setup):
     _, pool, model, _ = setup
-    summary = score_pool(pool, model, ScoreConfig(run="narrow", batch_size=3, num_workers=0))
+    summary = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="narrow", batch_size=3, num_workers=0))
     assert summary.images == 60  # each 8-image unit scored as batches of 3, 3 and 2
     assert_scores_match_reference(pool, "narrow")
 
 
 def test_two_shards_together_equal_one_run(setup):
     _, pool, model, _ = setup
-    first = score_pool(pool, model, ScoreConfig(run="sharded", batch_size=UNIT, num_workers=0,
+    first = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="sharded", batch_size=UNIT, num_workers=0,
                                                 shard_id=0, num_shards=2))
     assert not first.complete
     done = ScoreRun.open(Pool.open(pool).group, "sharded").done_mask()
     half = done.size // 2
     assert done[:half].all() and not done[half:].any()  # shard 0 wrote only its own units
-    second = score_pool(pool, model, ScoreConfig(run="sharded", batch_size=UNIT, num_workers=0,
+    second = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="sharded", batch_size=UNIT, num_workers=0,
                                                  shard_id=1, num_shards=2))
     assert second.complete and first.images + second.images == 60
     assert_runs_equal(read_run(pool, "ref"), read_run(pool, "sharded"))
@@ -133,7 +135,7 @@ def test_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
     pool = make_pool(tmp_path / "big.zarr", n=160, size=48)
     model = make_model(tmp_path / "model.pt")
     cmd = [sys.executable, "-m", "xal_engine", "score", "--pool", str(pool), "--model", str(model),
-           "--run", "r", "--batch-size", str(UNIT), "--num-workers", "0", "--device", "cpu"]
+           "--run", "r", "--batch-size", str(UNIT), "--unit-size", str(UNIT), "--num-workers", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done_dir = pool / "scores" / "r" / "done" / "c"
     deadline = time.monotonic() + 120
@@ -152,16 +154,16 @@ def test_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
     assert summary["complete"] and summary["units_already_done"] == n_done
     assert summary["images"] == 160 - n_done * UNIT
     assert not list((pool / "scores" / "r").rglob("*.partial"))
-    score_pool(pool, model, ScoreConfig(run="whole", batch_size=UNIT, num_workers=0))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="whole", batch_size=UNIT, num_workers=0))
     assert_runs_equal(read_run(pool, "whole"), read_run(pool, "r"))
 
 
 def test_existing_run_with_another_config_is_refused_unless_overwrite(setup):
     _, pool, model, _ = setup
-    score_pool(pool, model, ScoreConfig(run="cfg", batch_size=UNIT, num_workers=0))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="cfg", batch_size=UNIT, num_workers=0))
     with pytest.raises(XalError, match=r"different configuration \(threshold\)"):
-        score_pool(pool, model, ScoreConfig(run="cfg", threshold=0.6, num_workers=0))
-    redo = score_pool(pool, model, ScoreConfig(run="cfg", threshold=0.6, num_workers=0, overwrite=True))
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="cfg", threshold=0.6, num_workers=0))
+    redo = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="cfg", threshold=0.6, num_workers=0, overwrite=True))
     assert redo.images == 60
     assert ScoreRun.open(Pool.open(pool).group, "cfg").group.attrs["fingerprint"]["threshold"] == 0.6
 
@@ -170,13 +172,13 @@ def test_model_pool_mismatches_are_refused(setup, tmp_path):
     _, pool, _, _ = setup
     two = make_model(tmp_path / "two.pt", classes=("a", "b"))
     with pytest.raises(XalError, match="2 classes"):
-        score_pool(pool, two, ScoreConfig(run="x", num_workers=0))
+        score_pool(pool, two, ScoreConfig(unit_size=UNIT, run="x", num_workers=0))
     rgb = make_model(tmp_path / "rgb.pt", in_channels=3)
     with pytest.raises(XalError, match="3-channel"):
-        score_pool(pool, rgb, ScoreConfig(run="x", num_workers=0))
+        score_pool(pool, rgb, ScoreConfig(unit_size=UNIT, run="x", num_workers=0))
     renamed = make_model(tmp_path / "renamed.pt", classes=("x", "y", "z"))
     with pytest.raises(XalError, match="differ from the pool"):
-        score_pool(pool, renamed, ScoreConfig(run="x", num_workers=0))
+        score_pool(pool, renamed, ScoreConfig(unit_size=UNIT, run="x", num_workers=0))
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -248,7 +250,7 @@ def test_select_with_a_batch_aware_strategy_reads_the_runs_embeddings(setup, tmp
     err = capsys.readouterr().err.strip()
     assert err.endswith("strategy 'coreset' needs the run's embedding, which score run 'ref' does not store; "
                         "score the run with --embeddings") and not out.exists()
-    score_pool(pool, model, ScoreConfig(run="emb", batch_size=UNIT, num_workers=0, device="cpu", embeddings=True))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="emb", batch_size=UNIT, num_workers=0, device="cpu", embeddings=True))
     assert main([*argv, "--run", "emb"]) == 0
     p = Pool.open(pool)
     train = np.flatnonzero(np.asarray(p.group["split"][:]) == SPLIT_TRAIN)
@@ -261,7 +263,7 @@ def test_select_with_a_batch_aware_strategy_reads_the_runs_embeddings(setup, tmp
 
 def test_select_refuses_an_incomplete_run_and_an_unknown_run(setup, tmp_path, capsys):
     _, pool, model, _ = setup
-    score_pool(pool, model, ScoreConfig(run="half", batch_size=UNIT, num_workers=0, shard_id=0,
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="half", batch_size=UNIT, num_workers=0, shard_id=0,
                                         num_shards=2))
     assert main(["select", "--pool", str(pool), "--run", "half", "--budget", "3",
                  "--out", str(tmp_path / "b.csv")]) == 2
@@ -281,7 +283,7 @@ def strict_json(text: str) -> dict:
 
 def test_score_json_on_a_complete_run_is_strict_json(setup, capsys):
     _, pool, model, _ = setup
-    argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "ref", "--batch-size", str(UNIT),
+    argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "ref", "--batch-size", str(UNIT), "--unit-size", str(UNIT),
             "--num-workers", "0"]
     assert main([*argv, "--json"]) == 0
     summary = strict_json(capsys.readouterr().out)
@@ -371,15 +373,15 @@ def test_target_layer_override_is_another_run_and_no_flag_keeps_the_fingerprint(
         "precision": "fp32", "targets": "pred", "n_images": 60}
     capsys.readouterr()
     # Naming the checkpoint's own layer is the same run: nothing left to do.
-    same = score_pool(pool, model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0, target_layer="layer4"))
+    same = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="ref", batch_size=UNIT, num_workers=0, target_layer="layer4"))
     assert same.images == 0
     err = capsys.readouterr().err.splitlines()
     assert err == ["target layer layer4 (1x1 map) at 1x32x32 images (--target-layer; the checkpoint's is layer4)",
                    ("warning: target layer layer4 gives a 1x1 map at 1x32x32 images: its Grad-CAM is constant "
                     "and every hard Dice 0; pass --target-layer with a shallower layer")]
     with pytest.raises(XalError, match=r"different configuration \(target_layer\)"):
-        score_pool(pool, model, ScoreConfig(run="ref", num_workers=0, target_layer="layer1"))
-    layer1 = score_pool(pool, model, ScoreConfig(run="layer1", batch_size=UNIT, num_workers=0,
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="ref", num_workers=0, target_layer="layer1"))
+    layer1 = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="layer1", batch_size=UNIT, num_workers=0,
                                                  target_layer="layer1"))
     assert layer1.images == 60
     assert ScoreRun.open(Pool.open(pool).group, "layer1").group.attrs["fingerprint"]["target_layer"] == "layer1"
@@ -419,7 +421,7 @@ def test_another_image_size_warns_and_a_1x1_map_is_refused(setup, tmp_path, caps
     pool_path = Pool.open(pool).path
     capsys.readouterr()
     at64 = _model_trained_at(tmp_path / "l2.pt", 64, "layer2", (8, 8))
-    score_pool(pool, at64, ScoreConfig(run="at64", batch_size=UNIT, num_workers=0))
+    score_pool(pool, at64, ScoreConfig(unit_size=UNIT, run="at64", batch_size=UNIT, num_workers=0))
     assert capsys.readouterr().err.splitlines() == [
         (f"warning: model {at64} was trained on 1x64x64 images (layer2, 8x8 map); pool {pool_path} has "
          "1x32x32 images: target layer layer2 (4x4 map)")]
@@ -451,7 +453,7 @@ def nan_setup(tmp_path_factory):
                     classes=class_names(3), chunk_size=UNIT) as w:
         w.append(images, *(np.asarray(src[k][:]) for k in ("rois", "has_roi", "labels", "ids", "split")))
     model = make_model(root / "model.pt")
-    score_pool(root / "pool.zarr", model, ScoreConfig(run="ref", batch_size=UNIT, num_workers=0,
+    score_pool(root / "pool.zarr", model, ScoreConfig(unit_size=UNIT, run="ref", batch_size=UNIT, num_workers=0,
                                                       target_layer="layer1"))
     return root, root / "pool.zarr", bad
 
@@ -490,7 +492,7 @@ def test_score_a_corrupt_chunk_in_a_loader_worker_is_one_line(setup, tmp_path, c
     data[len(data) // 2] ^= 0xFF  # the chunk's CRC32C no longer matches
     chunks[1].write_bytes(bytes(data))
     assert main(["score", "--pool", str(pool), "--model", str(model), "--run", "w2", "--num-workers", "2",
-                 "--batch-size", str(UNIT)]) == 2
+                 "--batch-size", str(UNIT), "--unit-size", str(UNIT)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning:")]
     assert len(err) == 1 and "array 'images' images 8..15 cannot be decoded" in err[0], err
 
@@ -513,7 +515,7 @@ def test_score_a_checkpoint_with_a_flipped_weight_byte_is_one_line(setup, tmp_pa
 
 def test_a_resuming_shard_leaves_the_other_shards_half_written_chunks(setup):
     _, pool, model, _ = setup
-    shard0 = ScoreConfig(run="own-partials", batch_size=UNIT, num_workers=0, shard_id=0, num_shards=2)
+    shard0 = ScoreConfig(unit_size=UNIT, run="own-partials", batch_size=UNIT, num_workers=0, shard_id=0, num_shards=2)
     score_pool(pool, model, shard0)
     root = pool / "scores" / "own-partials"
     mine = root / "dice" / "c" / "0.aa.partial"  # unit 0: shard 0 has units 0..3
@@ -529,7 +531,7 @@ def test_a_run_scored_before_a_label_import_is_refused_as_stale(tmp_path):
 
     pool = make_pool(tmp_path / "pool.zarr", n=16)
     model = make_model(tmp_path / "model.pt")
-    config = ScoreConfig(run="r", batch_size=UNIT, num_workers=0)
+    config = ScoreConfig(unit_size=UNIT, run="r", batch_size=UNIT, num_workers=0)
     score_pool(pool, model, config)
     opened = Pool.open(pool)
     csv_path = tmp_path / "labels.csv"
@@ -550,7 +552,7 @@ def _score_shard_at_the_barrier(pool: str, model: str, shard_id: int, rounds: in
     for i in range(rounds):
         barrier.wait(timeout=300)
         try:
-            summary = score_pool(pool, model, ScoreConfig(run=f"together{i}", batch_size=UNIT, num_workers=0,
+            summary = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run=f"together{i}", batch_size=UNIT, num_workers=0,
                                                           shard_id=shard_id, num_shards=2, threads=1))
             results.put((i, shard_id, summary.images, None))
         except Exception as err:  # noqa: BLE001  (reported to the test)
@@ -563,7 +565,7 @@ def test_two_shards_of_a_new_run_started_together_equal_one_run(tmp_path):
 
     pool = make_pool(tmp_path / "pool.zarr", n=2 * UNIT)
     model = make_model(tmp_path / "model.pt")
-    score_pool(pool, model, ScoreConfig(run="single", batch_size=UNIT, num_workers=0, threads=1))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="single", batch_size=UNIT, num_workers=0, threads=1))
     rounds = 20
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that has run torch
     barrier, results = ctx.Barrier(2), ctx.Queue()
@@ -595,24 +597,24 @@ def read_mc(pool: Path, run: str) -> dict[str, np.ndarray]:
 
 def test_embeddings_and_mc_fields_sharded_or_resumed_equal_one_run_bit_for_bit(setup):
     _, pool, model, _ = setup
-    whole = score_pool(pool, model, ScoreConfig(run="mc", batch_size=UNIT, num_workers=0, **MC))
+    whole = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mc", batch_size=UNIT, num_workers=0, **MC))
     assert whole.complete and whole.images == 60
     one = read_mc(pool, "mc")
     assert_runs_equal(read_run(pool, "ref"), read_run(pool, "mc"))  # the deterministic fields are unchanged
     # two shards
     for shard in (0, 1):
-        score_pool(pool, model, ScoreConfig(run="mc2", batch_size=UNIT, num_workers=0, shard_id=shard,
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mc2", batch_size=UNIT, num_workers=0, shard_id=shard,
                                             num_shards=2, **MC))
     assert_runs_equal(one, read_mc(pool, "mc2"))
     # interrupted after its first third of the units (shard 0 of 3 done), then resumed as one process
-    first = score_pool(pool, model, ScoreConfig(run="mcr", batch_size=UNIT, num_workers=0, shard_id=0,
+    first = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mcr", batch_size=UNIT, num_workers=0, shard_id=0,
                                                 num_shards=3, **MC))
-    resumed = score_pool(pool, model, ScoreConfig(run="mcr", batch_size=UNIT, num_workers=2, **MC))
+    resumed = score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="mcr", batch_size=UNIT, num_workers=2, **MC))
     assert resumed.units_already_done == first.units > 0 and resumed.complete
     assert_runs_equal(one, read_mc(pool, "mcr"))
     # other batches (3 images, or 3 units): the masks follow the image, not its batch
     for name, size in (("mcnarrow", 3), ("mcwide", 3 * UNIT)):
-        score_pool(pool, model, ScoreConfig(run=name, batch_size=size, num_workers=0, **MC))
+        score_pool(pool, model, ScoreConfig(unit_size=UNIT, run=name, batch_size=size, num_workers=0, **MC))
         other = read_mc(pool, name)
         for f in ("bald", "mc_entropy"):
             np.testing.assert_allclose(other[f], one[f], rtol=1e-5, atol=1e-6, err_msg=f)
@@ -622,7 +624,7 @@ def test_embeddings_and_mc_fields_sharded_or_resumed_equal_one_run_bit_for_bit(s
 
 def test_an_mc_run_stores_what_the_model_gives_and_validates(setup):
     _, pool_path, model_path, _ = setup
-    score_pool(pool_path, model_path, ScoreConfig(run="mc", batch_size=UNIT, num_workers=0, **MC))
+    score_pool(pool_path, model_path, ScoreConfig(unit_size=UNIT, run="mc", batch_size=UNIT, num_workers=0, **MC))
     run = ScoreRun.open(Pool.open(pool_path, mode="r+").group, "mc")
     got = read_mc(pool_path, "mc")
     fp = run.group.attrs["fingerprint"]
@@ -645,11 +647,11 @@ def test_an_mc_run_stores_what_the_model_gives_and_validates(setup):
     assert (got["bald"] <= got["mc_entropy"] + 1e-6).all() and got["bald"].max() > 0
     assert set(got["variation_ratio"].tolist()) <= {0.0, 0.25, 0.5}
     # another seed: other masks, other values
-    score_pool(pool_path, model_path, ScoreConfig(run="mcseed", batch_size=UNIT, num_workers=0,
+    score_pool(pool_path, model_path, ScoreConfig(unit_size=UNIT, run="mcseed", batch_size=UNIT, num_workers=0,
                                                   **{**MC, "mc_seed": 4}))
     assert not np.array_equal(read_mc(pool_path, "mcseed")["bald"], got["bald"])
     with pytest.raises(XalError, match=r"different configuration \(mc_seed\)"):
-        score_pool(pool_path, model_path, ScoreConfig(run="mc", num_workers=0, **{**MC, "mc_seed": 4}))
+        score_pool(pool_path, model_path, ScoreConfig(unit_size=UNIT, run="mc", num_workers=0, **{**MC, "mc_seed": 4}))
     assert Pool.open(pool_path).validate() == []
     # an out-of-range value is reported by validate, naming the array
     run.group["bald"][5] = 2.0  # > ln 3
@@ -676,11 +678,11 @@ def test_mc_dropout_from_the_checkpoint(setup, tmp_path):
     model = build_model("resnet18", 3, 1, head_dropout=0.3)
     path = save_checkpoint(tmp_path / "drop.pt", model, Checkpoint(
         arch="resnet18", num_classes=3, in_channels=1, classes=THREE_CLASSES, target_layer="layer4"))
-    score_pool(pool, path, ScoreConfig(run="mcckpt", batch_size=UNIT, num_workers=0, mc_samples=3))
+    score_pool(pool, path, ScoreConfig(unit_size=UNIT, run="mcckpt", batch_size=UNIT, num_workers=0, mc_samples=3))
     run = ScoreRun.open(Pool.open(pool).group, "mcckpt")
     assert run.group.attrs["fingerprint"]["mc_dropout"] == 0.3 and run.has("bald") and not run.has("embedding")
     got = run.read(("bald", "variation_ratio"))
     assert np.isfinite(got["bald"]).all() and np.isclose(got["variation_ratio"][:, None], [0, 1 / 3, 2 / 3], atol=1e-6).any(axis=1).all()
     # --mc-dropout overrides it: another run
     with pytest.raises(XalError, match=r"different configuration \(mc_dropout\)"):
-        score_pool(pool, path, ScoreConfig(run="mcckpt", num_workers=0, mc_samples=3, mc_dropout=0.6))
+        score_pool(pool, path, ScoreConfig(unit_size=UNIT, run="mcckpt", num_workers=0, mc_samples=3, mc_dropout=0.6))

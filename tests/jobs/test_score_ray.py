@@ -90,7 +90,7 @@ needs_cli = pytest.mark.skipif(not cli_has_ray_flags(),
 
 
 def config(run: str, **kw) -> ScoreConfig:
-    return ScoreConfig(run=run, batch_size=UNIT, num_workers=0, device="cpu", **kw)
+    return ScoreConfig(unit_size=UNIT, run=run, batch_size=UNIT, num_workers=0, device="cpu", **kw)
 
 
 def assert_bit_equal(got: dict, want: dict) -> None:
@@ -100,7 +100,7 @@ def assert_bit_equal(got: dict, want: dict) -> None:
 
 def test_ray_run_equals_the_local_scorer_bit_for_bit(setup):
     pool, model, local, ref, _ = setup
-    summary = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2, batches_per_call=1))
+    summary = score_pool_ray(pool, model, config("ray"), RayConfig(workers=2, units_per_call=1))
     assert summary.complete and summary.images == N and summary.units == N // UNIT
     assert summary.units_already_done == 0 and summary.device == "ray:2xcpu"
     assert_bit_equal(read_run(pool, "ray"), ref)
@@ -129,7 +129,7 @@ def test_ray_stores_the_same_embeddings_and_mc_fields_as_the_local_scorer(setup)
     pool, model, _, ref, _ = setup
     extra = {"embeddings": True, "mc_samples": 3, "mc_dropout": 0.3}
     score_pool(pool, model, config("mc-local", **extra))
-    summary = score_pool_ray(pool, model, config("mc-ray", **extra), RayConfig(workers=2, batches_per_call=1))
+    summary = score_pool_ray(pool, model, config("mc-ray", **extra), RayConfig(workers=2, units_per_call=1))
     assert summary.complete and summary.images == N
     fields = ("embedding", "bald", "mc_entropy", "variation_ratio")
     group = Pool.open(pool).group
@@ -152,7 +152,7 @@ def test_rerun_after_completion_does_no_work_on_either_backend(setup):
 def test_a_killed_worker_is_retried_and_the_run_completes(setup):
     pool, model, _, ref, fault = setup
     fault.touch()  # the first actor call that finds it dies (os._exit) after writing its units
-    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=1, batches_per_call=1),
+    summary = score_pool_ray(pool, model, config("fault"), RayConfig(workers=1, units_per_call=1),
                              actor=DiesOnceActor)
     assert not fault.exists(), "no actor died"
     assert summary.complete and summary.images == N  # the retried call is counted once
@@ -179,8 +179,8 @@ def test_a_killed_driver_resumes_from_the_done_flags(setup, tmp_path):
     # a second driver on the same cluster (--address), SIGKILLed once it has finished some units
     script = ("import sys; from xal_engine.jobs.score import ScoreConfig; "
               "from xal_engine.jobs.score_ray import RayConfig, score_pool_ray; "
-              f"score_pool_ray(sys.argv[1], sys.argv[2], ScoreConfig(run='r', batch_size={UNIT}, "
-              "num_workers=0, device='cpu'), RayConfig(address=sys.argv[3], workers=1, batches_per_call=1))")
+              f"score_pool_ray(sys.argv[1], sys.argv[2], ScoreConfig(unit_size={UNIT}, run='r', batch_size={UNIT}, "
+              "num_workers=0, device='cpu'), RayConfig(address=sys.argv[3], workers=1, units_per_call=1))")
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-c", script, str(pool), str(model), address],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -214,7 +214,7 @@ def test_a_killed_local_instance_leaves_no_process_and_holds_the_shard_meanwhile
     pool = make_pool(tmp_path / "solo.zarr", n=40 * UNIT, size=64)
     cli = "import sys; from xal_engine.cli import main; sys.exit(main(sys.argv[1:]))"
     argv = ["score", "--pool", str(pool), "--model", str(model), "--run", "r", "--backend", "ray",
-            "--workers", "1", "--batches-per-call", "1", "--batch-size", str(UNIT), "--device", "cpu"]
+            "--workers", "1", "--units-per-call", "1", "--batch-size", str(UNIT), "--unit-size", str(UNIT), "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, "-c", cli, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": ""})
     started: dict[int, int] = {}
@@ -257,7 +257,7 @@ def test_a_killed_local_instance_leaves_no_process_and_holds_the_shard_meanwhile
 def test_gpu_requests_without_gpus_are_refused(setup):
     pool, model, _, _, _ = setup
     with pytest.raises(XalError, match="needs GPUs on the Ray cluster"):
-        score_pool_ray(pool, model, ScoreConfig(run="gpu", device="cuda"), RayConfig(workers=1))
+        score_pool_ray(pool, model, ScoreConfig(unit_size=UNIT, run="gpu", device="cuda"), RayConfig(workers=1))
     with pytest.raises(XalError, match="--device cpu conflicts"):
         score_pool_ray(pool, model, config("gpu"), RayConfig(workers=1, num_gpus_per_worker=1))
 
@@ -300,7 +300,7 @@ def test_an_actor_error_reaches_the_driver_as_one_xal_error(setup, tmp_path):
     ({"workers": 0}, "--workers"),
     ({"num_gpus_per_worker": -1}, "--num-gpus-per-worker"),
     ({"num_cpus_per_worker": 0}, "--num-cpus-per-worker"),
-    ({"batches_per_call": 0}, "--batches-per-call"),
+    ({"units_per_call": 0}, "--units-per-call"),
 ])
 def test_ray_config_errors_name_the_flag(kw, flag):
     with pytest.raises(XalError, match=flag):
@@ -324,7 +324,7 @@ def test_missing_ray_is_one_clear_error(monkeypatch):
 @needs_cli
 def test_score_cli_backend_ray_prints_per_worker_throughput(setup, capsys):
     pool, model, _, ref, _ = setup
-    rc = main(["score", "--pool", str(pool), "--model", str(model), "--run", "cli", "--batch-size", str(UNIT),
+    rc = main(["score", "--pool", str(pool), "--model", str(model), "--run", "cli", "--batch-size", str(UNIT), "--unit-size", str(UNIT),
                "--device", "cpu", "--backend", "ray", "--workers", "1", "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)

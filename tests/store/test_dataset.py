@@ -61,6 +61,10 @@ class FakePool:
             raise XalError(f"pool {self.path} has no AL experiment {experiment!r}")
         return self.group[key]
 
+    def read_arrays(self, start: int, stop: int, names) -> dict[str, np.ndarray]:
+        self.reads.append((start, stop))
+        return {name: self.group[name][start:stop] for name in names}
+
     def read(self, start: int, stop: int) -> _Batch:
         self.reads.append((start, stop))
         g = self.group

@@ -41,7 +41,7 @@ def scored(tmp_path_factory):
     save_checkpoint(model, build_model("resnet18", 3, 1),
                     Checkpoint(arch="resnet18", num_classes=3, in_channels=1, classes=CLASSES,
                                target_layer="layer2"))
-    score_pool(pool, model, ScoreConfig(run="r", batch_size=UNIT, num_workers=0))
+    score_pool(pool, model, ScoreConfig(unit_size=UNIT, run="r", batch_size=UNIT, num_workers=0))
     return root, pool, model
 
 
@@ -78,7 +78,7 @@ def test_a_deleted_images_chunk_stops_scoring(pool_copy, capsys):
     pool, model = pool_copy
     (pool / "images" / "c" / "2" / "0" / "0" / "0").unlink()
     rc = main(["score", "--pool", str(pool), "--model", str(model), "--run", "new", "--batch-size",
-               str(UNIT), "--num-workers", "0", "--device", "cpu"])
+               str(UNIT), "--unit-size", str(UNIT), "--num-workers", "0", "--device", "cpu"])
     assert rc == 2
     one_line_error(capsys, "'images'", "chunk 2", "xal-engine pool validate")
     assert not ScoreRun.open(Pool.open(pool).group, "new").done_mask()[2]

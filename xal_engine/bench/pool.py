@@ -48,7 +48,7 @@ from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import Checkpoint, build_model, load_checkpoint, parse_arch, save_checkpoint
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
 from xal_engine.jobs.score import score_pool, unit_loader
-from xal_engine.jobs.streaming import PRECISIONS, ScoreConfig, group_units, load_scoring_model, to_device
+from xal_engine.jobs.streaming import PRECISIONS, ScoreConfig, all_items, load_scoring_model, to_device
 from xal_engine.store import Pool
 from xal_engine.store.score_run import ScoreRun
 
@@ -62,9 +62,7 @@ PROVIDERS = ("loader", "plain", "xal-engine", "grad-cam")
 def all_units_loader(pool_path: str, batch_size: int, workers: int, device: torch.device):
     """The scorer's loader over every unit of the pool (a throwaway run only fixes the unit size)."""
     pool = Pool.open(pool_path)
-    run = ScoreRun(pool.group, "bench", pool.n, pool.chunk_size)
-    items = group_units(run, list(range(run.n_units)), batch_size)
-    return unit_loader(pool, items, with_labels=False, num_workers=workers, device=device)
+    return unit_loader(pool, all_items(pool, batch_size), with_labels=False, num_workers=workers, device=device)
 
 
 def run_provider(provider: str, pool_path: str, model_path: str, args: argparse.Namespace) -> dict:

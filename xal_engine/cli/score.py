@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CAM threshold tau for the hard Dice (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="model precision under autocast (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=2,
-                   help="loader processes decoding Zarr chunks (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="loader processes decoding Zarr chunks; 0: a read-ahead thread of this process "
+                        "(default: 0 on 2 cores or fewer, else half the cores, at most 8)")
+    p.add_argument("--unit-size", type=int, default=None, metavar="N",
+                   help="images per work unit of a new run, rounded up to whole pool chunks: the grain of "
+                        "writes, resume, shards and Ray calls (default: 4096; an existing run keeps its own)")
     p.add_argument("--targets", choices=("pred", "label"), default="pred",
                    help="Grad-CAM target class: predicted, or the known label (default: %(default)s)")
     p.add_argument("--shard-id", type=int, default=0, help="this process's shard (default: 0)")
@@ -68,30 +72,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="GPUs per actor (default: 1 on a cluster with GPUs unless --device cpu, else 0)")
     ray.add_argument("--num-cpus-per-worker", type=float, default=1.0,
                      help="CPUs per actor (default: %(default)s)")
-    ray.add_argument("--batches-per-call", type=int, default=4,
-                     help="batches of --batch-size images per actor call (default: %(default)s)")
+    ray.add_argument("--units-per-call", type=int, default=1,
+                     help="work units per actor call (default: %(default)s)")
     add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from xal_engine.jobs.runtime import default_loader_workers
     from xal_engine.jobs.score import ScoreConfig, score_pool
     from xal_engine.store.files import dumps_json
 
+    workers = default_loader_workers() if args.num_workers is None else args.num_workers
     config = ScoreConfig(
         run=args.run, batch_size=args.batch_size, device=args.device, threshold=args.threshold,
-        precision=args.precision, num_workers=args.num_workers, shard_id=args.shard_id,
+        precision=args.precision, num_workers=workers, shard_id=args.shard_id,
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite, kernel=args.kernel,
-        save_cams=args.save_cams, target_layer=args.target_layer, threads=threads(args, args.num_workers),
+        save_cams=args.save_cams, target_layer=args.target_layer, threads=threads(args, workers),
         embeddings=args.embeddings, mc_samples=args.mc_samples, mc_dropout=args.mc_dropout, mc_seed=args.mc_seed,
+        unit_size=args.unit_size,
     )
     if args.backend == "ray":
         from xal_engine.jobs.score_ray import RayConfig, score_pool_ray
 
         ray_config = RayConfig(
             address=args.address, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-            num_cpus_per_worker=args.num_cpus_per_worker, batches_per_call=args.batches_per_call,
+            num_cpus_per_worker=args.num_cpus_per_worker, units_per_call=args.units_per_call,
         )
         summary = score_pool_ray(args.pool, args.model, config, ray_config, show_progress=show_progress(args))
     else:

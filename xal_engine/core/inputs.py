@@ -18,20 +18,40 @@ def imagenet_normalization(channels: int) -> tuple[tuple[float, ...], tuple[floa
     return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
 
 
-def to_unit_float(images: torch.Tensor, mean: tuple[float, ...] | None = None,
-                  std: tuple[float, ...] | None = None) -> torch.Tensor:
+Normalization = tuple[float, ...] | torch.Tensor | None  # per-channel values, or (1, C|1, 1, 1) on the device
+
+
+def normalization_tensors(mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                          device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mean, std) as (1, C|1, 1, 1) fp32 tensors on ``device``, made once per run rather than once
+    per batch (two host->device copies each); (None, None) when neither is given."""
+    if mean is None and std is None:
+        return None, None
+    m = torch.tensor(mean if mean is not None else (0.0,), dtype=torch.float32, device=device)
+    s = torch.tensor(std if std is not None else (1.0,), dtype=torch.float32, device=device)
+    return m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)
+
+
+def to_unit_float(images: torch.Tensor, mean: Normalization = None, std: Normalization = None) -> torch.Tensor:
     """Pool images -> float32 model input: uint8 / 255, uint16 / 65535, floats as they are, then
-    ``(x - mean) / std`` per channel when given (one value broadcasts to every channel)."""
+    ``(x - mean) / std`` per channel when given (one value broadcasts to every channel; tensors from
+    :func:`normalization_tensors` are used as they are). Keeps the memory format of ``images``."""
     x = images.to(torch.float32)
     if images.dtype in _SCALE:
         x = x * _SCALE[images.dtype]
     elif not images.dtype.is_floating_point:
         raise XalError(f"images have dtype {images.dtype}; expected uint8, uint16 or a float type")
     if mean is not None or std is not None:
-        m = torch.tensor(mean if mean is not None else (0.0,), dtype=torch.float32, device=x.device)
-        s = torch.tensor(std if std is not None else (1.0,), dtype=torch.float32, device=x.device)
-        x = (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)  # (n,C,H,W) with (1,C|1,1,1)
+        if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+            mean, std = normalization_tensors(mean, std, x.device)  # type: ignore[arg-type]
+        x = (x - mean) / std  # (n,C,H,W) with (1,C|1,1,1)
     return x
+
+
+def model_input(images: torch.Tensor, mean: Normalization = None, std: Normalization = None) -> torch.Tensor:
+    """Pool images (n, C, H, W) -> channels-last float32 model input (:func:`to_unit_float`): the
+    layout change runs on the pool dtype (uint8: a quarter of the bytes) before the conversion."""
+    return to_unit_float(images.contiguous(memory_format=torch.channels_last), mean, std)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xal_engine.core.capture import LayerSpec, Targets, capture, resolve_layer
+from xal_engine.core.capture import GradCamCapture, LayerSpec, Targets, capture, resolve_layer
 from xal_engine.core.fields import FIELDS, BatchScores
 from xal_engine.core.uncertainty import bald, entropy, least_confidence, margin, mc_entropy, variation_ratio
 from xal_engine.errors import XalError
@@ -116,6 +116,7 @@ def score_batch(
     return_embedding: bool = False,
     mc: McDropout | None = None,
     index: Tensor | np.ndarray | None = None,
+    capturer: GradCamCapture | None = None,
 ) -> BatchScores:
     """Scores of ``images`` (B, C, H, W); ``rois`` (B, H', W') bool at any resolution, or None.
 
@@ -123,6 +124,11 @@ def score_batch(
     forward for ``return_embedding`` (``embedding`` (B, D) fp32) and for ``mc`` (``bald``,
     ``mc_entropy``, ``variation_ratio`` from :func:`mc_head_probs`; needs ``index`` (B,), the images'
     pool positions that key the dropout masks).
+
+    ``capturer``: an active :class:`GradCamCapture` of ``model`` at ``target_layer`` (with ``head`` as its
+    feature layer where embeddings or MC dropout are asked for), entered once for many batches: a run
+    then resolves layers, freezes parameters and registers hooks once, not per batch. Without it the
+    batch is captured one-shot (:func:`~xal_engine.core.capture.capture`).
 
     ``targets`` picks the Grad-CAM class per image (see :func:`xal_engine.core.capture.target_scores`).
     Images without an ROI (``rois`` None, or ``has_roi`` False) get NaN dice/soft_dice/energy and
@@ -135,12 +141,17 @@ def score_batch(
     if return_embedding or mc is not None:
         if head is None:
             raise XalError("embeddings and MC dropout need the model's head layer (head=...)")
-        head_module = resolve_layer(model, head)[1]
+        head_module = resolve_layer(model, head)[1] if capturer is None else capturer.feature_layer
         if mc is not None and not isinstance(head_module, nn.Linear):
             raise XalError(f"MC dropout needs a linear head, got {type(head_module).__name__}")
         if mc is not None and index is None:
             raise XalError("MC dropout needs the images' pool positions (index=...) to key the dropout masks")
-    out = capture(model, target_layer, images, targets, feature_layer=head_module)
+    if capturer is None:
+        out = capture(model, target_layer, images, targets, feature_layer=head_module)
+    else:
+        if capturer.model is not model or (head_module is not None and capturer.feature_layer is not head_module):
+            raise XalError("capturer must capture this model, with the head as its feature layer")
+        out = capturer(images, targets)
     act, grad = out.activations[0], out.gradients[0]
     device = act.device
     if rois is None:

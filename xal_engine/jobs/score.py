@@ -1,7 +1,8 @@
 """`xal-engine score`: one streaming, resumable pass over a pool on this machine.
 
 The pass itself (``xal_engine.jobs.streaming``) is shared with ``--backend ray``; here a DataLoader
-decodes the pending work units in ``--num-workers`` forked processes and feeds it.
+decodes the pending work units' items in ``--num-workers`` forked processes and feeds it (with 0, a
+read-ahead thread decodes them in-process).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from torch.utils.data import DataLoader
 from xal_engine.core.inputs import resolve_device
 from xal_engine.jobs.runtime import torch_threads
 from xal_engine.jobs.streaming import (
+    Item,
     ScoreConfig,
+    Scorer,
     UnitWriter,
     fit_target_layer,
     load_scoring_model,
@@ -33,7 +36,7 @@ from xal_engine.jobs.streaming import (
 )
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
-from xal_engine.store.dataset import UnitRanges, worker_exit_with_parent
+from xal_engine.store.dataset import UnitRanges, read_ahead, worker_exit_with_parent
 from xal_engine.store.locks import LockFile, score_shard_lock
 
 __all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
@@ -69,16 +72,17 @@ def loader_context() -> str | None:
     return "fork" if sys.platform.startswith("linux") else None
 
 
-def unit_loader(pool: Pool, items: list[list[tuple[int, int, int]]], with_labels: bool, num_workers: int,
-                device: torch.device) -> DataLoader:
+def unit_loader(pool: Pool, items: list[Item], with_labels: bool, num_workers: int,
+                device: torch.device) -> Iterable[dict[str, Any]]:
     """The scorer's loader: ``UnitRanges`` items in order, decoded in ``num_workers`` forked processes
-    (in-process with 0) that die with this one, pinned for CUDA, two items prefetched per worker."""
+    that die with this one, two items prefetched per worker; with 0 workers, by one read-ahead thread
+    of this process. Pinning happens in the device feed (``streaming.to_device``), into reused slots."""
+    dataset = UnitRanges(pool, items, with_labels=with_labels)
+    if not num_workers:
+        return read_ahead(dataset)
     return DataLoader(
-        UnitRanges(pool, items, with_labels=with_labels),
-        batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
-        multiprocessing_context=loader_context() if num_workers else None,
-        worker_init_fn=worker_exit_with_parent() if num_workers else None,
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=2,
+        multiprocessing_context=loader_context(), worker_init_fn=worker_exit_with_parent(),
     )
 
 
@@ -88,6 +92,9 @@ def stop_workers(items: Iterator[Any]) -> None:
     shutdown = getattr(items, "_shutdown_workers", None)  # multiprocess iterators only
     if shutdown is not None:
         shutdown()
+    close = getattr(items, "close", None)  # the read-ahead generator: cancels its queued reads
+    if close is not None:
+        close()
 
 
 def shard_lock(pool: Pool, config: ScoreConfig) -> AbstractContextManager[LockFile]:
@@ -125,9 +132,8 @@ def _score_locked(pool: Pool, model_path: Path, config: ScoreConfig, device: tor
     bar = progress(n_images, desc=f"score {config.run}", enabled=show_progress)
     items = iter(loader)
     try:
-        with worker_errors():
-            for _, _, host in score_and_store(model, ckpt, items, config, device, writer,
-                                              on_batch=bar.update):
+        with worker_errors(), Scorer(model, ckpt, config, device) as scorer:
+            for _, host in score_and_store(scorer, items, writer, on_batch=bar.update):
                 finite = np.isfinite(host.dice)
                 dice_sum += float(host.dice[finite].sum())
                 dice_count += int(finite.sum())

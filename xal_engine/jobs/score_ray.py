@@ -3,11 +3,12 @@
 How it works
     The driver opens the pool, checks the model against it and creates (or resumes) run
     ``scores/<run>/`` with the local scorer's fingerprint, so a run started by ``score`` on one machine
-    can be finished on Ray and the other way round. The run's pending work units, grouped exactly as
-    the local scorer groups them (consecutive units, about ``--batch-size`` images per group), become a
-    Ray Dataset of unit ranges. ``map_batches(ScorerActor, compute=ActorPoolStrategy(size=N))`` streams
+    can be finished on Ray and the other way round. The run's pending work units (whole units, at
+    least 4096 images each by default: ``--unit-size``), ``--units-per-call`` consecutive ones per
+    call, become a Ray Dataset of unit ranges. ``map_batches(ScorerActor, compute=ActorPoolStrategy(size=N))`` streams
     those ranges into N actors. Each actor loads the checkpoint once, opens the pool by path, scores
-    its ranges through the pass the local scorer runs (``UnitRanges`` reads, ``score_and_store``) and writes
+    its ranges through the pass the local scorer runs (``UnitRanges`` reads with a read-ahead thread,
+    ``score_and_store``) and writes
     its units into ``scores/<run>/`` itself; only small per-unit statistics travel back to the driver,
     which draws the progress bar and the summary (with per-worker throughput in ``--json``).
 
@@ -36,7 +37,9 @@ Running it
     ``--num-gpus-per-worker`` defaults to 1 when the cluster has GPUs and ``--device`` is not ``cpu``,
     else 0; fractions (0.5) put two actors on one GPU; Ray picks the GPU (``cuda:N`` means any).
     Actors read their chunks in-process, so ``--num-workers`` (loader processes) does not apply;
-    ``--batches-per-call`` sets how many batches one actor call scores (default 4).
+    ``--units-per-call`` sets how many work units one actor call scores (default 1): a unit is the
+    grain of retries and of the work spread over actors, so a pool of few units needs a smaller
+    ``--unit-size`` to keep every actor busy.
 
 Where the pool must live
     Every actor opens the pool and the checkpoint by the driver's absolute path, so both must be on a
@@ -76,12 +79,9 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -92,16 +92,18 @@ from xal_engine.jobs.reaper import Reaper, exit_with_driver
 from xal_engine.jobs.score import ScoreSummary, shard_lock
 from xal_engine.jobs.streaming import (
     ScoreConfig,
+    Scorer,
     UnitWriter,
     fit_target_layer,
     load_scoring_model,
     plan_run,
     score_and_store,
+    unit_items,
     with_target_layer,
 )
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
-from xal_engine.store.dataset import UnitRanges
+from xal_engine.store.dataset import UnitRanges, read_ahead
 from xal_engine.store.score_run import ScoreRun
 
 MISSING_RAY = "--backend ray needs the 'ray' extra: pip install 'xal-engine[ray]'"
@@ -114,7 +116,7 @@ class RayConfig:
     workers: int = 2  # actors in the pool (fixed size)
     num_gpus_per_worker: float | None = None  # None: 1 on a cluster with GPUs unless --device cpu, else 0
     num_cpus_per_worker: float = 1.0
-    batches_per_call: int = 4  # unit groups (≈ --batch-size images each) per actor call
+    units_per_call: int = 1  # whole work units per actor call
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -123,8 +125,8 @@ class RayConfig:
             raise XalError(f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}")
         if self.num_cpus_per_worker <= 0:
             raise XalError(f"--num-cpus-per-worker must be > 0, got {self.num_cpus_per_worker}")
-        if self.batches_per_call < 1:
-            raise XalError(f"--batches-per-call must be at least 1, got {self.batches_per_call}")
+        if self.units_per_call < 1:
+            raise XalError(f"--units-per-call must be at least 1, got {self.units_per_call}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,9 @@ class ScorerActor:
             self.ckpt = with_target_layer(ckpt, config)  # checked by the driver (fit_target_layer)
             pool = Pool.open(pool_path, mode="r+")
             self.run = ScoreRun.open(pool.group, config.run)
+            self.chunk_size = pool.chunk_size
             self.blocks = UnitRanges(pool, [], with_labels=config.targets == "label")
+            self.scorer = Scorer(self.model, self.ckpt, config, self.device).__enter__()  # for the actor's life
         except XalError as err:
             self.error = f"worker {self.worker}: {err}"
 
@@ -177,12 +181,6 @@ class ScorerActor:
                 return self._error_row(f"worker {self.worker}: {err}")
         return self._error_row(self.error)
 
-    def _read_ahead(self) -> Iterator[dict[str, Any]]:
-        """The call's items in order, decoded by a thread ahead of the compute (blosc releases the
-        GIL); at most one call's images (--batches-per-call batches) are held."""
-        with ThreadPoolExecutor(1, thread_name_prefix="xal-read") as reader:
-            yield from reader.map(self.blocks.__getitem__, range(len(self.blocks)))
-
     def _error_row(self, message: str) -> dict[str, np.ndarray]:
         row = {f: np.zeros(1, dtype=np.int64) for f in STAT_FIELDS}
         return {**row, "unit": np.full(1, -1), "worker": np.asarray([self.worker]),
@@ -190,36 +188,32 @@ class ScorerActor:
 
     def _score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        self.blocks.items = [[(u, *self.run.unit_range(u)) for u in range(int(a), int(b))]
-                             for a, b in zip(batch["first_unit"], batch["stop_unit"])]
-        units: list[int] = []
+        units = [u for a, b in zip(batch["first_unit"], batch["stop_unit"]) for u in range(int(a), int(b))]
+        self.blocks.items = unit_items(self.run, units, self.chunk_size, self.config.batch_size)
+        done: list[int] = []
         images: list[int] = []
         dice_sum: list[float] = []
         dice_count: list[int] = []
-        writer = UnitWriter(self.run)  # Zarr encoding of group i overlaps the compute of group i+1
+        writer = UnitWriter(self.run)  # Zarr encoding of unit i overlaps the compute of unit i+1
         try:
-            items = self._read_ahead()
-            for item_units, bounds, host in score_and_store(self.model, self.ckpt, items, self.config,
-                                                            self.device, writer):
-                for unit, (a, b) in zip(item_units, bounds):
-                    part = host.rows(a, b)
-                    finite = np.isfinite(part.dice)
-                    units.append(unit)
-                    images.append(b - a)
-                    dice_sum.append(float(part.dice[finite].sum()))
-                    dice_count.append(int(finite.sum()))
+            for unit, part in score_and_store(self.scorer, read_ahead(self.blocks), writer):
+                finite = np.isfinite(part.dice)
+                done.append(unit)
+                images.append(part.pred.shape[0])
+                dice_sum.append(float(part.dice[finite].sum()))
+                dice_count.append(int(finite.sum()))
         finally:
             writer.close()  # the call returns only once its units are durable and marked done
         seconds = time.perf_counter() - t0
         n = np.asarray(images, dtype=np.int64)
         return {
-            "unit": np.asarray(units, dtype=np.int64),
+            "unit": np.asarray(done, dtype=np.int64),
             "images": n,
             "seconds": seconds * n / max(int(n.sum()), 1),  # the call's time, shared by image count
             "dice_sum": np.asarray(dice_sum, dtype=np.float64),
             "dice_count": np.asarray(dice_count, dtype=np.int64),
-            "worker": np.asarray([self.worker] * len(units)),
-            "error": np.asarray([""] * len(units)),
+            "worker": np.asarray([self.worker] * len(done)),
+            "error": np.asarray([""] * len(done)),
         }
 
 
@@ -244,18 +238,18 @@ def _score_ray_locked(ray: ModuleType, pool: Pool, model_path: Path, config: Sco
     model, ckpt = load_checkpoint(model_path)  # metadata and a shape probe for the checks, the fingerprint
     ckpt = fit_target_layer(model, ckpt, pool, model_path, config)
     plan = plan_run(pool, model_path, ckpt, config)  # the run exists before any actor starts
-    run, groups, n_images = plan.run, plan.items, plan.n_images  # groups: the local scorer's batches
+    run, n_images = plan.run, plan.n_images
     t0 = time.perf_counter()
     stats: dict[str, list[np.ndarray]] = {f: [] for f in STAT_FIELDS}
     device = "ray"
-    if groups:  # a finished run starts no cluster
+    if plan.pending:  # a finished run starts no cluster
         started, reaper = _init_ray(ray, ray_config)
         try:
             gpus = _gpus_per_worker(ray, config, ray_config)
             actor_device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
-            rows = [{"first_unit": g[0][0], "stop_unit": g[-1][0] + 1} for g in groups]
-            # smaller calls when there is little work, so that every actor gets some
-            per_call = min(ray_config.batches_per_call, math.ceil(len(rows) / ray_config.workers))
+            rows = [{"first_unit": u, "stop_unit": u + 1} for u in plan.pending]
+            # fewer units per call when there are few, so that every actor gets some
+            per_call = min(ray_config.units_per_call, math.ceil(len(rows) / ray_config.workers))
             n_calls = math.ceil(len(rows) / per_call)
             actors = min(ray_config.workers, n_calls)
             device = f"ray:{actors}x{actor_device}"

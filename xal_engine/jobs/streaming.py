@@ -1,15 +1,19 @@
 """The scoring pass that local and Ray scoring share: model and run set-up, per-batch scoring, the
-device feed and the writer thread.
+device feed, the asynchronous result copies and the writer thread.
 
-Data path: loader items (``UnitRanges``: a run of whole work units ≈ one batch, decoded from Zarr)
-→ pinned host memory → copied to the GPU on a side stream while the previous batch computes →
-forward, partial backward, fused kernel → one device→host copy per batch → a writer thread stores
-each unit's rows and marks the unit done. Memory is bounded by the prefetch depth and the writer
-queue, not by the pool size.
+Data path: loader items (``UnitRanges``: a chunk-aligned range of about ``--batch-size`` images inside
+one work unit, only the arrays scoring reads) → on CUDA, a reused pinned staging slot, copied to the
+GPU on a side stream while the previous batch computes → forward, partial backward, fused kernel →
+every result packed into one (B, F) tensor, copied to a pinned host slot without waiting
+(:class:`ResultCopies`; read two batches later, once its event has fired) → a unit's rows gathered
+(:class:`UnitAssembler`) → a writer thread stores each complete unit and marks it done. No step
+waits on the device within a batch; memory is bounded by the prefetch depth, the copy ring and one
+unit's rows, not by the pool size.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import queue
 import sys
@@ -17,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,9 @@ import torch
 
 from xal_engine import __version__
 from xal_engine.core import fields
+from xal_engine.core.capture import GradCamCapture
 from xal_engine.core.fields import BatchScores
-from xal_engine.core.inputs import to_unit_float
+from xal_engine.core.inputs import model_input, normalization_tensors
 from xal_engine.core.models import (
     Checkpoint,
     check_layer_name,
@@ -40,10 +45,11 @@ from xal_engine.core.models import (
 )
 from xal_engine.core.scoring import McDropout, score_batch
 from xal_engine.errors import XalError
+from xal_engine.jobs.runtime import default_loader_workers
 from xal_engine.ops import BACKENDS
 from xal_engine.store import Pool
 from xal_engine.store.al_state import pool_generation
-from xal_engine.store.score_run import GENERATION_KEY, ScoreRun, UnitResult, check_run_name
+from xal_engine.store.score_run import GENERATION_KEY, ScoreRun, UnitResult, check_run_name, unit_size_for
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_RULES = ("pred", "label")
@@ -56,7 +62,7 @@ class ScoreConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threshold: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    num_workers: int = 2
+    num_workers: int = field(default_factory=default_loader_workers)  # loader processes (0: a read-ahead thread)
     shard_id: int = 0
     num_shards: int = 1
     targets: str = "pred"  # Grad-CAM target: predicted class, or the known label where there is one
@@ -69,6 +75,7 @@ class ScoreConfig:
     mc_samples: int = 0  # T >= 2: MC-dropout passes of the head (bald, mc_entropy, variation_ratio); 0: off
     mc_dropout: float | None = None  # dropout p of the MC passes; None: the checkpoint's head_dropout
     mc_seed: int = 0  # keys the MC dropout masks (with each image's pool index: see core.scoring)
+    unit_size: int | None = None  # images per work unit of a new run (whole pool chunks); None: 4096
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
@@ -83,6 +90,8 @@ class ScoreConfig:
             raise XalError(f"--threads must be at least 1, got {self.threads}")
         if self.batch_size < 1:
             raise XalError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.unit_size is not None and self.unit_size < 1:
+            raise XalError(f"--unit-size must be at least 1 image, got {self.unit_size}")
         if not 0.0 <= self.threshold <= 1.0:
             raise XalError(f"--threshold must lie in [0, 1], got {self.threshold}")
         if self.precision not in PRECISIONS:
@@ -144,31 +153,86 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def group_units(run: ScoreRun, units: list[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive pending units grouped so each item holds about `batch_size` images."""
-    per_item = max(1, batch_size // run.unit_size)
-    items: list[list[tuple[int, int, int]]] = []
+Item = tuple[int, int, int]  # (unit, start, stop): a chunk-aligned range of images inside one unit
+
+
+def unit_items(run: ScoreRun, units: Iterable[int], chunk_size: int, batch_size: int) -> list[Item]:
+    """The loader items of ``units``: each unit cut into chunk-aligned ranges of about ``batch_size``
+    images (whole pool chunks, at least one), in pool order; no item crosses a unit."""
+    return _cut(units, run.unit_size, run.n, chunk_size, batch_size)
+
+
+def all_items(pool: Pool, batch_size: int, unit_size: int | None = None) -> list[Item]:
+    """Every loader item of a new run over ``pool`` (its default unit size unless ``unit_size``):
+    what the benchmarks feed through the scorer's loader."""
+    size = unit_size_for(pool.chunk_size, pool.n, unit_size)
+    return _cut(range(-(-pool.n // size)), size, pool.n, pool.chunk_size, batch_size)
+
+
+def _cut(units: Iterable[int], unit_size: int, n: int, chunk_size: int, batch_size: int) -> list[Item]:
+    step = chunk_size * max(1, batch_size // chunk_size)
+    items: list[Item] = []
     for u in units:
-        start, stop = run.unit_range(u)
-        last = items[-1] if items else None
-        if last is not None and len(last) < per_item and last[-1][0] == u - 1:
-            last.append((u, start, stop))
-        else:
-            items.append([(u, start, stop)])
+        start, stop = u * unit_size, min((u + 1) * unit_size, n)
+        items.extend((u, a, min(a + step, stop)) for a in range(start, stop, step))
     return items
 
 
+class PinnedStaging:
+    """A ring of reused pinned host slots that loader items pass through on their way to the GPU: one
+    memcpy into page-locked memory, then an asynchronous host→device copy; a slot is refilled only
+    once the copy out of it (its event) has finished. ``pin=False`` (the CPU tests) stages into plain
+    memory through the same code."""
+
+    def __init__(self, depth: int = 3, pin: bool = True) -> None:
+        self.depth, self.pin = depth, pin
+        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(depth)]
+        self.events: list[Any] = [None] * depth
+        self.count = 0
+
+    def stage(self, item: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """``item``'s tensors copied into the next slot (views of its first rows); returns (staged item,
+        slot index) — pass the index to :meth:`copied` once the device copy is queued."""
+        k = self.count % self.depth
+        self.count += 1
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the copy out of this slot, three items ago, has finished
+            self.events[k] = None
+        slot, staged = self.slots[k], {}
+        for name, value in item.items():
+            if not isinstance(value, torch.Tensor):
+                staged[name] = value
+                continue
+            buf = slot.get(name)
+            if buf is None or buf.dtype != value.dtype or buf.shape[1:] != value.shape[1:] \
+                    or buf.shape[0] < value.shape[0]:
+                buf = slot[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin)
+            staged[name] = buf[:value.shape[0]]
+            staged[name].copy_(value)
+        return staged, k
+
+    def copied(self, k: int, event: Any) -> None:
+        self.events[k] = event
+
+
 def to_device(loader: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
-    """Move loader items to `device`; on CUDA the copy of item i+1 overlaps the compute of item i."""
+    """Move loader items to `device`; on CUDA through :class:`PinnedStaging`, the copy of item i+1
+    (on a side stream) overlapping the compute of item i. On the CPU items pass as they are."""
     if device.type != "cuda":
         yield from loader
         return
     copy_stream = torch.cuda.Stream(device)
+    staging = PinnedStaging(pin=True)
 
     def start_copy(item: dict[str, Any]) -> dict[str, Any]:
+        staged, k = staging.stage(item)
         with torch.cuda.stream(copy_stream):
-            return {k: (v.to(device, non_blocking=True) if k not in ("units", "bounds") else v)
-                    for k, v in item.items()}
+            moved = {n: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for n, v in staged.items()}
+            event = torch.cuda.Event()
+            event.record(copy_stream)
+        staging.copied(k, event)
+        return moved
 
     pending = None
     for item in loader:
@@ -177,11 +241,75 @@ def to_device(loader: Iterable[dict[str, Any]], device: torch.device) -> Iterato
             yield pending
         torch.cuda.current_stream(device).wait_stream(copy_stream)
         for v in nxt.values():
-            if v.is_cuda:
+            if isinstance(v, torch.Tensor) and v.is_cuda:
                 v.record_stream(torch.cuda.current_stream(device))
         pending = nxt
     if pending is not None:
         yield pending
+
+
+class ResultCopies:
+    """Batch results to the host without waiting for the device: each batch's fields packed into one
+    (B, F) fp32 tensor (:func:`fields.pack`) and copied into a reused host slot (pinned on CUDA) with
+    ``non_blocking``; an event marks the copy, and the batch is read ``lag`` batches later, when its
+    event has long fired, so the host never stalls the GPU within a batch. On the CPU the copy is
+    synchronous and the events are absent; the ring and the order are the same code."""
+
+    def __init__(self, device: torch.device, lag: int = 2) -> None:
+        self.device, self.lag = device, lag
+        self.cuda = device.type == "cuda"
+        self.slots: list[torch.Tensor | None] = [None] * (lag + 1)
+        self.pending: collections.deque[tuple[Any, torch.Tensor, fields.Layout, Any]] = collections.deque()
+        self.count = 0
+
+    def put(self, scores: BatchScores, tag: Any) -> list[tuple[Any, UnitResult]]:
+        """Queue one batch's copy, tagged ``tag``; returns the (tag, host results) now ready, oldest first."""
+        ready: list[tuple[Any, UnitResult]] = []
+        packed = fields.pack(scores)  # (B, F) fp32 on the device
+        k = self.count % len(self.slots)  # its last batch was read above: len(pending) <= lag < slots
+        self.count += 1
+        slot = self.slots[k]
+        if slot is None or slot.shape[0] < packed.shape[0] or slot.shape[1] != packed.shape[1]:
+            slot = self.slots[k] = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
+        view = slot[:packed.shape[0]]
+        view.copy_(packed, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self.pending.append((event, view, fields.Layout.of(scores), tag))
+        while len(self.pending) > self.lag:
+            ready.append(self._finish())
+        return ready
+
+    def drain(self) -> list[tuple[Any, UnitResult]]:
+        """Every batch still in flight, oldest first."""
+        return [self._finish() for _ in range(len(self.pending))]
+
+    def _finish(self) -> tuple[Any, UnitResult]:
+        event, view, layout, tag = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        return tag, fields.unpack(view.numpy(), layout)  # unpack copies: the slot can be reused
+
+
+class UnitAssembler:
+    """Host rows of a run's units gathered in order until a unit is complete."""
+
+    def __init__(self, run: ScoreRun) -> None:
+        self.run = run
+        self.parts: dict[int, list[UnitResult]] = {}
+        self.filled: dict[int, int] = {}
+
+    def add(self, unit: int, rows: UnitResult) -> UnitResult | None:
+        """Add the next rows of ``unit`` (in pool order); returns the unit's results once complete."""
+        self.parts.setdefault(unit, []).append(rows)
+        self.filled[unit] = self.filled.get(unit, 0) + rows.pred.shape[0]
+        start, stop = self.run.unit_range(unit)
+        if self.filled[unit] < stop - start:
+            return None
+        del self.filled[unit]
+        return fields.concat(self.parts.pop(unit))
 
 
 class UnitWriter:
@@ -321,7 +449,8 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
     }
     layout = run_layout(model_path, ckpt, pool, config)
     return ScoreRun.create_or_resume(
-        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=pool.chunk_size,
+        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes,
+        unit_size=unit_size_for(pool.chunk_size, pool.n, config.unit_size),
         fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite, cam_shape=layout.cam_shape,
         embedding_dim=layout.embedding_dim, mc=layout.mc,
     )
@@ -356,88 +485,122 @@ class RunPlan:
     run: ScoreRun
     pending: list[int]  # this shard's units not marked done
     already_done: int  # this shard's units done before this invocation
-    items: list[list[tuple[int, int, int]]]  # pending units grouped into loader items (group_units)
+    items: list[Item]  # the pending units' loader items (unit_items)
     n_images: int  # images in the pending units
 
 
 def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> RunPlan:
-    """Create or resume the run (``open_run``) and group this shard's pending units into items."""
+    """Create or resume the run (``open_run``) and cut this shard's pending units into loader items."""
     run = open_run(pool, model_path, ckpt, config)
     run.clean_partial_files(run.shard_units(config.shard_id, config.num_shards))  # this shard's own
     pending = run.pending_units(config.shard_id, config.num_shards)
-    items = group_units(run, pending, config.batch_size)
+    items = unit_items(run, pending, pool.chunk_size, config.batch_size)
     return RunPlan(run=run, pending=pending,
                    already_done=len(run.shard_units(config.shard_id, config.num_shards)) - len(pending),
-                   items=items, n_images=sum(g[-1][2] - g[0][1] for g in items))
-
-
-def score_and_store(model: torch.nn.Module, ckpt: Checkpoint, items: Iterable[dict[str, Any]],
-                    config: ScoreConfig, device: torch.device, writer: UnitWriter,
-                    on_batch: Callable[[int], object] | None = None,
-                    ) -> Iterator[tuple[list[int], list[list[int]], UnitResult]]:
-    """Score loader items (``UnitRanges`` items) in order and queue each unit's rows on ``writer``.
-
-    Yields (units, bounds, host results) per item once its units are queued; the caller closes the
-    writer, after which every yielded unit is stored and marked done. ``on_batch(n)`` follows each
-    scored batch of n images (an item may be one chunk of many batches): a progress bar's ``update``.
-    """
-    for item in to_device(items, device):
-        units, bounds = item["units"].tolist(), item["bounds"].tolist()
-        start = writer.run.unit_range(units[0])[0]  # the item's first pool position
-        host = score_item(model, ckpt, item, config, device, on_batch, start=start)
-        for unit, (a, b) in zip(units, bounds):
-            writer.put(unit, host.rows(a, b))
-        yield units, bounds, host
-
-
-def score_item(model: torch.nn.Module, ckpt: Checkpoint, item: dict[str, Any], config: ScoreConfig,
-               device: torch.device, on_batch: Callable[[int], object] | None = None,
-               start: int = 0) -> UnitResult:
-    """Score one `UnitBlocks` item already on `device`, `config.batch_size` images at a time (an item
-    is whole chunks and may hold more); one device→host copy per batch, then ``on_batch(images)``.
-    ``start``: the pool position of the item's first image (keys the MC dropout masks)."""
-    n = item["images"].shape[0]
-    parts = []
-    for a in range(0, n, config.batch_size):
-        batch = {k: item[k][a:a + config.batch_size] for k in BATCH_KEYS if k in item}
-        batch["index"] = torch.arange(start + a, start + min(a + config.batch_size, n), device=device)
-        parts.append(score_images(model, ckpt, batch, config, device))
-        if on_batch is not None:
-            on_batch(parts[-1].pred.shape[0])
-    return fields.concat(parts)
+                   items=items, n_images=sum(b - a for _, a, b in items))
 
 
 BATCH_KEYS = ("images", "rois", "has_roi", "labels")
 
 
-def score_images(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
-                 device: torch.device) -> UnitResult:
-    """One batch: forward, backward to the target layer, fused kernel, one device→host copy."""
-    return _to_host(device_scores(model, ckpt, batch, config, device))
+class Scorer:
+    """One run's per-batch scoring on one device, set up once: the model frozen and in eval with its
+    Grad-CAM hooks registered (one :class:`GradCamCapture` for every batch), the normalisation
+    constants on the device, the MC-dropout passes and the head resolved. Use as a context manager;
+    ``scorer(batch)`` returns the batch's results on the device, with no host synchronisation."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: Checkpoint, config: ScoreConfig,
+                 device: torch.device) -> None:
+        self.model, self.ckpt, self.config, self.device = model, ckpt, config, device
+        self.mean, self.std = normalization_tensors(ckpt.config.get("normalize_mean"),
+                                                    ckpt.config.get("normalize_std"), device)  # as in training
+        self.mc = mc_dropout(ckpt, config)
+        self.head = parse_arch(ckpt.arch).head if config.embeddings or self.mc is not None else None
+        self.capturer = GradCamCapture(model, ckpt.target_layer, feature_layer=self.head)
+        self.autocast = PRECISIONS[config.precision]
+
+    def __enter__(self) -> Scorer:  # noqa: PYI034  (typing.Self needs Python 3.11)
+        self.capturer.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.capturer.__exit__(None, None, None)
+
+    def __call__(self, batch: dict[str, Any]) -> BatchScores:
+        """One batch's results on the device, the low-resolution CAM (B, h, w) fp32 among them with
+        ``config.save_cams``, the embedding (B, D) with ``config.embeddings``, the MC fields with
+        ``config.mc_samples`` where the batch has ``index`` (B,), its pool positions (a batch without it,
+        such as a sheet's recomputed CAMs, gets no MC fields)."""
+        config = self.config
+        targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
+        images = model_input(batch["images"], self.mean, self.std)
+        mc = self.mc if "index" in batch else None
+        extra: dict[str, Any] = {}
+        if config.embeddings or mc is not None:  # only then: a plain run calls score_batch as it always did
+            extra = {"head": self.head, "return_embedding": config.embeddings, "mc": mc,
+                     "index": batch.get("index")}
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return score_batch(
+                self.model, self.ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
+                targets=targets, threshold=config.threshold, backend=config.kernel,
+                return_cam=config.save_cams, capturer=self.capturer, **extra,
+            )
+
+
+def score_and_store(scorer: Scorer, items: Iterable[dict[str, Any]], writer: UnitWriter,
+                    on_batch: Callable[[int], object] | None = None) -> Iterator[tuple[int, UnitResult]]:
+    """Score loader items (``UnitRanges`` items, in unit order) ``scorer.config.batch_size`` images at
+    a time and queue each complete unit on ``writer``.
+
+    Yields (unit, host results) per unit once it is queued; the caller closes the writer, after which
+    every yielded unit is stored and marked done (a unit cut short by an interrupt is not, and is
+    scored again on resume). ``on_batch(n)`` follows each batch of n images sent to the device: a
+    progress bar's ``update``. Results reach the host through :class:`ResultCopies`: the host waits
+    for nothing but a batch two behind the one the device is computing.
+    """
+    device, size = scorer.device, scorer.config.batch_size
+    copies, assembler = ResultCopies(device), UnitAssembler(writer.run)
+
+    def finished(ready: list[tuple[Any, UnitResult]]) -> Iterator[tuple[int, UnitResult]]:
+        for unit, rows in ready:
+            result = assembler.add(unit, rows)
+            if result is not None:
+                writer.put(unit, result)
+                yield unit, result
+
+    try:
+        for item in to_device(items, device):
+            unit, start, n = item["unit"], item["start"], item["images"].shape[0]
+            for a in range(0, n, size):
+                b = min(a + size, n)
+                batch = {k: item[k][a:b] for k in BATCH_KEYS if k in item}
+                if scorer.mc is not None:
+                    batch["index"] = torch.arange(start + a, start + b, device=device)  # keys the MC masks
+                yield from finished(copies.put(scorer(batch), unit))
+                if on_batch is not None:
+                    on_batch(b - a)
+    except BaseException:  # an unreadable chunk, an interrupt: the batches computed still count
+        _store_in_flight(copies, assembler, writer)
+        raise
+    yield from finished(copies.drain())
+
+
+def _store_in_flight(copies: ResultCopies, assembler: UnitAssembler, writer: UnitWriter) -> None:
+    """Queue the units that the batches still in flight complete (the pass is ending on an error)."""
+    try:
+        for unit, rows in copies.drain():
+            result = assembler.add(unit, rows)
+            if result is not None:
+                writer.put(unit, result)
+    except Exception:  # noqa: BLE001, S110 - the device failed too: the original error is the one to report
+        pass
 
 
 def device_scores(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any], config: ScoreConfig,
                   device: torch.device) -> BatchScores:
-    """One batch's results on the device, the low-resolution CAM (B, h, w) fp32 among them with
-    ``config.save_cams``, the embedding (B, D) with ``config.embeddings``, the MC fields with
-    ``config.mc_samples`` where the batch has ``index`` (B,), its pool positions (a batch without it,
-    such as a sheet's recomputed CAMs, gets no MC fields)."""
-    targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
-    mean, std = ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std")  # as in training
-    images = to_unit_float(batch["images"], mean, std).contiguous(memory_format=torch.channels_last)
-    autocast = PRECISIONS[config.precision]
-    mc = mc_dropout(ckpt, config) if "index" in batch else None
-    extra: dict[str, Any] = {}
-    if config.embeddings or mc is not None:  # only then: a plain run calls score_batch as it always did
-        extra = {"head": parse_arch(ckpt.arch).head, "return_embedding": config.embeddings, "mc": mc,
-                 "index": batch.get("index")}
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        scores = score_batch(
-            model, ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
-            targets=targets, threshold=config.threshold, backend=config.kernel, return_cam=config.save_cams,
-            **extra,
-        )
-    return scores
+    """One batch scored one-shot (a :class:`Scorer` entered for it): what a run computes for it."""
+    with Scorer(model, ckpt, config, device) as scorer:
+        return scorer(batch)
 
 
 def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
@@ -466,9 +629,3 @@ def _label_or_prediction(labels: torch.Tensor):
         return logits.gather(1, cls[:, None])[:, 0]
 
     return target
-
-
-def _to_host(scores: BatchScores) -> UnitResult:
-    """Every per-image result (the CAM too, when computed) in one (B, F) fp32 tensor: a single
-    device→host copy."""
-    return fields.unpack(fields.pack(scores).cpu().numpy(), fields.Layout.of(scores))

@@ -9,6 +9,7 @@ few blocks and the (N,) index arrays, never the pool.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,17 +109,15 @@ class PoolRanges(Dataset[Block]):
         return self._pool
 
     def _read(self, start: int, stop: int, rows: np.ndarray | None = None, labels: bool = True) -> Block:
-        """images (n,C,H,W) pool dtype, rois (n,H,W), has_roi (n,) and labels (n,) int64 of images
-        [start, stop), or of its ``rows`` (offsets from start) only."""
-        batch = self._open().read(start, stop)
+        """images (n,C,H,W) pool dtype, rois (n,H,W), has_roi (n,) and labels (n,) int64 (only with
+        ``labels``: nothing else is decoded) of images [start, stop), or of its ``rows`` (offsets from
+        start) only."""
+        names = ("images", "rois", "has_roi", "labels") if labels else ("images", "rois", "has_roi")
+        data = self._open().read_arrays(start, stop, names)
         sel = slice(None) if rows is None else rows  # a view of the whole range, or a gathered copy
-        block = {
-            "images": torch.from_numpy(np.ascontiguousarray(batch.images[sel])),
-            "rois": torch.from_numpy(np.ascontiguousarray(batch.rois[sel])),
-            "has_roi": torch.from_numpy(np.ascontiguousarray(batch.has_roi[sel])),
-        }
+        block = {name: torch.from_numpy(np.ascontiguousarray(data[name][sel])) for name in names[:3]}
         if labels:
-            block["labels"] = torch.from_numpy(batch.labels[sel].astype(np.int64))
+            block["labels"] = torch.from_numpy(data["labels"][sel].astype(np.int64))
         return block
 
 
@@ -151,13 +151,11 @@ class BlockDataset(PoolRanges):
 
 
 class UnitRanges(PoolRanges):
-    """Item i = every image of a run of consecutive work units of a score run (scoring).
+    """Item i = the images of ``items[i]`` = (unit, start, stop): a chunk-aligned range of pool images
+    inside one work unit of a score run (scoring). The item adds ``unit`` and ``start`` (ints); labels
+    only ``with_labels``."""
 
-    ``items[i]`` is ``[(unit, start, stop), ...]`` with consecutive units; the item adds ``units``
-    (u,) and ``bounds`` (u, 2), each unit's rows within the item. Labels only ``with_labels``.
-    """
-
-    def __init__(self, pool: Pool, items: list[list[tuple[int, int, int]]], with_labels: bool) -> None:
+    def __init__(self, pool: Pool, items: list[tuple[int, int, int]], with_labels: bool) -> None:
         super().__init__(pool)
         self.items = items
         self.with_labels = with_labels
@@ -165,14 +163,27 @@ class UnitRanges(PoolRanges):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Block:
-        units = self.items[i]
-        start, stop = units[0][1], units[-1][2]
-        return {
-            "units": torch.tensor([u for u, _, _ in units], dtype=torch.int64),
-            "bounds": torch.tensor([[a - start, b - start] for _, a, b in units], dtype=torch.int64),
-            **self._read(start, stop, labels=self.with_labels),
-        }
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        unit, start, stop = self.items[i]
+        return {"unit": unit, "start": start, **self._read(start, stop, labels=self.with_labels)}
+
+
+def read_ahead(dataset: Dataset[Any], depth: int = 2) -> Iterator[Any]:
+    """``dataset``'s items in order, decoded by one thread up to ``depth`` items ahead of the consumer:
+    in-process loading (no worker processes) that still overlaps decode with compute, since blosc and
+    the Zarr codecs release the GIL."""
+    with ThreadPoolExecutor(1, thread_name_prefix="xal-read") as reader:
+        ahead: collections.deque[Future[Any]] = collections.deque()
+        try:
+            for i in range(len(dataset)):  # type: ignore[arg-type]
+                ahead.append(reader.submit(dataset.__getitem__, i))
+                if len(ahead) > depth:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 class EpochPermutation(Sampler[int]):

@@ -13,11 +13,14 @@ Layout (N = pool size, K = classes, U = number of work units): one array per res
     bald, mc_entropy, variation_ratio   (N,) float32, only in runs scored with --mc-samples T
     done             (U,)   bool, one chunk per flag
 
-A work unit is one chunk of the pool's per-image arrays, and every result array uses the same chunk
-length, so writing a unit is one chunk-aligned assignment per array. A unit's `done` flag is set only
-after all its arrays are written; a crash before that leaves it pending and a rerun recomputes it, so
-a run is idempotent. Each flag is its own chunk: shards that write different units never touch the
-same chunk (Zarr has no locks).
+A work unit is a whole number of the pool's chunks, sized for the writer (:func:`unit_size_for`: at
+least 4096 images by default, ``score --unit-size``), and every result array is chunked by unit, so
+writing a unit is one chunk-aligned assignment per array and a 1M-image run has ~245 units, not
+62.5k. A unit's `done` flag is set only after all its arrays are written; a crash before that leaves
+it pending and a rerun recomputes it, so a run is idempotent. Each flag is its own chunk: shards that
+write different units never touch the same chunk (Zarr has no locks). A run keeps the unit size it
+was created with (``unit_size`` attribute): runs made when a unit was one pool chunk open and resume
+as they are.
 
 Every array is blosc + CRC32C like the pool's (runs written before have zstd only and still read), and
 every chunk of a done unit is stored, fill values included: a missing chunk of a done unit is a lost
@@ -53,6 +56,7 @@ from xal_engine.store.format import (
 from xal_engine.store.locks import score_create_lock_path, waiting_lock
 
 DONE = "done"
+DEFAULT_UNIT_IMAGES = 4096  # images per work unit of a new run: the writer's cost is per unit (~10 ms)
 GENERATION_KEY = "pool_generation"  # in a fingerprint: the pool generation scored (absent: 0)
 
 # A unit's results on the host: every registry field, rows in pool order, in its stored dtype.
@@ -63,6 +67,17 @@ def check_run_name(name: str) -> str:
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise XalError(f"--run must be letters, digits, '-', '_' or '.', got {name!r}")
     return name
+
+
+def unit_size_for(chunk_size: int, n: int, requested: int | None = None) -> int:
+    """Images per work unit of a new run over a pool of ``n`` images in chunks of ``chunk_size``: the
+    smallest whole number of chunks holding ``requested`` images (default :data:`DEFAULT_UNIT_IMAGES`),
+    at most the whole pool (rounded up to a chunk)."""
+    wanted = DEFAULT_UNIT_IMAGES if requested is None else requested
+    if wanted < 1:
+        raise XalError(f"--unit-size must be at least 1 image, got {wanted}")
+    chunks = max(1, -(-wanted // chunk_size))
+    return chunk_size * min(chunks, max(1, -(-n // chunk_size)))
 
 
 class ScoreRun:
@@ -81,6 +96,7 @@ class ScoreRun:
         # has no dice chunk): there only the fields that never equal their fill must be stored.
         self.checked = DONE in present and any(isinstance(c, Crc32cCodec) for c in group[DONE].compressors)
         self.always_stored = tuple(f.name for f in self.fields if self.checked or not f.needs_roi)
+        self._writable: dict[str, zarr.Array] | None = None  # handles opened once, by write_unit
 
     def has(self, name: str) -> bool:
         """Whether the run stores field ``name`` (an optional field such as ``cam`` may be absent)."""
@@ -123,7 +139,7 @@ class ScoreRun:
                     stray.unlink(missing_ok=True)
             if isinstance(existing, zarr.Group) and not overwrite and _created(existing):
                 _check_fingerprint(name, existing.attrs.get("fingerprint"), jsonable(fingerprint))
-                return cls(existing, name, n, unit_size)
+                return cls(existing, name, n, _stored_unit_size(existing))  # its own layout, old or new
             layout = Layout(n_classes=n_classes, cam_shape=cam_shape, embedding_dim=embedding_dim, mc=mc)
             return cls._create(pool_group, name, n=n, unit_size=unit_size,
                                attrs={**jsonable(attrs), "fingerprint": jsonable(fingerprint),
@@ -159,8 +175,7 @@ class ScoreRun:
             known = f"; runs in this pool: {', '.join(runs)}" if runs else "; this pool has no score runs"
             raise XalError(f"no score run {name!r} in the pool{known}")
         group = pool_group["scores"][name]
-        n = group["pred"].shape[0]
-        return cls(group, name, n, int(group.attrs.get("unit_size", group["pred"].chunks[0])))
+        return cls(group, name, group["pred"].shape[0], _stored_unit_size(group))
 
     # ---------------------------------------------------------------- units
     def unit_range(self, unit: int) -> tuple[int, int]:
@@ -188,10 +203,13 @@ class ScoreRun:
         start, stop = self.unit_range(unit)
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
+        if self._writable is None:  # one metadata read per array and run, not per unit
+            self._writable = {f.name: self.group[f.name].with_config({"write_empty_chunks": True})
+                              for f in self.fields}
+            self._writable[DONE] = self.group[DONE]
         for field in self.fields:
-            array = self.group[field.name].with_config({"write_empty_chunks": True})
-            array[start:stop] = np.asarray(result[field.name], dtype=field.dtype)
-        self.group[DONE][unit] = True
+            self._writable[field.name][start:stop] = np.asarray(result[field.name], dtype=field.dtype)
+        self._writable[DONE][unit] = True
 
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
@@ -250,6 +268,11 @@ class ScoreRun:
 def _created(group: zarr.Group) -> bool:
     """Whether the run's creation finished: the fingerprint is written with the group, `done` last."""
     return "fingerprint" in group.attrs and isinstance(group.get(DONE), zarr.Array)
+
+
+def _stored_unit_size(group: zarr.Group) -> int:
+    """A run's images per unit: its ``unit_size`` attribute, else its arrays' chunk length."""
+    return int(group.attrs.get("unit_size", group["pred"].chunks[0]))
 
 
 def _check_fingerprint(name: str, old: Any, new: dict[str, Any]) -> None:
