@@ -51,9 +51,11 @@ def test_every_level_checked_its_results_against_pytorch_grad_cam(sections: dict
     unsupported = batch[("resnet18_64", "grad-cam", "bf16")]
     assert "not supported" in unsupported["note"] and "median_ms" not in unsupported
 
-    assert set(pool) == {("pool_N64", p, "fp32") for p in ("loader", "plain", "xal-engine", "grad-cam")}
-    assert pool[("pool_N64", "xal-engine", "fp32")]["check"] == "pass"
-    assert pool[("pool_N64", "grad-cam", "fp32")]["check"] == "reference"
+    assert set(pool) == {("pool_1x64_N64", p, "fp32") for p in ("loader", "plain", "xal-engine", "grad-cam")}
+    assert pool[("pool_1x64_N64", "xal-engine", "fp32")]["check"] == "pass"
+    assert pool[("pool_1x64_N64", "grad-cam", "fp32")]["check"] == "reference"
+    assert "1x64x64" in pool[("pool_1x64_N64", "plain", "fp32")]["sizes"]
+    assert "warmup=64" in pool[("pool_1x64_N64", "plain", "fp32")]["sizes"]  # one batch, untimed
 
 
 def test_ratios_are_those_of_the_measured_times(sections: dict[str, list[dict]]) -> None:

@@ -13,7 +13,8 @@ import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -99,3 +100,38 @@ def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full-fp32 CUDA matmuls and convolutions inside the block (TF32 off), the previous flags after.
+
+    Wherever CUDA results are compared with a CPU or fp32 reference, or fp32 rows are timed against
+    each other, TF32 (cuDNN's default for convolutions) would change the numbers by ~1e-3. On a CPU
+    the flags are read by nothing: the same code runs there.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def device_times_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.0,
+                    warmup_ms: float = 25.0, cpu_repeats: int = 5) -> tuple[list[float], str]:
+    """Milliseconds per call of ``fn`` and the timer used.
+
+    On CUDA: device time between CUDA events, ``triton.testing.do_bench`` (the L2 cache flushed before
+    each call, ``warmup_ms`` then ``rep_ms`` of calls), so host launch overhead and synchronisation do
+    not count. Elsewhere: host ``perf_counter`` over ``cpu_repeats`` calls after one warm-up call.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        with torch.cuda.device(device):
+            times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        return [float(t) for t in times], "cuda-events (triton.testing.do_bench)"
+    seconds = timeit(fn, device, warmup=1, repeats=cpu_repeats, budget_s=rep_ms / 1e3 * cpu_repeats)
+    return [1e3 * t for t in seconds], "host perf_counter"
