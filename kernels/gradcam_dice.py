@@ -1,16 +1,22 @@
 """Fused Grad-CAM -> bilinear upsample -> min-max -> ROI agreement, one Triton launch per batch.
 
-Same math and edge cases as ``xal_engine.ops.reference`` (documented there). One program per image:
+Same math and edge cases as ``xal_engine.ops.reference`` (documented there). The CAM method's own
+part (``xal_engine.ops.cam_methods``) runs in torch before the launch and arrives as ONE of:
+channel weights w (B, C) fp32, which the kernel contracts with A (Grad-CAM, Grad-CAM++, XGrad-CAM),
+or the pre-ReLU map M (B, h, w) fp32 itself (HiResCAM, LayerCAM, EigenCAM); the compile-time flag
+``MAP_GIVEN`` picks which. One program per image:
 
-    stage 1   loop over channel blocks: w_k = mean_ij G_k (block of channels), M += sum_k w_k A_k,
-              then N = min-max(ReLU(M)) over the feature map, written to the (B, h, w) map output;
+    stage 1   M = sum_k w_k A_k over channel blocks (or M loaded), then N = min-max(ReLU(M)) over
+              the feature map, written to the (B, h, w) map output;
     pass 1    tiles over H x W: U = bilinear(N) gathered on the fly, running min/max of U;
     pass 2    tiles over H x W: U again, S = (U - min) / (max - min + 1e-7), threshold, counts,
               sums and the first-index argmax.
 
-Memory traffic per image: A and G read once (2 * C * h * w elements, any float dtype, loaded into
-fp32), the ROI read once (H * W bytes), N written once and gathered from cache; the full-resolution
-map is never written. Offsets into A, G and the ROIs are int64.
+Memory traffic per image: A read once (C * h * w elements, any float dtype, loaded into fp32) and w
+(C floats), or M (h * w floats) instead of both; the ROI read once (H * W bytes); N written once and
+gathered from cache; the full-resolution map is never written. G is read by the method's torch part
+(for Grad-CAM one fp32-accumulated mean, so A and G are still each read once per batch). Offsets
+into A, M and the ROIs are int64.
 """
 
 from __future__ import annotations
@@ -47,6 +53,48 @@ def _source_index(dst, scale, size_in):
 
 
 @triton.jit
+def _accumulate(s, in_roi, mask, index, threshold, inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r):
+    """Pass 2's per-lane running sums over one tile of S (2-D and 3-D kernels): |T & R|, |T|, |R|,
+    sum S, sum S R, and max S with its first (row-major) index and R there; indices only grow."""
+    att = mask & (s >= threshold)
+    inter += (att & in_roi).to(tl.int32)
+    n_att += att.to(tl.int32)
+    n_roi += in_roi.to(tl.int32)
+    s_sum += tl.where(mask, s, 0.0)
+    s_roi += tl.where(in_roi, s, 0.0)
+    better = mask & (s > best_s)
+    best_s = tl.where(better, s, best_s)
+    best_i = tl.where(better, index, best_i)
+    best_r = tl.where(better, in_roi.to(tl.int32), best_r)
+    return inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r
+
+
+@triton.jit
+def _finish(inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r, bad):
+    """(dice, soft_dice, energy, hit) from the per-lane sums of :func:`_accumulate`, with the
+    reference's edge cases (zero denominators give 0, an all-zero map zeros and no hit, bad NaN)."""
+    inter_t = tl.sum(tl.sum(inter, axis=1), axis=0)
+    att_t = tl.sum(tl.sum(n_att, axis=1), axis=0)
+    roi_t = tl.sum(tl.sum(n_roi, axis=1), axis=0)
+    s_sum_t = tl.sum(tl.sum(s_sum, axis=1), axis=0)
+    s_roi_t = tl.sum(tl.sum(s_roi, axis=1), axis=0)
+    s_max = tl.max(tl.max(best_s, axis=1), axis=0)
+    first = tl.min(tl.min(tl.where(best_s == s_max, best_i, 2147483647), axis=1), axis=0)
+    hit = tl.max(tl.max(tl.where(best_i == first, best_r, 0), axis=1), axis=0) > 0
+    dice_den = (att_t + roi_t).to(tl.float32)
+    dice = tl.where(dice_den > 0, _div(2 * inter_t.to(tl.float32), dice_den), 0.0)
+    soft_den = s_sum_t + roi_t.to(tl.float32)
+    soft = tl.where(soft_den > 0, _div(2.0 * s_roi_t, soft_den), 0.0)
+    energy = tl.where(s_sum_t > 0, _div(s_roi_t, s_sum_t), 0.0)
+    flat = s_max == 0.0
+    dice = tl.where(bad, float("nan"), tl.where(flat, 0.0, dice))
+    soft = tl.where(bad, float("nan"), tl.where(flat, 0.0, soft))
+    energy = tl.where(bad, float("nan"), tl.where(flat, 0.0, energy))
+    hit = hit & (s_max > 0.0) & (~bad)
+    return dice, soft, energy, hit
+
+
+@triton.jit
 def _upsampled_tile(cam_b, y_start, x_start, H, W, h_in, w_in, scale_y, scale_x,
                     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     """U on a (BLOCK_Y, BLOCK_X) tile, same op order as torch: ly0 (lx0 n00 + lx1 n01) + ly1 (...)."""
@@ -69,26 +117,30 @@ def _upsampled_tile(cam_b, y_start, x_start, H, W, h_in, w_in, scale_y, scale_x,
 
 @triton.jit(do_not_specialize=["HW"])  # HW == 1 stays a runtime float-convertible scalar
 def _gradcam_dice_kernel(
-    a_ptr, g_ptr, roi_ptr, cam_ptr, dice_ptr, soft_ptr, energy_ptr, hit_ptr,
+    a_ptr, w_ptr, m_ptr, roi_ptr, cam_ptr, dice_ptr, soft_ptr, energy_ptr, hit_ptr,
     C, HW, h_in, w_in, H, W,
-    a_sb, a_sc, a_sp, g_sb, g_sc, g_sp, r_sb, r_sy, r_sx,
+    a_sb, a_sc, a_sp, r_sb, r_sy, r_sx,
     scale_y, scale_x, threshold,
+    MAP_GIVEN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
 
-    # Stage 1: pre-ReLU M = sum_k w_k A_k over the flattened feature map, one channel block at a time.
+    # Stage 1: pre-ReLU M over the flattened feature map: given, or sum_k w_k A_k by channel blocks.
     p = tl.arange(0, BLOCK_HW).to(tl.int64)
     p_mask = p < HW
-    m = tl.zeros([BLOCK_HW], dtype=tl.float32)
-    for c_start in range(0, C, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
-        cp_mask = (c < C)[:, None] & p_mask[None, :]  # [BLOCK_C, BLOCK_HW]
-        g = tl.load(g_ptr + b * g_sb + c[:, None] * g_sc + p[None, :] * g_sp, mask=cp_mask, other=0.0)
-        w_k = tl.math.div_rn(tl.sum(g.to(tl.float32), axis=1), HW.to(tl.float32))  # [BLOCK_C], mean over ij
-        a = tl.load(a_ptr + b * a_sb + c[:, None] * a_sc + p[None, :] * a_sp, mask=cp_mask, other=0.0)
-        m += tl.sum(w_k[:, None] * a.to(tl.float32), axis=0)
-    # Any non-finite A or G leaves a non-finite entry in M (see the reference); inf - inf = NaN.
+    if MAP_GIVEN:
+        m = tl.load(m_ptr + b * HW + p, mask=p_mask, other=0.0)
+    else:
+        m = tl.zeros([BLOCK_HW], dtype=tl.float32)
+        for c_start in range(0, C, BLOCK_C):
+            c = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
+            c_mask = c < C
+            cp_mask = c_mask[:, None] & p_mask[None, :]  # [BLOCK_C, BLOCK_HW]
+            w_k = tl.load(w_ptr + b * C + c, mask=c_mask, other=0.0)  # [BLOCK_C]
+            a = tl.load(a_ptr + b * a_sb + c[:, None] * a_sc + p[None, :] * a_sp, mask=cp_mask, other=0.0)
+            m += tl.sum(w_k[:, None] * a.to(tl.float32), axis=0)
+    # Any non-finite A or G leaves a non-finite entry in M (see ops.cam_methods); inf - inf = NaN.
     bad = tl.max(tl.where(p_mask & ((m - m) != 0.0), 1, 0), axis=0) > 0
     m = tl.maximum(m, 0.0)
     m_min = tl.min(tl.where(p_mask, m, float("inf")), axis=0)
@@ -128,37 +180,11 @@ def _gradcam_dice_kernel(
             s = tl.math.div_rn(u - u_min, u_den)
             r_off = ys.to(tl.int64)[:, None] * r_sy + xs.to(tl.int64)[None, :] * r_sx
             in_roi = tl.load(roi_b + r_off, mask=mask, other=0) != 0
-            att = mask & (s >= threshold)
-            inter += (att & in_roi).to(tl.int32)
-            n_att += att.to(tl.int32)
-            n_roi += in_roi.to(tl.int32)
-            s_sum += tl.where(mask, s, 0.0)
-            s_roi += tl.where(in_roi, s, 0.0)
-            better = mask & (s > best_s)
-            best_s = tl.where(better, s, best_s)
-            best_i = tl.where(better, ys[:, None] * W + xs[None, :], best_i)
-            best_r = tl.where(better, in_roi.to(tl.int32), best_r)
+            inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r = _accumulate(
+                s, in_roi, mask, ys[:, None] * W + xs[None, :], threshold,
+                inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r)
 
-    inter_t = tl.sum(tl.sum(inter, axis=1), axis=0)
-    att_t = tl.sum(tl.sum(n_att, axis=1), axis=0)
-    roi_t = tl.sum(tl.sum(n_roi, axis=1), axis=0)
-    s_sum_t = tl.sum(tl.sum(s_sum, axis=1), axis=0)
-    s_roi_t = tl.sum(tl.sum(s_roi, axis=1), axis=0)
-    s_max = tl.max(tl.max(best_s, axis=1), axis=0)
-    first = tl.min(tl.min(tl.where(best_s == s_max, best_i, 2147483647), axis=1), axis=0)
-    hit = tl.max(tl.max(tl.where(best_i == first, best_r, 0), axis=1), axis=0) > 0
-
-    # Zero denominators give 0; an all-zero map gives zeros and no hit; a bad image gives NaN.
-    dice_den = (att_t + roi_t).to(tl.float32)
-    dice = tl.where(dice_den > 0, _div(2 * inter_t.to(tl.float32), dice_den), 0.0)
-    soft_den = s_sum_t + roi_t.to(tl.float32)
-    soft = tl.where(soft_den > 0, _div(2.0 * s_roi_t, soft_den), 0.0)
-    energy = tl.where(s_sum_t > 0, _div(s_roi_t, s_sum_t), 0.0)
-    flat = s_max == 0.0
-    dice = tl.where(bad, float("nan"), tl.where(flat, 0.0, dice))
-    soft = tl.where(bad, float("nan"), tl.where(flat, 0.0, soft))
-    energy = tl.where(bad, float("nan"), tl.where(flat, 0.0, energy))
-    hit = hit & (s_max > 0.0) & (~bad)
+    dice, soft, energy, hit = _finish(inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r, bad)
     tl.store(dice_ptr + b, dice)
     tl.store(soft_ptr + b, soft)
     tl.store(energy_ptr + b, energy)
@@ -212,29 +238,47 @@ def _check_out(out: RoiAgreement, batch: int, h: int, w: int, device: torch.devi
 
 
 def gradcam_dice_triton(
-    activations: Tensor,
-    gradients: Tensor,
+    activations: Tensor | None,
     rois: Tensor,
     threshold: float = 0.5,
     return_cam: bool = False,
     *,
+    weights: Tensor | None = None,
+    low_res: Tensor | None = None,
     out: RoiAgreement | None = None,
 ) -> RoiAgreement:
     """Launch the fused kernel on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
-    Arguments as ``xal_engine.ops.check_inputs`` returns them (rois a bool tensor on the inputs'
-    device): ``xal_engine.ops.gradcam_dice`` checks them once and calls this. Here only what the
-    kernel itself needs is checked (device, feature-map and ROI size limits, ``out`` buffers).
+    Stage 1's input is exactly one of: ``activations`` A (B, C, h, w) with ``weights`` w (B, C)
+    (M = sum_k w_k A_k in the kernel), or ``low_res``, the pre-ReLU map M (B, h, w), with
+    ``activations`` None. ``xal_engine.ops.gradcam_dice`` checks A, G and the ROIs once, runs the CAM
+    method (``ops.cam_methods``) in torch to get w or M, and calls this; here only what the kernel
+    itself needs is checked (device, shapes of w / M, feature-map and ROI size limits, ``out``).
     ``out``: optional preallocated buffers to reuse across batches: dice, soft_dice, energy (B,)
     float32, hit (B,) bool and cam (B, h, w) float32, all contiguous on the inputs' device.
     """
-    device = activations.device
+    map_given = low_res is not None
+    if map_given == (weights is not None) or map_given == (activations is not None):
+        raise XalError("gradcam_dice_triton: give either activations and weights, or low_res alone")
+    if map_given:
+        if low_res.dim() != 3 or low_res.dtype != torch.float32 or not low_res.is_contiguous():
+            raise XalError(f"low_res: expected a contiguous float32 map (B, h, w), got {low_res.dtype} "
+                           f"{tuple(low_res.shape)}")
+        batch, h, w = low_res.shape
+        channels, device = 1, low_res.device
+    else:
+        batch, channels, h, w = activations.shape
+        device = activations.device
+        if weights.shape != (batch, channels) or weights.dtype != torch.float32 or weights.device != device:
+            raise XalError(f"weights: expected float32 ({batch}, {channels}) on {device}, got {weights.dtype} "
+                           f"{tuple(weights.shape)} on {weights.device}")
     if device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
         raise XalError(
             f"activations: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
             f"set before import), got {device}"
         )
-    batch, channels, h, w = activations.shape
+    if rois.shape[0] != batch or rois.device != device:
+        raise XalError(f"rois: expected ({batch}, H, W) on {device}, got {tuple(rois.shape)} on {rois.device}")
     height, width = rois.shape[1], rois.shape[2]
     if h * w > MAX_FEATURE_PIXELS:
         raise XalError(f"activations: feature map {h}x{w} exceeds the kernel's {MAX_FEATURE_PIXELS} pixels")
@@ -248,17 +292,23 @@ def gradcam_dice_triton(
     _check_out(out, batch, h, w, device)
     if batch == 0:
         return out._replace(cam=out.cam if return_cam else None)
-    a, g = _pixel_view(activations), _pixel_view(gradients)
+    if map_given:
+        a, w_in, m_in = low_res, low_res, low_res  # A and w unused: any valid pointer
+        a_strides = (0, 0, 0)
+    else:
+        a = _pixel_view(activations)
+        w_in, m_in = weights.contiguous(), weights  # M unused
+        a_strides = (a.stride(0), a.stride(1), a.stride(3))
     roi_bytes = rois.view(torch.uint8)
     # torch's scales: fp32(h) / fp32(H), correctly rounded here rather than approximated on the device
     scale_y, scale_x = float(np.float32(h) / np.float32(height)), float(np.float32(w) / np.float32(width))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gradcam_dice_kernel[(batch,)](
-            a, g, roi_bytes, out.cam, out.dice, out.soft_dice, out.energy, out.hit.view(torch.uint8),
+            a, w_in, m_in, roi_bytes, out.cam, out.dice, out.soft_dice, out.energy, out.hit.view(torch.uint8),
             channels, h * w, h, w, height, width,
-            a.stride(0), a.stride(1), a.stride(3), g.stride(0), g.stride(1), g.stride(3),
-            roi_bytes.stride(0), roi_bytes.stride(1), roi_bytes.stride(2),
+            *a_strides, roi_bytes.stride(0), roi_bytes.stride(1), roi_bytes.stride(2),
             scale_y, scale_x, float(threshold),
+            MAP_GIVEN=map_given,
             **_launch_config(channels, h * w, height, width),
         )
     return out._replace(cam=out.cam if return_cam else None)

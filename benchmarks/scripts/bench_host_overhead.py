@@ -9,6 +9,10 @@ next to nothing, so what remains is the host side. Measured in one run, per ``--
             the scorer reads)
     plain   the same loader + uint8 -> float input + model forward (inference mode), no Grad-CAM,
             no writing; one argmax host copy per batch, as a real pipeline makes
+    compute the same loader + the scorer's per-batch work (streaming.Scorer: forward, backward to the
+            target layer, Grad-CAM -> Dice; results through streaming.ResultCopies to the host), no
+            run, no writing: the ceiling of `score`, so that score / compute is the host overhead
+            left and compute / plain the cost of the Grad-CAM -> Dice compute itself
     score   score_pool end to end (model load, run creation, forward, backward to the target layer,
             fused Grad-CAM -> Dice, Zarr writes), a fresh run name each repeat
     writer  ScoreRun.write_unit alone: precomputed results (the last score run's) written unit by
@@ -31,48 +35,38 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
+from xal_engine.bench.pools import repeated_pool
 from xal_engine.bench.timing import append_rows, device_name, git_commit, synchronize
 from xal_engine.core.fields import REQUIRED_NAMES, PerImage
-from xal_engine.core.inputs import model_input, normalization_tensors, resolve_device
+from xal_engine.core.inputs import ModelInputs, resolve_device
 from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
-from xal_engine.ingest.synthetic import SyntheticConfig, class_names, generate_block
+from xal_engine.ingest.synthetic import class_names
 from xal_engine.jobs.runtime import available_cores, resolve_threads, torch_threads
 from xal_engine.jobs.score import score_pool, unit_loader
 from xal_engine.jobs.streaming import (
+    BATCH_KEYS,
+    ResultCopies,
     ScoreConfig,
+    Scorer,
     fit_target_layer,
     load_scoring_model,
     open_run,
     plan_run,
     to_device,
 )
-from xal_engine.store import Pool, PoolWriter
+from xal_engine.store import Pool
 from xal_engine.store.score_run import ScoreRun
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "host_overhead.csv"
 SIZE, CHANNELS, CLASSES = 224, 3, 3
-CASES = ("loader", "plain", "score", "writer")
+CASES = ("loader", "plain", "compute", "score", "writer")
 COLUMNS = ["case", "num_workers", "threads", "n_images", "unit_size", "batch_size", "seconds", "min_s",
            "max_s", "images_per_s", "images_per_s_per_loader_core", "ms_per_unit", "ratio_vs_plain",
+           "ratio_vs_compute",
            "device", "cores", "torch", "zarr", "date", "load_avg_start", "load_avg_end", "git_commit"]
-
-
-def make_pool(path: Path, n: int, distinct: int = 64) -> Pool:
-    """A 224x224x3 uint8 pool of ``n`` images: ``distinct`` synthetic images repeated, unique ids,
-    the pool writer's default chunking."""
-    split = np.zeros(distinct, dtype=np.uint8)
-    g = generate_block(SyntheticConfig(n=distinct, size=SIZE, classes=CLASSES, channels=CHANNELS), 0, split)
-    with PoolWriter(path, channels=CHANNELS, height=SIZE, width=SIZE, dtype=np.uint8,
-                    classes=class_names(CLASSES)) as w:
-        for start in range(0, n, distinct):
-            k = min(distinct, n - start)
-            ids = np.char.mod("img_%07d", np.arange(start, start + k)).astype(np.str_)
-            w.append(g.images[:k], g.rois[:k], g.has_roi[:k], g.labels[:k], ids, g.split[:k])
-    return Pool.open(path)
 
 
 def make_model(path: Path) -> Path:
@@ -110,15 +104,27 @@ class Bench:
         return time.perf_counter() - t0
 
     def plain(self, workers: int) -> float:
-        mean, std = normalization_tensors(self.ckpt.config.get("normalize_mean"),
-                                          self.ckpt.config.get("normalize_std"), self.device)
+        inputs = ModelInputs(self.ckpt.config.get("normalize_mean"), self.ckpt.config.get("normalize_std"),
+                             self.device)  # the scorer's input conversion: constants once, one buffer
         b = self.base.batch_size
         t0 = time.perf_counter()
         with torch.inference_mode():
             for item in self._loader(workers):
                 for a in range(0, item["images"].shape[0], b):
-                    x = model_input(item["images"][a:a + b], mean, std)
-                    self.model(x).argmax(dim=1).cpu()  # (B,): the one host copy a real pipeline makes
+                    self.model(inputs(item["images"][a:a + b])).argmax(dim=1).cpu()  # (B,): the one host copy a real pipeline makes
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def compute(self, workers: int) -> float:
+        b = self.base.batch_size
+        t0 = time.perf_counter()
+        with Scorer(self.model, self.ckpt, self.base, self.device) as scorer:
+            copies = ResultCopies(self.device)
+            for item in self._loader(workers):
+                for a in range(0, item["images"].shape[0], b):
+                    batch = {k: item[k][a:a + b] for k in BATCH_KEYS if k in item}
+                    copies.put(scorer(batch), item["unit"])
+            copies.drain()
         synchronize(self.device)
         return time.perf_counter() - t0
 
@@ -153,6 +159,8 @@ class Bench:
                 return self.loader(workers)
             if case == "plain":
                 return self.plain(workers)
+            if case == "compute":
+                return self.compute(workers)
             if case == "score":
                 return self.score(workers, threads)
             return self.writer()
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="xal-host-overhead-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        pool = make_pool(root / "pool.zarr", args.n)
+        pool = repeated_pool(root / "pool.zarr", args.n, size=SIZE, channels=CHANNELS, classes=CLASSES)
         model = make_model(root / "tiny.pt")
         print(f"pool: {pool.n} images {CHANNELS}x{SIZE}x{SIZE} uint8, {pool.chunk_size} per chunk "
               f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for w in workers:
         plain_ips = n / statistics.median(times["plain", w])
+        compute_ips = n / statistics.median(times["compute", w])
         for case in CASES:
             s = statistics.median(times[case, w])
             ips = n / s
@@ -210,18 +219,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          # the writer runs in the main process: no loader core
                          "images_per_s_per_loader_core": round(ips / max(1, w), 1) if case != "writer" else "",
                          "ms_per_unit": round(1e3 * s / units, 3), "ratio_vs_plain": round(ips / plain_ips, 3),
-                         **meta})
+                         "ratio_vs_compute": round(ips / compute_ips, 3), **meta})
     append_rows(args.out, rows, COLUMNS)
     print(f"\n{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, zarr {meta['zarr']}, "
           f"load {start_load} -> {end_load}; {n} images, {units} units of {unit_size}, "
           f"median of {args.repeats} ({time.perf_counter() - t_start:.0f} s in all)")
     print(f"{'case':<8}{'workers':>8}{'threads':>8}{'s':>9}{'img/s':>10}{'img/s/core':>12}{'ms/unit':>10}"
-          f"{'vs plain':>10}")
+          f"{'vs plain':>10}{'vs compute':>12}")
     for row in rows:
         per_core = row["images_per_s_per_loader_core"]
         print(f"{row['case']:<8}{row['num_workers']:>8}{row['threads']:>8}{row['seconds']:>9.3f}"
               f"{row['images_per_s']:>10.1f}{per_core if per_core == '' else f'{per_core:.1f}':>12}"
-              f"{row['ms_per_unit']:>10.2f}{row['ratio_vs_plain']:>10.3f}")
+              f"{row['ms_per_unit']:>10.2f}{row['ratio_vs_plain']:>10.3f}{row['ratio_vs_compute']:>12.3f}")
     print(f"wrote {len(rows)} rows to {args.out}")
     return rows
 

@@ -37,7 +37,7 @@ COLUMNS = ["layout", "n_images", "unit_size", "units", "step", "seconds", "min_s
 
 
 def one_run(root: Path, n: int, unit_size: int, chunk: int, k: int) -> dict[str, float]:
-    group = zarr.open_group(root / f"pool{k}.zarr", mode="a")
+    group = zarr.open_group(root / f"pool-{unit_size}-{k}.zarr", mode="a")  # a fresh group per run
     fingerprint = {"model_sha256": "0" * 64, "n_images": n}
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -167,7 +167,8 @@ def test_unsupported_options(x: Tensor) -> None:
     net = model("resnet18")
     with pytest.raises(XalError, match="aug_smooth and eigen_smooth are not supported"):
         GradCAM(net, ["layer4"])(input_tensor=x, targets=None, aug_smooth=True)
-    with pytest.raises(XalError, match="reshape_transform is not supported"):
-        GradCAM(net, ["layer4"], reshape_transform=lambda t: t)
+    with pytest.raises(XalError, match=r"target layer 'layer4' must give feature maps \(B, C, h, w\) after "
+                                       r"reshape_transform, got \(4, 512, 2\)"):
+        GradCAM(net, ["layer4"], reshape_transform=lambda t: t.flatten(2)[..., :2])(input_tensor=x)
     with pytest.raises(XalError, match="target layer 'layer44' not found in ResNet; close names: layer4"):
         GradCAM(net, ["layer44"])

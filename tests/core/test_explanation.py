@@ -145,3 +145,38 @@ def test_explanation_weight_changes_training_and_leaves_no_hook(tiny_pool: Path,
     assert not any(m._forward_hooks for m in guided.model.modules())
     with pytest.raises(XalError, match="explanation_weight must be >= 0"):
         training.train(Pool.open(tiny_pool), replace(base, explanation_weight=-0.1))
+
+
+METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_soft_dice_equals_the_scoring_reference(method: str) -> None:
+    """The loss's CAM is the scoring's method code, not a copy: same soft Dice as gradcam_dice."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 6, 5, 4, generator=gen).clamp_min(0)  # a post-ReLU stage
+    g = torch.randn(3, 6, 5, 4, generator=gen)
+    rois = torch.rand(3, 11, 9, generator=gen) > 0.5
+    expected = gradcam_dice(a, g, rois, method=method).soft_dice
+    torch.testing.assert_close(cam_soft_dice(a, g, rois, method), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_backpropagates_through_a_network(method: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    rois = torch.zeros(4, 16, 16, dtype=torch.bool)
+    rois[:, 2:9, 3:12] = True
+    with ExplanationTerm(net[3], 1.0, method) as term:
+        loss = term(net(x), torch.tensor([0, 1, 2, 0]), rois, torch.ones(4, dtype=torch.bool))
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert 0 < loss.item() <= 1 and all(gr is not None and torch.isfinite(gr).all() for gr in grads[:2])
+    assert grads[0].abs().sum() > 0  # reaches the first conv, through A (and through G unless eigencam)
+
+
+def test_unknown_method_is_refused() -> None:
+    with pytest.raises(XalError, match="cam method: expected one of"):
+        ExplanationTerm(nn.Conv2d(1, 1, 1), 1.0, "scorecam")

@@ -21,6 +21,7 @@ from xal_engine.core.models import (
     build_model,
     choose_target_layer,
     feature_map_sizes,
+    layer_reshape,
     load_checkpoint,
     resolve_layer,
     save_checkpoint,
@@ -32,10 +33,11 @@ from xal_engine.errors import XalError
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_build_model_logits_shape_and_target_layer(arch: str, in_channels: int) -> None:
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=5, in_channels=in_channels).eval()
+    model = build_model(arch, num_classes=5, in_channels=in_channels, image_size=(32, 32)).eval()
     seen: list[torch.Size] = []
     layer = resolve_layer(model, DEFAULT_TARGET_LAYERS[arch])
-    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    shape = layer_reshape(model, DEFAULT_TARGET_LAYERS[arch]) or (lambda t: t)  # transformers: tokens -> map
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(shape(o).shape))
     with torch.no_grad():
         logits = model(torch.rand(2, in_channels, 32, 32))
     handle.remove()

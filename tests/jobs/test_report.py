@@ -290,3 +290,23 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.strip() == (f"wrote {out / 'report.html'}: 2 contact sheet(s), "
                                                "report.md and learning_curves.png beside it")
     assert "round 1 batch (the first 2 of 5 images in rank order)" in (out / "report.md").read_text()
+
+
+def test_the_cam_method_comes_from_the_run_or_the_flag(run_dir: Path, tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from xal_engine.cli import build_parser
+    from xal_engine.jobs.report import run_cam_method
+    from xal_engine.jobs.streaming import ScoreConfig
+
+    assert run_cam_method(load_run(run_dir)) == "gradcam"  # config.json without the field: Grad-CAM
+    config = json.loads((run_dir / "config.json").read_text())
+    config["loop"]["cam_method"] = "layercam"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert run_cam_method(load_run(run_dir)) == "layercam"
+    args = build_parser().parse_args(["report", str(run_dir), "--cam-method", "xgradcam"])
+    assert args.cam_method == "xgradcam"
+    if "cam_method" in {f.name for f in fields(ScoreConfig)}:
+        files = make_report(run_dir, tmp_path / "out", config=ReportConfig(device="cpu", max_images=2))
+        assert "LayerCAM of the round-0 model" in (tmp_path / "out" / "report.md").read_text()
+        assert len(files.sheets) == 2

@@ -39,6 +39,17 @@ def make_pool(path: Path, n: int, size: int = 32, roi_fraction: float = 0.7) -> 
     return path
 
 
+def wait_for_done_units(proc: subprocess.Popen, run_dir: Path, units: int = 2, timeout: float = 120,
+                        poll: float = 0.005) -> None:
+    """Return once ``run_dir/done`` holds ``units`` stored flags (a scorer mid-run), or ``proc`` ended."""
+    done_dir = run_dir / "done" / "c"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= units:
+            return
+        time.sleep(poll)
+
+
 def make_model(path: Path, classes: tuple[str, ...] = THREE_CLASSES, in_channels: int = 1) -> Path:
     torch.manual_seed(0)
     model = build_model("resnet18", len(classes), in_channels)
@@ -137,12 +148,7 @@ def test_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
     cmd = [sys.executable, "-m", "xal_engine", "score", "--pool", str(pool), "--model", str(model),
            "--run", "r", "--batch-size", str(UNIT), "--unit-size", str(UNIT), "--num-workers", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done_dir = pool / "scores" / "r" / "done" / "c"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            break
-        time.sleep(0.005)
+    wait_for_done_units(proc, pool / "scores" / "r")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run = ScoreRun.open(Pool.open(pool).group, "r")

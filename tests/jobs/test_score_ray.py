@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_score import UNIT, make_model, make_pool, read_run
+from test_score import UNIT, make_model, make_pool, read_run, wait_for_done_units
 
 from xal_engine.cli import main
 from xal_engine.core.models import load_checkpoint
@@ -184,12 +184,7 @@ def test_a_killed_driver_resumes_from_the_done_flags(setup, tmp_path):
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-c", script, str(pool), str(model), address],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done_dir = pool / "scores" / "r" / "done" / "c"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            break
-        time.sleep(0.005)
+    wait_for_done_units(proc, pool / "scores" / "r", timeout=60)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     n_done = int(ScoreRun.open(Pool.open(pool).group, "r").done_mask().sum())

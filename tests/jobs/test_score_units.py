@@ -1,27 +1,26 @@
 """The scoring pipeline's layout and feed: work units of many pool chunks (sizes, resume after SIGKILL,
 shards, old one-chunk runs), loader items, the arrays the loader reads, the asynchronous result
-copies, the pinned staging ring and the per-run scorer set-up."""
+copies and the per-run scorer set-up."""
 
 import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_score import UNIT, make_model, make_pool, read_run
+from test_score import UNIT, make_model, make_pool, read_run, wait_for_done_units
 
 from xal_engine.core import fields
 from xal_engine.core.fields import REQUIRED_NAMES, BatchScores
-from xal_engine.core.inputs import model_input, normalization_tensors, to_unit_float
+from xal_engine.core.inputs import ModelInputs, model_input, normalization_tensors, to_unit_float
 from xal_engine.core.models import load_checkpoint
+from xal_engine.core.scoring import score_batch
 from xal_engine.errors import PoolError, XalError
 from xal_engine.jobs.score import ScoreConfig, score_pool
 from xal_engine.jobs.streaming import (
-    PinnedStaging,
     ResultCopies,
     Scorer,
     UnitAssembler,
@@ -129,12 +128,7 @@ def test_run_killed_inside_a_multi_chunk_unit_resumes_to_the_uninterrupted_resul
            "--run", "r", "--batch-size", "4", "--unit-size", str(3 * UNIT), "--num-workers", "0",
            "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done_dir = pool / "scores" / "r" / "done" / "c"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            break
-        time.sleep(0.005)
+    wait_for_done_units(proc, pool / "scores" / "r")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run = ScoreRun.open(Pool.open(pool).group, "r")
@@ -214,29 +208,21 @@ def test_unit_assembler_returns_a_unit_once_all_its_rows_arrived(scored):
     assert asm.add(2, tail) is not None  # the last unit holds 12 images
 
 
-class Event:
-    """A stand-in for a CUDA event in the CPU test of the staging ring: counts its waits."""
-
-    waits = 0
-
-    def synchronize(self) -> None:
-        Event.waits += 1
-
-
-def test_pinned_staging_reuses_its_slots_after_their_copy_and_keeps_values():
-    staging = PinnedStaging(depth=3, pin=False)
-    Event.waits = 0
-    slot_ptrs = []
-    for i in range(7):
-        n = 6 if i < 6 else 4
-        item = {"images": torch.full((n, 1, 2, 2), i, dtype=torch.uint8), "unit": i, "start": 8 * i}
-        staged, k = staging.stage(item)
-        assert k == i % 3 and staged["unit"] == i and staged["start"] == 8 * i
-        assert torch.equal(staged["images"], item["images"])
-        slot_ptrs.append(staged["images"].data_ptr())
-        staging.copied(k, Event())
-    assert Event.waits == 4  # slots 0, 1, 2 refilled at items 3..6, each after its copy's event
-    assert slot_ptrs[0] == slot_ptrs[3] == slot_ptrs[6] and len(set(slot_ptrs[:3])) == 3  # reused, not reallocated
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
+def test_the_reused_input_buffer_gives_the_same_input_bit_for_bit(dtype):
+    """ModelInputs (constants made once, one buffer) equals the old per-batch path for every pool
+    dtype, with and without normalisation, for a full batch and then a shorter one."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for norm in ((mean, std), (None, None)):
+        inputs = ModelInputs(*norm, "cpu")
+        for n in (4, 3):
+            images = (torch.randint(0, 256, (n, 3, 9, 7)) if dtype != torch.float32 else torch.rand(n, 3, 9, 7)).to(dtype)
+            want = to_unit_float(images, *norm).contiguous(memory_format=torch.channels_last)
+            got = inputs(images)
+            assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+        assert inputs.buffer is not None and inputs.buffer.shape[0] == 4  # allocated once
+    with pytest.raises(XalError, match="dtype torch.int32"):
+        ModelInputs(None, None, "cpu")(torch.zeros(2, 1, 3, 3, dtype=torch.int32))
 
 
 def test_normalisation_constants_made_once_give_the_same_input_bit_for_bit():
@@ -275,3 +261,27 @@ def test_units_scored_before_an_unreadable_chunk_are_stored(tmp_path, workers):
     with pytest.raises(XalError, match="'images' chunk 3"):
         score_pool(pool, model, ScoreConfig(run="r", unit_size=UNIT, batch_size=4, num_workers=workers))
     assert ScoreRun.open(Pool.open(pool).group, "r").done_mask().tolist() == [True, True, True, False, False]
+
+
+def test_a_run_with_another_cam_method_stores_that_methods_scores_and_is_another_run(scored):
+    """``cam_method`` reaches score_batch (the stored ROI metrics are the method's) and the fingerprint:
+    the same run name with Grad-CAM is refused, naming the difference."""
+    pool_path, model_path = scored
+    config = ScoreConfig(run="lc", batch_size=UNIT, num_workers=0, target_layer="layer1", cam_method="layercam")
+    score_pool(pool_path, model_path, config)
+    got = read_run(pool_path, "lc")
+    pool = Pool.open(pool_path)
+    batch = pool.read(0, pool.n)
+    model, _ = load_checkpoint(model_path)
+    for method, close in (("layercam", True), ("gradcam", False)):
+        want = score_batch(model, "layer1", to_unit_float(torch.from_numpy(batch.images)),
+                           rois=torch.from_numpy(batch.rois), has_roi=torch.from_numpy(batch.has_roi),
+                           cam_method=method)
+        roi = batch.has_roi
+        agree = np.allclose(got["soft_dice"][roi], want.soft_dice.numpy()[roi], rtol=1e-5, atol=1e-6)
+        assert agree == close, method  # layercam's numbers, not Grad-CAM's
+    assert ScoreRun.open(pool.group, "lc").group.attrs["fingerprint"]["cam_method"] == "layercam"
+    with pytest.raises(XalError, match=r"different configuration \(cam_method\)"):
+        score_pool(pool_path, model_path, ScoreConfig(run="lc", batch_size=UNIT, num_workers=0, target_layer="layer1"))
+    with pytest.raises(XalError, match="cam method: expected one of gradcam, gradcam\\+\\+"):
+        ScoreConfig(cam_method="gradcam+")

@@ -352,3 +352,29 @@ def test_head_dropout_trains_with_dropout_and_is_recorded(pool: Pool, tmp_path: 
     assert plain.checkpoint.head_dropout == 0.0 and type(plain.model.fc) is torch.nn.Linear
     assert dropped.checkpoint.head_dropout == 0.4
     assert not torch.equal(plain.model.fc.weight, dropped.model.fc.weight)
+
+
+def test_cam_method_is_checked(pool: Pool) -> None:
+    with pytest.raises(XalError, match=r"cam_method: expected one of gradcam, gradcam\+\+, .*got 'scorecam'"):
+        train(pool, replace(FAST, cam_method="scorecam"))
+
+
+@pytest.mark.parametrize(("arch", "method"), [("swin_t", "layercam"), ("vit_b_16", "gradcam++")])
+def test_transformers_train_with_the_explanation_loss_of_a_method(pool: Pool, tmp_path: Path, arch: str,
+                                                                 method: str) -> None:
+    """A transformer trains end to end with W·(1 − soft Dice(CAM, ROI)) of another CAM method (second-
+    order autograd through attention), and its checkpoint rebuilds at the pool's image size and scores."""
+    from xal_engine.core.scoring import score_batch
+
+    config = replace(FAST, arch=arch, epochs=1, explanation_weight=0.5, cam_method=method, augment=False)
+    result = train(pool, config, log=lambda line: None)
+    assert np.isfinite(result.metrics["train_loss"]) and result.checkpoint.config["cam_method"] == method
+    layer = result.checkpoint.target_layer
+    assert layer == {"swin_t": "features.1", "vit_b_16": "encoder.layers.encoder_layer_11.ln_1"}[arch]
+    path = save_checkpoint(tmp_path / "m.pt", result.model, result.checkpoint)
+    model, info = load_checkpoint(path)
+    x = torch.rand(2, 1, SIDE, SIDE)
+    rois = torch.zeros(2, SIDE, SIDE, dtype=torch.bool)
+    rois[:, 2:10, 2:10] = True
+    scores = score_batch(model, info.target_layer, x, rois, cam_method=method, return_cam=True)
+    assert torch.isfinite(scores.dice).all() and scores.cam.shape[0] == 2

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from xal_engine.errors import XalError
 from xal_engine.ops import reference
+from xal_engine.ops.dispatch import triton_backend as launch  # the method in torch, then the one launch
 from xal_engine.ops.reference import RoiAgreement
 
 triton = pytest.importorskip("triton")
@@ -40,25 +41,27 @@ def poisoned(expected: RoiAgreement, h: int, w: int) -> RoiAgreement:
     return RoiAgreement(full[0], full[1], full[2], ~expected.hit.to(DEVICE), full[3])
 
 
-def ambiguous_hits(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+def ambiguous_hits(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, tol: float = 1e-5,
+                   method: str = "gradcam") -> torch.Tensor:
     """(B,) True where pixels within ``tol`` of max S lie both inside and outside the ROI.
 
     Upsampled maps often have near-ties at the top, and torch's CPU bilinear differs from the
     op-by-op formula by ~2e-7, so the first maximum (and so ``hit``) is float noise there.
     """
-    s = reference.gradcam_maps(a.cpu(), g.cpu(), (rois.shape[1], rois.shape[2])).flatten(1)
+    s = reference.gradcam_maps(a.cpu(), g.cpu(), (rois.shape[1], rois.shape[2]), method).flatten(1)
     near = s >= s.amax(1, keepdim=True) - tol
     r = rois.cpu().flatten(1)
     return (near & r).any(1) & (near & ~r).any(1) & (s.amax(1) > 0)  # an all-zero map has no hit
 
 
-def run_both(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, threshold: float = 0.5):
+def run_both(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, threshold: float = 0.5,
+             method: str = "gradcam"):
     """(kernel, reference) results; the reference runs on CPU in fp32 from the same inputs."""
-    ref = reference.gradcam_dice(a.cpu(), g.cpu(), rois.cpu(), threshold, return_cam=True)
+    ref = reference.gradcam_dice(a.cpu(), g.cpu(), rois.cpu(), threshold, return_cam=True, method=method)
     out = poisoned(ref, a.shape[2], a.shape[3])
-    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), threshold, True, out=out)
+    got = launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), threshold, True, method=method, out=out)
     got = RoiAgreement(*(t.cpu() for t in got))
-    sure = ~ambiguous_hits(a, g, rois)
+    sure = ~ambiguous_hits(a, g, rois, method=method)
     assert torch.equal(got.hit[sure], ref.hit[sure])
     return got, ref
 
@@ -120,7 +123,7 @@ def test_matches_reference_at_the_size_limits(b: int, c: int, h: int, w: int, si
 def test_feature_map_over_the_limit_is_a_clear_error() -> None:
     a, g, rois = random_inputs(1, 1, 129, 128, (4, 4), seed=0)
     with pytest.raises(XalError, match="activations: feature map 129x128 exceeds"):
-        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
+        launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -135,7 +138,7 @@ def test_channels_last_and_strided_rois_need_no_copy() -> None:
     a_cl = a.to(memory_format=torch.channels_last)
     rois_t = rois.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major strides
     assert kg._pixel_view(a_cl) is a_cl
-    got = kg.gradcam_dice_triton(a_cl.to(DEVICE), g.to(DEVICE), rois_t.to(DEVICE), 0.5, True,
+    got = launch(a_cl.to(DEVICE), g.to(DEVICE), rois_t.to(DEVICE), 0.5, True,
                                  out=poisoned(ref, 5, 7))
     assert_matches(RoiAgreement(*(t.cpu() for t in got)), ref)
 
@@ -192,7 +195,7 @@ def test_non_finite_image_does_not_disturb_the_others() -> None:
 def test_launcher_allocates_when_no_buffers_are_given() -> None:
     a, g, rois = random_inputs(2, 3, 4, 5, (9, 10), seed=4)
     ref = reference.gradcam_dice(a, g, rois)
-    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
+    got = launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE))
     assert got.cam is None and got.hit.dtype == torch.bool
     assert_matches(RoiAgreement(*(t.cpu() for t in got[:4]), None), ref._replace(cam=None))
 
@@ -205,7 +208,7 @@ def test_launch_config_bounds() -> None:
 
 def test_empty_batch() -> None:
     a, g, rois = random_inputs(0, 3, 4, 5, (6, 7), seed=0)
-    got = kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), return_cam=True)
+    got = launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), return_cam=True)
     assert got.dice.shape == (0,) and got.hit.shape == (0,) and got.cam.shape == (0, 4, 5)
 
 
@@ -252,13 +255,18 @@ from xal_engine.kernels.gradcam_dice import _gradcam_dice_kernel as fn, _launch_
 
 cfg = _launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
 warps = cfg.pop("num_warps")
-ptrs = {"a_ptr": "*bf16", "g_ptr": "*fp16", "roi_ptr": "*u8", "hit_ptr": "*u8"}
+ptrs = {"a_ptr": "*bf16", "roi_ptr": "*u8", "hit_ptr": "*u8"}
 floats = ("scale_y", "scale_x", "threshold")
-sig = {n: "constexpr" if n in cfg else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
-       for n in fn.arg_names}
-src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cfg.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-print(sorted(set(re.findall(r"div\\.[a-z]+\\.f32", ptx))))
+found = set()
+for map_given in (False, True):  # channel weights (Grad-CAM, ...) and a given map (HiResCAM, ...)
+    consts = {**cfg, "MAP_GIVEN": map_given}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "fp32" if n in floats
+                                                       else "i32")
+           for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    found |= set(re.findall(r"div\\.[a-z]+\\.f32", ptx))
+print(sorted(found))
 """
 
 
@@ -279,4 +287,64 @@ def test_preallocated_outputs_are_checked() -> None:
     ref = reference.gradcam_dice(a, g, rois, return_cam=True)
     out = poisoned(ref, 4, 5)._replace(cam=torch.empty(2, 5, 4, device=DEVICE))
     with pytest.raises(XalError, match=r"out.cam: expected a contiguous torch.float32 tensor of shape \(2, 4, 5\)"):
-        kg.gradcam_dice_triton(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), out=out)
+        launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), out=out)
+
+
+# -- CAM methods: the method's part runs in torch (ops.cam_methods), the kernel gets w or M ----------
+
+METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
+METHOD_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3], (2, 9, 6, 5, (11, 13))]
+
+
+def method_inputs(b, c, h, w, size, seed, dtype=torch.float32):
+    """Post-ReLU activations (a stage output) and signed gradients: gradcam++'s and xgradcam's ΣA
+    denominators stay away from 0 (see tests/ops/test_cam_methods.py)."""
+    a, g, rois = random_inputs(b, c, h, w, size, seed)
+    return a.clamp_min(0).to(dtype), g.to(dtype), rois
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("b, c, h, w, size", METHOD_SHAPES)
+def test_every_method_matches_reference(method: str, b: int, c: int, h: int, w: int, size: tuple[int, int]) -> None:
+    got, ref = run_both(*method_inputs(b, c, h, w, size, seed=b + c + h), method=method)
+    assert_matches(got, ref, hit=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_method_matches_reference_low_precision(method: str, dtype: torch.dtype) -> None:
+    got, ref = run_both(*method_inputs(3, 5, 7, 9, (33, 40), seed=8, dtype=dtype), method=method)
+    assert_matches(got, ref, atol=1e-5, hit=False)  # same rounded inputs on both sides
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_every_method_non_finite_image(method: str) -> None:
+    a, g, rois = method_inputs(3, 4, 5, 6, (12, 10), seed=12)
+    a[1, 2, 3, 4] = float("nan")
+    g[2, 0, 1, 1] = float("-inf")
+    if method == "eigencam":  # reads no gradient
+        a[2, 0, 1, 1] = float("inf")
+    got, ref = run_both(a, g, rois, method=method)
+    assert torch.isnan(got.dice[1:]).all() and not got.hit[1:].any()
+    assert_matches(got, ref)
+
+
+def test_default_method_kernel_inputs_are_the_gradcam_weights() -> None:
+    a, g, rois = random_inputs(2, 5, 4, 3, (9, 8), seed=2)
+    by_name = launch(a.to(DEVICE), g.to(DEVICE), rois.to(DEVICE), 0.5, True, method="gradcam")
+    direct = kg.gradcam_dice_triton(a.to(DEVICE), rois.to(DEVICE), 0.5, True,
+                                    weights=g.mean(dim=(2, 3)).to(DEVICE))
+    for x, y in zip(by_name, direct):
+        assert torch.equal(x, y)
+
+
+def test_launcher_wants_weights_or_a_map() -> None:
+    a, _, rois = random_inputs(1, 2, 3, 3, (4, 4), seed=0)
+    a, rois = a.to(DEVICE), rois.to(DEVICE)
+    with pytest.raises(XalError, match="either activations and weights, or low_res alone"):
+        kg.gradcam_dice_triton(a, rois)
+    with pytest.raises(XalError, match=r"weights: expected float32 \(1, 2\)"):
+        kg.gradcam_dice_triton(a, rois, weights=torch.ones(1, 3, device=DEVICE))
+    with pytest.raises(XalError, match="low_res: expected a contiguous float32 map"):
+        kg.gradcam_dice_triton(None, rois, low_res=torch.ones(1, 3, 3, dtype=torch.float16, device=DEVICE))

@@ -3,6 +3,7 @@
     python -m xal_engine.bench.batch                  # CUDA: B=64 1x224x224, resnet18/50, densenet121
     python -m xal_engine.bench.batch --quick          # CPU: B=8 1x64x64, the same three models
     python -m xal_engine.bench.batch --archs resnet18 --batch-size 4 --image-size 32 --no-write
+    python -m xal_engine.bench.batch --quick --methods gradcam,layercam,eigencam      # a method axis
 
 Same model (random init: speed does not depend on the weights), same images and ROIs (synthetic
 phantoms, ROI = lesion) and same batch for every provider, in one run:
@@ -15,6 +16,12 @@ Before timing, the engine's fp32 maps and metrics are checked against pytorch-gr
 tolerances of docs/gradcam-reference.md); bf16 is checked against the same fp32 reference, loosely,
 on images whose predicted class is unchanged. Rows (median/p20/p80 ms, images/s, speedup vs grad-cam,
 ratio vs plain) go to benchmarks/results/batch.csv (--out).
+
+The method axis (``--methods``, default gradcam): each CAM method is a case of its own (``<arch>_<size>``
+for gradcam, ``<arch>_<size>_<method>`` otherwise): ``score_batch(cam_method=...)`` against
+pytorch-grad-cam's class of that method (GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM, EigenCAM);
+EigenCAM runs with 1.5.7's ``get_2d_projection_with_sign_correction`` in place of its plain
+projection (the engine's sign convention, the same cost) and is checked at maps 1e-4.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
+import pytorch_grad_cam
 import torch
 from pytorch_grad_cam import GradCAM
 
@@ -42,8 +51,10 @@ from xal_engine.bench.compare import (
     check,
     near_tie_hits,
 )
+from xal_engine.bench.kernel import parse_methods
 from xal_engine.bench.table import add_run_args, interleaved_times, run_and_finish
 from xal_engine.bench.timing import provenance, summarise, synchronize
+from xal_engine.core.cam_methods import CAM_METHOD_NAMES, REFERENCE_CLASSES
 from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import build_model, parse_arch, resolve_layer
 from xal_engine.core.scoring import BatchScores, score_batch
@@ -70,10 +81,11 @@ class Case:
     batch: int
     image: int  # H = W
     channels: int
+    method: str = "gradcam"  # CAM method (xal_engine.core.cam_methods)
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_{self.image}"
+        return f"{self.arch}_{self.image}" + ("" if self.method == "gradcam" else f"_{self.method}")
 
     @property
     def sizes(self) -> str:
@@ -99,10 +111,12 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
     return Inputs(model, parse_arch(case.arch).target_layer, images, rois, block.lesions)
 
 
-def engine(inputs: Inputs, dtype: str, return_cam: bool = False) -> tuple[BatchScores, torch.Tensor]:
+def engine(inputs: Inputs, dtype: str, return_cam: bool = False,
+           method: str = "gradcam") -> tuple[BatchScores, torch.Tensor]:
     """score_batch under autocast, then the one device->host copy of the per-image results (B, 6)."""
     with torch.autocast(inputs.images.device.type, dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
-        s = score_batch(inputs.model, inputs.layer, inputs.images, inputs.rois, return_cam=return_cam)
+        s = score_batch(inputs.model, inputs.layer, inputs.images, inputs.rois, return_cam=return_cam,
+                        cam_method=method)
     host = torch.stack([s.entropy, s.dice, s.soft_dice, s.energy, s.pred.float(), s.hit.float()], 1).cpu()
     return s, host
 
@@ -114,19 +128,39 @@ def plain(inputs: Inputs, dtype: str) -> torch.Tensor:
         return inputs.model(inputs.images).float().softmax(1).argmax(1).cpu()
 
 
-def engine_results(inputs: Inputs, dtype: str) -> dict[str, np.ndarray]:
-    s, _ = engine(inputs, dtype, return_cam=True)
+def engine_results(inputs: Inputs, dtype: str, method: str = "gradcam") -> dict[str, np.ndarray]:
+    s, _ = engine(inputs, dtype, return_cam=True, method=method)
     maps = reference.upsample_normalise(s.cam, tuple(inputs.rois.shape[1:]))  # S (B, H, W)
     out = {k: getattr(s, k).float().cpu().numpy() for k in ("entropy", "dice", "soft_dice", "energy", "hit")}
     return {**out, "maps": maps.cpu().numpy(), "pred": s.pred.cpu().numpy()}
 
 
-def grad_cam_call(cam: GradCAM, inputs: Inputs, dtype: str, threshold: float) -> Callable[[], object] | str:
+@contextmanager
+def sign_corrected(method: str) -> Iterator[None]:
+    """EigenCAM only: 1.5.7's sign-corrected projection in place of its plain one (the engine's sign
+    convention, see ops.cam_methods); nothing for the other methods."""
+    if method != "eigencam":
+        yield
+        return
+    import pytorch_grad_cam.eigen_cam as eigen_module
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    plain_projection = eigen_module.get_2d_projection
+    eigen_module.get_2d_projection = get_2d_projection_with_sign_correction
+    try:
+        yield
+    finally:
+        eigen_module.get_2d_projection = plain_projection
+
+
+def grad_cam_call(cam: GradCAM, inputs: Inputs, dtype: str, threshold: float,
+                  method: str = "gradcam") -> Callable[[], object] | str:
     """The grad-cam pipeline under autocast ``dtype``; for a reduced dtype it is tried once first, and
     its failure (bf16 tensors cannot become numpy arrays) is returned as the row's note instead."""
 
     def call() -> object:
-        with torch.autocast(inputs.images.device.type, dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
+        with torch.autocast(inputs.images.device.type, dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None), \
+                sign_corrected(method):
             return baseline.pipeline(cam, inputs.images, inputs.rois_host, threshold)
 
     if dtype != "fp32":
@@ -139,16 +173,20 @@ def grad_cam_call(cam: GradCAM, inputs: Inputs, dtype: str, threshold: float) ->
 
 
 def check_fp32(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], rois: np.ndarray,
-               threshold: float) -> dict[str, float]:
-    """Maps, Dice, soft Dice, energy, entropy and hit of the engine vs pytorch-grad-cam (fp32)."""
+               threshold: float, method: str = "gradcam") -> dict[str, float]:
+    """Maps, Dice, soft Dice, energy, entropy and hit of the engine vs pytorch-grad-cam (fp32).
+    EigenCAM's SVD gets maps 1e-4 and the metrics 10x the tolerances (ops.cam_methods says why)."""
     if (got["pred"] != ref["logits"].argmax(1)).any():
         raise ParityError(f"{ENGINE} fp32: predicted class differs from pytorch-grad-cam's")
+    loose = 10.0 if method == "eigencam" else 1.0
+    tie_tol = TIE_TOL * loose
     flips = (got["maps"] >= threshold) != (ref["maps"] >= threshold)  # [B, H, W]
-    if (flips & (np.abs(ref["maps"] - threshold) >= TIE_TOL)).any():
-        raise ParityError(f"{ENGINE} fp32: thresholded maps differ away from tau +- {TIE_TOL:g}")
+    if (flips & (np.abs(ref["maps"] - threshold) >= tie_tol)).any():
+        raise ParityError(f"{ENGINE} fp32: thresholded maps differ away from tau +- {tie_tol:g}")
     # An image with a pixel flipped at tau has a Dice off by up to 2/(|S>=tau| + |R|): compare the others.
     ref = {**ref, "dice": np.where(flips.any((1, 2)), np.nan, ref["dice"])}
-    return check(f"{ENGINE} fp32", got, ref, FP32_TOLERANCES, near_tie_hits(ref["maps"], rois))
+    tolerances = {k: v * (loose if k != "entropy" else 1.0) for k, v in FP32_TOLERANCES.items()}
+    return check(f"{ENGINE} fp32", got, ref, tolerances, near_tie_hits(ref["maps"], rois, tie_tol))
 
 
 def check_bf16(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
@@ -160,24 +198,27 @@ def check_bf16(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[s
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, meta: dict[str, str]) -> list[dict]:
     inputs = make_inputs(case, device)
+    method = case.method
     # pytorch-grad-cam keeps its hooks (host copies) on the model it wraps: give it its own copy.
     gc_model = copy.deepcopy(inputs.model)
-    cam = GradCAM(model=gc_model, target_layers=[resolve_layer(gc_model, inputs.layer)])
-    ref = baseline.pipeline(cam, inputs.images, inputs.rois_host, args.threshold)
-    errors = check_fp32(engine_results(inputs, "fp32"), ref, inputs.rois_host, args.threshold)
+    cam_class = getattr(pytorch_grad_cam, REFERENCE_CLASSES[method])  # GradCAM for gradcam
+    cam = cam_class(model=gc_model, target_layers=[resolve_layer(gc_model, inputs.layer)])
+    with sign_corrected(method):
+        ref = baseline.pipeline(cam, inputs.images, inputs.rois_host, args.threshold)
+    errors = check_fp32(engine_results(inputs, "fp32", method), ref, inputs.rois_host, args.threshold, method)
     checks = {(ENGINE, "fp32"): CHECK_PASS, (GRAD_CAM, "fp32"): CHECK_REFERENCE}
     print(f"{case.name}: {ENGINE} fp32 vs {GRAD_CAM}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
           file=sys.stderr)
     if "bf16" in args.dtypes:
-        errors = check_bf16(engine_results(inputs, "bf16"), ref)
+        errors = check_bf16(engine_results(inputs, "bf16", method), ref)
         checks[(ENGINE, "bf16")] = CHECK_PASS
         print(f"{case.name}: {ENGINE} bf16 vs {GRAD_CAM} fp32: "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), file=sys.stderr)
 
     providers: dict[tuple[str, str], Callable[[], object] | str] = {}
     for dtype in args.dtypes:
-        providers[(ENGINE, dtype)] = lambda dtype=dtype: engine(inputs, dtype)
-        providers[(GRAD_CAM, dtype)] = grad_cam_call(cam, inputs, dtype, args.threshold)
+        providers[(ENGINE, dtype)] = lambda dtype=dtype: engine(inputs, dtype, method=method)
+        providers[(GRAD_CAM, dtype)] = grad_cam_call(cam, inputs, dtype, args.threshold, method)
         providers[(PLAIN, dtype)] = lambda dtype=dtype: plain(inputs, dtype)
     times = interleaved_times({k: fn for k, fn in providers.items() if not isinstance(fn, str)}, device,
                               args.warmup, args.repeats, args.budget_s)
@@ -205,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="H = W (default 224, quick 64)")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast), comma-separated")
+    p.add_argument("--methods", default="gradcam",
+                   help=f"CAM methods, comma-separated, each a case of its own: {', '.join(CAM_METHOD_NAMES)} "
+                        "(default: %(default)s)")
     add_run_args(p, warmup=2, repeats=10)
     args = p.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
@@ -220,7 +264,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads) if args.threads else None
     meta = provenance(device)
-    cases = [Case(arch, args.batch_size, args.image_size, args.channels) for arch in args.archs.split(",") if arch]
+    methods = parse_methods(getattr(args, "methods", "gradcam"))
+    cases = [Case(arch, args.batch_size, args.image_size, args.channels, method)
+             for method in methods for arch in args.archs.split(",") if arch]
     return [row for case in cases for row in run_case(case, args, device, meta)]
 
 

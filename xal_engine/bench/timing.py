@@ -92,9 +92,22 @@ def peak_rss_mb(children: bool = False) -> float:
 
 
 def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Append rows to a CSV (header written when the file is new); unknown keys are an error."""
+    """Append rows to a CSV (header written when the file is new); unknown keys are an error. A file
+    whose header lacks some of ``columns`` (a benchmark that gained a column) is rewritten first with
+    the new header, its earlier rows blank in the new columns, so that no row is misaligned."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_columns, old_rows = reader.fieldnames or [], list(reader)
+        if old_columns != columns and set(old_columns) <= set(columns):
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(old_rows)
+            tmp.replace(path)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         if new:

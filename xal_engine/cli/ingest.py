@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     d = IngestConfig()
     p.add_argument("src", metavar="SRC", help="the dataset's folder")
-    p.add_argument("--out", required=True, help="pool to write (Zarr v3 group, e.g. pool.zarr)")
+    p.add_argument("--out", required=True, help="pool to write (Zarr v3 group): pool.zarr or s3://bucket/prefix/pool.zarr")
     p.add_argument("--size", type=int, default=224, help="output images are SIZE x SIZE (default: %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="decoding processes; 1 decodes in this process (default: %(default)s)")
@@ -128,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
     config = IngestConfig(workers=args.workers, test_fraction=args.test_fraction,
                           val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
                           resume=args.resume, chunk_size=args.chunk_size)
-    report = ingest(args.make_source(args), Path(args.out), config)
+    report = ingest(args.make_source(args), args.out, config)  # a path or an object-store URL
     print(dumps_json(report, indent=1) if args.json else summary(report))
     return 0

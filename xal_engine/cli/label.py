@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "resized to the pool grid; the images' classes are kept."
         ),
     )
-    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to write into")
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to write into: a path or an s3:// URL")
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--import", dest="import_csv", metavar="LABELS.csv",
                         help="CSV file with columns id, class[, roi] (or, with --format label-studio, "

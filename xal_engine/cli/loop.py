@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
 from xal_engine.core.acquisition import BALANCES, STRATEGIES
+from xal_engine.core.cam_methods import CAM_METHOD_NAMES, cam_method_help
 from xal_engine.core.strategies import strategy_help
 from xal_engine.progress import plural
 from xal_engine.store.files import dumps_json
@@ -57,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain", choices=("scratch", "finetune"), default=d.retrain,
                    help="fresh weights each round, or continue from the previous round (default: %(default)s)")
     p.add_argument("--explanation-loss", type=float, default=0.0, metavar="W",
-                   help="add W * (1 - soft Dice(Grad-CAM, ROI)) on labelled images with an ROI (default: 0)")
+                   help="add W * (1 - soft Dice(CAM, ROI)) on labelled images with an ROI (default: 0)")
+    p.add_argument("--cam-method", choices=CAM_METHOD_NAMES, default=d.cam_method,
+                   help="CAM method of every round's scoring (the Dice the acquisition reads) and of the "
+                        f"explanation loss: {cam_method_help()} (default: %(default)s)")
     p.add_argument("--target-layer", default=None,
                    help="Grad-CAM layer (dotted module name; default: the deepest stage of the "
                         "architecture whose map at the pool's image size is at least 7x7)")
@@ -99,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
                       per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
                       balance=args.balance, retrain=args.retrain, mc_samples=args.mc_samples,
                       mc_dropout=args.mc_dropout, initial_strategy=args.initial_strategy,
-                      initial_model=args.initial_model, train=replace(d.train, **train_fields))
+                      initial_model=args.initial_model, cam_method=args.cam_method,
+                      train=replace(d.train, cam_method=args.cam_method, **train_fields))
 
 
 def run(args: argparse.Namespace) -> int:

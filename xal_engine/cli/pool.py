@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--min-brain", type=float, default=0.6, metavar="MIN_BRAIN",
                         help="--brain-phantom: slices whose brain area is at least this fraction of the "
                              "largest (default 0.6)")
-    create.add_argument("--out", required=True, help="pool path to write (e.g. pool.zarr)")
+    create.add_argument("--out", required=True, help="pool path or URL to write (pool.zarr, s3://bucket/prefix/pool.zarr)")
     create.add_argument("--overwrite", action="store_true", help="replace an existing pool at --out")
     defaults = SyntheticConfig()
     helps = {"n": "number of images", "size": "image side in pixels", "classes": "lesion classes",
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, func, text in (("info", run_info, "summarise a pool"),
                              ("validate", run_validate, "decode every chunk and check every value")):
         command = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        command.add_argument("pool", metavar="POOL", help="pool path")
+        command.add_argument("pool", metavar="POOL", help="pool path or URL (s3://bucket/prefix/pool.zarr)")
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(func=func)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from xal_engine.core.cam_methods import CAM_METHOD_NAMES, cam_method_help
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", default=None,
                    help="pool the run used, for the contact sheets (default: the path in config.json)")
     p.add_argument("--device", default="auto", help="where CAMs are recomputed: auto, cpu, cuda or cuda:N")
+    p.add_argument("--cam-method", choices=CAM_METHOD_NAMES, default=None,
+                   help=f"CAM method of the contact sheets: {cam_method_help()} (default: the one the run "
+                        "scored with, from its config.json)")
     p.add_argument("--max-images", type=int, default=36,
                    help="images per contact sheet, best ranks first (default: %(default)s)")
     p.set_defaults(func=run)
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_images < 1:
         raise XalError(f"--max-images must be at least 1 (got {args.max_images})")
     files = make_report(args.run_dir, args.out, args.pool,
-                        ReportConfig(device=args.device, max_images=args.max_images))
+                        ReportConfig(device=args.device, max_images=args.max_images, cam_method=args.cam_method))
     for note in files.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {files.html}: {len(files.sheets)} contact sheet(s), report.md and {files.curves.name} "

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 
 from xal_engine.cli.runtime_flags import add_runtime_flags, show_progress, threads
+from xal_engine.core.cam_methods import CAM_METHOD_NAMES, cam_method_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "command after an interruption computes only the work units not yet done."
         ),
     )
-    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to score")
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group) to score: a path or an s3:// URL")
     p.add_argument("--model", required=True, help="checkpoint written by `xal-engine train`")
     p.add_argument("--run", default="default", help="name of the score run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
@@ -59,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mc.add_argument("--mc-seed", type=int, default=0,
                     help="seed of the dropout masks; with each image's pool index it fixes them, so shards "
                          "and resumed runs equal one run (default: %(default)s)")
+    p.add_argument("--cam-method", default="gradcam", choices=CAM_METHOD_NAMES,
+                   help=f"the CAM that Dice, soft Dice, energy and the pointing game measure: {cam_method_help()}; "
+                        "a run with another method is another run (default: %(default)s)")
     p.add_argument("--target-layer", metavar="NAME", default=None,
                    help="Grad-CAM layer (dotted module name, e.g. layer2) in place of the one stored in the "
                         "checkpoint; a run with another layer is another run (default: the checkpoint's)")
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         num_shards=args.num_shards, targets=args.targets, overwrite=args.overwrite, kernel=args.kernel,
         save_cams=args.save_cams, target_layer=args.target_layer, threads=threads(args, workers),
         embeddings=args.embeddings, mc_samples=args.mc_samples, mc_dropout=args.mc_dropout, mc_seed=args.mc_seed,
-        unit_size=args.unit_size,
+        unit_size=args.unit_size, cam_method=args.cam_method,
     )
     if args.backend == "ray":
         from xal_engine.jobs.score_ray import RayConfig, score_pool_ray

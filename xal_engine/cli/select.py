@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "`xal-engine label --import EXPORT.json --format label-studio`."
         ),
     )
-    p.add_argument("--pool", required=True, help="pool (Zarr v3 group)")
+    p.add_argument("--pool", required=True, help="pool (Zarr v3 group): a path or an s3:// URL")
     p.add_argument("--run", default="default", help="score run to rank by (default: %(default)s)")
     p.add_argument("--strategy", choices=STRATEGIES, default="dual",
                    help=f"acquisition (default: dual). {strategy_help()}")

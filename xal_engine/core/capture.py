@@ -6,6 +6,13 @@ layers further downstream stay graph tensors, so one ``torch.autograd.grad(Σ_b 
 gives every G. No host copy, no retained graph; hooks, train/eval flags and ``requires_grad`` are
 restored on exit, also after an exception.
 
+A ``reshape_transform`` (pytorch-grad-cam's convention) maps a target layer's output to (B, C, h, w)
+before anything reads it: transformer tokens (B, T, D) to a patch grid, channels-last stages
+(B, h, w, C) to channels-first. Without one, a model built by ``core.models`` for a transformer
+(vit_b_16, swin_t) supplies its own per layer (``core.models.layer_reshape``), so train, score and
+loop need no flag. It is applied to A and, being a linear view (select, reshape, permute), to G as
+the gradient of the raw output; otherwise a target layer must output (B, C, h, w).
+
 A ``feature_layer`` (the classifier head) adds one more forward hook that keeps its input, the
 pooled penultimate features (B, D), from the same forward: embeddings and cached MC-dropout passes
 of the head need no second trunk pass.
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xal_engine.core.models import layer_reshape
 from xal_engine.errors import XalError
 
 LayerSpec = nn.Module | str
@@ -93,13 +101,17 @@ class GradCamCapture:
     """
 
     def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec],
-                 feature_layer: LayerSpec | None = None) -> None:
+                 feature_layer: LayerSpec | None = None,
+                 reshape_transform: Callable[[Tensor], Tensor] | None = None) -> None:
         layers = [target_layers] if isinstance(target_layers, (nn.Module, str)) else list(target_layers)
         if not layers:
             raise XalError("at least one target layer is required")
         self.model = model
         resolved = [resolve_layer(model, layer) for layer in layers]
         self.layer_names = [name for name, _ in resolved]
+        self.reshape_transform = reshape_transform
+        self._shapes = [reshape_transform if reshape_transform is not None else layer_reshape(model, name)
+                        for name in self.layer_names]  # per layer: output -> (B, C, h, w), or None
         self.layers = [module for _, module in resolved]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._training: list[nn.Module] = []  # modules that were in train mode on entry
@@ -162,9 +174,15 @@ class GradCamCapture:
             if not self._acts:  # a plain model(x) inside the `with` block: leave the output alone
                 return None
             name = self.layer_names[index]
-            if not isinstance(output, Tensor) or output.ndim != 4:
-                got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise XalError(f"target layer '{name}' must output feature maps (B, C, h, w), got {got}")
+            if not isinstance(output, Tensor):
+                raise XalError(f"target layer '{name}' must output a tensor, got {type(output).__name__}")
+            shape = self._shapes[index]
+            shaped = output if shape is None else shape(output.detach())
+            if not isinstance(shaped, Tensor) or shaped.ndim != 4:
+                got = tuple(shaped.shape) if isinstance(shaped, Tensor) else type(shaped).__name__
+                how = "must output feature maps (B, C, h, w)" if shape is None else \
+                    "must give feature maps (B, C, h, w) after reshape_transform"
+                raise XalError(f"target layer '{name}' {how}, got {got}")
             if self._acts[index] is not None:
                 raise XalError(f"target layer '{name}' ran twice in one forward pass; pick a layer that runs once")
             downstream = output.requires_grad and any(a is not None for a in self._acts)
@@ -204,17 +222,19 @@ class GradCamCapture:
             features = self._features[0] if self._features else None
         finally:
             self._acts, self._features = [], None
+        shapes = [s or (lambda t: t) for s in self._shapes]
         return CamCapture(
             logits=logits.detach(),
             scores=scores.detach(),
-            activations=tuple(a.detach() for a in acts),
-            gradients=tuple(grads),
+            activations=tuple(s(a.detach()) for s, a in zip(shapes, acts)),
+            gradients=tuple(s(g) for s, g in zip(shapes, grads)),
             features=features,
         )
 
 
 def capture(model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec], images: Tensor,
-            targets: Targets = None, feature_layer: LayerSpec | None = None) -> CamCapture:
+            targets: Targets = None, feature_layer: LayerSpec | None = None,
+            reshape_transform: Callable[[Tensor], Tensor] | None = None) -> CamCapture:
     """One-shot :class:`GradCamCapture`: enter, capture one batch, restore the model."""
-    with GradCamCapture(model, target_layers, feature_layer) as cap:
+    with GradCamCapture(model, target_layers, feature_layer, reshape_transform) as cap:
         return cap(images, targets)

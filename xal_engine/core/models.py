@@ -16,6 +16,20 @@ The default Grad-CAM layer depends on the image size: the deepest of the arch's 
 (its stages) whose map is at least MIN_TARGET_MAP on both sides, read off a shape probe
 (:func:`choose_target_layer`).
 
+Transformers (``vit_b_16``, ``swin_t``): their layers output tokens, not (B, C, h, w) maps. Each
+built model carries a :class:`TokenLayout` (attribute ``cam_layout``) that gives, per layer name, the
+token→map reshape (pytorch-grad-cam's ``reshape_transform`` convention) that capture, the explanation
+loss, the shape probe and the compat classes apply to A and G:
+
+- ``vit_b_16``: tokens (B, 1 + h·w, D) → drop the class token → (B, D, h, w), h = w = S/16 for an
+  S×S image (ViT needs square images, S a multiple of 16; the model is built for the pool's S, and
+  local 224² weights get their position embeddings interpolated, torchvision's
+  ``interpolate_embeddings``). Default Grad-CAM layer ``encoder.layers.encoder_layer_11.ln_1`` (the
+  last block's first LayerNorm, as pytorch-grad-cam's ViT example: the last block's OUTPUT reaches the
+  head only through the class token, so its patch tokens get zero gradient).
+- ``swin_t``: stages output channels-last maps (B, h, w, C) → permuted to (B, C, h, w). Candidates
+  ``features.1/3/5/7`` (the four stages, /4 … /32); the default is the deepest with a 7×7 map.
+
 ``tiny`` (:class:`TinyNet`) is the one arch built here rather than by torchvision: one strided conv,
 global pooling, a linear head, random init only; it exists to make host overhead visible in benchmarks.
 """
@@ -23,6 +37,7 @@ global pooling, a linear head, random init only; it exists to make host overhead
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import zipfile
 from collections.abc import Callable
@@ -51,6 +66,8 @@ class ArchSpec:
     head_dropout: str | None = None  # the arch's own nn.Dropout right before the head, if it has one
     # builds the 3-channel, 1000-class model for an arch that is not torchvision's (None: torchvision)
     build: Callable[[], nn.Module] | None = None
+    layout: TokenLayout | None = None  # transformers: the token→map reshape of their layers
+    patch: int = 0  # ViT: the model is built for the image size, square, a multiple of this
 
     @property
     def target_layer(self) -> str:
@@ -76,6 +93,71 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))  # (B, C, H, W) -> (B, K)
 
 
+class TokenGrid:
+    """ViT tokens (B, P + h·w, D) → (B, D, h, w): drop the ``prefix`` class token(s), square grid.
+
+    pytorch-grad-cam's ViT ``reshape_transform`` (``t[:, 1:].reshape(B, h, w, D)``, channels first).
+    A 4-D input (the patch-embedding conv) passes unchanged.
+    """
+
+    def __init__(self, prefix: int = 1) -> None:
+        self.prefix = prefix
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 4:
+            return t
+        if t.ndim != 3:
+            raise XalError(f"ViT tokens must be (B, T, D), got {tuple(t.shape)}")
+        batch, tokens, dim = t.shape
+        side = math.isqrt(max(tokens - self.prefix, 0))
+        if side * side != tokens - self.prefix or side == 0:
+            raise XalError(f"{tokens} tokens are not {self.prefix} class token(s) and a square patch grid")
+        return t[:, self.prefix:, :].reshape(batch, side, side, dim).permute(0, 3, 1, 2)
+
+
+class ChannelsLastMap:
+    """Channels-last maps (B, h, w, C) → (B, C, h, w), as pytorch-grad-cam's Swin ``reshape_transform``."""
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim != 4:
+            raise XalError(f"Swin maps must be (B, h, w, C), got {tuple(t.shape)}")
+        return t.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which layers of a transformer give tokens, and the reshape that makes them (B, C, h, w) maps.
+
+    ``prefixes``: dotted-name prefixes of the token layers (a name equal to one, or below it);
+    ``exclude``: names inside them that already give (B, C, h, w).
+    """
+
+    prefixes: tuple[str, ...]
+    reshape: Callable[[torch.Tensor], torch.Tensor]
+    exclude: tuple[str, ...] = ()
+
+    def transform(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if name in self.exclude:
+            return None
+        inside = any(name == p or name.startswith(p + ".") for p in self.prefixes)
+        return self.reshape if inside else None
+
+
+CAM_LAYOUT_ATTR = "cam_layout"  # the attribute of a built transformer that holds its TokenLayout
+
+
+def layer_reshape(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The token→map reshape of ``model``'s layer ``name``; None where the layer gives (B, C, h, w)."""
+    layout = getattr(model, CAM_LAYOUT_ATTR, None)
+    return layout.transform(name) if isinstance(layout, TokenLayout) else None
+
+
+def reshape_transform(arch: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """pytorch-grad-cam's ``reshape_transform`` for ``arch``'s token layers (None for CNNs)."""
+    layout = parse_arch(arch).layout
+    return None if layout is None else layout.reshape
+
+
 _RESNET = ArchSpec("conv1", "fc", ("layer1", "layer2", "layer3", "layer4"))
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": _RESNET,
@@ -93,6 +175,14 @@ ARCHS: dict[str, ArchSpec] = {
                                                                 "features.7")),
     # not torchvision's: built here, random init only (see TinyNet)
     "tiny": ArchSpec("features.0", "fc", ("features",), build=TinyNet),
+    # transformers (see the module docstring): every block's ln_1 has the same patch grid, so the
+    # candidates are the twelve and the default is the last one
+    "vit_b_16": ArchSpec("conv_proj", "heads.head",
+                         tuple(f"encoder.layers.encoder_layer_{i}.ln_1" for i in range(12)),
+                         layout=TokenLayout(("encoder",), TokenGrid(1)), patch=16),
+    "swin_t": ArchSpec("features.0.0", "head", ("features.1", "features.3", "features.5", "features.7"),
+                       layout=TokenLayout(("features", "norm"), ChannelsLastMap(),
+                                          exclude=("features", "features.0.0"))),
 }
 
 DEFAULT_TARGET_LAYERS: dict[str, str] = {name: spec.target_layer for name, spec in ARCHS.items()}
@@ -139,7 +229,11 @@ def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
     wanted = list(dict.fromkeys(layers))
 
     def hook(name: str) -> Any:
+        shape = layer_reshape(model, name)
+
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if shape is not None and isinstance(output, torch.Tensor):
+                output = shape(output)
             if not (isinstance(output, torch.Tensor) and output.dim() == 4):
                 what = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise XalError(f"layer {name!r} gives {what}, not a (B, C, h, w) feature map for Grad-CAM")
@@ -158,7 +252,7 @@ def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
             model(x)
     except _ProbeDone:
         pass
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # torch._assert (ViT's image size) raises AssertionError
         c, h, w = image_shape
         raise XalError(f"a {c}x{h}x{w} image does not fit the model ({_first_line(err)})") from None
     finally:
@@ -285,7 +379,8 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def _load_local_weights(model: nn.Module, path: Path, arch: str) -> None:
+def _load_local_weights(model: nn.Module, path: Path, arch: str,
+                        adapt: Callable[[object], object] | None = None) -> None:
     if not path.is_file():
         raise XalError(f"pretrained weights file {path} not found")
     try:
@@ -293,10 +388,11 @@ def _load_local_weights(model: nn.Module, path: Path, arch: str) -> None:
     except Exception as err:  # noqa: BLE001  (any failure of torch.load: see _read_checkpoint)
         raise XalError(f"pretrained weights file {path} is not a readable state dict "
                        f"({_first_line(err)})") from None
-    _load_state(model, state, f"pretrained weights file {path}", arch)
+    _load_state(model, state if adapt is None else adapt(state), f"pretrained weights file {path}", arch)
 
 
-def _load_published_weights(model: nn.Module, arch: str) -> None:
+def _load_published_weights(model: nn.Module, arch: str,
+                            adapt: Callable[[object], object] | None = None) -> None:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:  # torch.hub cache under $TORCH_HOME first, else a download
         state = weights.get_state_dict(progress=False, check_hash=True)
@@ -306,7 +402,7 @@ def _load_published_weights(model: nn.Module, arch: str) -> None:
             f"published {arch} weights are not available offline ({type(err).__name__}: {err}); "
             f"place {Path(weights.url).name} under {home}/hub/checkpoints or pass a local file"
         ) from None
-    _load_state(model, state, f"published {arch} weights", arch)
+    _load_state(model, state if adapt is None else adapt(state), f"published {arch} weights", arch)
 
 
 def _load_state(model: nn.Module, state: object, what: str, arch: str) -> None:
@@ -320,15 +416,38 @@ def _load_state(model: nn.Module, state: object, what: str, arch: str) -> None:
                        f"{first}") from None
 
 
+def vit_image_size(arch: str, image_size: tuple[int, int] | None) -> int:
+    """The square side a ViT is built for: ``image_size`` (H, W), or 224; an XalError unless square
+    and a multiple of the patch."""
+    spec = parse_arch(arch)
+    if image_size is None:
+        return 224
+    h, w = (int(v) for v in image_size)
+    if h != w or h % spec.patch or h < spec.patch:
+        raise XalError(f"{arch} needs square images whose side is a multiple of {spec.patch}; got {h}x{w}")
+    return h
+
+
+def _vit_state(state: object, side: int, patch: int) -> object:
+    """A 224² ViT state dict with its position embeddings interpolated to ``side`` (torchvision's)."""
+    if not isinstance(state, dict) or "encoder.pos_embedding" not in state:
+        return state
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    return interpolate_embeddings(side, patch, state)
+
+
 def build_model(arch: str, num_classes: int, in_channels: int,
-                pretrained: str | Path | None = None, head_dropout: float | None = None) -> nn.Module:
+                pretrained: str | Path | None = None, head_dropout: float | None = None,
+                image_size: tuple[int, int] | None = None) -> nn.Module:
     """A torchvision ``arch`` reading ``in_channels`` and giving ``num_classes`` logits.
 
     ``pretrained``: None (random init), ``"imagenet"`` (torchvision's published weights, from the
     torch.hub cache or a download; an XalError when unavailable), or a path to a torchvision state
     dict of the 3-channel, 1000-class model. The first conv is adapted by :func:`adapt_conv_weight`;
     the head is always freshly initialised. ``head_dropout``: the dropout p on the head's input (see
-    the module docstring); None keeps the arch's own (0 where it has none).
+    the module docstring); None keeps the arch's own (0 where it has none). ``image_size`` (H, W):
+    the images the model will read; only ViT uses it (built for that size, 224 when None).
     """
     spec = parse_arch(arch)
     parse_head_dropout(head_dropout)
@@ -338,14 +457,20 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         raise XalError(f"in_channels must be at least 1, got {in_channels}")
     if spec.build is not None and pretrained is not None:
         raise XalError(f"--pretrained: {arch} has no pretrained weights (random init only); drop the flag")
-    model = spec.build() if spec.build is not None else torchvision.models.get_model(arch, weights=None)
+    extra: dict[str, Any] = {}
+    if spec.patch:
+        extra["image_size"] = vit_image_size(arch, image_size)
+    model = spec.build() if spec.build is not None else torchvision.models.get_model(arch, weights=None, **extra)
     if pretrained is not None:
+        adapt = (lambda state: _vit_state(state, extra["image_size"], spec.patch)) if spec.patch else None
         if str(pretrained) == "imagenet":
-            _load_published_weights(model, arch)
+            _load_published_weights(model, arch, adapt)
         else:
-            _load_local_weights(model, Path(pretrained), arch)
+            _load_local_weights(model, Path(pretrained), arch, adapt)
     _replace_first_conv(model, spec, in_channels)
     _replace_head(model, spec, num_classes, head_dropout)
+    if spec.layout is not None:
+        setattr(model, CAM_LAYOUT_ATTR, spec.layout)
     return model
 
 
@@ -478,8 +603,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise XalError(f"checkpoint {path} is incomplete or malformed ({err!r})") from None
     try:
+        size = info.image_size
         model = build_model(info.arch, info.num_classes, info.in_channels,
-                            head_dropout=None if recorded is None else float(recorded))
+                            head_dropout=None if recorded is None else float(recorded),
+                            image_size=None if size is None else size[1:])
     except XalError as err:
         raise XalError(f"checkpoint {path}: {err}") from None
     info = replace(info, head_dropout=head_dropout_p(model, info.arch))  # absent: the arch's own

@@ -117,6 +117,7 @@ def score_batch(
     mc: McDropout | None = None,
     index: Tensor | np.ndarray | None = None,
     capturer: GradCamCapture | None = None,
+    cam_method: str = "gradcam",
 ) -> BatchScores:
     """Scores of ``images`` (B, C, H, W); ``rois`` (B, H', W') bool at any resolution, or None.
 
@@ -129,6 +130,9 @@ def score_batch(
     feature layer where embeddings or MC dropout are asked for), entered once for many batches: a run
     then resolves layers, freezes parameters and registers hooks once, not per batch. Without it the
     batch is captured one-shot (:func:`~xal_engine.core.capture.capture`).
+
+    ``cam_method``: the CAM method of the map and the ROI metrics (a key of
+    :data:`xal_engine.core.cam_methods.CAM_METHODS`; the default is Grad-CAM).
 
     ``targets`` picks the Grad-CAM class per image (see :func:`xal_engine.core.capture.target_scores`).
     Images without an ROI (``rois`` None, or ``has_roi`` False) get NaN dice/soft_dice/energy and
@@ -176,7 +180,7 @@ def score_batch(
     with torch.autocast(device.type, enabled=False):
         probs = torch.softmax(out.logits.float(), dim=1)  # (B, K)
         roi = gradcam_dice(act, grad, roi_mask.bool(), threshold=threshold, return_cam=return_cam,
-                           backend=backend)
+                           backend=backend, method=cam_method)
     values = {
         "probs": probs,
         "pred": out.logits.argmax(dim=1).masked_fill(~finite, -1),  # -1: the pred field's fill

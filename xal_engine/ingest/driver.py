@@ -23,6 +23,13 @@ from xal_engine.ingest.workers import ordered_map
 from xal_engine.progress import plural, progress
 from xal_engine.store import SPLIT_NAMES, Pool, PoolWriter
 from xal_engine.store.files import atomic_write_text, dumps_json, write_target
+from xal_engine.store.location import Location, StoreURL, parse_location
+
+
+def sidecar_base(out: Location) -> Path:
+    """Where the report and progress log of an ingest into ``out`` go: beside a local pool; for a pool
+    in an object store, in the working directory under the pool's name (resume from the same place)."""
+    return out if isinstance(out, Path) else Path(out.name)
 
 
 def report_path(out: Path) -> Path:
@@ -95,13 +102,14 @@ def _counts(pool: Pool) -> dict[str, Any]:
             "with_roi": int(pool.column("has_roi").sum())}
 
 
-def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = None) -> dict[str, Any]:
+def ingest(source: IngestSource, out: Path | str | StoreURL, config: IngestConfig | None = None) -> dict[str, Any]:
     """Build the pool at ``out`` from ``source``; returns the report also written to <out>.ingest.json."""
     config = config or IngestConfig()
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.parent.is_dir():  # else the pool's writer creates it
-        write_target(report_path(out))  # a report path that is not a file is refused before any work
+    out = parse_location(out)  # a local path or an object-store URL
+    beside = sidecar_base(out)
+    if beside.parent.is_dir():  # else the pool's writer creates it
+        write_target(report_path(beside))  # a report path that is not a file is refused before any work
     items, skipped = source.scan()
     if not items:
         first = f"; first: {skipped[0].item}: {skipped[0].reason}" if skipped else ""
@@ -116,7 +124,7 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
                         source=str(source.root.resolve()), attrs={"ingest": settings},
                         overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume,
                         extra_arrays=source.extra_arrays)
-    log = ProgressLog(progress_log_path(out), _fingerprint(settings, items))
+    log = ProgressLog(progress_log_path(beside), _fingerprint(settings, items))
     with writer:
         resumed_from = writer.n_written
         start, drop, done_skips = log.start(resumed_from)
@@ -152,7 +160,7 @@ def ingest(source: IngestSource, out: Path | str, config: IngestConfig | None = 
               **_counts(pool), "classes": pool.classes, "resumed_from": resumed_from,
               "skipped_count": len(skipped), "skipped": [s._asdict() for s in skipped],
               "settings": settings, "seconds": round(time.perf_counter() - t0, 3)}
-    atomic_write_text(report_path(out), dumps_json(report, indent=1, default=str) + "\n")
+    atomic_write_text(report_path(beside), dumps_json(report, indent=1, default=str) + "\n")
     return report
 
 
@@ -162,4 +170,4 @@ def summary(report: dict[str, Any]) -> str:
     return (f"ingest {report['format']}: {plural(report['images'], 'image')} from "
             f"{plural(report['items'], 'item')} "
             f"({report['skipped_count']} skipped) -> {report['pool']} [{splits}]; "
-            f"report {report_path(Path(report['pool']))}")
+            f"report {report_path(sidecar_base(parse_location(report['pool'])))}")

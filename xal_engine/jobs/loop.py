@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from xal_engine.core.acquisition import (
     SelectConfig,
     select,
 )
+from xal_engine.core.cam_methods import DEFAULT_CAM_METHOD, check_cam_method
 from xal_engine.core.fields import REQUIRED_NAMES
 from xal_engine.core.models import DEFAULT_TARGET_LAYERS, load_checkpoint, save_checkpoint
 from xal_engine.core.stopping import cohen_kappa, stop_suggested
@@ -59,6 +61,7 @@ from xal_engine.jobs.streaming import file_sha256
 from xal_engine.jobs.train import TrainConfig, check_inputs, check_target_layer, resolve_target_layer, train
 from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, Pool
 from xal_engine.store.files import jsonable as _jsonable
+from xal_engine.store.location import parse_location
 from xal_engine.store.run_folder import RunFolder, RunWriter, run_config
 from xal_engine.store.score_run import ScoreRun
 
@@ -88,6 +91,8 @@ class LoopConfig:
     mc_dropout: float | None = None  # their dropout p; None: the checkpoints' --head-dropout
     initial_strategy: str = "stratified"  # round 0: stratified (by true label, random) | typiclust
     initial_model: str | None = None  # typiclust: the checkpoint whose embeddings cluster the pool
+    # CAM method of every round's scoring (the Dice the acquisition reads) and of the explanation loss
+    cam_method: str = "gradcam"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -111,6 +116,10 @@ class LoopConfig:
                            "in) or --mc-dropout P (at scoring)")
         if self.mc_samples < 2:
             raise XalError(f"--mc-samples must be at least 2, got {self.mc_samples}")
+        try:
+            check_cam_method(self.cam_method)
+        except XalError as err:
+            raise XalError(f"--cam-method: {str(err).removeprefix('cam method: ')}") from None
         if (self.initial_strategy == "typiclust") != (self.initial_model is not None):
             raise XalError("--initial-strategy typiclust needs --initial-model CKPT (a checkpoint whose "
                            "embeddings cluster the pool), and --initial-model needs typiclust")
@@ -222,7 +231,7 @@ class ALLoop:
     def __init__(self, pool_path: str | Path, run_dir: RunWriter, config: LoopConfig, strategy: str,
                  seed: int, log: Callable[[str], None] = _stderr, show_progress: bool | None = None,
                  take_over_experiments: bool = False) -> None:
-        self.pool_path = Path(pool_path)
+        self.pool_path = parse_location(pool_path)  # a local path or an object-store URL
         self.take_over_experiments = take_over_experiments
         self.run_dir, self.config, self.strategy, self.seed = run_dir, config, strategy, seed
         self.experiment = experiment_name(strategy, seed)
@@ -257,7 +266,7 @@ class ALLoop:
             run=run_name, batch_size=c.score_batch_size, device=tc.device, threshold=c.threshold,
             num_workers=tc.num_workers, targets="pred", overwrite=True, threads=tc.threads,
             embeddings="embedding" in needs, mc_samples=c.mc_samples if "bald" in needs else 0,
-            mc_dropout=c.mc_dropout if "bald" in needs else None),
+            mc_dropout=c.mc_dropout if "bald" in needs else None, **cam_method_field(c.cam_method)),
             show_progress=self.show_progress)
         t2 = time.perf_counter()
         pool = Pool.open(self.pool_path)
@@ -371,7 +380,8 @@ class ALLoop:
         return rounds
 
     def _train(self, pool: Pool, r: int, model_path: Path) -> Path:
-        config = replace(self.config.train, seed=self.seed * SEED_STRIDE + r, labelled_only=self.experiment)
+        config = replace(self.config.train, seed=self.seed * SEED_STRIDE + r, labelled_only=self.experiment,
+                         cam_method=self.config.cam_method)
         initial_state = None
         if self.config.retrain == "finetune" and r > 0:
             previous = self.run_dir.model_pt(self.strategy, self.seed, r - 1)
@@ -381,10 +391,26 @@ class ALLoop:
         return save_checkpoint(model_path, result.model, result.checkpoint)
 
 
+def cam_method_field(method: str) -> dict[str, str]:
+    """``ScoreConfig``'s ``cam_method`` keyword for ``method``: empty for the default (Grad-CAM), so
+    that a default run's score configuration, and its fingerprint, stay as they were."""
+    if method == DEFAULT_CAM_METHOD:
+        return {}
+    if "cam_method" not in {f.name for f in dataclass_fields(ScoreConfig)}:
+        raise XalError(f"--cam-method {method}: this build's scoring takes no CAM method yet")
+    return {"cam_method": method}
+
+
 def config_record(pool_path: str | Path, config: LoopConfig) -> dict[str, Any]:
-    """What config.json holds for ``config``."""
-    return run_config(pool_path, config.strategies, config.seeds, config.rounds, config.train.arch,
-                      asdict(config))
+    """What config.json holds for ``config``. The CAM method is recorded only when it is not the
+    default: run folders begun before it existed (Grad-CAM) then resume, and a run of another method
+    is refused by a folder of Grad-CAM rounds, and the other way round."""
+    record = asdict(config)
+    if config.cam_method == DEFAULT_CAM_METHOD:
+        del record["cam_method"]
+    if record["train"].get("cam_method") == DEFAULT_CAM_METHOD:
+        del record["train"]["cam_method"]
+    return run_config(pool_path, config.strategies, config.seeds, config.rounds, config.train.arch, record)
 
 
 def check_pool(pool: Pool, config: LoopConfig) -> None:

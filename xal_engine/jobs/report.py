@@ -26,9 +26,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from xal_engine.core.cam_methods import DEFAULT_CAM_METHOD, check_cam_method
 from xal_engine.errors import XalError
 from xal_engine.jobs.overlay import OverlayStyle, Panel, contact_sheet, save_figure
 from xal_engine.progress import plural
+from xal_engine.store.location import Location, parse_location
+from xal_engine.store.location import exists as location_exists
 from xal_engine.store.run_folder import RunFolder, count_selected, read_selected
 
 CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
@@ -52,6 +55,7 @@ class ReportConfig:
     device: str = "auto"  # where CAMs are recomputed
     max_images: int = 36  # panels per contact sheet (the batch's top ranks)
     batch_size: int = 16  # images per CAM forward/backward
+    cam_method: str | None = None  # CAM method of the contact sheets; None: the one the run scored with
     style: OverlayStyle = field(default_factory=OverlayStyle)
 
 
@@ -235,10 +239,16 @@ def last_batch(run: RunData, strategy: str, seed: int) -> SheetSource | None:
     return None
 
 
-def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
-                 threshold: float) -> list[Panel]:
-    """Recompute the selecting model's Grad-CAM of the batch images; one captioned panel each."""
+def run_cam_method(run: RunData) -> str:
+    """The CAM method a loop run scored with (config.json ``loop.cam_method``; absent: Grad-CAM)."""
+    return check_cam_method(run.config.get("loop", {}).get("cam_method", DEFAULT_CAM_METHOD))
+
+
+def batch_panels(pool_path: Location, source: SheetSource, config: ReportConfig,
+                 threshold: float, cam_method: str = DEFAULT_CAM_METHOD) -> list[Panel]:
+    """Recompute the selecting model's CAM (``cam_method``) of the batch images; one captioned panel each."""
     from xal_engine.jobs.batch_sheet import cam_panels, read_images, recompute_cams
+    from xal_engine.jobs.loop import cam_method_field
     from xal_engine.jobs.streaming import ScoreConfig
     from xal_engine.store import Pool
 
@@ -252,7 +262,8 @@ def batch_panels(pool_path: Path, source: SheetSource, config: ReportConfig,
     if batch.ids != ids:
         raise XalError(f"{source.selected}: ids differ from pool {pool.path} at the listed indices "
                        "(was the pool rebuilt? pass the run's pool with --pool)")
-    scoring = ScoreConfig(threshold=threshold, batch_size=config.batch_size, device=config.device, num_workers=0)
+    scoring = ScoreConfig(threshold=threshold, batch_size=config.batch_size, device=config.device, num_workers=0,
+                          **cam_method_field(cam_method))
     cams, ckpt = recompute_cams(source.model, pool, batch, scoring)
     return cam_panels(batch, cams, ckpt.classes, pool.classes)
 
@@ -313,10 +324,14 @@ def render_html(c: ReportContent) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfig,
+def _sheets(run: RunData, pool_path: Location | None, out: Path, config: ReportConfig,
             notes: list[str]) -> list[tuple[str, str]]:
     """Draw the contact sheet of each strategy's first seed; what cannot be drawn becomes a note."""
     threshold = float(run.config.get("loop", {}).get("threshold", 0.5))
+    method = check_cam_method(config.cam_method) if config.cam_method is not None else run_cam_method(run)
+    from xal_engine.core.cam_methods import CAM_METHODS  # torch: only where sheets are drawn
+
+    cam_name = CAM_METHODS[method].title
     sheets = []
     for strategy in run.strategies:
         seeds = sorted({int(s) for s in run.seed[run.strategy == strategy]}) or \
@@ -325,17 +340,17 @@ def _sheets(run: RunData, pool_path: Path | None, out: Path, config: ReportConfi
         if source is None:
             notes.append(f"{strategy}: no selected batch with its checkpoint yet")
             continue
-        if pool_path is None or not pool_path.exists():
+        if pool_path is None or not location_exists(pool_path):
             notes.append(f"{strategy}: contact sheet skipped, pool {pool_path} not found (pass --pool)")
             continue
-        panels = batch_panels(pool_path, source, config, threshold)
+        panels = batch_panels(pool_path, source, config, threshold, method)
         picked = "initial set" if source.round == 0 else f"round {source.round} batch"
         model = "round-0 model" if source.round == 0 else \
             f"round-{source.round - 1} model (whose scores the selection used)"
         total = count_selected(source.selected)
         shown = plural(len(panels), "image") if len(panels) == total else \
             f"the first {len(panels)} of {total} images in rank order"
-        caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), Grad-CAM of the {model}"
+        caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), {cam_name} of the {model}"
         name = f"contact_{strategy}.png"
         save_figure(contact_sheet(panels, caption, config.style), out / name)
         sheets.append((caption, name))
@@ -359,7 +374,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | 
     if not out_dir.parent.is_dir():
         raise XalError(f"--out {out_dir}: its parent folder does not exist")
     out_dir.mkdir(exist_ok=True)
-    pool_path = Path(pool) if pool is not None else (Path(run.config["pool"]) if "pool" in run.config else None)
+    pool_path = parse_location(pool) if pool is not None else (
+        parse_location(run.config["pool"]) if "pool" in run.config else None)  # a path or an object-store URL
     curves = save_figure(learning_curve_figure(run), out_dir / CURVES_PNG)
     notes: list[str] = []
     sheets = _sheets(run, pool_path, out_dir, config, notes)

@@ -1,5 +1,6 @@
-"""CPU threads of the compute commands: torch's intra-op pool sized so that it and the loader worker
-processes together fit the cores this process may run on.
+"""The CPU runtime of the compute commands: torch's intra-op pool sized so that it and the loader
+worker processes together fit the cores this process may run on, and an allocator that keeps freed
+memory for the next batch (:func:`keep_freed_memory`).
 
 Loader workers decode Zarr chunks at full speed while torch's threads compute; with both at their
 defaults a 2-core machine ran ``train --epochs 2`` in 114.7 s instead of 21.6 s with one thread. The
@@ -9,7 +10,9 @@ An explicit ``OMP_NUM_THREADS`` is the user's choice and is kept when ``--thread
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +31,38 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS, Windows: no affinity mask
         return max(1, os.cpu_count() or 1)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory torch frees for the next batch rather than hand it back to the OS.
+
+    By default every CPU tensor over ~32 MB (and, once freed, many over 128 KiB) is a fresh mmap, so
+    each batch's activations and temporaries page-fault in again: measured on a 2-core machine, 27k
+    page faults per 64-image 224x224 batch of the tiny model, and plain inference took 60 ms of CPU
+    per batch instead of 18.8 ms with this (scoring 92 -> 39 ms). Allocations up to 256 MiB come from
+    the heap, and up to 1 GiB of freed heap is kept (the process's resident memory stays at its peak
+    rather than falling back between batches). Linux with glibc only; returns whether it applied.
+    Process-wide, once; forked loader workers inherit it. Numbers do not change.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30),
+                                                (_M_TOP_PAD, 64 << 20)))
+    _ALLOCATOR_TUNED = ok
+    return ok
 
 
 def default_loader_workers(cores: int | None = None) -> int:
@@ -76,7 +111,10 @@ def apply_threads(n: int) -> int:
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """``n`` intra-op threads inside the block, the caller's count again after it; None: unchanged."""
+    """``n`` intra-op threads inside the block, the caller's count again after it; None: unchanged.
+    Entering it also applies :func:`keep_freed_memory` (process-wide, once): every compute job
+    (score, train, and the loop through them) runs inside it."""
+    keep_freed_memory()
     if n is None:
         yield
         return

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from xal_engine.jobs.streaming import (
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
 from xal_engine.store.dataset import UnitRanges, read_ahead, worker_exit_with_parent
+from xal_engine.store.location import is_remote, local_path
 from xal_engine.store.locks import LockFile, score_shard_lock
 
 __all__ = ["ScoreConfig", "ScoreSummary", "open_run", "score_pool", "unit_loader"]
@@ -76,13 +77,16 @@ def unit_loader(pool: Pool, items: list[Item], with_labels: bool, num_workers: i
                 device: torch.device) -> Iterable[dict[str, Any]]:
     """The scorer's loader: ``UnitRanges`` items in order, decoded in ``num_workers`` forked processes
     that die with this one, two items prefetched per worker; with 0 workers, by one read-ahead thread
-    of this process. Pinning happens in the device feed (``streaming.to_device``), into reused slots."""
+    of this process (always for a pool in an object store: several reader threads, see
+    ``read_ahead``). For CUDA the items arrive pinned (the DataLoader's pin thread, or the read-ahead
+    thread), in blocks torch's caching host allocator reuses."""
     dataset = UnitRanges(pool, items, with_labels=with_labels)
-    if not num_workers:
-        return read_ahead(dataset)
+    pin = device.type == "cuda"
+    if not num_workers or is_remote(pool.path):  # an object store: reads wait on round trips, not on
+        return read_ahead(dataset, pin=pin)  # the CPU, and its client does not survive a fork
     return DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=2,
-        multiprocessing_context=loader_context(), worker_init_fn=worker_exit_with_parent(),
+        pin_memory=pin, multiprocessing_context=loader_context(), worker_init_fn=worker_exit_with_parent(),
     )
 
 
@@ -97,10 +101,14 @@ def stop_workers(items: Iterator[Any]) -> None:
         close()
 
 
-def shard_lock(pool: Pool, config: ScoreConfig) -> AbstractContextManager[LockFile]:
+def shard_lock(pool: Pool, config: ScoreConfig) -> AbstractContextManager[LockFile | None]:
     """The lock of this shard of run ``config.run``, to hold while scoring (see
-    :func:`~xal_engine.store.locks.score_shard_lock`): one process per shard, one shard count per run."""
-    return score_shard_lock(pool.path, config.run, config.shard_id, config.num_shards)
+    :func:`~xal_engine.store.locks.score_shard_lock`): one process per shard, one shard count per run.
+    Lock files exist only beside a local pool; on an object store nothing is locked (README)."""
+    root = local_path(pool.path)
+    if root is None:
+        return nullcontext()
+    return score_shard_lock(root, config.run, config.shard_id, config.num_shards)
 
 
 def score_pool(pool_path: str | Path, model_path: str | Path, config: ScoreConfig,

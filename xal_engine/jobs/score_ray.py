@@ -42,10 +42,13 @@ Running it
     ``--unit-size`` to keep every actor busy.
 
 Where the pool must live
-    Every actor opens the pool and the checkpoint by the driver's absolute path, so both must be on a
-    filesystem that all nodes mount at the same path (NFS, Lustre, GPFS, a cloud filesystem mounted
-    with FUSE). Object stores through fsspec URLs (``s3://``, ``gs://``) are not supported: the pool
-    code opens local Zarr stores only.
+    Every actor opens the pool by the driver's absolute path or URL and the checkpoint by its absolute
+    path. A local pool must be on a filesystem that all nodes mount at the same path (NFS, Lustre,
+    GPFS, FUSE); a pool in an object store (``s3://bucket/prefix/pool.zarr``, see
+    :mod:`xal_engine.store.location`) needs no shared filesystem: each actor opens the store itself
+    with the credentials of its node's environment (``AWS_*``, ``XAL_STORAGE_OPTIONS``; a local Ray
+    instance inherits the driver's) and writes its own units. Only the checkpoint must still be
+    readable at the same path on every node.
 
 Without Ray (Slurm, torchrun, plain processes)
     ``--shard-id I --num-shards S`` gives process I a contiguous, disjoint range of work units; e.g.
@@ -104,6 +107,7 @@ from xal_engine.jobs.streaming import (
 from xal_engine.progress import plural, progress
 from xal_engine.store import Pool
 from xal_engine.store.dataset import UnitRanges, read_ahead
+from xal_engine.store.location import absolute
 from xal_engine.store.score_run import ScoreRun
 
 MISSING_RAY = "--backend ray needs the 'ray' extra: pip install 'xal-engine[ray]'"
@@ -196,7 +200,8 @@ class ScorerActor:
         dice_count: list[int] = []
         writer = UnitWriter(self.run)  # Zarr encoding of unit i overlaps the compute of unit i+1
         try:
-            for unit, part in score_and_store(self.scorer, read_ahead(self.blocks), writer):
+            items = read_ahead(self.blocks, pin=self.device.type == "cuda")
+            for unit, part in score_and_store(self.scorer, items, writer):
                 finite = np.isfinite(part.dice)
                 done.append(unit)
                 images.append(part.pred.shape[0])
@@ -226,7 +231,7 @@ def score_pool_ray(pool_path: str | Path, model_path: str | Path, config: ScoreC
     """
     ray = import_ray()
     model_path = Path(model_path).resolve()
-    pool = Pool.open(Path(pool_path).resolve(), mode="r+")
+    pool = Pool.open(absolute(pool_path), mode="r+")  # actors open it by this path or URL
     pool.require_settled("before scoring")
     with shard_lock(pool, config):  # the driver holds it for its actors, which end with it
         return _score_ray_locked(ray, pool, model_path, config, ray_config, show_progress, actor)

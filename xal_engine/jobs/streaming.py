@@ -2,8 +2,8 @@
 device feed, the asynchronous result copies and the writer thread.
 
 Data path: loader items (``UnitRanges``: a chunk-aligned range of about ``--batch-size`` images inside
-one work unit, only the arrays scoring reads) → on CUDA, a reused pinned staging slot, copied to the
-GPU on a side stream while the previous batch computes → forward, partial backward, fused kernel →
+one work unit, only the arrays scoring reads; on CUDA pinned by the loader, in blocks that torch's
+caching host allocator reuses) → copied to the GPU on a side stream while the previous batch computes → forward, partial backward, fused kernel →
 every result packed into one (B, F) tensor, copied to a pinned host slot without waiting
 (:class:`ResultCopies`; read two batches later, once its event has fired) → a unit's rows gathered
 (:class:`UnitAssembler`) → a writer thread stores each complete unit and marks it done. No step
@@ -29,9 +29,10 @@ import torch
 
 from xal_engine import __version__
 from xal_engine.core import fields
+from xal_engine.core.cam_methods import DEFAULT_CAM_METHOD, check_cam_method
 from xal_engine.core.capture import GradCamCapture
 from xal_engine.core.fields import BatchScores
-from xal_engine.core.inputs import model_input, normalization_tensors
+from xal_engine.core.inputs import ModelInputs
 from xal_engine.core.models import (
     Checkpoint,
     check_layer_name,
@@ -76,6 +77,7 @@ class ScoreConfig:
     mc_dropout: float | None = None  # dropout p of the MC passes; None: the checkpoint's head_dropout
     mc_seed: int = 0  # keys the MC dropout masks (with each image's pool index: see core.scoring)
     unit_size: int | None = None  # images per work unit of a new run (whole pool chunks); None: 4096
+    cam_method: str = DEFAULT_CAM_METHOD  # the map Dice and the pointing game measure (--cam-method)
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
@@ -90,6 +92,7 @@ class ScoreConfig:
             raise XalError(f"--threads must be at least 1, got {self.threads}")
         if self.batch_size < 1:
             raise XalError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_cam_method(self.cam_method)
         if self.unit_size is not None and self.unit_size < 1:
             raise XalError(f"--unit-size must be at least 1 image, got {self.unit_size}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -178,61 +181,18 @@ def _cut(units: Iterable[int], unit_size: int, n: int, chunk_size: int, batch_si
     return items
 
 
-class PinnedStaging:
-    """A ring of reused pinned host slots that loader items pass through on their way to the GPU: one
-    memcpy into page-locked memory, then an asynchronous host→device copy; a slot is refilled only
-    once the copy out of it (its event) has finished. ``pin=False`` (the CPU tests) stages into plain
-    memory through the same code."""
-
-    def __init__(self, depth: int = 3, pin: bool = True) -> None:
-        self.depth, self.pin = depth, pin
-        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(depth)]
-        self.events: list[Any] = [None] * depth
-        self.count = 0
-
-    def stage(self, item: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """``item``'s tensors copied into the next slot (views of its first rows); returns (staged item,
-        slot index) — pass the index to :meth:`copied` once the device copy is queued."""
-        k = self.count % self.depth
-        self.count += 1
-        if self.events[k] is not None:
-            self.events[k].synchronize()  # the copy out of this slot, three items ago, has finished
-            self.events[k] = None
-        slot, staged = self.slots[k], {}
-        for name, value in item.items():
-            if not isinstance(value, torch.Tensor):
-                staged[name] = value
-                continue
-            buf = slot.get(name)
-            if buf is None or buf.dtype != value.dtype or buf.shape[1:] != value.shape[1:] \
-                    or buf.shape[0] < value.shape[0]:
-                buf = slot[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin)
-            staged[name] = buf[:value.shape[0]]
-            staged[name].copy_(value)
-        return staged, k
-
-    def copied(self, k: int, event: Any) -> None:
-        self.events[k] = event
-
-
 def to_device(loader: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
-    """Move loader items to `device`; on CUDA through :class:`PinnedStaging`, the copy of item i+1
-    (on a side stream) overlapping the compute of item i. On the CPU items pass as they are."""
+    """Move loader items to `device`; on CUDA the copy of item i+1 (on a side stream, from the pinned
+    memory the loader put it in) overlaps the compute of item i. On the CPU items pass as they are."""
     if device.type != "cuda":
         yield from loader
         return
     copy_stream = torch.cuda.Stream(device)
-    staging = PinnedStaging(pin=True)
 
     def start_copy(item: dict[str, Any]) -> dict[str, Any]:
-        staged, k = staging.stage(item)
         with torch.cuda.stream(copy_stream):
-            moved = {n: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for n, v in staged.items()}
-            event = torch.cuda.Event()
-            event.record(copy_stream)
-        staging.copied(k, event)
-        return moved
+            return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in item.items()}
 
     pending = None
     for item in loader:
@@ -432,6 +392,8 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
         "targets": config.targets,
         "n_images": pool.n,
     }
+    if config.cam_method != DEFAULT_CAM_METHOD:  # only then: Grad-CAM runs keep their fingerprint
+        fingerprint["cam_method"] = config.cam_method
     if config.save_cams:  # only when set, so that runs made without it keep their fingerprint
         fingerprint["save_cams"] = True
     if config.embeddings:  # likewise
@@ -505,15 +467,16 @@ BATCH_KEYS = ("images", "rois", "has_roi", "labels")
 
 class Scorer:
     """One run's per-batch scoring on one device, set up once: the model frozen and in eval with its
-    Grad-CAM hooks registered (one :class:`GradCamCapture` for every batch), the normalisation
-    constants on the device, the MC-dropout passes and the head resolved. Use as a context manager;
+    Grad-CAM hooks registered (one :class:`GradCamCapture` for every batch), the input conversion
+    with its constants on the device and one reused buffer (:class:`ModelInputs`), the MC-dropout
+    passes and the head resolved. Use as a context manager;
     ``scorer(batch)`` returns the batch's results on the device, with no host synchronisation."""
 
     def __init__(self, model: torch.nn.Module, ckpt: Checkpoint, config: ScoreConfig,
                  device: torch.device) -> None:
         self.model, self.ckpt, self.config, self.device = model, ckpt, config, device
-        self.mean, self.std = normalization_tensors(ckpt.config.get("normalize_mean"),
-                                                    ckpt.config.get("normalize_std"), device)  # as in training
+        self.inputs = ModelInputs(ckpt.config.get("normalize_mean"), ckpt.config.get("normalize_std"),
+                                  device)  # as in training
         self.mc = mc_dropout(ckpt, config)
         self.head = parse_arch(ckpt.arch).head if config.embeddings or self.mc is not None else None
         self.capturer = GradCamCapture(model, ckpt.target_layer, feature_layer=self.head)
@@ -533,7 +496,7 @@ class Scorer:
         such as a sheet's recomputed CAMs, gets no MC fields)."""
         config = self.config
         targets = _label_or_prediction(batch["labels"]) if config.targets == "label" else None
-        images = model_input(batch["images"], self.mean, self.std)
+        images = self.inputs(batch["images"])
         mc = self.mc if "index" in batch else None
         extra: dict[str, Any] = {}
         if config.embeddings or mc is not None:  # only then: a plain run calls score_batch as it always did
@@ -543,7 +506,7 @@ class Scorer:
             return score_batch(
                 self.model, self.ckpt.target_layer, images, rois=batch["rois"], has_roi=batch["has_roi"],
                 targets=targets, threshold=config.threshold, backend=config.kernel,
-                return_cam=config.save_cams, capturer=self.capturer, **extra,
+                return_cam=config.save_cams, capturer=self.capturer, cam_method=config.cam_method, **extra,
             )
 
 

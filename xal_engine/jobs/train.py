@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from xal_engine.core.augment import AugmentConfig, augment_batch
+from xal_engine.core.cam_methods import check_cam_method
 from xal_engine.core.explanation import ExplanationTerm
 from xal_engine.core.inputs import resolve_device, to_unit_float
 from xal_engine.core.models import (
@@ -37,6 +38,7 @@ from xal_engine.core.models import (
     choose_target_layer,
     head_dropout_p,
     layer_choice,
+    layer_reshape,
     parse_arch,
     resolve_layer,
 )
@@ -77,7 +79,8 @@ class TrainConfig:
     normalize_std: tuple[float, ...] | None = None
     shuffle_buffer: int = 256  # images shuffled together (blocks are shuffled as wholes)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
-    explanation_weight: float = 0.0  # W: adds W·(1 − soft Dice(Grad-CAM, ROI)) on images with an ROI
+    explanation_weight: float = 0.0  # W: adds W·(1 − soft Dice(CAM, ROI)) on images with an ROI
+    cam_method: str = "gradcam"  # the CAM of the explanation loss (core.cam_methods.CAM_METHODS)
     threads: int | None = None  # torch intra-op threads while training; None: the process's setting
     # dropout p on the classifier's input (recorded in the checkpoint; MC dropout at scoring); None: the
     # arch's own (none for resnet/densenet/convnext, 0.2 for efficientnet_b0)
@@ -95,6 +98,10 @@ class TrainResult:
 def parse_config(config: TrainConfig) -> TrainConfig:
     """Check every field; an XalError names the field, its value and what was expected."""
     parse_arch(config.arch)
+    try:
+        check_cam_method(config.cam_method)
+    except XalError as err:
+        raise XalError(f"cam_method: {str(err).removeprefix('cam method: ')}") from None
     checks = [("epochs", config.epochs >= 1, ">= 1"),
               ("batch_size", config.batch_size >= 2, ">= 2 (batch norm needs two images)"),
               ("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
@@ -156,7 +163,7 @@ def pick_target_layer(model: nn.Module, config: TrainConfig, image_shape: tuple[
 def resolve_target_layer(pool: Pool, config: TrainConfig, log: Callable[[str], None]) -> LayerChoice:
     """:func:`pick_target_layer` for ``pool``'s image size on a throwaway model (layer shapes do not
     depend on the weights or the class count), before any training."""
-    model = build_model(config.arch, 2, pool.channels)
+    model = build_model(config.arch, 2, pool.channels, image_size=(pool.height, pool.width))
     return pick_target_layer(model, config, (pool.channels, pool.height, pool.width), log)
 
 
@@ -234,7 +241,8 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.amp_dtype == torch.float16)
         self.pin = cuda
         # Explanation loss: a hook keeps the target layer's output of each training forward.
-        self.explanation = (ExplanationTerm(resolve_layer(self.model, target_layer), config.explanation_weight)
+        self.explanation = (ExplanationTerm(resolve_layer(self.model, target_layer), config.explanation_weight,
+                                            config.cam_method, layer_reshape(self.model, target_layer))
                             if config.explanation_weight > 0 else None)
         self.show_progress = show_progress
         # Three seeded streams: block order (sampler), row shuffling, augmentation draws.
@@ -266,7 +274,8 @@ class _Trainer:
                 rois = batch["rois"].to(self.device, non_blocking=True) if self.explanation is not None else None
                 if self.config.augment:  # the ROI moves with its image
                     x, rois = augment_batch(x, rois, self.augment_gen, self.config.augmentation)
-                with self.autocast():
+                explaining = self.explanation.forward_context() if self.explanation is not None else nullcontext()
+                with self.autocast(), explaining:
                     logits = self.model(x).float()  # (B, K)
                     loss = self.loss_fn(logits, y)
                 if self.explanation is not None:
@@ -363,7 +372,8 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
             "keeping the epoch with the lowest training loss")
 
     torch.manual_seed(config.seed)  # model initialisation
-    model = build_model(config.arch, k, pool.channels, pretrained, head_dropout=config.head_dropout)
+    model = build_model(config.arch, k, pool.channels, pretrained, head_dropout=config.head_dropout,
+                        image_size=(pool.height, pool.width))
     if initial_state is not None:
         try:
             model.load_state_dict(initial_state)

@@ -13,17 +13,26 @@ from xal_engine.errors import XalError
 CAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_inputs(activations: Tensor, gradients: Tensor, rois: Tensor | np.ndarray, threshold: float) -> Tensor:
+LAYOUTS = {2: "(B, C, h, w)", 3: "(B, C, d, h, w)"}  # activations/gradients of images, of volumes
+
+
+def check_inputs(activations: Tensor, gradients: Tensor, rois: Tensor | np.ndarray, threshold: float,
+                 *, spatial_dims: tuple[int, ...] = (2,)) -> Tensor:
     """Validate the arguments of ``gradcam_dice`` and return ``rois`` as a bool tensor.
+
+    ``spatial_dims``: what the caller computes: 2 = images, A and G (B, C, h, w) with rois (B, H, W)
+    (the default: the 2-D reference); 3 = volumes, A and G (B, C, d, h, w) with rois (B, D, H, W).
 
     A numpy ROI array moves to the activations' device; a non-bool ROI counts non-zero as inside.
     Raises XalError naming the argument and what was expected.
     """
     for name, t in (("activations", activations), ("gradients", gradients)):
         if not isinstance(t, Tensor):
-            raise XalError(f"{name}: expected a torch.Tensor (B, C, h, w), got {type(t).__name__}")
-        if t.dim() != 4 or min(t.shape[1:]) < 1:
-            raise XalError(f"{name}: expected shape (B, C, h, w) with C, h, w >= 1, got {tuple(t.shape)}")
+            layouts = " or ".join(LAYOUTS[n] for n in spatial_dims)
+            raise XalError(f"{name}: expected a torch.Tensor {layouts}, got {type(t).__name__}")
+        if t.dim() - 2 not in spatial_dims or min(t.shape[1:]) < 1:
+            expected = " or ".join(f"{LAYOUTS[n]} with {LAYOUTS[n][4:-1]} >= 1" for n in spatial_dims)
+            raise XalError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
         if t.dtype not in CAM_DTYPES:
             raise XalError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
     if activations.shape != gradients.shape:
@@ -35,8 +44,12 @@ def check_inputs(activations: Tensor, gradients: Tensor, rois: Tensor | np.ndarr
     if isinstance(rois, np.ndarray):
         rois = torch.from_numpy(rois).to(activations.device)
     if not isinstance(rois, Tensor):
-        raise XalError(f"rois: expected a tensor or numpy array (B, H, W), got {type(rois).__name__}")
-    if rois.dim() != 3 or rois.shape[0] != activations.shape[0] or min(rois.shape[1:]) < 1:
+        kind = "(B, D, H, W)" if activations.dim() == 5 else "(B, H, W)"
+        raise XalError(f"rois: expected a tensor or numpy array {kind}, got {type(rois).__name__}")
+    if rois.dim() != activations.dim() - 1 or rois.shape[0] != activations.shape[0] or min(rois.shape[1:]) < 1:
+        if activations.dim() == 5:  # volumes: (B, C, d, h, w) activations want (B, D, H, W) ROIs
+            raise XalError(f"rois: expected shape (B={activations.shape[0]}, D, H, W) with D, H, W >= 1 for "
+                           f"5-D activations, got {tuple(rois.shape)}")
         raise XalError(
             f"rois: expected shape (B={activations.shape[0]}, H, W) with H, W >= 1, got {tuple(rois.shape)}"
         )

@@ -5,13 +5,15 @@ Triton kernel (``xal_engine.kernels.gradcam_dice``) reproduces it operation for 
 
 Per image b, with activations A and gradients G of shape (C, h, w) and an ROI mask R of shape (H, W):
 
-    w_k = mean_ij G_k,ij                                   channel weights           (C,)
-    M   = max(0, sum_k w_k A_k)                            Grad-CAM                  (h, w)
+    M   = max(0, cam(A, G))                                the CAM method's map      (h, w)
+                                                           gradcam: sum_k w_k A_k, w_k = mean_ij G_k
     N   = (M - min M) / (max(M - min M) + 1e-7)            stage-1 min-max           (h, w)
     U   = bilinear(N -> H x W), half-pixel centres (align_corners=False, no antialias)
     S   = (U - min U) / (max(U - min U) + 1e-7)            stage-2 min-max           (H, W)
 
-S equals pytorch-grad-cam's ``GradCAM`` output for one layer. Agreement with R, at threshold tau:
+``cam`` is the method's part (:mod:`xal_engine.ops.cam_methods`: channel weights or a map); the rest
+is shared. S equals pytorch-grad-cam's output of the method's class for one layer (``GradCAM`` for
+the default ``gradcam``); ``multi_layer_maps`` combines several layers as pytorch-grad-cam does. Agreement with R, at threshold tau:
 
     dice      = 2 |{S >= tau} & R| / (|{S >= tau}| + |R|)  ties at tau count as attended
     soft_dice = 2 sum(S R) / (sum S + |R|)
@@ -35,12 +37,16 @@ of a non-zero CAM typically spread over most of [0, 1] and are well conditioned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xal_engine.errors import XalError
 from xal_engine.ops.agreement import RoiAgreement
+from xal_engine.ops.cam_methods import CamMethod, get_cam_method
 from xal_engine.ops.checks import check_inputs
 
 EPS = 1e-7  # the min-max epsilon of pytorch-grad-cam
@@ -53,15 +59,18 @@ def min_max(x: Tensor) -> Tensor:
     return (shifted / (shifted.amax(1, keepdim=True) + EPS)).view_as(x)
 
 
-def low_res_cam(activations: Tensor, gradients: Tensor) -> Tensor:
-    """Stage-1 map N (B, h, w) float32; all NaN for an image whose pre-ReLU sum is not finite."""
-    a = activations.float()  # [B, C, h, w]
-    weights = gradients.float().mean(dim=(2, 3))  # [B, C]
-    # Elementwise product and sum, not einsum/bmm: a matmul may run in TF32 on a GPU.
-    cam = (weights[:, :, None, None] * a).sum(1)  # [B, h, w], pre-ReLU
+def normalise_cam(cam: Tensor) -> Tensor:
+    """Stage 1 of every method: min-max(ReLU(M)) of a pre-ReLU map M (B, h, w); an image whose M has
+    a non-finite entry comes out all NaN. Keeps M's dtype (fp32, or fp64 for gradcheck)."""
     finite = torch.isfinite(cam).flatten(1).all(1)  # [B]
     n = min_max(cam.clamp_min(0.0))
     return torch.where(finite[:, None, None], n, torch.full_like(n, float("nan")))
+
+
+def low_res_cam(activations: Tensor, gradients: Tensor, method: str | CamMethod = "gradcam") -> Tensor:
+    """Stage-1 map N (B, h, w) float32; all NaN for an image whose pre-ReLU map is not finite."""
+    cam = get_cam_method(method).cam(activations.float(), gradients.float())  # [B, h, w], pre-ReLU
+    return normalise_cam(cam)
 
 
 def upsample_normalise(cam: Tensor, size: tuple[int, int]) -> Tensor:
@@ -70,9 +79,31 @@ def upsample_normalise(cam: Tensor, size: tuple[int, int]) -> Tensor:
     return min_max(u[:, 0])
 
 
-def gradcam_maps(activations: Tensor, gradients: Tensor, size: tuple[int, int]) -> Tensor:
-    """S (B, H, W) float32, pytorch-grad-cam's GradCAM map at ``size``; NaN for non-finite inputs."""
-    return upsample_normalise(low_res_cam(activations, gradients), size)
+def gradcam_maps(activations: Tensor, gradients: Tensor, size: tuple[int, int],
+                 method: str | CamMethod = "gradcam") -> Tensor:
+    """S (B, H, W) float32, pytorch-grad-cam's map of ``method``'s class at ``size``; NaN for
+    non-finite inputs."""
+    return upsample_normalise(low_res_cam(activations, gradients, method), size)
+
+
+def multi_layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor], size: tuple[int, int],
+                     method: str | CamMethod = "gradcam") -> Tensor:
+    """S (B, H, W) float32 from several target layers, as pytorch-grad-cam's ``aggregate_multi_layers``:
+
+        U_l = bilinear(N_l -> H x W)        per layer: stage-1 map, upsampled (no per-layer stage 2)
+        S   = min-max(mean_l max(U_l, 0))   eps 1e-7
+
+    For one layer this is ``gradcam_maps`` (max(U, 0) = U since N >= 0). Layers may differ in C, h, w.
+    """
+    if len(activations) != len(gradients) or not activations:
+        raise XalError(f"multi_layer_maps: expected as many gradients as activations (>= 1), got "
+                       f"{len(gradients)} and {len(activations)}")
+    upsampled = [
+        F.interpolate(low_res_cam(a, g, method)[:, None], size=size, mode="bilinear", align_corners=False,
+                      antialias=False)  # [B, 1, H, W] U_l
+        for a, g in zip(activations, gradients)
+    ]
+    return min_max(torch.cat(upsampled, dim=1).clamp_min(0).mean(dim=1))  # [B, H, W]
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -90,14 +121,21 @@ def roi_agreement(maps: Tensor, rois: Tensor, threshold: float = 0.5) -> tuple[T
     s = maps.float().flatten(1)  # [B, P]
     r = rois.flatten(1)  # [B, P] bool
     attended = s >= threshold
-    n_roi = r.sum(1)  # [B] int64, exact
-    s_roi = torch.where(r, s, 0.0).sum(1)  # sum(S R)
-    s_sum = s.sum(1)
-    dice = _ratio(2 * (attended & r).sum(1), attended.sum(1) + n_roi)
+    return agreement_from_sums(
+        n_both=(attended & r).sum(1), n_att=attended.sum(1), n_roi=r.sum(1),  # [B] int64, exact
+        s_roi=torch.where(r, s, 0.0).sum(1), s_sum=s.sum(1),  # sum(S R), sum(S)
+        s_max=s.amax(1), roi_at_max=r.gather(1, s.argmax(1, keepdim=True))[:, 0],
+    )
+
+
+def agreement_from_sums(n_both: Tensor, n_att: Tensor, n_roi: Tensor, s_roi: Tensor, s_sum: Tensor,
+                        s_max: Tensor, roi_at_max: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dice, soft_dice, energy, hit) from each image's counts |T & R|, |T|, |R|, sums sum(S R),
+    sum(S), max S and R at the first argmax of S (all (B,)), with the module docstring's edge cases."""
+    dice = _ratio(2 * n_both, n_att + n_roi)
     soft_dice = _ratio(2 * s_roi, s_sum + n_roi)
     energy = _ratio(s_roi, s_sum)
-    s_max = s.amax(1)
-    hit = r.gather(1, s.argmax(1, keepdim=True))[:, 0] & (s_max > 0)
+    hit = roi_at_max & (s_max > 0)
     flat = s_max == 0  # all-zero map: nothing attended, even at tau = 0
     zero = torch.zeros_like(dice)
     dice, soft_dice, energy = (torch.where(flat, zero, v) for v in (dice, soft_dice, energy))
@@ -113,6 +151,8 @@ def gradcam_dice(
     rois: Tensor | np.ndarray,
     threshold: float = 0.5,
     return_cam: bool = False,
+    *,
+    method: str | CamMethod = "gradcam",
 ) -> RoiAgreement:
     """Reference ``gradcam_dice``: activations/gradients (B, C, h, w), rois (B, H, W) at any H x W.
 
@@ -120,13 +160,13 @@ def gradcam_dice(
     math and the edge cases.
     """
     rois = check_inputs(activations, gradients, rois, threshold)
-    return gradcam_dice_checked(activations, gradients, rois, threshold, return_cam)
+    return gradcam_dice_checked(activations, gradients, rois, threshold, return_cam, method=method)
 
 
 def gradcam_dice_checked(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
-                         return_cam: bool) -> RoiAgreement:
+                         return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
     """``gradcam_dice`` on inputs that ``check_inputs`` already returned (rois a bool tensor)."""
-    cam = low_res_cam(activations, gradients)  # [B, h, w]
+    cam = low_res_cam(activations, gradients, method)  # [B, h, w]
     if activations.shape[0] == 0:
         empty = cam.new_zeros(0)
         return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)

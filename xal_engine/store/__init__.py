@@ -1,8 +1,10 @@
 """Everything xal-engine stores, each format with one owner module:
 
+    location.py    where a pool lives: a local path or an object-store URL (s3://, gs://, az://) -> a store
     format.py      the pool format (version 1): arrays, dtypes, codecs, attributes, structure checks
     pool.py        Pool: open a pool and read it (ranges, whole columns, AL experiments)
-    writer.py      PoolWriter: write a new pool chunk by chunk into <pool>.partial, then rename
+    writer.py      PoolWriter: write a new pool chunk by chunk into <pool>.partial, then rename (on an
+                   object store: in place, completion published last in zarr.json)
     validate.py    decode every chunk and check every value (`pool validate`)
     info.py        the pool's summary (`pool info`)
     al_state.py    an AL experiment's state under al/<experiment>/

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xal_engine.errors import XalError
+from xal_engine.store.location import is_remote
 
 if TYPE_CHECKING:
     from xal_engine.store.pool import Pool
@@ -103,6 +104,10 @@ class PoolRanges(Dataset[Block]):
         return {**self.__dict__, "_pool": None}
 
     def _open(self) -> Pool:
+        if self._pool is not None and self._pid != os.getpid() and is_remote(self._path):
+            raise XalError(f"pool {self._path}: an object-store pool cannot be read in forked loader "
+                           "workers (obstore's runtime does not survive a fork); use --num-workers 0 (the "
+                           "in-process read-ahead fetches several items concurrently)")
         if self._pool is None or self._pid != os.getpid():
             self._pool = self._pool_type.open(self._path)
             self._pid = os.getpid()
@@ -168,15 +173,31 @@ class UnitRanges(PoolRanges):
         return {"unit": unit, "start": start, **self._read(start, stop, labels=self.with_labels)}
 
 
-def read_ahead(dataset: Dataset[Any], depth: int = 2) -> Iterator[Any]:
+REMOTE_READ_AHEAD = 4  # reader threads over an object-store pool (items fetched concurrently, yielded in order)
+
+
+def read_ahead(dataset: Dataset[Any], depth: int = 2, pin: bool = False,
+               threads: int | None = None) -> Iterator[Any]:
     """``dataset``'s items in order, decoded by one thread up to ``depth`` items ahead of the consumer:
     in-process loading (no worker processes) that still overlaps decode with compute, since blosc and
-    the Zarr codecs release the GIL."""
-    with ThreadPoolExecutor(1, thread_name_prefix="xal-read") as reader:
+    the Zarr codecs release the GIL. ``pin``: the thread also copies each item's tensors into pinned
+    memory (for CUDA; blocks reused through torch's caching host allocator), as a DataLoader's pin
+    thread does for worker processes. Over a pool in an object store, where an item waits on round
+    trips rather than on the CPU, ``threads`` (default :data:`REMOTE_READ_AHEAD`; 1 for a local pool)
+    fetch items concurrently, at least two per thread ahead, still yielded in order."""
+    remote = is_remote(getattr(dataset, "_path", None))
+    threads = (REMOTE_READ_AHEAD if remote else 1) if threads is None else threads
+    depth = max(depth, 2 * threads) if threads > 1 else depth
+
+    def load(i: int) -> Any:
+        item = dataset[i]
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in item.items()} if pin else item
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="xal-read") as reader:
         ahead: collections.deque[Future[Any]] = collections.deque()
         try:
             for i in range(len(dataset)):  # type: ignore[arg-type]
-                ahead.append(reader.submit(dataset.__getitem__, i))
+                ahead.append(reader.submit(load, i))
                 if len(ahead) > depth:
                     yield ahead.popleft().result()
             while ahead:
@@ -210,9 +231,11 @@ def block_loader(dataset: BlockDataset, sampler: Sampler[int], num_workers: int 
     """A DataLoader yielding one block per item (no collation), decoded in ``num_workers`` forked
     processes that stay alive across epochs and die with their parent."""
     fork = num_workers > 0 and sys.platform.startswith("linux")
+    # obstore's runtime does not survive a fork: workers over an object-store pool are spawned
+    context = ("spawn" if is_remote(dataset._path) else "fork" if fork else None) if num_workers else None
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      multiprocessing_context="fork" if fork else None, prefetch_factor=2 if num_workers else None,
+                      multiprocessing_context=context, prefetch_factor=2 if num_workers else None,
                       worker_init_fn=worker_exit_with_parent() if num_workers else None)
 
 

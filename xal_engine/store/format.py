@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from xal_engine.errors import PoolError
+from xal_engine.store.location import StoreURL, parse_location, probe, zarr_store
 
 FORMAT_VERSION = 1
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
@@ -71,7 +72,8 @@ class StorageConfig:
 
 
 def partial_path(path: str | Path) -> Path:
-    """Where a writer puts the pool at ``path`` until it is complete."""
+    """Where a writer puts the local pool at ``path`` until it is complete (object stores: no such
+    place; the writer publishes the pool's completion in its zarr.json instead)."""
     path = Path(path)
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
@@ -192,8 +194,13 @@ def write_rows(array: zarr.Array, index: np.ndarray, values: np.ndarray) -> int:
     return len(np.unique(index // array.chunks[0]))
 
 
-def open_group(path: Path, mode: str) -> zarr.Group:
-    """The Zarr v3 group at ``path``; :class:`PoolError` when it is missing or unreadable."""
+def open_group(path: str | Path | StoreURL, mode: str) -> zarr.Group:
+    """The Zarr v3 group at ``path`` (a local path or an object-store URL, see :mod:`.location`);
+    :class:`PoolError` when it is missing or unreadable."""
+    loc = parse_location(path)
+    if isinstance(loc, StoreURL):
+        return _open_remote_group(loc, mode)
+    path = loc
     if not path.exists():
         hint = partial_path(path)
         if hint.exists():
@@ -206,6 +213,24 @@ def open_group(path: Path, mode: str) -> zarr.Group:
         return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
     except Exception as err:  # any failure to parse the metadata: not a readable group
         raise PoolError(f"{path} is not a pool: cannot open it as a Zarr v3 group "
+                        f"({type(err).__name__}: {err})") from err
+
+
+def _open_remote_group(url: StoreURL, mode: str) -> zarr.Group:
+    """The group at an object-store URL: probed first, so that an unknown bucket, refused credentials
+    or an unreachable endpoint is one line (bounded retries, see :mod:`.location`)."""
+    state = probe(url)
+    if state == "missing":
+        raise PoolError(f"{url} does not exist")
+    if state == "other":
+        raise PoolError(f"{url} is not a pool: no zarr.json (expected a Zarr v3 group)")
+    try:
+        return zarr.open_group(zarr_store(url, read_only=mode == "r"), mode=mode, zarr_format=3,
+                               use_consolidated=False)
+    except PoolError:
+        raise
+    except Exception as err:
+        raise PoolError(f"{url} is not a pool: cannot open it as a Zarr v3 group "
                         f"({type(err).__name__}: {err})") from err
 
 

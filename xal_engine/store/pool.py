@@ -37,6 +37,7 @@ from xal_engine.store.format import (
     write_rows,
 )
 from xal_engine.store.info import pool_info
+from xal_engine.store.location import Location, StoreURL, parse_location
 from xal_engine.store.validate import validate_pool
 
 __all__ = ["Pool", "PoolBatch"]
@@ -56,7 +57,7 @@ class PoolBatch:
     split: np.ndarray    # (n,) uint8
 
 
-def _check_unfinished(path: Path) -> None:
+def _check_unfinished(path: Location) -> None:
     if path.name.endswith(PARTIAL_SUFFIX):
         raise PoolError(f"{path} is an unfinished pool (.partial): its writing was interrupted; "
                         "create or ingest it again")
@@ -65,7 +66,7 @@ def _check_unfinished(path: Path) -> None:
 class Pool:
     """An open pool. Use :meth:`open`; ``mode="r+"`` lets other commands add subgroups."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Location, group: zarr.Group) -> None:
         self.path = path
         self.group = group
         # the per-image arrays' metadata never changes after the writer closes: open it once
@@ -84,9 +85,12 @@ class Pool:
                                              for name, array in {**self.arrays, **self.optional}.items()}
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> Pool:
-        """Open ``path``; :class:`PoolError` names what is wrong when it is not a valid pool."""
-        path = Path(path)
+    def open(cls, path: str | Path | StoreURL, mode: str = "r") -> Pool:
+        """Open ``path`` (a local path or an object-store URL, see :mod:`.location`); :class:`PoolError`
+        names what is wrong when it is not a valid pool. A pool whose writer has not finished (no
+        ``xal_pool``, ``xal_pool_written`` set: on an object store, where nothing is renamed, the only
+        sign of it) is refused."""
+        path = parse_location(path)
         if mode not in ("r", "r+"):
             raise PoolError(f"pool mode must be 'r' or 'r+' (got {mode!r})")
         _check_unfinished(path)

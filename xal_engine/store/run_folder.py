@@ -32,6 +32,7 @@ import numpy as np
 
 from xal_engine.errors import XalError
 from xal_engine.store.files import atomic_write_text, dumps_json, finite_or_none, jsonable
+from xal_engine.store.location import absolute
 from xal_engine.store.locks import RUN_DIR_LOCK, LockFile
 
 RUN_FORMAT = 1
@@ -56,8 +57,8 @@ _ROUND = "round"  # round folders: round0, round1, ...
 
 def run_config(pool: str | Path, strategies: Iterable[str], seeds: int, rounds: int, arch: str,
                loop: dict[str, Any]) -> dict[str, Any]:
-    """What config.json holds (JSON values): the pool's absolute path, seeds 0..seeds-1, the loop config."""
-    return jsonable({"format": RUN_FORMAT, "pool": str(Path(pool).resolve()), "strategies": list(strategies),
+    """What config.json holds (JSON values): the pool's absolute path (or its URL), seeds 0..seeds-1, the loop config."""
+    return jsonable({"format": RUN_FORMAT, "pool": absolute(pool), "strategies": list(strategies),
                      "seeds": list(range(seeds)), "rounds": rounds, "arch": arch, "loop": loop})
 
 

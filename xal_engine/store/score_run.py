@@ -53,6 +53,7 @@ from xal_engine.store.format import (
     missing_chunks,
     stored_keys,
 )
+from xal_engine.store.location import local_root
 from xal_engine.store.locks import score_create_lock_path, waiting_lock
 
 DONE = "done"
@@ -128,7 +129,8 @@ class ScoreRun:
         (labels imported or undone since) is refused as stale. A run whose creation was interrupted
         (no fingerprint or no `done`) is created again. On a local store the creation holds
         ``<pool>.score-create.lock``, so shards started together create the run once and the others
-        open it.
+        open it; an object store has no lock (start one shard first there, or use ``--backend ray``,
+        whose driver creates the run before any actor starts).
         """
         check_run_name(name)
         root = _local_path(pool_group)
@@ -290,11 +292,8 @@ def _check_fingerprint(name: str, old: Any, new: dict[str, Any]) -> None:
 
 
 def _local_path(group: zarr.Group) -> Path | None:
-    store = group.store
-    root = getattr(store, "root", None)
-    if root is None:
-        return None
-    return Path(root) / group.path
+    """The run's folder on a local store; None on an object store (no locks, no .partial files there)."""
+    return local_root(group)
 
 
 def _describe_difference(old: Any, new: dict[str, Any]) -> str:

@@ -1,9 +1,15 @@
 """Writing a new pool: :class:`PoolWriter`.
 
-The writer puts ``<path>.partial`` on disk chunk by chunk and renames it to ``<path>`` on close, so an
-interrupted write never leaves anything that ``Pool.open`` accepts; ``resume=True`` continues it.
-An overwrite moves the old pool to ``<path>.replaced-<hex>`` for the swap; a writer of ``<path>``
-finishes a swap a killed one left (see :func:`finish_swap`) before it starts.
+On a local filesystem the writer puts ``<path>.partial`` on disk chunk by chunk and renames it to
+``<path>`` on close, so an interrupted write never leaves anything that ``Pool.open`` accepts;
+``resume=True`` continues it. An overwrite moves the old pool to ``<path>.replaced-<hex>`` for the
+swap; a writer of ``<path>`` finishes a swap a killed one left (see :func:`finish_swap`) before it starts.
+
+An object store has no rename: the writer writes at the URL itself, and its zarr.json carries
+``xal_pool_written`` (no ``xal_pool``) until ``close`` replaces it in one PUT (an object is replaced
+whole, never torn) with ``xal_pool: 1``. Until then ``Pool.open`` refuses the pool as unfinished, and
+``resume=True`` continues it. An overwrite deletes the old pool's keys before writing the new one (a
+kill in between leaves an unfinished pool, not the old one).
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ from xal_engine.store.format import (
     partial_path,
     structure_problems,
 )
+from xal_engine.store.location import (
+    Location,
+    StoreURL,
+    delete_all,
+    parse_location,
+    probe,
+    read_json,
+    zarr_store,
+)
 from xal_engine.store.pool import Pool
 
 _DEFAULT_STORAGE = StorageConfig()  # frozen: one shared default is safe
@@ -78,7 +93,22 @@ def _is_complete(path: Path) -> bool:
     return isinstance(attrs, dict) and "xal_pool" in attrs and WRITING_ATTR not in attrs
 
 
-def _parse_extras(path: Path, names: tuple[str, ...]) -> tuple[str, ...]:
+def _remote_state(url: StoreURL) -> str:
+    """"missing", "complete" (a pool its writer closed), "unfinished" (a writer's), "group" (another Zarr
+    group) or "other" (keys, no zarr.json) at an object-store URL."""
+    state = probe(url)
+    if state != "group":
+        return state
+    meta = read_json(url, "zarr.json")
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    if not isinstance(attrs, dict):
+        return "group"
+    if WRITING_ATTR in attrs and "xal_pool" not in attrs:
+        return "unfinished"
+    return "complete" if "xal_pool" in attrs else "group"
+
+
+def _parse_extras(path: Location, names: tuple[str, ...]) -> tuple[str, ...]:
     """``extra_arrays`` checked: optional array names, whole groups of them; in the format's order."""
     unknown = sorted(set(names) - set(OPTIONAL_ARRAYS))
     if unknown:
@@ -107,8 +137,10 @@ class PoolWriter:
                  attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
                  chunk_size: int | None = None, resume: bool = False,
                  storage: StorageConfig = _DEFAULT_STORAGE, extra_arrays: tuple[str, ...] = ()) -> None:
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
+        self.path = parse_location(path)
+        self.remote = isinstance(self.path, StoreURL)
+        # where the pool is written until close: <path>.partial locally, the URL itself on an object store
+        self.partial: Location = self.path if isinstance(self.path, StoreURL) else partial_path(self.path)
         self.dtype = np.dtype(dtype)
         if self.dtype not in IMAGE_DTYPES:
             raise PoolError(f"{self.path}: image dtype {self.dtype} is not supported "
@@ -125,17 +157,25 @@ class PoolWriter:
                                                          storage.target_chunk_bytes)
         if self.chunk_size < 1:
             raise PoolError(f"{self.path}: chunk_size must be at least 1 (got {self.chunk_size})")
-        finish_swap(self.path)
-        if self.path.exists() and not overwrite:
-            raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
-        if self.path.exists() and not _is_replaceable(self.path):
-            raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
+        if isinstance(self.path, StoreURL):
+            state = _remote_state(self.path)
+            if state in ("complete", "group") and not overwrite:
+                raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
+            if state == "other":
+                raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
+            self._remote_state = state
+        else:
+            finish_swap(self.path)
+            if self.path.exists() and not overwrite:
+                raise PoolError(f"{self.path} already exists (pass --overwrite to replace it)")
+            if self.path.exists() and not _is_replaceable(self.path):
+                raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
         self.extras = _parse_extras(self.path, extra_arrays)
         self._specs = {**array_specs(channels, height, width, self.dtype),
                        **{name: spec for name, spec in optional_specs().items() if name in self.extras}}
         meta = finite_or_none({"classes": list(classes), "modality": modality, "source": source,
                                "xal_engine_version": __version__, **(attrs or {})})  # zarr.json: strict JSON
-        if resume and self.partial.exists():
+        if resume and self._resumable():
             self._group = self._reopen(meta)
         else:
             self._group = self._create(meta, storage)
@@ -147,12 +187,23 @@ class PoolWriter:
         self._fill = 0
         self._closed = False
 
+    def _resumable(self) -> bool:
+        if isinstance(self.partial, StoreURL):
+            return self._remote_state == "unfinished"
+        return self.partial.exists()
+
     def _create(self, meta: dict[str, Any], storage: StorageConfig) -> zarr.Group:
-        if self.partial.exists():
-            if not _is_replaceable(self.partial):
-                raise PoolError(f"{self.partial} exists and is not a Zarr group: refusing to replace it")
-            shutil.rmtree(self.partial)
-        group = zarr.open_group(str(self.partial), mode="w-", zarr_format=3,
+        if isinstance(self.partial, StoreURL):
+            if self._remote_state != "missing":  # an old pool (--overwrite) or an unfinished write
+                delete_all(self.partial)
+            target: Any = zarr_store(self.partial, read_only=False)
+        else:
+            if self.partial.exists():
+                if not _is_replaceable(self.partial):
+                    raise PoolError(f"{self.partial} exists and is not a Zarr group: refusing to replace it")
+                shutil.rmtree(self.partial)
+            target = str(self.partial)
+        group = zarr.open_group(target, mode="w-", zarr_format=3,
                                 attributes={**meta, WRITING_ATTR: 0})
         for name, (tail, dtype, fill) in self._specs.items():
             dt = np.dtype(dtype)
@@ -176,8 +227,9 @@ class PoolWriter:
             raise PoolError(f"{self.partial} cannot be resumed: it stores the optional arrays "
                             f"{sorted(extras) or 'none'}, this write {sorted(self.extras) or 'none'}")
         arrays.update(extras)
-        for stray in self.partial.rglob(f"*{PARTIAL_SUFFIX}"):  # half-written chunk files
-            stray.unlink()
+        if isinstance(self.partial, Path):  # half-written chunk files (an object PUT is whole or absent)
+            for stray in self.partial.rglob(f"*{PARTIAL_SUFFIX}"):
+                stray.unlink()
         n = int(group.attrs[WRITING_ATTR])
         for array in arrays.values():
             array.resize((n, *array.shape[1:]))
@@ -265,6 +317,8 @@ class PoolWriter:
         del attrs[WRITING_ATTR]
         self._group.attrs.put({**attrs, "xal_pool": FORMAT_VERSION})  # one metadata write
         self._closed = True
+        if isinstance(self.path, StoreURL):  # that write published it: nothing to rename
+            return Pool.open(self.path)
         if self.path.exists():  # overwrite: swap in the new pool, then delete the old one
             old = self.path.with_name(f"{self.path.name}.replaced-{uuid.uuid4().hex[:8]}")
             self.path.rename(old)

@@ -1,0 +1,71 @@
+"""The CPU path of stage 2 + ROI agreement equals the reference bit for bit: random odd shapes, slices
+of every size, every edge case (all-zero map, NaN map, empty and full ROIs, tau 0 and 1, one image)."""
+
+import pytest
+import torch
+
+from xal_engine.ops import cpu_agreement
+from xal_engine.ops.cpu_agreement import Workspace, slice_images, upsample_agreement
+from xal_engine.ops.reference import roi_agreement, upsample_normalise
+
+
+def reference(cam, rois, threshold):
+    return roi_agreement(upsample_normalise(cam, tuple(rois.shape[1:])), rois, threshold)
+
+
+def assert_bit_equal(got, want):
+    for name, g, w in zip(("dice", "soft_dice", "energy", "hit"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        if g.dtype.is_floating_point:
+            assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+            g, w = torch.nan_to_num(g, nan=-1.0), torch.nan_to_num(w, nan=-1.0)
+        assert torch.equal(g, w), (name, (g.float() - w.float()).abs().max())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_odd_shapes_equal_the_reference_bit_for_bit(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(2, 40, (1,), generator=g))
+    h, w = (int(v) for v in torch.randint(1, 16, (2,), generator=g))
+    height, width = h + int(torch.randint(0, 200, (1,), generator=g)), w + int(torch.randint(0, 200, (1,), generator=g))
+    cam = torch.rand(batch, h, w, generator=g)
+    rois = torch.rand(batch, height, width, generator=g) < float(torch.rand(1, generator=g))
+    threshold = float(torch.rand(1, generator=g))
+    assert_bit_equal(upsample_agreement(cam, rois, threshold, Workspace()), reference(cam, rois, threshold))
+
+
+@pytest.mark.parametrize("slice_pixels", [1, 100, 3000, 1 << 30])
+def test_every_slice_size_gives_the_same_bits(monkeypatch, slice_pixels):
+    """Slices of 2 images (the smallest), of 3 (the last slice of one joins the one before), of all."""
+    monkeypatch.setattr(cpu_agreement, "SLICE_PIXELS", slice_pixels)
+    g = torch.Generator().manual_seed(5)
+    cam, rois = torch.rand(7, 5, 6, generator=g), torch.rand(7, 33, 41, generator=g) > 0.6
+    assert_bit_equal(upsample_agreement(cam, rois, 0.4, Workspace()), reference(cam, rois, 0.4))
+
+
+def test_slices_hold_at_least_two_images_and_at_most_the_batch():
+    assert slice_images(64, 224 * 224) == 10 and slice_images(64, 1024 * 1024) == 2
+    assert slice_images(3, 8 * 8) == 3
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_edge_cases_equal_the_reference(threshold):
+    g = torch.Generator().manual_seed(1)
+    cam = torch.rand(6, 7, 7, generator=g)
+    cam[0] = 0.0  # all-zero map: zeros and no hit, even at tau 0
+    cam[1] = float("nan")  # a non-finite image: NaN metrics, no hit
+    cam[2, 3, 3] = 1.0  # one peak
+    rois = torch.rand(6, 50, 45, generator=g) > 0.5
+    rois[2] = False  # empty ROI: zero denominators give 0
+    rois[3] = True  # the whole image
+    got = upsample_agreement(cam, rois, threshold, Workspace())
+    assert_bit_equal(got, reference(cam, rois, threshold))
+    assert got[0][0] == 0 and not got[3][0] and torch.isnan(got[0][1]) and not got[3][1]
+
+
+def test_one_image_and_a_reused_workspace_equal_the_reference():
+    g = torch.Generator().manual_seed(2)
+    ws = Workspace()
+    for batch in (1, 2, 5, 2):  # the workspace is rebuilt per slice shape and reused across calls
+        cam, rois = torch.rand(batch, 4, 4, generator=g), torch.rand(batch, 30, 30, generator=g) > 0.5
+        assert_bit_equal(upsample_agreement(cam, rois, 0.5, ws), reference(cam, rois, 0.5))

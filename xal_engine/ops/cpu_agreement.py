@@ -1,0 +1,104 @@
+"""Stage 2 and the ROI agreement on the CPU: the reference's operations, cache-blocked and in place.
+
+``upsample_normalise`` followed by ``roi_agreement`` (:mod:`xal_engine.ops.reference`) allocates a
+dozen fresh (B, H, W) tensors per batch, and each pass streams them through memory: at 224x224 the
+allocations' page faults and the memory traffic, not the arithmetic, cost most of it. Here the same
+operations, in the same order, run over slices of a few images whose (k, H, W) working set stays in
+cache, into buffers allocated once per shape (:class:`Workspace`), with out= and in-place ops:
+
+    U = bilinear(N)                     upsample_bilinear2d(out=U)
+    mn, mx = min U, max U               aminmax
+    S = (U - mn) / ((mx - mn) + 1e-7)   sub_, div_   (max(U - mn) = mx - mn exactly: rounding is monotone)
+    T = S >= tau                        ge(out=T)
+    sums of S, S R, T, T R, R; max S, argmax S
+
+Every elementwise result is the reference's bit for bit, and every per-image reduction runs over the
+same row with the same kernel (a slice holds at least two images, so torch reduces each row whole
+rather than splitting it between threads), so the outputs equal the reference's bit for bit; the
+tests check that on random and edge-case inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xal_engine.ops.agreement import RoiAgreement
+from xal_engine.ops.reference import EPS, agreement_from_sums, low_res_cam
+
+SLICE_PIXELS = 1 << 19  # pixels per slice (2 MiB of fp32): a few images at 224x224, one L2/L3-sized block
+EXACT_COUNTS = 1 << 24  # pixel counts are summed in fp32: exact below 2**24 pixels per image
+
+
+class Workspace:
+    """Per-slice buffers, kept for the next call of the same (k, H, W): a scoring run reuses them."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int, int] | None = None
+        self.u = self.r = self.t = self.prod = torch.empty(0)
+
+    def get(self, k: int, h: int, w: int) -> Workspace:
+        if self.key != (k, h, w):
+            self.key = (k, h, w)
+            self.u = torch.empty((k, 1, h, w), dtype=torch.float32)  # U, then S in place
+            self.r, self.t, self.prod = (torch.empty((k, h * w), dtype=torch.float32) for _ in range(3))
+        return self
+
+
+_WORKSPACE = Workspace()
+
+
+def slice_images(batch: int, pixels: int) -> int:
+    """Images per slice: about SLICE_PIXELS pixels, at least 2 (see the module docstring), at most the batch."""
+    return min(batch, max(2, SLICE_PIXELS // max(pixels, 1)))
+
+
+def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
+                       workspace: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dice, soft_dice, energy, hit) of the stage-1 maps N (B, h, w) fp32 on the CPU against bool ROIs
+    (B, H, W): ``roi_agreement(upsample_normalise(N, (H, W)), rois, threshold)``, bit for bit."""
+    batch, (height, width) = cam.shape[0], rois.shape[1:]
+    pixels = height * width
+    if batch < 2 or pixels >= EXACT_COUNTS:  # one image: torch splits its row between threads, as
+        from xal_engine.ops.reference import roi_agreement, upsample_normalise  # the reference does
+
+        return roi_agreement(upsample_normalise(cam, (height, width)), rois, threshold)
+    k = slice_images(batch, pixels)
+    cuts = list(range(0, batch, k))
+    if batch - cuts[-1] < 2:  # a last slice of one image joins the one before
+        cuts.pop()
+    dice, soft, energy = (torch.empty(batch, dtype=torch.float32) for _ in range(3))
+    hit = torch.empty(batch, dtype=torch.bool)
+    ws = workspace if workspace is not None else _WORKSPACE
+    flat_rois = rois.reshape(batch, pixels)
+    for i, a in enumerate(cuts):
+        b = cuts[i + 1] if i + 1 < len(cuts) else batch
+        buf = ws.get(b - a, height, width)
+        torch._C._nn.upsample_bilinear2d(cam[a:b, None], (height, width), False, out=buf.u)
+        s = buf.u.view(b - a, pixels)  # [k, P]: U, then S in place
+        low, high = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+        s.sub_(low)  # U - min U
+        s.div_((high - low) + EPS)  # / (max(U - min U) + 1e-7)
+        r = flat_rois[a:b]
+        buf.r.copy_(r)  # R as 0/1 floats: products and counts in fp32, exact counts below 2**24
+        torch.ge(s, threshold, out=buf.t)  # T = S >= tau as 0/1
+        n_roi, n_att = buf.r.sum(1), buf.t.sum(1)
+        n_both = torch.mul(buf.t, buf.r, out=buf.prod).sum(1)  # |T & R|
+        s_roi = torch.mul(s, buf.r, out=buf.prod).sum(1)  # sum(S R): the values of where(R, S, 0)
+        parts = agreement_from_sums(n_both, n_att, n_roi, s_roi, s.sum(1), s.amax(1),
+                                    r.gather(1, s.argmax(1, keepdim=True))[:, 0])
+        for out, v in zip((dice, soft, energy, hit), parts):
+            out[a:b] = v
+    return dice, soft, energy, hit
+
+
+def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
+                     return_cam: bool, *, method: object = "gradcam") -> RoiAgreement:
+    """``reference.gradcam_dice_checked`` for CPU tensors, stage 2 and the agreement through
+    :func:`upsample_agreement`: the same results, bit for bit."""
+    cam = low_res_cam(activations, gradients, method)  # [B, h, w]
+    if activations.shape[0] == 0:
+        empty = cam.new_zeros(0)
+        return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)
+    dice, soft_dice, energy, hit = upsample_agreement(cam, rois, threshold)
+    return RoiAgreement(dice, soft_dice, energy, hit, cam if return_cam else None)
