@@ -22,7 +22,8 @@ except XalError:  # an installed package without the checkout's benchmarks/ fold
     pytest.skip("benchmarks/ folder not found next to the package", allow_module_level=True)
 
 CSVS = {"environment": ["key", "value"], "tests": validate.TEST_COLUMNS, "parity": validate.PARITY_COLUMNS,
-        "kernel_time": validate.TIME_COLUMNS, "pool": validate.POOL_COLUMNS, "goals": validate.GOAL_COLUMNS}
+        "kernel_time": validate.TIME_COLUMNS, "methods": validate.KERNEL_VS_TORCH_COLUMNS,
+        "volumes": validate.KERNEL_VS_TORCH_COLUMNS, "pool": validate.POOL_COLUMNS, "goals": validate.GOAL_COLUMNS}
 
 
 def read(path: Path) -> tuple[list[str], list[dict]]:
@@ -176,10 +177,19 @@ def test_goals_pass_fail_and_not_measured_by_hand() -> None:
              "images_per_s": ""}]
     batch = [{"arch": "resnet50", "batch": 64, "dtype": "fp32", "provider": "xal-engine", "speedup_vs_grad_cam": 25.0},
              {"arch": "resnet50", "batch": 64, "dtype": "bf16", "provider": "xal-engine", "speedup_vs_grad_cam": 60.0}]
-    results = {"pool": validate.StepOutput(pool, [], True, ""), "batch": validate.StepOutput(batch, [], True, "")}
+    methods = [{"method": "gradcam", "dtype": "bf16", "speedup_vs_torch": 12.5},
+               {"method": "layercam", "dtype": "bf16", "speedup_vs_torch": 4.0},
+               {"method": "gradcam++", "dtype": "fp32", "speedup_vs_torch": 30.0}]  # fp32: not the goal's row
+    volumes = [{"dtype": "bf16", "largest": "no", "speedup_vs_torch": 50.0},
+               {"dtype": "bf16", "largest": "yes", "speedup_vs_torch": 9.0}]
+    results = {"pool": validate.StepOutput(pool, [], True, ""), "batch": validate.StepOutput(batch, [], True, ""),
+               "methods": validate.StepOutput(methods, [], True, ""),
+               "volumes": validate.StepOutput(volumes, [], True, "")}
     rows = validate.evaluate_goals(validate.FULL, results)
+    by_method = {"gradcam": (12.5, "PASS"), "layercam": (4.0, "FAIL")}
     assert [(r["measured"], r["status"]) for r in rows] == [
-        (0.97, "PASS"), ("", "not measured"), (15000.0, "FAIL"), (25.0, "PASS"), ("", "not measured")]
+        (0.97, "PASS"), ("", "not measured"), (15000.0, "FAIL"), (25.0, "PASS"), ("", "not measured"),
+        *(by_method.get(m, ("", "not measured")) for m in validate.CAM_METHOD_NAMES), (9.0, "FAIL")]
 
 
 def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +235,20 @@ def test_the_gpu_profile_covers_the_issue_and_fits_in_eight_minutes() -> None:
     assert set(full.budgets_s) == {name for name, _ in validate.STEPS} == set(validate.TINY.budgets_s)
     assert sum(full.budgets_s.values()) <= 470  # 8 minutes, with ~10 s to start Python and torch
     assert full.goals_apply and not validate.TINY.goals_apply
+
+
+def test_every_cam_method_and_the_volume_kernel_match_the_reference(tiny_run) -> None:
+    """The method and volume steps: one row per method (or volume case) and dtype, the kernel within
+    the parity tolerances of the torch reference, both timed, the speedup their ratio."""
+    out = tiny_run[1]
+    methods = read(out / "methods.csv")[1]
+    assert sorted({r["method"] for r in methods}) == sorted(validate.CAM_METHOD_NAMES)
+    volumes = read(out / "volumes.csv")[1]
+    assert volumes and all("x".join(["3"] * 3) in r["sizes"] for r in volumes)
+    for row in methods + volumes:
+        assert row["status"] == "passed", row
+        assert float(row["max_cam_diff"]) <= validate.TOLERANCES["cam"]
+        assert float(row["max_dice_diff"]) <= validate.TOLERANCES["dice"]
+        kernel, torch_ms = float(row["kernel_ms"]), float(row["torch_ms"])
+        assert kernel > 0 and torch_ms > 0
+        assert math.isclose(float(row["speedup_vs_torch"]), torch_ms / kernel, rel_tol=1e-2, abs_tol=1e-3)

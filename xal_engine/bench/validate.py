@@ -22,13 +22,19 @@ in summary.md and goals.csv, and does not by itself fail the run.
                  energy against docs/gradcam-reference.md (maps 1e-5, Dice 1e-4)   parity.csv
     kernel_time  device time per call from CUDA events (triton.testing.do_bench, L2 flushed) of both
                  backends, and GB/s of the bytes the kernel must read (A + G + ROI)   kernel_time.csv
+    methods      every CAM method (gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam) at
+                 resnet50 layer4 224^2, B = 256, bf16 and fp32: the kernel's parity with the torch
+                 reference and both device times, the kernel's speedup          methods.csv
+    volumes      the 3-D kernel vs the 3-D reference (8^3 -> 64^3 and 128^3 volumes): parity, device
+                 times, speedup                                                   volumes.csv
     batch        xal_engine.bench.batch.run_case: score_batch vs plain inference vs pytorch-grad-cam,
                  B = 64 and 256, resnet18/resnet50/densenet121, 3x224x224, fp32 and bf16   batch.csv
     pool         score_pool vs plain inference (and the loader alone) through the same loader over a
                  >= 32k-image 3x224x224 pool of repeated chunks (bench.pools), bf16 and fp32, each after
                  a warm-up pass; ratio and the projected time for 1M images          pool.csv
     goals        pool scoring >= 0.95x plain; resnet18 224^2 bf16 >= 16.7k img/s; >= 20x
-                 pytorch-grad-cam at resnet50 224^2 fp32                               goals.csv
+                 pytorch-grad-cam at resnet50 224^2 fp32; every method's kernel >= 10x the torch
+                 reference (bf16); the 3-D kernel >= 10x the 3-D reference           goals.csv
 
 Everything that runs on CUDA runs in ``--tiny`` on the CPU too: the same functions, branching only
 on the device (the Triton backend runs in Triton's interpreter there; CUDA events become host timers),
@@ -62,8 +68,9 @@ from xal_engine import __version__
 from xal_engine.bench import checkout
 from xal_engine.bench.compare import near_tie_hits
 from xal_engine.bench.timing import device_name, device_times_ms, no_tf32, provenance, summarise
+from xal_engine.core.cam_methods import CAM_METHOD_NAMES
 from xal_engine.core.inputs import resolve_device
-from xal_engine.ops import gradcam_dice, reference
+from xal_engine.ops import gradcam_dice, reference, reference3d
 
 # Parity of the kernel with the reference (docs/gradcam-reference.md): maps 1e-5, Dice 1e-4; soft Dice
 # and energy are held to the Dice tolerance. bf16 inputs are compared with the reference run on the SAME
@@ -80,12 +87,16 @@ class KernelCase:
     name: str
     batch: int
     channels: int
-    feature: int  # h = w
-    image: int  # H = W
+    feature: int  # h = w (= d for a volume)
+    image: int  # H = W (= D for a volume)
+    method: str = "gradcam"  # the CAM method (ops.cam_methods)
+    volume: bool = False  # (B, C, d, h, w) -> (B, D, H, W): the 3-D kernel
 
     @property
     def sizes(self) -> str:
-        return f"B={self.batch} C={self.channels} {self.feature}x{self.feature}->{self.image}x{self.image}"
+        side = 3 if self.volume else 2
+        return (f"B={self.batch} C={self.channels} {'x'.join([str(self.feature)] * side)}->"
+                f"{'x'.join([str(self.image)] * side)}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,8 @@ class Profile:
     pool_warmup: int  # images of the warm-up pool, passed over untimed before each timed pass
     pool_workers: int | None  # None: from the host's cores
     pool_precisions: tuple[str, ...]
+    methods: tuple[KernelCase, ...]  # every CAM method at one shape: kernel vs the torch reference
+    volumes: tuple[KernelCase, ...]  # the 3-D kernel vs the 3-D reference
     budgets_s: Mapping[str, float]
     goals: tuple[Goal, ...]
     goals_apply: bool  # False: the goals are for full sizes on a GPU; tiny values are reported as n/a
@@ -135,6 +148,10 @@ def _goals(pool_arch: str, batch_arch: str, image: int, batch_sizes: Sequence[in
         *(Goal(f">= 20x pytorch-grad-cam, {batch_arch} {image}^2 fp32, B={b}", "batch",
                {"arch": batch_arch, "batch": str(b), "dtype": "fp32", "provider": "xal-engine"},
                "speedup_vs_grad_cam", 20.0, "x") for b in batch_sizes),
+        *(Goal(f"kernel >= 10x the torch reference, {m} bf16", "methods", {"method": m, "dtype": "bf16"},
+               "speedup_vs_torch", 10.0, "x") for m in CAM_METHOD_NAMES),
+        Goal("3-D kernel >= 10x the 3-D torch reference (largest case, bf16)", "volumes",
+             {"dtype": "bf16", "largest": "yes"}, "speedup_vs_torch", 10.0, "x"),
     )
 
 
@@ -152,8 +169,10 @@ FULL = Profile(
     batch_archs=("resnet18", "resnet50", "densenet121"), batch_sizes=(64, 256), batch_image=224, batch_warmup=2, batch_repeats=10,
     pool_arch="resnet18", pool_images=32_768, pool_image=224, pool_batch=256, pool_warmup=512, pool_workers=None,
     pool_precisions=("bf16", "fp32"),
-    budgets_s={"environment": 10, "tests": 165, "parity": 45, "kernel_time": 40, "batch": 100, "pool": 100,
-               "goals": 5},
+    methods=tuple(KernelCase("resnet50_layer4_224", 256, 2048, 7, 224, method=m) for m in CAM_METHOD_NAMES),
+    volumes=(KernelCase("vol_8_to_64", 8, 256, 8, 64, volume=True), KernelCase("vol_8_to_128", 4, 256, 8, 128, volume=True)),
+    budgets_s={"environment": 10, "tests": 150, "parity": 40, "kernel_time": 35, "methods": 30, "volumes": 20,
+               "batch": 85, "pool": 95, "goals": 5},
     goals=_goals("resnet18", "resnet50", 224, (64, 256)),
     goals_apply=True,
 )
@@ -166,8 +185,10 @@ TINY = Profile(
     batch_archs=("resnet18",), batch_sizes=(2, 4), batch_image=64, batch_warmup=1, batch_repeats=1,
     pool_arch="resnet18", pool_images=128, pool_image=64, pool_batch=64, pool_warmup=64, pool_workers=1,
     pool_precisions=("bf16", "fp32"),
-    budgets_s={"environment": 15, "tests": 60, "parity": 40, "kernel_time": 30, "batch": 40, "pool": 60,
-               "goals": 5},
+    methods=tuple(KernelCase("tiny_4_to_16", 2, 4, 4, 16, method=m) for m in CAM_METHOD_NAMES),
+    volumes=(KernelCase("vol_3_to_8", 2, 4, 3, 8, volume=True),),
+    budgets_s={"environment": 15, "tests": 60, "parity": 40, "kernel_time": 30, "methods": 40, "volumes": 30,
+               "batch": 40, "pool": 60, "goals": 5},
     goals=_goals("resnet18", "resnet18", 64, (2, 4)),
     goals_apply=False,
 )
@@ -339,17 +360,22 @@ def kernel_inputs(case: KernelCase, dtype: str, channels_last: bool, device: tor
     weighted map is positive; ROIs are discs of radius 0.1-0.35 H at random centres (a lesion mask).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (case.batch, case.channels, case.feature, case.feature)
+    side = 3 if case.volume else 2
+    shape = (case.batch, case.channels, *([case.feature] * side))
     a = torch.randn(shape, generator=gen, device=device).clamp_min(0.0).to(DTYPES[dtype])
     g = (1e-2 * torch.randn(shape, generator=gen, device=device)).to(DTYPES[dtype])
     if channels_last:
-        a, g = a.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-    centre = torch.rand(case.batch, 2, generator=gen, device=device) * case.image  # [B, 2] (y, x)
+        layout = torch.channels_last_3d if case.volume else torch.channels_last
+        a, g = a.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
+    centre = torch.rand(case.batch, side, generator=gen, device=device) * case.image  # [B, side]
     radius = (0.1 + 0.25 * torch.rand(case.batch, generator=gen, device=device)) * case.image  # [B]
     pos = torch.arange(case.image, dtype=torch.float32, device=device) + 0.5
-    dy = pos[None, :, None] - centre[:, 0, None, None]  # [B, H, 1]
-    dx = pos[None, None, :] - centre[:, 1, None, None]  # [B, 1, W]
-    rois = dy**2 + dx**2 <= radius[:, None, None] ** 2  # [B, H, W]
+    dist = torch.zeros((case.batch, *([1] * side)), device=device)
+    for k in range(side):  # squared distance to the centre along each axis, broadcast: [B, H, W(, ...)]
+        axis = [1] * side
+        axis[k] = case.image
+        dist = dist + (pos.view(1, *axis) - centre[:, k].view(-1, *([1] * side))) ** 2
+    rois = dist <= radius.view(-1, *([1] * side)) ** 2  # discs (balls for a volume) of radius 0.1-0.35 H
     return a, g, rois
 
 
@@ -358,7 +384,7 @@ def kernel_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
 
 
-PARITY_COLUMNS = ["case", "sizes", "dtype", "layout", "backend", "reference", "max_cam_diff", "max_dice_diff",
+PARITY_COLUMNS = ["case", "method", "sizes", "dtype", "layout", "backend", "reference", "max_cam_diff", "max_dice_diff",
                   "max_soft_dice_diff", "max_energy_diff", "hit_mismatches", "near_tau_images", "near_tie_hits",
                   "tol_cam", "tol_dice", "status"]
 
@@ -369,11 +395,14 @@ def parity_row(case: KernelCase, dtype: str, channels_last: bool, device: torch.
     a_dev, g_dev, rois_dev = kernel_inputs(case, dtype, channels_last, device)
     a, g, rois = a_dev.cpu(), g_dev.cpu(), rois_dev.cpu()
     backend = kernel_backend(device)
-    ref = gradcam_dice(a, g, rois, THRESHOLD, return_cam=True, backend="torch")
-    got = gradcam_dice(a_dev, g_dev, rois_dev, THRESHOLD, return_cam=True, backend=backend)
+    ref = gradcam_dice(a, g, rois, THRESHOLD, return_cam=True, backend="torch", method=case.method)
+    got = gradcam_dice(a_dev, g_dev, rois_dev, THRESHOLD, return_cam=True, backend=backend, method=case.method)
     got = type(got)(*(t.cpu() for t in got))
-    maps = reference.upsample_normalise(ref.cam, (case.image, case.image)).numpy()  # S_ref (B, H, W)
-    near_tau = (np.abs(maps - THRESHOLD) < TIE_TOL).any((1, 2))  # a pixel may flip: Dice may differ there
+    if case.volume:  # S_ref (B, D, H, W)
+        maps = reference3d.upsample_normalise_3d(ref.cam, (case.image,) * 3).numpy()
+    else:  # S_ref (B, H, W)
+        maps = reference.upsample_normalise(ref.cam, (case.image, case.image)).numpy()
+    near_tau = (np.abs(maps - THRESHOLD) < TIE_TOL).reshape(len(maps), -1).any(1)  # a pixel may flip Dice
     ties = near_tie_hits(maps, rois.numpy(), TIE_TOL)
 
     def diff(name: str, keep: np.ndarray | None = None) -> float:
@@ -389,7 +418,8 @@ def parity_row(case: KernelCase, dtype: str, channels_last: bool, device: torch.
               "energy": diff("energy")}
     hits = int(((got.hit.numpy() != ref.hit.numpy()) & ~ties).sum())
     ok = all(errors[k] <= TOLERANCES[k] for k in TOLERANCES) and hits == 0
-    return {"case": case.name, "sizes": case.sizes, "dtype": dtype, "layout": "channels_last" if channels_last
+    return {"case": case.name, "method": case.method, "sizes": case.sizes, "dtype": dtype,
+            "layout": "channels_last" if channels_last
             else "nchw", "backend": f"{backend} ({device.type})", "reference": "torch (cpu)",
             "max_cam_diff": f"{errors['cam']:.3g}", "max_dice_diff": f"{errors['dice']:.3g}",
             "max_soft_dice_diff": f"{errors['soft_dice']:.3g}", "max_energy_diff": f"{errors['energy']:.3g}",
@@ -419,9 +449,10 @@ def step_parity(ctx: Context) -> StepOutput:
                       f"{kernel_backend(ctx.device)} on {ctx.device.type}")
 
 
-def kernel_call(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, backend: str) -> Callable[[], object]:
+def kernel_call(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, backend: str,
+                method: str = "gradcam") -> Callable[[], object]:
     """One ``gradcam_dice`` call of ``backend`` on these inputs (what the timer repeats)."""
-    return lambda: gradcam_dice(a, g, rois, THRESHOLD, backend=backend)
+    return lambda: gradcam_dice(a, g, rois, THRESHOLD, backend=backend, method=method)
 
 
 TIME_COLUMNS = ["case", "sizes", "dtype", "layout", "provider", "timer", "calls", "median_ms", "p20_ms", "p80_ms",
@@ -454,6 +485,52 @@ def step_kernel_time(ctx: Context) -> StepOutput:
                         f"{moved / median_s / 1e9:.1f} GB/s ({timer})")
     bad = [r for r in rows if r["status"] != PASSED]
     return StepOutput(rows, TIME_COLUMNS, not bad and bool(rows), f"{len(rows) - len(bad)}/{len(rows)} timings")
+
+
+KERNEL_VS_TORCH_COLUMNS = [*PARITY_COLUMNS[:-1], "largest", "timer", "kernel_ms", "torch_ms",
+                           "speedup_vs_torch", "status"]
+
+
+def kernel_vs_torch(ctx: Context, cases: Sequence[KernelCase], dtypes: Sequence[str]) -> StepOutput:
+    """Each case (a CAM method, a volume): the kernel's parity with the torch reference and both
+    device times on the same inputs (channels-last), the kernel's speedup over the reference."""
+    rows: list[dict] = []
+    kernel = kernel_backend(ctx.device)
+    largest = max(cases, key=lambda c: c.batch * c.image ** (3 if c.volume else 2))
+    with no_tf32():
+        for case in cases:
+            for dtype in dtypes:
+                base = {"case": case.name, "method": case.method, "sizes": case.sizes, "dtype": dtype,
+                        "layout": "channels_last", "largest": "yes" if case is largest else "no"}
+                if ctx.over_budget():
+                    rows.append({**base, "status": f"{SKIPPED} (budget)"})
+                    continue
+                parity = parity_row(case, dtype, True, ctx.device)
+                a, g, rois = kernel_inputs(case, dtype, True, ctx.device)
+                ms = {}
+                for provider in (kernel, "torch"):
+                    times, timer = device_times_ms(kernel_call(a, g, rois, provider, case.method), ctx.device,
+                                                   rep_ms=ctx.profile.timing_rep_ms, cpu_repeats=3)
+                    ms[provider] = summarise([t / 1e3 for t in times])["median_ms"]
+                rows.append({**parity, **base, "timer": timer, "kernel_ms": round(ms[kernel], 4),
+                             "torch_ms": round(ms["torch"], 4),
+                             "speedup_vs_torch": round(ms["torch"] / ms[kernel], 3)})
+                say(f"  {case.name} {case.method} {dtype}: cam {parity['max_cam_diff']}, dice "
+                    f"{parity['max_dice_diff']}; {kernel} {ms[kernel]:.3f} ms vs torch {ms['torch']:.3f} ms "
+                    f"-> {rows[-1]['status']}")
+    bad = [r for r in rows if r["status"] != PASSED]
+    return StepOutput(rows, KERNEL_VS_TORCH_COLUMNS, not bad and bool(rows),
+                      f"{len(rows) - len(bad)}/{len(rows)} cases within tolerance, {kernel} vs torch on {ctx.device.type}")
+
+
+def step_methods(ctx: Context) -> StepOutput:
+    """Every CAM method (issue: the CAM family) at one real shape, bf16 and fp32."""
+    return kernel_vs_torch(ctx, ctx.profile.methods, ("bf16", "fp32"))
+
+
+def step_volumes(ctx: Context) -> StepOutput:
+    """The 3-D kernel against the 3-D reference."""
+    return kernel_vs_torch(ctx, ctx.profile.volumes, ("bf16", "fp32"))
 
 
 # ---------------------------------------------------------------- batch level
@@ -621,7 +698,8 @@ def step_goals(ctx: Context) -> StepOutput:
 
 STEPS: tuple[tuple[str, Callable[[Context], StepOutput]], ...] = (
     ("environment", step_environment), ("tests", step_tests), ("parity", step_parity),
-    ("kernel_time", step_kernel_time), ("batch", step_batch), ("pool", step_pool), ("goals", step_goals),
+    ("kernel_time", step_kernel_time), ("methods", step_methods), ("volumes", step_volumes),
+    ("batch", step_batch), ("pool", step_pool), ("goals", step_goals),
 )
 
 
