@@ -340,9 +340,11 @@ def test_tiny_builds_for_any_channels_and_classes(in_channels: int, classes: int
     assert sum(p.numel() for p in model.parameters()) == 16 * (49 * in_channels + 1) + classes * 17
 
 
-def test_tiny_refuses_pretrained_weights(tmp_path: Path) -> None:
+def test_tiny_refuses_published_weights(tmp_path: Path) -> None:
+    """tiny has no torchvision weights (a backbone from `xal-engine pretrain` it does take:
+    tests/jobs/test_pretrain.py)."""
     for pretrained in ("imagenet", tmp_path / "w.pth"):
-        with pytest.raises(XalError, match=r"^--pretrained: tiny has no pretrained weights"):
+        with pytest.raises(XalError, match=r"^--pretrained: tiny has no published weights"):
             build_model("tiny", 3, 3, pretrained=pretrained)
 
 

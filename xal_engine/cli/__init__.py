@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "xal_engine.cli.demo",
     "xal_engine.cli.pool",
     "xal_engine.cli.ingest",
+    "xal_engine.cli.pretrain",
     "xal_engine.cli.train",
     "xal_engine.cli.score",
     "xal_engine.cli.select",

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--initial-model", default=None, metavar="CKPT",
                    help="typiclust: checkpoint whose pooled features embed the pool (any model, e.g. one "
                         "pretrained on other data; trained on nothing of this pool's labels)")
+    p.add_argument("--pretrained", metavar="PATH", default=None,
+                   help="every round's model starts from these weights: a backbone from `xal-engine pretrain` "
+                        "(same --arch), a torchvision ImageNet state dict, or 'imagenet' (default: random init)")
     p.add_argument("--per-round", type=int, required=True, help="images selected per round")
     p.add_argument("--rounds", type=int, required=True, help="selection rounds after round 0")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seeds 0..K-1 (default: %(default)s)")
@@ -103,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> LoopConfig:
                       per_round=args.per_round, rounds=args.rounds, lam=args.lam, dice=args.dice,
                       balance=args.balance, retrain=args.retrain, mc_samples=args.mc_samples,
                       mc_dropout=args.mc_dropout, initial_strategy=args.initial_strategy,
-                      initial_model=args.initial_model, cam_method=args.cam_method,
+                      initial_model=args.initial_model, cam_method=args.cam_method, pretrained=args.pretrained,
                       train=replace(d.train, cam_method=args.cam_method, **train_fields))
 
 

@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labelled-only", metavar="EXPERIMENT", default=None,
                    help="train only on images labelled by this AL experiment (al/EXPERIMENT/labelled_round)")
     p.add_argument("--pretrained", metavar="PATH", default=None,
-                   help="torchvision state dict of the 3-channel ImageNet model, or 'imagenet' for the "
-                        "published weights (torch.hub cache or download)")
+                   help="a backbone from `xal-engine pretrain` (same --arch and channels), a torchvision state "
+                        "dict of the 3-channel ImageNet model, or 'imagenet' for the published weights "
+                        "(torch.hub cache or download)")
     p.add_argument("--normalize", choices=("none", "imagenet"), default="none",
                    help="input normalisation after scaling to [0, 1]; 'imagenet' suits ImageNet "
                         "weights (default: %(default)s)")

@@ -455,8 +455,12 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         raise XalError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise XalError(f"in_channels must be at least 1, got {in_channels}")
+    backbone = read_backbone(Path(pretrained)) if pretrained is not None and is_backbone_file(pretrained) else None
+    if backbone is not None:
+        pretrained = None  # loaded below, after the stem and head are adapted
     if spec.build is not None and pretrained is not None:
-        raise XalError(f"--pretrained: {arch} has no pretrained weights (random init only); drop the flag")
+        raise XalError(f"--pretrained: {arch} has no published weights (random init, or a backbone from "
+                       "`xal-engine pretrain`); drop the flag")
     extra: dict[str, Any] = {}
     if spec.patch:
         extra["image_size"] = vit_image_size(arch, image_size)
@@ -469,9 +473,65 @@ def build_model(arch: str, num_classes: int, in_channels: int,
             _load_local_weights(model, Path(pretrained), arch, adapt)
     _replace_first_conv(model, spec, in_channels)
     _replace_head(model, spec, num_classes, head_dropout)
+    if backbone is not None:
+        load_backbone(model, backbone, arch, in_channels)
     if spec.layout is not None:
         setattr(model, CAM_LAYOUT_ATTR, spec.layout)
     return model
+
+
+# A backbone file (``xal-engine pretrain``): a trunk pretrained on a pool, without its pretext head.
+_BACKBONE_KEY = "xal_backbone"  # its value is the format version
+BACKBONE_FORMAT = 1
+
+
+def save_backbone(path: str | Path, model: nn.Module, arch: str, in_channels: int,
+                  meta: dict[str, Any]) -> Path:
+    """Write ``model``'s weights but its head (the pretext task's) to ``path`` atomically, with the
+    arch, the input channels it reads and ``meta`` (method, pool, epochs, ...)."""
+    head = parse_arch(arch).head + "."
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(head)}
+    payload = {_BACKBONE_KEY: BACKBONE_FORMAT, "arch": arch, "in_channels": in_channels, "meta": meta,
+               "state_dict": state, _CHECKSUM_KEY: state_checksum(state)}
+    return _save_atomically(Path(path), payload, "backbone", "backbone.pt")
+
+
+def is_backbone_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_backbone` (rather than torchvision weights)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours: the torchvision-weights path reports it
+        return False
+    return isinstance(payload, dict) and _BACKBONE_KEY in payload
+
+
+def read_backbone(path: Path) -> dict[str, Any]:
+    """A backbone file's payload, its checksum verified; an XalError naming what is wrong."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get(_BACKBONE_KEY) != BACKBONE_FORMAT:
+        raise XalError(f"backbone file {path}: format {payload.get(_BACKBONE_KEY)!r} is not supported "
+                       f"(this xal-engine reads format {BACKBONE_FORMAT})")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or state_checksum(state) != payload.get(_CHECKSUM_KEY):
+        raise XalError(f"backbone file {path} is damaged: its weights do not match their checksum")
+    return {**payload, "path": str(path)}
+
+
+def load_backbone(model: nn.Module, backbone: dict[str, Any], arch: str, in_channels: int) -> None:
+    """Load a backbone's trunk into ``model`` (``arch`` reading ``in_channels``), keeping its fresh head."""
+    where = f"backbone file {backbone['path']}"
+    if backbone["arch"] != arch:
+        raise XalError(f"{where} holds a {backbone['arch']} trunk, not {arch}; pass --arch {backbone['arch']}")
+    if backbone["in_channels"] != in_channels:
+        raise XalError(f"{where} reads {backbone['in_channels']}-channel images; this pool has {in_channels}")
+    head = parse_arch(arch).head + "."
+    missing, unexpected = model.load_state_dict(backbone["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith(head)]
+    if missing or unexpected:
+        raise XalError(f"{where} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 CHECKPOINT_FORMAT = 1
@@ -522,11 +582,6 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
     """Write ``model``'s weights and ``info`` to ``path`` atomically (temp file, then rename)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise XalError(f"output directory {path.parent} does not exist")
-    if path.is_dir():
-        raise XalError(f"checkpoint path {path} is a directory; expected a file name such as model.pt")
     payload = asdict(info)
     payload["classes"] = list(info.classes)
     payload["target_map"] = list(info.target_map) if info.target_map is not None else None
@@ -534,6 +589,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
     payload[_CHECKPOINT_KEY] = info.format_version
     payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload[_CHECKSUM_KEY] = state_checksum(payload["state_dict"])
+    return _save_atomically(Path(path), payload, "checkpoint", "model.pt")
+
+
+def _save_atomically(path: Path, payload: dict[str, Any], what: str, example: str) -> Path:
+    """torch.save ``payload`` to ``path`` through a temporary file and a rename: never half-written."""
+    if not path.parent.is_dir():
+        raise XalError(f"output directory {path.parent} does not exist")
+    if path.is_dir():
+        raise XalError(f"{what} path {path} is a directory; expected a file name such as {example}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(payload, tmp)

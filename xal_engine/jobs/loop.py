@@ -93,6 +93,7 @@ class LoopConfig:
     initial_model: str | None = None  # typiclust: the checkpoint whose embeddings cluster the pool
     # CAM method of every round's scoring (the Dice the acquisition reads) and of the explanation loss
     cam_method: str = "gradcam"
+    pretrained: str | None = None  # every round's model starts from these weights (e.g. `xal-engine pretrain`)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -386,8 +387,8 @@ class ALLoop:
         if self.config.retrain == "finetune" and r > 0:
             previous = self.run_dir.model_pt(self.strategy, self.seed, r - 1)
             initial_state = load_checkpoint(previous)[0].state_dict()
-        result = train(pool, config, initial_state=initial_state, show_progress=self.show_progress,
-                       log=self.log)
+        result = train(pool, config, pretrained=self.config.pretrained if initial_state is None else None,
+                       initial_state=initial_state, show_progress=self.show_progress, log=self.log)
         return save_checkpoint(model_path, result.model, result.checkpoint)
 
 
@@ -410,6 +411,8 @@ def config_record(pool_path: str | Path, config: LoopConfig) -> dict[str, Any]:
         del record["cam_method"]
     if record["train"].get("cam_method") == DEFAULT_CAM_METHOD:
         del record["train"]["cam_method"]
+    if config.pretrained is None:  # likewise: run folders begun before the flag resume
+        del record["pretrained"]
     return run_config(pool_path, config.strategies, config.seeds, config.rounds, config.train.arch, record)
 
 
@@ -435,6 +438,8 @@ def check_pool(pool: Pool, config: LoopConfig) -> None:
     check_target_layer(config.train)
     if config.initial_model is not None and not Path(config.initial_model).is_file():
         raise XalError(f"--initial-model {config.initial_model}: no such checkpoint file")
+    if config.pretrained is not None and config.pretrained != "imagenet" and not Path(config.pretrained).is_file():
+        raise XalError(f"--pretrained {config.pretrained}: no such weights file")
 
 
 def run_loop(pool_path: str | Path, out: str | Path, config: LoopConfig = LoopConfig(), *,
