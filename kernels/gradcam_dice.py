@@ -53,6 +53,24 @@ def _source_index(dst, scale, size_in):
 
 
 @triton.jit
+def _zero_sums(BLOCK_A: tl.constexpr, BLOCK_X: tl.constexpr):
+    """The per-lane sums of :func:`_accumulate` over a (BLOCK_A, BLOCK_X) tile, before the first tile."""
+    zero_i = tl.zeros([BLOCK_A, BLOCK_X], dtype=tl.int32)
+    zero_f = tl.zeros([BLOCK_A, BLOCK_X], dtype=tl.float32)
+    return (zero_i, zero_i, zero_i, zero_f, zero_f, tl.full([BLOCK_A, BLOCK_X], -1.0, tl.float32),
+            tl.full([BLOCK_A, BLOCK_X], 2147483647, tl.int32), zero_i)
+
+
+@triton.jit
+def _store_metrics(dice_ptr, soft_ptr, energy_ptr, hit_ptr, b, dice, soft, energy, hit):
+    """Image (or volume) b's four results."""
+    tl.store(dice_ptr + b, dice)
+    tl.store(soft_ptr + b, soft)
+    tl.store(energy_ptr + b, energy)
+    tl.store(hit_ptr + b, hit.to(tl.uint8))
+
+
+@triton.jit
 def _accumulate(s, in_roi, mask, index, threshold, inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r):
     """Pass 2's per-lane running sums over one tile of S (2-D and 3-D kernels): |T & R|, |T|, |R|,
     sum S, sum S R, and max S with its first (row-major) index and R there; indices only grow."""
@@ -164,14 +182,7 @@ def _gradcam_dice_kernel(
     u_den = (tl.max(tl.max(u_hi, axis=1), axis=0) - u_min) + 1e-7  # == max(U - min U) + eps
 
     # Pass 2: S, threshold and agreement sums; per-lane argmax keeps the first index (indices only grow).
-    inter = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.int32)
-    n_att = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.int32)
-    n_roi = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.int32)
-    s_sum = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
-    s_roi = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
-    best_s = tl.full([BLOCK_Y, BLOCK_X], -1.0, tl.float32)
-    best_i = tl.full([BLOCK_Y, BLOCK_X], 2147483647, tl.int32)
-    best_r = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.int32)
+    inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r = _zero_sums(BLOCK_Y, BLOCK_X)
     roi_b = roi_ptr + b * r_sb
     for y_start in range(0, H, BLOCK_Y):
         for x_start in range(0, W, BLOCK_X):
@@ -185,10 +196,7 @@ def _gradcam_dice_kernel(
                 inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r)
 
     dice, soft, energy, hit = _finish(inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r, bad)
-    tl.store(dice_ptr + b, dice)
-    tl.store(soft_ptr + b, soft)
-    tl.store(energy_ptr + b, energy)
-    tl.store(hit_ptr + b, hit.to(tl.uint8))
+    _store_metrics(dice_ptr, soft_ptr, energy_ptr, hit_ptr, b, dice, soft, energy, hit)
 
 
 def _interpreted() -> bool:

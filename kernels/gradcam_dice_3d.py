@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from xal_engine.kernels.gradcam_dice import _accumulate, _finish, _source_index
+from xal_engine.kernels.gradcam_dice import _accumulate, _finish, _source_index, _store_metrics, _zero_sums
 
 from xal_engine.errors import XalError
 from xal_engine.ops.agreement import RoiAgreement
@@ -133,14 +133,7 @@ def _gradcam_dice_3d_kernel(
     u_den = (tl.max(tl.max(u_hi, axis=1), axis=0) - u_min) + 1e-7  # == max(U - min U) + eps
 
     # Pass 2: S, threshold and agreement sums; per-lane argmax keeps the first index (indices only grow).
-    inter = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.int32)
-    n_att = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.int32)
-    n_roi = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.int32)
-    s_sum = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
-    s_roi = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
-    best_s = tl.full([BLOCK_R, BLOCK_X], -1.0, tl.float32)
-    best_i = tl.full([BLOCK_R, BLOCK_X], 2147483647, tl.int32)
-    best_r = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.int32)
+    inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r = _zero_sums(BLOCK_R, BLOCK_X)
     roi_b = roi_ptr + b * r_sb
     for r_start in range(0, rows, BLOCK_R):
         for x_start in range(0, W, BLOCK_X):
@@ -154,10 +147,7 @@ def _gradcam_dice_3d_kernel(
                 inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r)
 
     dice, soft, energy, hit = _finish(inter, n_att, n_roi, s_sum, s_roi, best_s, best_i, best_r, bad)
-    tl.store(dice_ptr + b, dice)
-    tl.store(soft_ptr + b, soft)
-    tl.store(energy_ptr + b, energy)
-    tl.store(hit_ptr + b, hit.to(tl.uint8))
+    _store_metrics(dice_ptr, soft_ptr, energy_ptr, hit_ptr, b, dice, soft, energy, hit)
 
 
 def _interpreted() -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from xal_engine.ops.agreement import RoiAgreement
-from xal_engine.ops.reference import EPS, agreement_from_sums, low_res_cam
+from xal_engine.ops.reference import EPS, agreement_from_sums, agreement_result, low_res_cam
 
 SLICE_PIXELS = 1 << 19  # pixels per slice (2 MiB of fp32): a few images at 224x224, one L2/L3-sized block
 EXACT_COUNTS = 1 << 24  # pixel counts are summed in fp32: exact below 2**24 pixels per image
@@ -97,8 +97,4 @@ def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, thres
     """``reference.gradcam_dice_checked`` for CPU tensors, stage 2 and the agreement through
     :func:`upsample_agreement`: the same results, bit for bit."""
     cam = low_res_cam(activations, gradients, method)  # [B, h, w]
-    if activations.shape[0] == 0:
-        empty = cam.new_zeros(0)
-        return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)
-    dice, soft_dice, energy, hit = upsample_agreement(cam, rois, threshold)
-    return RoiAgreement(dice, soft_dice, energy, hit, cam if return_cam else None)
+    return agreement_result(cam, rois, threshold, return_cam, upsample_agreement)

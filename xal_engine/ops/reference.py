@@ -37,7 +37,7 @@ of a non-zero CAM typically spread over most of [0, 1] and are well conditioned.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -167,9 +167,23 @@ def gradcam_dice_checked(activations: Tensor, gradients: Tensor, rois: Tensor, t
                          return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
     """``gradcam_dice`` on inputs that ``check_inputs`` already returned (rois a bool tensor)."""
     cam = low_res_cam(activations, gradients, method)  # [B, h, w]
-    if activations.shape[0] == 0:
+    return agreement_result(cam, rois, threshold, return_cam, upsampled_agreement)
+
+
+def upsampled_agreement(cam: Tensor, rois: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage 2 and the ROI agreement of stage-1 maps N (B, h, w) against rois (B, H, W)."""
+    return roi_agreement(upsample_normalise(cam, (rois.shape[1], rois.shape[2])), rois, threshold)
+
+
+Agreement = Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def agreement_result(cam: Tensor, rois: Tensor, threshold: float, return_cam: bool,
+                     agree: Agreement) -> RoiAgreement:
+    """The RoiAgreement of stage-1 maps ``cam`` (B, ...): ``agree(cam, rois, threshold)`` (stage 2 and
+    the metrics, 2-D or 3-D), empty results for an empty batch, ``cam`` kept when asked for."""
+    if cam.shape[0] == 0:
         empty = cam.new_zeros(0)
         return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)
-    maps = upsample_normalise(cam, (rois.shape[1], rois.shape[2]))  # [B, H, W]
-    dice, soft_dice, energy, hit = roi_agreement(maps, rois, threshold)
+    dice, soft_dice, energy, hit = agree(cam, rois, threshold)
     return RoiAgreement(dice, soft_dice, energy, hit, cam if return_cam else None)

@@ -42,7 +42,7 @@ from xal_engine.errors import XalError
 from xal_engine.ops.agreement import RoiAgreement
 from xal_engine.ops.cam_methods import CamMethod, get_cam_method
 from xal_engine.ops.checks import check_inputs
-from xal_engine.ops.reference import min_max, roi_agreement
+from xal_engine.ops.reference import agreement_result, min_max, roi_agreement
 
 
 def as_columns(x: Tensor) -> Tensor:
@@ -112,12 +112,12 @@ def gradcam_dice_3d_checked(activations: Tensor, gradients: Tensor, rois: Tensor
                             return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
     """``gradcam_dice_3d`` on inputs that ``check_inputs`` already returned (rois a bool tensor)."""
     cam = low_res_cam_3d(activations, gradients, method)  # [B, d, h, w]
-    if activations.shape[0] == 0:
-        empty = cam.new_zeros(0)
-        return RoiAgreement(empty, empty, empty, empty.bool(), cam if return_cam else None)
-    maps = upsample_normalise_3d(cam, (rois.shape[1], rois.shape[2], rois.shape[3]))  # [B, D, H, W]
-    dice, soft_dice, energy, hit = roi_agreement(maps, rois, threshold)
-    return RoiAgreement(dice, soft_dice, energy, hit, cam if return_cam else None)
+    return agreement_result(cam, rois, threshold, return_cam, _upsampled_agreement_3d)
+
+
+def _upsampled_agreement_3d(cam: Tensor, rois: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage 2 (trilinear) and the ROI agreement of N (B, d, h, w) against rois (B, D, H, W)."""
+    return roi_agreement(upsample_normalise_3d(cam, (rois.shape[1], rois.shape[2], rois.shape[3])), rois, threshold)
 
 
 __all__ = ["cam_3d", "gradcam_dice_3d", "gradcam_dice_3d_checked", "gradcam_maps_3d", "low_res_cam_3d",
