@@ -455,7 +455,7 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         raise XalError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise XalError(f"in_channels must be at least 1, got {in_channels}")
-    backbone = read_backbone(Path(pretrained)) if pretrained is not None and is_backbone_file(pretrained) else None
+    backbone = read_backbone(Path(pretrained)) if pretrained is not None else None
     if backbone is not None:
         pretrained = None  # loaded below, after the stem and head are adapted
     if spec.build is not None and pretrained is not None:
@@ -496,21 +496,29 @@ def save_backbone(path: str | Path, model: nn.Module, arch: str, in_channels: in
     return _save_atomically(Path(path), payload, "backbone", "backbone.pt")
 
 
-def is_backbone_file(path: str | Path) -> bool:
-    """Whether ``path`` is a file written by :func:`save_backbone` (rather than torchvision weights)."""
-    path = Path(path)
+def _backbone_payload(path: Path) -> dict[str, Any] | None:
+    """The payload of a file written by :func:`save_backbone`; None for anything else (torchvision
+    weights, a missing or foreign file: the torchvision-weights path reports those)."""
     if not path.is_file():
-        return False
+        return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours: the torchvision-weights path reports it
-        return False
-    return isinstance(payload, dict) and _BACKBONE_KEY in payload
+    except Exception:  # noqa: BLE001 - not ours
+        return None
+    return payload if isinstance(payload, dict) and _BACKBONE_KEY in payload else None
 
 
-def read_backbone(path: Path) -> dict[str, Any]:
-    """A backbone file's payload, its checksum verified; an XalError naming what is wrong."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def is_backbone_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_backbone` (rather than torchvision weights)."""
+    return _backbone_payload(Path(path)) is not None
+
+
+def read_backbone(path: Path) -> dict[str, Any] | None:
+    """A backbone file's payload, its checksum verified (an XalError naming what is wrong), read once;
+    None when ``path`` is not a backbone file ("imagenet", torchvision weights)."""
+    payload = _backbone_payload(path)
+    if payload is None:
+        return None
     if payload.get(_BACKBONE_KEY) != BACKBONE_FORMAT:
         raise XalError(f"backbone file {path}: format {payload.get(_BACKBONE_KEY)!r} is not supported "
                        f"(this xal-engine reads format {BACKBONE_FORMAT})")
