@@ -216,8 +216,8 @@ def test_open_errors_name_the_problem(tmp_path: Path, pool_path: Path) -> None:
         Pool.open(tmp_path / "broken.zarr")
     with pytest.raises(PoolError, match="mode must be 'r' or 'r\\+'"):
         Pool.open(pool_path, mode="w")
-    zarr.open_group(str(pool_path), mode="r+").attrs["xal_pool"] = 2
-    with pytest.raises(PoolError, match="format version 2 is not supported"):
+    zarr.open_group(str(pool_path), mode="r+").attrs["xal_pool"] = 7
+    with pytest.raises(PoolError, match="format version 7 is not supported"):
         Pool.open(pool_path)
 
 

@@ -21,6 +21,7 @@ from xal_engine.store.format import (
     AL_GROUP,
     COLUMNS,
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     IMAGE_DTYPES,
     LABELLED_ROUND,
     PARTIAL_SUFFIX,
@@ -30,6 +31,7 @@ from xal_engine.store.format import (
     SPLIT_TEST,
     SPLIT_TRAIN,
     SPLIT_VAL,
+    VOLUME_FORMAT_VERSION,
     StorageConfig,
     images_per_chunk,
     partial_path,
@@ -38,7 +40,7 @@ from xal_engine.store.pool import Pool, PoolBatch
 from xal_engine.store.writer import PoolWriter
 
 __all__ = [
-    "AL_GROUP", "COLUMNS", "FORMAT_VERSION", "IMAGE_DTYPES", "LABELLED_ROUND", "PARTIAL_SUFFIX", "PER_IMAGE_ARRAYS",
-    "SCORES_GROUP", "SPLIT_NAMES", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_VAL",
+    "AL_GROUP", "COLUMNS", "FORMAT_VERSION", "FORMAT_VERSIONS", "IMAGE_DTYPES", "LABELLED_ROUND", "PARTIAL_SUFFIX", "PER_IMAGE_ARRAYS",
+    "SCORES_GROUP", "SPLIT_NAMES", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_VAL", "VOLUME_FORMAT_VERSION",
     "ALExperiment", "Pool", "PoolBatch", "PoolWriter", "StorageConfig", "images_per_chunk", "partial_path",
 ]

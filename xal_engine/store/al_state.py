@@ -285,7 +285,7 @@ class LabelsHistory:
                        for name, (_, dtype, tail) in _PLANNED_ARRAYS.items()})
         for name, (dtype, tail, given) in arrays.items():
             values = np.asarray(given, dtype=dtype)
-            inner = (pool.height, pool.width) if tail else ()
+            inner = pool.spatial if tail else ()
             array = group.create_array(name, shape=values.shape, chunks=(pool.chunk_size, *inner), dtype=dtype,
                                        fill_value=0, compressors=compressors(dtype, "lz4", 5))
             if len(values):
@@ -305,10 +305,10 @@ class LabelsHistory:
         pool = self.pool
         dtype, tail = _HISTORY_ARRAYS[name] if name in _HISTORY_ARRAYS else _PLANNED_ARRAYS[name][1:]
         node = group.get(name)
-        inner = (pool.height, pool.width) if tail else ()
+        inner = pool.spatial if tail else ()
         where = f"pool {pool.path}: {group.path}/{name}"
         if not isinstance(node, zarr.Array) or node.dtype != dtype or node.shape[1:] != inner:
-            raise PoolError(f"{where} is not an (n{', H, W' if tail else ''},) {dtype} array")
+            raise PoolError(f"{where} is not an (n{', *spatial' if tail else ''},) {dtype} array")
         try:
             return np.asarray(node[...])
         except Exception as err:  # checksum or blosc failure: a damaged history chunk

@@ -1,7 +1,12 @@
-"""The pool format (version 1): a Zarr v3 group of per-image arrays, chunked along N only.
+"""The pool format: a Zarr v3 group of per-image arrays, chunked along N only.
 
-    images   (N, C, H, W)  uint8 | uint16 | float16   model-ready pixels
-    rois     (N, H, W)     bool                        expert ROI at image resolution
+Version 1 holds 2-D images, version 2 volumes; nothing else differs (``xal_pool`` names the version,
+and the images' rank must agree with it):
+
+    images   (N, C, H, W)     uint8 | uint16 | float16   v1: model-ready pixels
+             (N, C, D, H, W)                             v2: model-ready voxels
+    rois     (N, H, W)        bool                       expert ROI at image resolution
+             (N, D, H, W)                                v2: at volume resolution
     has_roi  (N,)          bool                        False where no ROI exists
     labels   (N,)          int16, fill -1              class index, -1 = unknown
     ids      (N,)          str                         stable external id
@@ -16,8 +21,17 @@ pools without them open and read unchanged):
     source_shape         (N, 2)  int32   the source image's Rows, Columns (pool image = the whole
                                          source resized to H x W, no crop or padding)
 
+    crop_box             (N, 2, 3) int32    volume sources (``ingest brats --volumes``): the source
+    source_spacing       (N, 3)    float32  box each volume was cut from, [start, size] in source voxel
+                                            axes (i, j, k) (start may be < 0 and start + size past the
+                                            source: zero padding), and the source voxel spacing in mm
+
 Every per-image array uses the same chunk length, so one chunk-aligned range [a, b) decodes exactly
-one chunk of each. Each chunk is blosc (bit-shuffled) + CRC32C: a corrupted chunk raises on read.
+one chunk of each. Volumes are chunked like images, whole: as many volumes per chunk as fit the target
+(4 MiB: 128 volumes of 1x32³ uint8, 4 of 3x64³, 1 of 3x96³), and one volume per chunk when a volume alone is larger
+(3x128³ uint8 = 6 MiB, float16 = 12 MiB). Sub-volume chunks were not chosen because every reader
+(train, score, report) needs whole volumes: they would multiply the requests per volume (a cost on
+object stores) without reducing the bytes read. Each chunk is blosc (bit-shuffled) + CRC32C: a corrupted chunk raises on read.
 Other subgroups (``scores/<run>/``, ``al/<experiment>/``) are added later by other commands.
 
 This module owns the layout itself: names, dtypes, fill values, attribute names, chunk sizing and
@@ -28,6 +42,7 @@ Reading is :mod:`.pool`, writing :mod:`.writer`.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +56,9 @@ from zarr.core.sync import sync
 from xal_engine.errors import PoolError
 from xal_engine.store.location import StoreURL, parse_location, probe, zarr_store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # 2-D images
+VOLUME_FORMAT_VERSION = 2   # volumes
+FORMAT_VERSIONS = (FORMAT_VERSION, VOLUME_FORMAT_VERSION)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float16))
@@ -50,8 +67,9 @@ PER_IMAGE_ARRAYS = ("images", "rois", "has_roi", "labels", "ids", "split")
 COLUMNS = ("has_roi", "labels", "ids", "split")
 # Optional per-image arrays (see the module doc), by group: a pool stores a whole group or none of it.
 DICOM_ARRAYS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "source_shape")
-OPTIONAL_GROUPS = {"dicom": DICOM_ARRAYS}
-OPTIONAL_ARRAYS = DICOM_ARRAYS
+GEOMETRY_ARRAYS = ("crop_box", "source_spacing")
+OPTIONAL_GROUPS = {"dicom": DICOM_ARRAYS, "volume geometry": GEOMETRY_ARRAYS}
+OPTIONAL_ARRAYS = DICOM_ARRAYS + GEOMETRY_ARRAYS
 OPTIONAL_COLUMNS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid")  # (N,) str
 PARTIAL_SUFFIX = ".partial"
 # Present only while a writer owns the group: how many images are durably written.
@@ -78,13 +96,22 @@ def partial_path(path: str | Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def images_per_chunk(channels: int, height: int, width: int, dtype: np.dtype | str,
-                     target_bytes: int = StorageConfig.target_chunk_bytes) -> int:
-    """Largest power of two of images whose raw chunk fits ``target_bytes`` (at least 1).
+def format_version(spatial_dims: int) -> int:
+    """The format version of a pool of ``spatial_dims``-D images (2: images, 3: volumes)."""
+    if spatial_dims not in (2, 3):
+        raise PoolError(f"pools hold 2-D images or 3-D volumes, not {spatial_dims}-D data")
+    return FORMAT_VERSION if spatial_dims == 2 else VOLUME_FORMAT_VERSION
 
-    A 4 MiB target gives chunks in (2, 4] MiB: 64 images at 1x256², 1024 at 1x64².
+
+def images_per_chunk(channels: int, *spatial_and_dtype: Any,
+                     target_bytes: int = StorageConfig.target_chunk_bytes) -> int:
+    """Largest power of two of images (or volumes) whose raw chunk fits ``target_bytes`` (at least 1):
+    ``images_per_chunk(C, H, W, dtype)`` or ``images_per_chunk(C, D, H, W, dtype)``.
+
+    A 4 MiB target gives chunks in (2, 4] MiB: 64 images at 1x256², 1024 at 1x64², 128 volumes at 1x32³.
     """
-    per_image = channels * height * width * np.dtype(dtype).itemsize
+    *spatial, dtype = spatial_and_dtype
+    per_image = channels * math.prod(spatial) * np.dtype(dtype).itemsize
     count = max(1, target_bytes // per_image)
     return 1 << (count.bit_length() - 1)
 
@@ -98,12 +125,12 @@ def compressors(dtype: np.dtype, cname: str, clevel: int) -> tuple[Any, ...]:
     return (blosc, Crc32cCodec())
 
 
-def array_specs(channels: int, height: int, width: int,
+def array_specs(channels: int, spatial: tuple[int, ...],
                 dtype: np.dtype) -> dict[str, tuple[tuple[int, ...], Any, Any]]:
-    """name -> (shape after N, dtype, fill value) of every per-image array."""
+    """name -> (shape after N, dtype, fill value) of every per-image array; ``spatial`` (H, W) or (D, H, W)."""
     return {
-        "images": ((channels, height, width), dtype, 0),
-        "rois": ((height, width), np.dtype(bool), False),
+        "images": ((channels, *spatial), dtype, 0),
+        "rois": (tuple(spatial), np.dtype(bool), False),
         "has_roi": ((), np.dtype(bool), False),
         "labels": ((), np.dtype(np.int16), -1),
         "ids": ((), str, ""),
@@ -118,6 +145,8 @@ def optional_specs() -> dict[str, tuple[tuple[int, ...], Any, Any]]:
         "series_instance_uid": ((), str, ""),
         "study_instance_uid": ((), str, ""),
         "source_shape": ((2,), np.dtype(np.int32), 0),
+        "crop_box": ((2, 3), np.dtype(np.int32), 0),
+        "source_spacing": ((3,), np.dtype(np.float32), 0.0),
     }
 
 
@@ -235,7 +264,7 @@ def _open_remote_group(url: StoreURL, mode: str) -> zarr.Group:
 
 
 def structure_problems(group: zarr.Group) -> list[str]:
-    """Missing arrays, wrong dtypes, inconsistent N/H/W/C or chunk lengths ([] when consistent)."""
+    """Missing arrays, wrong dtypes, inconsistent N/C/D/H/W or chunk lengths ([] when consistent)."""
     arrays: dict[str, zarr.Array] = {}
     problems = []
     for name in PER_IMAGE_ARRAYS:
@@ -253,10 +282,10 @@ def structure_problems(group: zarr.Group) -> list[str]:
     if "images" not in arrays:
         return problems
     images = arrays["images"]
-    if images.ndim != 4:
-        return problems + [f"array 'images' has shape {images.shape}, expected (N, C, H, W)"]
-    n, channels, height, width = images.shape
-    expected = array_specs(channels, height, width, images.dtype)
+    if images.ndim not in (4, 5):
+        return problems + [f"array 'images' has shape {images.shape}, expected (N, C, H, W) or (N, C, D, H, W)"]
+    n, channels, *spatial = images.shape
+    expected = array_specs(channels, tuple(spatial), images.dtype)
     if images.dtype not in IMAGE_DTYPES:
         problems.append(f"array 'images' has dtype {images.dtype}, expected uint8, uint16 or float16")
     for name, array in arrays.items():

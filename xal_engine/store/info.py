@@ -3,6 +3,7 @@ ROI coverage, chunking, storage per array and the subgroups present."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,7 +54,8 @@ def pool_info(pool: Pool) -> dict[str, Any]:
         "path": str(pool.path),
         "format_version": pool.attrs["xal_pool"],
         "n": pool.n,
-        "shape": [pool.channels, pool.height, pool.width],
+        "shape": [pool.channels, *pool.spatial],  # (C, H, W), or (C, D, H, W) for volumes
+        "kind": pool.kind,
         "dtype": str(pool.image_dtype),
         "classes": pool.classes,
         "modality": pool.attrs.get("modality", ""),
@@ -62,7 +64,7 @@ def pool_info(pool: Pool) -> dict[str, Any]:
         "roi_coverage": {"has_roi": int(has_roi.sum()),
                          "fraction": float(has_roi.mean()) if pool.n else 0.0},
         "chunking": {"images_per_chunk": pool.chunk_size, "chunks": pool.n_chunks,
-                     "chunk_bytes": pool.chunk_size * pool.channels * pool.height * pool.width
+                     "chunk_bytes": pool.chunk_size * pool.channels * math.prod(pool.spatial)
                      * pool.image_dtype.itemsize},
         "compression_ratio": storage["images"]["ratio"],
         "storage": storage,

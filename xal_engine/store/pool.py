@@ -21,7 +21,8 @@ from xal_engine.errors import PoolError
 from xal_engine.store.al_state import ALExperiment, LabelsHistory
 from xal_engine.store.format import (
     COLUMNS,
-    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    GEOMETRY_ARRAYS,
     OPTIONAL_ARRAYS,
     OPTIONAL_COLUMNS,
     PARTIAL_SUFFIX,
@@ -49,8 +50,8 @@ class PoolBatch:
 
     start: int
     stop: int
-    images: np.ndarray   # (n, C, H, W) pool dtype
-    rois: np.ndarray     # (n, H, W) bool
+    images: np.ndarray   # (n, C, H, W) pool dtype; (n, C, D, H, W) in a volume pool
+    rois: np.ndarray     # (n, H, W) bool; (n, D, H, W) in a volume pool
     has_roi: np.ndarray  # (n,) bool
     labels: np.ndarray   # (n,) int16, -1 unknown
     ids: np.ndarray      # (n,) str
@@ -74,7 +75,12 @@ class Pool:
         # the optional per-image arrays this pool stores ({} without them): read by take / column only
         self.optional: dict[str, zarr.Array] = optional_arrays(group)
         images = self.arrays["images"]
-        self.n, self.channels, self.height, self.width = (int(s) for s in images.shape)
+        self.n, self.channels = int(images.shape[0]), int(images.shape[1])
+        # (H, W), or (D, H, W) in a volume pool (format version 2)
+        self.spatial: tuple[int, ...] = tuple(int(s) for s in images.shape[2:])
+        self.is_volume = len(self.spatial) == 3
+        self.depth: int | None = self.spatial[0] if self.is_volume else None
+        self.height, self.width = self.spatial[-2:]
         self.image_dtype = np.dtype(images.dtype)
         self.chunk_size = int(images.chunks[0])
         self.attrs: dict[str, Any] = dict(group.attrs)
@@ -101,20 +107,36 @@ class Pool:
             if WRITING_ATTR in attrs:
                 raise PoolError(f"{path} is an unfinished pool: its writing was interrupted")
             raise PoolError(f"{path} is not a pool: the group has no 'xal_pool' attribute")
-        if type(version) is not int or version != FORMAT_VERSION:
+        if type(version) is not int or version not in FORMAT_VERSIONS:
             raise PoolError(f"{path}: pool format version {version!r} is not supported "
-                            f"(this xal-engine reads version {FORMAT_VERSION})")
+                            f"(this xal-engine reads versions {', '.join(map(str, FORMAT_VERSIONS))})")
         classes = attrs.get("classes")
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise PoolError(f"{path}: attribute 'classes' must be a list of class names")
         problems = structure_problems(group)
         if problems:
             raise PoolError(f"{path}: " + "; ".join(problems))
+        rank = group["images"].ndim
+        if rank != version + 3:  # v1: (N, C, H, W), v2: (N, C, D, H, W)
+            raise PoolError(f"{path}: pool format version {version} stores "
+                            f"{'volumes (N, C, D, H, W)' if version == 2 else 'images (N, C, H, W)'}, but "
+                            f"array 'images' has shape {group['images'].shape}")
         return cls(path, group)
 
     def __repr__(self) -> str:
-        return (f"Pool({str(self.path)!r}, n={self.n}, shape=({self.channels}, {self.height}, "
-                f"{self.width}), dtype={self.image_dtype}, classes={self.classes})")
+        return (f"Pool({str(self.path)!r}, n={self.n}, shape={(self.channels, *self.spatial)}, "
+                f"dtype={self.image_dtype}, classes={self.classes})")
+
+    @property
+    def kind(self) -> str:
+        """"volume" or "image": what one row of the pool is, for messages."""
+        return "volume" if self.is_volume else "image"
+
+    def require_images(self, what: str) -> None:
+        """Refuse (one line) a volume pool in a command that handles 2-D images only."""
+        if self.is_volume:
+            raise PoolError(f"pool {self.path} holds volumes {(self.channels, *self.spatial)}: {what} handles "
+                            "2-D image pools only")
 
     @property
     def n_chunks(self) -> int:
@@ -215,8 +237,9 @@ class Pool:
         if name in self.optional:
             return self.optional[name]
         if name in OPTIONAL_ARRAYS:
+            by = "ingest brats --volumes" if name in GEOMETRY_ARRAYS else "DICOM ingests: vindr, siim"
             raise PoolError(f"pool {self.path} has no '{name}' array (an optional per-image array, "
-                            "stored by DICOM ingests: vindr, siim)")
+                            f"stored by {by})")
         raise PoolError(f"{self.path}: {name!r} is not a per-image array "
                         f"(expected one of {', '.join(PER_IMAGE_ARRAYS)})")
 

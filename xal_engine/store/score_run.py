@@ -116,7 +116,7 @@ class ScoreRun:
         fingerprint: dict[str, Any],
         attrs: dict[str, Any],
         overwrite: bool = False,
-        cam_shape: tuple[int, int] | None = None,
+        cam_shape: tuple[int, ...] | None = None,
         embedding_dim: int | None = None,
         mc: bool = False,
     ) -> ScoreRun:

@@ -113,13 +113,13 @@ class _Checker:
                 d[name] = None
         f = self.findings
         if d["images"] is not None and d["images"].dtype.kind == "f":
-            f["nonfinite"].add(start, ~np.isfinite(d["images"]).all(axis=(1, 2, 3)))
+            f["nonfinite"].add(start, ~np.isfinite(d["images"]).reshape(stop - start, -1).all(axis=1))
         if d["labels"] is not None:
             f["label"].add(start, (d["labels"] < -1) | (d["labels"] >= len(self.pool.classes)))
         if d["split"] is not None:
             f["split"].add(start, d["split"] > SPLIT_TEST)
         if d["rois"] is not None and d["has_roi"] is not None:
-            nonempty = d["rois"].any(axis=(1, 2))  # (n,)
+            nonempty = d["rois"].reshape(stop - start, -1).any(axis=1)  # (n,)
             f["roi_extra"].add(start, ~d["has_roi"] & nonempty)
             f["roi_missing"].add(start, d["has_roi"] & ~nonempty)
         if d["ids"] is not None:
@@ -137,20 +137,24 @@ class _Checker:
             self.problems.append(f"ids: {int(dup.sum())} id(s) used more than once ({shown})")
 
     def _check_optional(self) -> None:
-        """The optional per-image arrays stored (DICOM UIDs, source shapes): every chunk decodable, no
-        empty UID, positive source shapes."""
+        """The optional per-image arrays stored (DICOM UIDs, source shapes, volume geometry): every chunk
+        decodable, no empty UID, positive source shapes, crop sizes and spacings."""
         pool = self.pool
         if not pool.optional:
             return
-        findings = {name: _Findings(f"{name}: empty UID") for name in pool.optional if name != "source_shape"}
-        if "source_shape" in pool.optional:
-            findings["source_shape"] = _Findings("source_shape: rows or columns below 1")
+        positive = {"source_shape": "source_shape: rows or columns below 1",
+                    "crop_box": "crop_box: a size below 1", "source_spacing": "source_spacing: not positive"}
+        findings = {name: _Findings(positive.get(name, f"{name}: empty UID")) for name in pool.optional}
         for start, stop in pool.chunk_ranges():
             for name, value in read_arrays(pool.optional, start, stop).items():
                 if isinstance(value, Exception):
                     self._undecodable(name, start // pool.chunk_size, start, stop, value)
                 elif name == "source_shape":
                     findings[name].add(start, (value < 1).any(axis=1))
+                elif name == "crop_box":
+                    findings[name].add(start, (value[:, 1] < 1).any(axis=1))
+                elif name == "source_spacing":
+                    findings[name].add(start, ~(value > 0).all(axis=1))  # NaN too
                 else:
                     findings[name].add(start, as_str(value) == "")
         self.problems += [f.message() for f in findings.values() if f.count]

@@ -7,7 +7,7 @@ swap; a writer of ``<path>`` finishes a swap a killed one left (see :func:`finis
 
 An object store has no rename: the writer writes at the URL itself, and its zarr.json carries
 ``xal_pool_written`` (no ``xal_pool``) until ``close`` replaces it in one PUT (an object is replaced
-whole, never torn) with ``xal_pool: 1``. Until then ``Pool.open`` refuses the pool as unfinished, and
+whole, never torn) with ``xal_pool`` (1, or 2 for volumes). Until then ``Pool.open`` refuses the pool as unfinished, and
 ``resume=True`` continues it. An overwrite deletes the old pool's keys before writing the new one (a
 kill in between leaves an unfinished pool, not the old one).
 """
@@ -29,7 +29,6 @@ from xal_engine import __version__
 from xal_engine.errors import PoolError
 from xal_engine.store.files import finite_or_none
 from xal_engine.store.format import (
-    FORMAT_VERSION,
     IMAGE_DTYPES,
     OPTIONAL_ARRAYS,
     OPTIONAL_GROUPS,
@@ -41,6 +40,7 @@ from xal_engine.store.format import (
     array_specs,
     as_str,
     compressors,
+    format_version,
     images_per_chunk,
     open_group,
     optional_arrays,
@@ -126,13 +126,15 @@ class PoolWriter:
     Appends of any size are buffered to whole chunks; each full chunk is written at once, then
     ``xal_pool_written`` records it as durable (``n_written``), so ``resume=True`` continues an
     interrupted ``<path>.partial`` after its last whole chunk. ``close`` flushes the tail, sets
-    ``xal_pool: 1`` and renames ``<path>.partial`` to ``<path>``.
+    ``xal_pool`` (1; 2 for volumes) and renames ``<path>.partial`` to ``<path>``.
+
+    ``depth=D`` writes a volume pool (format version 2): images (n, C, D, H, W), rois (n, D, H, W).
 
     ``extra_arrays`` names optional per-image arrays (whole groups of ``OPTIONAL_GROUPS``, e.g. the
     DICOM UIDs) that every ``append`` then gives in ``extra``; a pool written without them has none.
     """
 
-    def __init__(self, path: str | Path, *, channels: int, height: int, width: int,
+    def __init__(self, path: str | Path, *, channels: int, height: int, width: int, depth: int | None = None,
                  dtype: np.dtype | str, classes: list[str], modality: str = "", source: str = "",
                  attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
                  chunk_size: int | None = None, resume: bool = False,
@@ -145,16 +147,18 @@ class PoolWriter:
         if self.dtype not in IMAGE_DTYPES:
             raise PoolError(f"{self.path}: image dtype {self.dtype} is not supported "
                             "(expected uint8, uint16 or float16)")
-        if min(channels, height, width) < 1:
-            raise PoolError(f"{self.path}: image shape ({channels}, {height}, {width}) must be positive")
+        spatial = (height, width) if depth is None else (depth, height, width)
+        if min(channels, *spatial) < 1:
+            raise PoolError(f"{self.path}: image shape {(channels, *spatial)} must be positive")
+        self.version = format_version(len(spatial))
         if not classes or not all(isinstance(c, str) and c for c in classes):
             raise PoolError(f"{self.path}: classes must be a non-empty list of names")
         clash = sorted(set(attrs or {}) & set(RESERVED_ATTRS))
         if clash:
             raise PoolError(f"{self.path}: attrs may not set reserved keys {clash}")
-        self.shape = (channels, height, width)
-        self.chunk_size = chunk_size or images_per_chunk(channels, height, width, self.dtype,
-                                                         storage.target_chunk_bytes)
+        self.shape = (channels, *spatial)
+        self.chunk_size = chunk_size or images_per_chunk(channels, *spatial, self.dtype,
+                                                         target_bytes=storage.target_chunk_bytes)
         if self.chunk_size < 1:
             raise PoolError(f"{self.path}: chunk_size must be at least 1 (got {self.chunk_size})")
         if isinstance(self.path, StoreURL):
@@ -171,7 +175,7 @@ class PoolWriter:
             if self.path.exists() and not _is_replaceable(self.path):
                 raise PoolError(f"{self.path} exists and is not a Zarr group: refusing to replace it")
         self.extras = _parse_extras(self.path, extra_arrays)
-        self._specs = {**array_specs(channels, height, width, self.dtype),
+        self._specs = {**array_specs(channels, spatial, self.dtype),
                        **{name: spec for name, spec in optional_specs().items() if name in self.extras}}
         meta = finite_or_none({"classes": list(classes), "modality": modality, "source": source,
                                "xal_engine_version": __version__, **(attrs or {})})  # zarr.json: strict JSON
@@ -250,7 +254,7 @@ class PoolWriter:
     def append(self, images: np.ndarray, rois: np.ndarray, has_roi: np.ndarray, labels: np.ndarray,
                ids: np.ndarray | list[str], split: np.ndarray,
                extra: Mapping[str, np.ndarray] | None = None) -> None:
-        """Add images (n, C, H, W) with their rois (n, H, W), has_roi, labels, ids and split (n,), and
+        """Add images (n, C, H, W) with their rois (n, H, W) (volumes: (n, C, D, H, W), (n, D, H, W)), has_roi, labels, ids and split (n,), and
         the optional arrays named by ``extra_arrays`` in ``extra`` (exactly those)."""
         if self._closed:
             raise PoolError(f"{self.path}: the writer is closed")
@@ -284,7 +288,7 @@ class PoolWriter:
             if dtype is str:
                 if array.dtype.kind not in "TUO":
                     raise PoolError(f"{self.path}: appended '{name}' must be strings (got {array.dtype})")
-            elif name in ("labels", "split", "source_shape"):
+            elif name in ("labels", "split", "source_shape", "crop_box"):
                 if array.dtype.kind not in "iu":
                     raise PoolError(f"{self.path}: appended '{name}' must be integers (got {array.dtype})")
             elif array.dtype != dtype:
@@ -292,8 +296,9 @@ class PoolWriter:
                                 f"expected {np.dtype(dtype)}")
         data["labels"] = data["labels"].astype(np.int16)
         data["split"] = data["split"].astype(np.uint8)
-        if "source_shape" in data:
-            data["source_shape"] = data["source_shape"].astype(np.int32)
+        for name in ("source_shape", "crop_box"):
+            if name in data:
+                data[name] = data[name].astype(np.int32)
         return data
 
     def _flush(self) -> None:
@@ -315,7 +320,7 @@ class PoolWriter:
         self._flush()
         attrs = dict(self._group.attrs)
         del attrs[WRITING_ATTR]
-        self._group.attrs.put({**attrs, "xal_pool": FORMAT_VERSION})  # one metadata write
+        self._group.attrs.put({**attrs, "xal_pool": self.version})  # one metadata write
         self._closed = True
         if isinstance(self.path, StoreURL):  # that write published it: nothing to rename
             return Pool.open(self.path)
