@@ -32,6 +32,44 @@ loss, the shape probe and the compat classes apply to A and G:
 
 ``tiny`` (:class:`TinyNet`) is the one arch built here rather than by torchvision: one strided conv,
 global pooling, a linear head, random init only; it exists to make host overhead visible in benchmarks.
+
+3-D backbones (volume pools, images (B, C, D, H, W); ``ArchSpec.spatial_dims`` = 3, and
+:func:`check_arch_fits` refuses a 2-D arch on a volume pool and vice versa):
+
+- torchvision's video ResNets ``r3d_18``, ``mc3_18``, ``r2plus1d_18``: built as the 3-channel,
+  400-class Kinetics model (a local state dict of it loads strictly; the published weights are a
+  download, so offline ``--pretrained imagenet`` fails in one line), stem conv ``stem.0`` adapted by
+  :func:`adapt_conv_weight` (5-D filters alike), head ``fc``, candidates ``layer1..layer4``. They read
+  (B, C, T, H, W): a volume's D takes the T slot, and T is not H or W to them. None strides along D in
+  the stem (stride (1, 2, 2)); ``r3d_18`` (3×3×3 convs) and ``r2plus1d_18`` (each factorised into a
+  (1, 3, 3) conv then a (3, 1, 1) one) halve D, H, W together from layer2 on, so their maps keep D
+  twice H and W (D/8 × H/16 × W/16 at layer4); ``mc3_18`` mixes along D only in the stem and layer1
+  (3-D convs; layer2..4 are (1, 3, 3) convs) and never strides along D (maps D × H/16 × W/16 at
+  layer4). Put the volume's coarsest-spaced axis in D.
+- MONAI's (optional: ``pip install 'xal-engine[volumes]'``) ``densenet121_3d``
+  (``DenseNet121(spatial_dims=3)``, /32 like the 2-D one; candidates ``features.denseblock1..3`` and
+  ``class_layers.relu``, the ReLU after ``features.norm5``, the same map as denseblock4 and MONAI's
+  usual Grad-CAM layer; head ``class_layers.out``) and ``resnet10_3d`` / ``resnet18_3d``
+  (``resnet10/18(spatial_dims=3)``: a stride-1 7³ stem conv, then a stride-2 max pool, so /16 at
+  layer4; candidates ``layer1..layer4``; head ``fc``). Built directly for C channels, random init (or
+  a backbone from ``xal-engine pretrain``).
+- ``tiny3d`` (:class:`TinyNet3d`): TinyNet with a Conv3d (7³, stride 4, pad 3), for tests and demos.
+
+Default Grad-CAM layers of the 3-D archs (the same rule: the deepest candidate whose map is at least
+MIN_TARGET_MAP on every side), for a cube of side S:
+
+============== ============================= ============================= ========================
+arch           S = 32                        S = 64                        S = 128
+============== ============================= ============================= ========================
+r3d_18         layer2 (16×8×8)               layer3 (16×8×8)               layer4 (16×8×8)
+r2plus1d_18    layer2 (16×8×8)               layer3 (16×8×8)               layer4 (16×8×8)
+mc3_18         layer2 (32×8×8)               layer3 (64×8×8)               layer4 (128×8×8)
+densenet121_3d features.denseblock1 (8³)     features.denseblock2 (8³)     features.denseblock3 (8³)
+resnet10/18_3d layer2 (8³)                   layer3 (8³)                   layer4 (8³)
+tiny3d         features (8³)                 features (16³)                features (32³)
+============== ============================= ============================= ========================
+
+(densenet121_3d reaches ``class_layers.relu``, 7³, at S = 224.)
 """
 
 from __future__ import annotations
@@ -58,20 +96,23 @@ MIN_TARGET_MAP = 7
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the parts of one torchvision architecture live (dotted module names)."""
+    """Where the parts of one architecture live (dotted module names)."""
 
-    first_conv: str  # the stem convolution that reads the image, 3 input channels
-    head: str  # the final nn.Linear producing 1000 ImageNet logits
+    first_conv: str  # the stem convolution that reads the image (3 input channels unless built for C)
+    head: str  # the final nn.Linear (1000 ImageNet / 400 Kinetics logits unless built for K)
     candidates: tuple[str, ...]  # Grad-CAM layers in forward order, shallow to deep (the stages)
     head_dropout: str | None = None  # the arch's own nn.Dropout right before the head, if it has one
-    # builds the 3-channel, 1000-class model for an arch that is not torchvision's (None: torchvision)
-    build: Callable[[], nn.Module] | None = None
+    # builds the model for an arch that is not torchvision's (None: torchvision), called with
+    # (in_channels, num_classes); one that ignores them gets its stem and head adapted after
+    build: Callable[[int, int], nn.Module] | None = None
     layout: TokenLayout | None = None  # transformers: the token→map reshape of their layers
     patch: int = 0  # ViT: the model is built for the image size, square, a multiple of this
+    spatial_dims: int = 2  # 2: images (B, C, H, W); 3: volumes (B, C, D, H, W)
 
     @property
     def target_layer(self) -> str:
-        """The deepest candidate: the default at ImageNet's 224x224 (a 7x7 map on every arch here)."""
+        """The deepest candidate: the default at ImageNet's 224x224 for the 2-D archs (a 7x7 map on
+        each), at 128³ for the 3-D ones (224³ for densenet121_3d; see the module docstring)."""
         return self.candidates[-1]
 
 
@@ -91,6 +132,46 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))  # (B, C, H, W) -> (B, K)
+
+
+class TinyNet3d(nn.Module):
+    """``tiny3d``: :class:`TinyNet` for volumes, built for (in_channels, num_classes) directly.
+
+    features = Conv3d(C, 16, 7³, stride 4, pad 3) -> ReLU: the Grad-CAM layer, a (D/4, H/4, W/4) map
+    (8³ at 32³); then global average pooling and ``fc`` (16 -> K). 343·C·16 MACs per output position,
+    one output per 64 voxels: 22M MACs a 64³ single-channel volume.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv3d(in_channels, width, 7, stride=4, padding=3), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))  # (B, C, D, H, W) -> (B, K)
+
+
+def _monai_nets(arch: str) -> Any:
+    """``monai.networks.nets``, or an XalError naming the extra when MONAI is not installed."""
+    try:
+        from monai.networks import nets
+    except ImportError:
+        raise XalError(f"--arch {arch} needs MONAI (the volumes extra): pip install 'xal-engine[volumes]'") from None
+    return nets
+
+
+def _monai_densenet121(in_channels: int, num_classes: int) -> nn.Module:
+    return _monai_nets("densenet121_3d").DenseNet121(spatial_dims=3, in_channels=in_channels,
+                                                     out_channels=num_classes)
+
+
+def _monai_resnet(depth: int) -> Callable[[int, int], nn.Module]:
+    def build(in_channels: int, num_classes: int) -> nn.Module:
+        nets = _monai_nets(f"resnet{depth}_3d")
+        return getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=in_channels,
+                                                num_classes=num_classes)
+    return build
 
 
 class TokenGrid:
@@ -159,6 +240,7 @@ def reshape_transform(arch: str) -> Callable[[torch.Tensor], torch.Tensor] | Non
 
 
 _RESNET = ArchSpec("conv1", "fc", ("layer1", "layer2", "layer3", "layer4"))
+_VIDEO_STAGES = ("layer1", "layer2", "layer3", "layer4")
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": _RESNET,
     "resnet34": _RESNET,
@@ -173,8 +255,8 @@ ARCHS: dict[str, ArchSpec] = {
     # features.1, 3, 5, 7 are the four stages; the even entries are their downsampling layers.
     "convnext_tiny": ArchSpec("features.0.0", "classifier.2", ("features.1", "features.3", "features.5",
                                                                 "features.7")),
-    # not torchvision's: built here, random init only (see TinyNet)
-    "tiny": ArchSpec("features.0", "fc", ("features",), build=TinyNet),
+    # not torchvision's: built here, random init only (see TinyNet); built 3-channel, then adapted
+    "tiny": ArchSpec("features.0", "fc", ("features",), build=lambda _channels, _classes: TinyNet()),
     # transformers (see the module docstring): every block's ln_1 has the same patch grid, so the
     # candidates are the twelve and the default is the last one
     "vit_b_16": ArchSpec("conv_proj", "heads.head",
@@ -183,6 +265,16 @@ ARCHS: dict[str, ArchSpec] = {
     "swin_t": ArchSpec("features.0.0", "head", ("features.1", "features.3", "features.5", "features.7"),
                        layout=TokenLayout(("features", "norm"), ChannelsLastMap(),
                                           exclude=("features", "features.0.0"))),
+    # 3-D (volumes; see the module docstring): torchvision's video ResNets, 3-channel, 400 classes
+    **{name: ArchSpec("stem.0", "fc", _VIDEO_STAGES, spatial_dims=3)
+       for name in ("r3d_18", "mc3_18", "r2plus1d_18")},
+    # MONAI's, built for C channels and K classes (an optional import)
+    "densenet121_3d": ArchSpec("features.conv0", "class_layers.out",
+                               ("features.denseblock1", "features.denseblock2", "features.denseblock3",
+                                "class_layers.relu"), build=_monai_densenet121, spatial_dims=3),
+    "resnet10_3d": ArchSpec("conv1", "fc", _VIDEO_STAGES, build=_monai_resnet(10), spatial_dims=3),
+    "resnet18_3d": ArchSpec("conv1", "fc", _VIDEO_STAGES, build=_monai_resnet(18), spatial_dims=3),
+    "tiny3d": ArchSpec("features.0", "fc", ("features",), build=TinyNet3d, spatial_dims=3),
 }
 
 DEFAULT_TARGET_LAYERS: dict[str, str] = {name: spec.target_layer for name, spec in ARCHS.items()}
@@ -194,6 +286,23 @@ def parse_arch(arch: str) -> ArchSpec:
         return ARCHS[arch]
     except KeyError:
         raise XalError(f"unknown architecture {arch!r}; expected one of: {', '.join(ARCHS)}") from None
+
+
+def archs_for(spatial_dims: int) -> tuple[str, ...]:
+    """The names of the archs reading ``spatial_dims``-D inputs (2: images, 3: volumes)."""
+    return tuple(name for name, spec in ARCHS.items() if spec.spatial_dims == spatial_dims)
+
+
+def check_arch_fits(arch: str, spatial_dims: int, pool: str | os.PathLike[str] | None = None) -> None:
+    """An XalError naming ``--arch`` when ``arch`` does not read ``spatial_dims``-D inputs (a 2-D
+    backbone on a volume pool or a 3-D one on an image pool); ``pool`` names the pool in it."""
+    spec = parse_arch(arch)
+    if spec.spatial_dims == spatial_dims:
+        return
+    holds = "volumes (3-D)" if spatial_dims == 3 else "2-D images"
+    where = f"pool {pool}" if pool is not None else "this pool"
+    raise XalError(f"--arch {arch} is a {spec.spatial_dims}-D backbone; {where} holds {holds} "
+                   f"(expected one of: {', '.join(archs_for(spatial_dims))})")
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
@@ -217,15 +326,38 @@ class _ProbeDone(Exception):
     """Raised by the last probe hook to skip the rest of the forward (deeper layers, the head)."""
 
 
-def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
-                      image_shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
-    """The (h, w) of each layer's output for an image of ``image_shape`` (C, H, W).
+def _map_dims(image_shape: tuple[int, ...]) -> tuple[int, str]:
+    """(spatial dims, the map's shape in words) for an ``image_shape`` (C, H, W) or (C, D, H, W)."""
+    if len(image_shape) not in (3, 4):
+        raise XalError(f"image shape must be (C, H, W) or (C, D, H, W), got {tuple(image_shape)}")
+    dims = len(image_shape) - 1
+    return dims, "(B, C, h, w)" if dims == 2 else "(B, C, d, h, w)"
 
-    One forward of a (1, C, H, W) zero tensor without gradients, in eval mode (batch norm with one
-    image; the training flag is restored after), stopped once every layer has run. An XalError when a
-    layer's output is not a (B, C, h, w) feature map or the image does not fit the model.
+
+def _check_input_dims(model: nn.Module, dims: int, image_shape: tuple[int, ...]) -> None:
+    """An XalError when ``model``'s first convolution is not ``dims``-D: a Conv3d reads an unbatched
+    (C, D, H, W) tensor, so a 2-D probe of a 3-D model would otherwise run and give wrong maps."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    model_dims = {nn.Conv2d: 2, nn.Conv3d: 3}.get(type(first), dims)
+    if model_dims != dims:
+        what, reads = ("image", "(C, D, H, W) volumes") if dims == 2 else ("volume", "(C, H, W) images")
+        raise XalError(f"a {'x'.join(map(str, image_shape))} {what} does not fit the model "
+                       f"(a {model_dims}-D model: it reads {reads})")
+
+
+def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
+                      image_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The (h, w) of each layer's output for an image of ``image_shape`` (C, H, W); the (d, h, w)
+    for a volume of ``image_shape`` (C, D, H, W).
+
+    One forward of a (1, *image_shape) zero tensor without gradients, in eval mode (batch norm with
+    one image; the training flag is restored after), stopped once every layer has run. An XalError
+    when a layer's output is not a (B, C, h, w) — for a volume (B, C, d, h, w) — feature map or the
+    image does not fit the model.
     """
-    sizes: dict[str, tuple[int, int]] = {}
+    dims, words = _map_dims(image_shape)
+    _check_input_dims(model, dims, image_shape)
+    sizes: dict[str, tuple[int, ...]] = {}
     wanted = list(dict.fromkeys(layers))
 
     def hook(name: str) -> Any:
@@ -234,16 +366,16 @@ def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if shape is not None and isinstance(output, torch.Tensor):
                 output = shape(output)
-            if not (isinstance(output, torch.Tensor) and output.dim() == 4):
+            if not (isinstance(output, torch.Tensor) and output.dim() == dims + 2):
                 what = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                raise XalError(f"layer {name!r} gives {what}, not a (B, C, h, w) feature map for Grad-CAM")
-            sizes[name] = (int(output.shape[-2]), int(output.shape[-1]))
+                raise XalError(f"layer {name!r} gives {what}, not a {words} feature map for Grad-CAM")
+            sizes[name] = tuple(int(side) for side in output.shape[2:])
             if len(sizes) == len(wanted):
                 raise _ProbeDone
         return record
 
     param = next(model.parameters())
-    x = torch.zeros((1, *image_shape), dtype=param.dtype, device=param.device)  # (1, C, H, W)
+    x = torch.zeros((1, *image_shape), dtype=param.dtype, device=param.device)  # (1, C, [D,] H, W)
     handles = [resolve_layer(model, name).register_forward_hook(hook(name)) for name in wanted]
     was_training = model.training
     try:
@@ -253,8 +385,9 @@ def feature_map_sizes(model: nn.Module, layers: tuple[str, ...] | list[str],
     except _ProbeDone:
         pass
     except (RuntimeError, AssertionError) as err:  # torch._assert (ViT's image size) raises AssertionError
-        c, h, w = image_shape
-        raise XalError(f"a {c}x{h}x{w} image does not fit the model ({_first_line(err)})") from None
+        what = "image" if dims == 2 else "volume"
+        raise XalError(f"a {'x'.join(map(str, image_shape))} {what} does not fit the model "
+                       f"({_first_line(err)})") from None
     finally:
         for handle in handles:
             handle.remove()
@@ -270,50 +403,52 @@ class LayerChoice:
     """A Grad-CAM layer and its feature map at the probed image size."""
 
     name: str
-    size: tuple[int, int]  # (h, w) of its output
-    reaches_min: bool  # both sides >= MIN_TARGET_MAP
+    size: tuple[int, ...]  # (h, w) of its output; (d, h, w) for a volume
+    reaches_min: bool  # every side >= MIN_TARGET_MAP
 
     def describe(self) -> str:
-        return f"{self.name} ({self.size[0]}x{self.size[1]} map)"
+        return f"{self.name} ({'x'.join(map(str, self.size))} map)"
 
 
-def choose_target_layer(model: nn.Module, arch: str, image_shape: tuple[int, int, int]) -> LayerChoice:
-    """The deepest candidate layer of ``arch`` whose map at ``image_shape`` (C, H, W) is at least
-    MIN_TARGET_MAP on both sides; when none is, the one with the largest map (the deeper on a tie),
-    with ``reaches_min`` False."""
+def choose_target_layer(model: nn.Module, arch: str, image_shape: tuple[int, ...]) -> LayerChoice:
+    """The deepest candidate layer of ``arch`` whose map at ``image_shape`` (C, H, W) — or (C, D, H, W)
+    for a 3-D arch — is at least MIN_TARGET_MAP on every side (its smallest side decides); when none
+    is, the one with the largest map (most cells, the deeper on a tie), with ``reaches_min`` False."""
     candidates = parse_arch(arch).candidates
     sizes = feature_map_sizes(model, candidates, image_shape)
     fits = [name for name in candidates if min(sizes[name]) >= MIN_TARGET_MAP]
     if fits:
         return LayerChoice(fits[-1], sizes[fits[-1]], True)
-    largest = max(reversed(candidates), key=lambda name: sizes[name][0] * sizes[name][1])  # deepest on ties
+    largest = max(reversed(candidates), key=lambda name: math.prod(sizes[name]))  # deepest on ties
     return LayerChoice(largest, sizes[largest], False)
 
 
-def layer_choice(model: nn.Module, name: str, image_shape: tuple[int, int, int]) -> LayerChoice:
-    """``name``'s map at ``image_shape`` (C, H, W), as a LayerChoice (for a layer given by name)."""
+def layer_choice(model: nn.Module, name: str, image_shape: tuple[int, ...]) -> LayerChoice:
+    """``name``'s map at ``image_shape`` (C, H, W) or (C, D, H, W), as a LayerChoice (for a layer given
+    by name)."""
     size = feature_map_sizes(model, [name], image_shape)[name]
     return LayerChoice(name, size, min(size) >= MIN_TARGET_MAP)
 
 
 def adapt_conv_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt RGB filters (O, 3, k, k) to ``in_channels`` inputs: (O, in_channels, k, k).
+    """Adapt RGB filters (O, 3, k, k) — or 3-D ones (O, 3, kt, kh, kw) — to ``in_channels`` inputs:
+    (O, in_channels, k, k), resp. (O, in_channels, kt, kh, kw).
 
     Each new channel gets the RGB mean scaled by 3 / in_channels, so a grey image (all channels equal)
     gives the same response as before. For 1 channel this is the sum of the RGB filters.
     """
     if in_channels == weight.shape[1]:
         return weight.clone()
-    mean = weight.mean(dim=1, keepdim=True)  # (O, 1, k, k)
-    return (mean * (weight.shape[1] / in_channels)).repeat(1, in_channels, 1, 1)
+    mean = weight.mean(dim=1, keepdim=True)  # (O, 1, *k)
+    return (mean * (weight.shape[1] / in_channels)).repeat(1, in_channels, *([1] * (weight.dim() - 2)))
 
 
 def _replace_first_conv(model: nn.Module, spec: ArchSpec, in_channels: int) -> None:
     old = model.get_submodule(spec.first_conv)
-    assert isinstance(old, nn.Conv2d)
+    assert type(old) in (nn.Conv2d, nn.Conv3d), type(old)
     if in_channels == old.in_channels:
         return
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+    new = type(old)(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                     old.dilation, old.groups, old.bias is not None, old.padding_mode)
     with torch.no_grad():
         new.weight.copy_(adapt_conv_weight(old.weight, in_channels))
@@ -408,11 +543,12 @@ def _load_published_weights(model: nn.Module, arch: str,
 def _load_state(model: nn.Module, state: object, what: str, arch: str) -> None:
     if not isinstance(state, dict):
         raise XalError(f"{what} is not a state dict (got {type(state).__name__})")
+    classes = model.get_submodule(parse_arch(arch).head).out_features  # 1000 ImageNet, 400 Kinetics
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise XalError(f"{what} does not fit torchvision {arch} (3 channels, 1000 classes): "
+        raise XalError(f"{what} does not fit torchvision {arch} (3 channels, {classes} classes): "
                        f"{first}") from None
 
 
@@ -440,11 +576,12 @@ def _vit_state(state: object, side: int, patch: int) -> object:
 def build_model(arch: str, num_classes: int, in_channels: int,
                 pretrained: str | Path | None = None, head_dropout: float | None = None,
                 image_size: tuple[int, int] | None = None) -> nn.Module:
-    """A torchvision ``arch`` reading ``in_channels`` and giving ``num_classes`` logits.
+    """An ``arch`` reading ``in_channels`` and giving ``num_classes`` logits.
 
-    ``pretrained``: None (random init), ``"imagenet"`` (torchvision's published weights, from the
-    torch.hub cache or a download; an XalError when unavailable), or a path to a torchvision state
-    dict of the 3-channel, 1000-class model. The first conv is adapted by :func:`adapt_conv_weight`;
+    ``pretrained``: None (random init), ``"imagenet"`` (torchvision's published weights — Kinetics-400
+    for the video ResNets — from the torch.hub cache or a download; an XalError when unavailable), a
+    path to a torchvision state dict of the 3-channel, 1000-class (video: 400-class) model, or a
+    backbone file from ``xal-engine pretrain``. The first conv is adapted by :func:`adapt_conv_weight`;
     the head is always freshly initialised. ``head_dropout``: the dropout p on the head's input (see
     the module docstring); None keeps the arch's own (0 where it has none). ``image_size`` (H, W):
     the images the model will read; only ViT uses it (built for that size, 224 when None).
@@ -464,7 +601,10 @@ def build_model(arch: str, num_classes: int, in_channels: int,
     extra: dict[str, Any] = {}
     if spec.patch:
         extra["image_size"] = vit_image_size(arch, image_size)
-    model = spec.build() if spec.build is not None else torchvision.models.get_model(arch, weights=None, **extra)
+    if spec.build is not None:  # tiny, MONAI: built here (an XalError when the monai extra is missing)
+        model = spec.build(in_channels, num_classes)
+    else:
+        model = torchvision.models.get_model(arch, weights=None, **extra)
     if pretrained is not None:
         adapt = (lambda state: _vit_state(state, extra["image_size"], spec.patch)) if spec.patch else None
         if str(pretrained) == "imagenet":
@@ -571,9 +711,9 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict
     pool: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, image size, dtype
     metrics: dict[str, Any] = field(default_factory=dict)
-    # (h, w) of the target layer's output at the training image size; None in checkpoints written
-    # before it was recorded (an optional entry: the format version is unchanged)
-    target_map: tuple[int, int] | None = None
+    # (h, w) of the target layer's output at the training image size, (d, h, w) for a volume; None
+    # in checkpoints written before it was recorded (an optional entry: the format version is unchanged)
+    target_map: tuple[int, ...] | None = None
     # dropout p on the head's input (DropoutLinear or the arch's own); save_checkpoint records the
     # model's p, whatever this says. Absent in older checkpoints: the arch's own (0 for
     # resnet/densenet/convnext, 0.2 for efficientnet_b0). load_checkpoint always gives a float.
@@ -581,11 +721,14 @@ class Checkpoint:
     format_version: int = CHECKPOINT_FORMAT
 
     @property
-    def image_size(self) -> tuple[int, int, int] | None:
-        """(C, H, W) of the training images (``pool`` holds H and W); None when not recorded."""
+    def image_size(self) -> tuple[int, ...] | None:
+        """(C, H, W) of the training images (``pool`` holds H and W), (C, D, H, W) for volumes
+        (``pool`` also holds a depth D); None when not recorded."""
         if "height" not in self.pool or "width" not in self.pool:
             return None
-        return self.in_channels, int(self.pool["height"]), int(self.pool["width"])
+        hw = int(self.pool["height"]), int(self.pool["width"])
+        depth = self.pool.get("depth")
+        return (self.in_channels, *hw) if depth is None else (self.in_channels, int(depth), *hw)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
@@ -646,12 +789,13 @@ def _cut_short(path: Path) -> bool:
         return False
 
 
-def _map_size(value: Any) -> tuple[int, int] | None:
-    """A stored [h, w] as a tuple; None where absent (older checkpoints)."""
+def _map_size(value: Any) -> tuple[int, ...] | None:
+    """A stored [h, w] (or [d, h, w]) as a tuple; None where absent (older checkpoints)."""
     if value is None:
         return None
-    h, w = value
-    return int(h), int(w)
+    if len(value) not in (2, 3):
+        raise ValueError(f"target_map {value!r} is not [h, w] or [d, h, w]")
+    return tuple(int(side) for side in value)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
@@ -678,7 +822,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         size = info.image_size
         model = build_model(info.arch, info.num_classes, info.in_channels,
                             head_dropout=None if recorded is None else float(recorded),
-                            image_size=None if size is None else size[1:])
+                            image_size=None if size is None else size[-2:])
     except XalError as err:
         raise XalError(f"checkpoint {path}: {err}") from None
     info = replace(info, head_dropout=head_dropout_p(model, info.arch))  # absent: the arch's own
