@@ -146,6 +146,50 @@ def test_config_errors_name_the_flag(field: str, value: float, message: str) -> 
         SyntheticConfig(**{field: value})
 
 
+def test_first_class_shifts_the_appearance_and_keeps_labels_markers_and_the_rest(tmp_path: Path) -> None:
+    """first_class=3: pool classes 0-2 look like appearance classes 3-5 (the dark variants). Every
+    random draw is the same as the default pool's, so labels, lesion masks, markers (coded by the pool
+    class j) and all pixels off the lesion are identical; on the lesion the shifted pool is darker, and
+    darker than the 2-px ring around it."""
+    config = SyntheticConfig(n=300, size=32, seed=4, shortcut=0.5)
+    shifted_config = SyntheticConfig(**{**asdict(config), "first_class": 3})
+    pool = create_synthetic_pool(shifted_config, tmp_path / "dark.zarr")
+    assert pool.classes == ["round_dark", "rim_ellipse_dark", "stippled_dark"]
+    assert pool.attrs["synthetic"]["first_class"] == 3
+    assert class_names(3, first_class=9) == ["round_dark_cored", "rim_ellipse_dark_cored", "stippled_dark_cored"]
+    np.testing.assert_array_equal(pool.read(0, 300).images, np.concatenate([g.images for g in blocks(shifted_config)]))
+    for bright, dark in zip(blocks(config), blocks(shifted_config)):
+        for name in ("labels", "lesions", "rois", "has_roi", "markers", "split"):
+            np.testing.assert_array_equal(getattr(bright, name), getattr(dark, name), name)
+        assert set(dark.labels.tolist()) == {0, 1, 2} and dark.markers.any()
+        off = np.broadcast_to(~dark.lesions[:, None], dark.images.shape)  # (b, C, S, S)
+        np.testing.assert_array_equal(bright.images[off], dark.images[off])
+        on = dark.lesions
+        assert (dark.images[:, 0][on] <= bright.images[:, 0][on]).all()
+        ring = binary_dilation(dark.lesions, structure=CROSS, iterations=2) & ~dark.lesions
+        pixels = dark.images[:, 0].astype(np.float64)
+        for j in range(3):  # per pool class: its lesions' mean below their surroundings'
+            of_class = dark.labels == j
+            inside = pixels[of_class][on[of_class]].mean()
+            assert inside < pixels[of_class][ring[of_class]].mean() - 10, j
+            assert inside < bright.images[:, 0][of_class][on[of_class]].mean() - 20, j
+
+
+def test_first_class_beyond_the_appearance_classes_is_refused_naming_the_flag(tmp_path: Path, capsys) -> None:
+    from xal_engine.cli import main
+
+    assert SyntheticConfig(classes=3, first_class=9).first_class == 9  # classes 9-11: the last three
+    with pytest.raises(XalError, match=r"^--first-class must be between 0 and 12 - --classes = 9 .*\(got 10\)$"):
+        SyntheticConfig(classes=3, first_class=10)
+    with pytest.raises(XalError, match=r"--first-class must be between 0 and 12 - --classes = 10"):
+        SyntheticConfig(classes=2, first_class=-1)
+    out = tmp_path / "unused.zarr"
+    assert main(["pool", "create", "--synthetic", "--out", str(out), "--first-class", "11"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--first-class must be between 0 and 12 - --classes = 9" in err[0], err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_memory_stays_flat_for_a_20k_pool(tmp_path: Path) -> None:
     """Peak RSS growth while writing 20k images of 64² is a few chunks, not the pool."""

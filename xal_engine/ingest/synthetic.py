@@ -7,8 +7,13 @@ noise; one lesion inside the central disk of radius 0.40·S whose mask is the ex
                               2 stippled irregular lesion (speckle texture, wavy outline)
               variant = k // 3   bit 0: dark (hypo-intense), bit 1: cored (empty centre)
 
+``first_class`` = F shifts the appearances: pool class j (label j) is appearance class k = F + j, so
+F = 3 with 3 classes gives round_dark, rim_ellipse_dark, stippled_dark, a lesion family disjoint from
+the default pool's (a source pool for ``pretrain --method supervised``). The shortcut marker keeps
+coding the pool class j.
+
 Shortcut cue (``shortcut`` = P): in a fraction P of train/val images (never test) a small bright
-marker in a corner of the image: corner = k % 4, pattern = k // 4 (filled, hollow, plus). The corner
+marker in a corner of the image: corner = j % 4, pattern = j // 4 (j: the pool class) (filled, hollow, plus). The corner
 boxes lie outside the lesion disk by several pixels (checked again per image), so a marker never
 overlaps or touches the ROI.
 
@@ -47,6 +52,7 @@ class SyntheticConfig:
     n: int = 1000
     size: int = 64
     classes: int = 3
+    first_class: int = 0  # pool class j has appearance class first_class + j
     channels: int = 1
     seed: int = 0
     shortcut: float = 0.0
@@ -63,6 +69,9 @@ class SyntheticConfig:
         need(self.n >= 1, "n", "at least 1")
         need(MIN_SIZE <= self.size <= 4096, "size", f"between {MIN_SIZE} and 4096")
         need(2 <= self.classes <= MAX_CLASSES, "classes", f"between 2 and {MAX_CLASSES}")
+        need(0 <= self.first_class <= MAX_CLASSES - self.classes, "first_class",
+             f"between 0 and {MAX_CLASSES} - --classes = {MAX_CLASSES - self.classes} ({MAX_CLASSES} "
+             "appearance classes in all)")
         need(1 <= self.channels <= 16, "channels", "between 1 and 16")
         need(self.seed >= 0, "seed", "non-negative")
         for name in ("shortcut", "roi_fraction", "test_fraction", "val_fraction"):
@@ -85,10 +94,11 @@ class SyntheticBlock:
     markers: np.ndarray  # (b, S, S) bool, shortcut marker pixels (all-False: no marker)
 
 
-def class_names(classes: int) -> list[str]:
-    """``round``, ``rim_ellipse``, ``stippled``, ``round_dark``, ... (see the module doc)."""
+def class_names(classes: int, first_class: int = 0) -> list[str]:
+    """Names of appearance classes first_class .. first_class + classes - 1: ``round``,
+    ``rim_ellipse``, ``stippled``, ``round_dark``, ... (see the module doc)."""
     names = []
-    for k in range(classes):
+    for k in range(first_class, first_class + classes):
         variant = k // 3
         names.append(BASES[k % 3] + ("_dark" if variant & 1 else "") + ("_cored" if variant & 2 else ""))
     return names
@@ -231,7 +241,7 @@ def generate_block(config: SyntheticConfig, block: int, split: np.ndarray) -> Sy
     has_roi = rng.random(b) < config.roi_fraction
     shortcut = (split != SPLIT_TEST) & (rng.random(b) < config.shortcut)
     background = _background(rng, b, size)
-    lesions, lesion = _lesions(rng, labels.astype(np.int64), size)
+    lesions, lesion = _lesions(rng, labels.astype(np.int64) + config.first_class, size)  # appearance classes
     markers = marker_masks(size, config.classes)[labels] & shortcut[:, None, None]
     markers &= ~(markers & _dilate(lesions)).any(axis=(1, 2))[:, None, None]  # safety net: never touch
     # mild noise: uniform, std 0.02 (a third of the cost of normal draws)
@@ -272,7 +282,7 @@ def create_synthetic_pool(config: SyntheticConfig, out: str | Path, overwrite: b
     """Write a phantom pool to ``out`` (via ``out.partial``) block by block; memory flat in N."""
     split = assign_splits(config.n, config.test_fraction, config.val_fraction, config.seed)
     with PoolWriter(out, channels=config.channels, height=config.size, width=config.size,
-                    dtype=np.uint8, classes=class_names(config.classes), modality="phantom",
+                    dtype=np.uint8, classes=class_names(config.classes, config.first_class), modality="phantom",
                     source="synthetic", attrs={"synthetic": asdict(config)},
                     overwrite=overwrite) as writer:
         return write_blocks(writer, split, config.size, partial(generate_block, config), show_progress)
