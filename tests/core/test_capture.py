@@ -173,7 +173,7 @@ def test_layer_that_does_not_run_or_is_not_a_feature_map(x: Tensor) -> None:
     net.unused = nn.Conv2d(3, 3, 1)
     with pytest.raises(XalError, match="unused did not run"):
         capture(net, ["block1", "unused"], x)
-    with pytest.raises(XalError, match=r"'head' must output feature maps \(B, C, h, w\), got \(5, 4\)"):
+    with pytest.raises(XalError, match=r"'head' must output feature maps \(B, C, h, w\) or \(B, C, d, h, w\), got \(5, 4\)"):
         capture(net, "head", x)
     assert snapshot(net)[2] == 0
 

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         scores = (f"val bal acc {m['val_balanced_accuracy']:.3f}, val acc {m['val_accuracy']:.3f}"
                   if "val_accuracy" in m else f"train loss {m['train_loss']:.4f} (no validation split)")
-        h, w = ckpt.target_map or (0, 0)
-        print(f"trained {args.arch} on {plural(m['n_train'], 'image')}; epoch {m['best_epoch']} kept "
-              f"({scores}); Grad-CAM layer {ckpt.target_layer} ({h}x{w} map) -> {out}")
+        cells = "x".join(map(str, ckpt.target_map or (0, 0)))  # h x w, volumes d x h x w
+        kind = "volume" if "depth" in ckpt.pool else "image"
+        print(f"trained {args.arch} on {plural(m['n_train'], kind)}; epoch {m['best_epoch']} kept "
+              f"({scores}); Grad-CAM layer {ckpt.target_layer} ({cells} map) -> {out}")
     return 0

@@ -11,7 +11,8 @@ before anything reads it: transformer tokens (B, T, D) to a patch grid, channels
 (B, h, w, C) to channels-first. Without one, a model built by ``core.models`` for a transformer
 (vit_b_16, swin_t) supplies its own per layer (``core.models.layer_reshape``), so train, score and
 loop need no flag. It is applied to A and, being a linear view (select, reshape, permute), to G as
-the gradient of the raw output; otherwise a target layer must output (B, C, h, w).
+the gradient of the raw output; otherwise a target layer must output (B, C, h, w), or (B, C, d, h, w)
+for a 3-D backbone on volumes.
 
 A ``feature_layer`` (the classifier head) adds one more forward hook that keeps its input, the
 pooled penultimate features (B, D), from the same forward: embeddings and cached MC-dropout passes
@@ -178,9 +179,9 @@ class GradCamCapture:
                 raise XalError(f"target layer '{name}' must output a tensor, got {type(output).__name__}")
             shape = self._shapes[index]
             shaped = output if shape is None else shape(output.detach())
-            if not isinstance(shaped, Tensor) or shaped.ndim != 4:
+            if not isinstance(shaped, Tensor) or shaped.ndim not in (4, 5):  # 2-D maps or 3-D volumes
                 got = tuple(shaped.shape) if isinstance(shaped, Tensor) else type(shaped).__name__
-                how = "must output feature maps (B, C, h, w)" if shape is None else \
+                how = "must output feature maps (B, C, h, w) or (B, C, d, h, w)" if shape is None else \
                     "must give feature maps (B, C, h, w) after reshape_transform"
                 raise XalError(f"target layer '{name}' {how}, got {got}")
             if self._acts[index] is not None:

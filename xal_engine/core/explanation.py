@@ -26,20 +26,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xal_engine.ops import reference
+from xal_engine.ops import reference, reference3d
 from xal_engine.ops.cam_methods import CamMethod, get_cam_method
 
 
 def cam_soft_dice(activations: Tensor, gradients: Tensor, rois: Tensor, method: str | CamMethod = "gradcam") -> Tensor:
-    """Soft Dice (B,) of the CAM of (A, G) (B, C, h, w) against rois (B, H, W); differentiable
-    in A and G. Computes in fp32, or fp64 when the inputs are fp64."""
+    """Soft Dice (B,) of the CAM of (A, G) (B, C, h, w) against rois (B, H, W) (volumes: (B, C, d, h, w)
+    against (B, D, H, W), trilinear); differentiable in A and G. Computes in fp32, or fp64 when the
+    inputs are fp64."""
     dtype = torch.promote_types(activations.dtype, torch.float32)
     a, g = activations.to(dtype), gradients.to(dtype)
-    n = reference.normalise_cam(get_cam_method(method).cam(a, g))  # (B, h, w)
-    s = reference.upsample_normalise(n, tuple(rois.shape[-2:]))  # (B, H, W)
+    if a.ndim == 5:
+        n = reference3d.normalise_cam_3d(reference3d.cam_3d(a, g, method))  # (B, d, h, w)
+        s = reference3d.upsample_normalise_3d(n, tuple(rois.shape[-3:]))  # (B, D, H, W)
+    else:
+        n = reference.normalise_cam(get_cam_method(method).cam(a, g))  # (B, h, w)
+        s = reference.upsample_normalise(n, tuple(rois.shape[-2:]))  # (B, H, W)
     r = rois.to(dtype)
-    inter = (s * r).sum(dim=(1, 2))
-    denom = s.sum(dim=(1, 2)) + r.sum(dim=(1, 2))
+    axes = tuple(range(1, s.ndim))
+    inter = (s * r).sum(dim=axes)
+    denom = s.sum(dim=axes) + r.sum(dim=axes)
     return torch.where(denom > 0, 2.0 * inter / denom.clamp_min(torch.finfo(dtype).tiny), 0.0)
 
 

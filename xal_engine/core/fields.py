@@ -88,7 +88,7 @@ class Layout:
     """The fields a run stores and their per-image shapes."""
 
     n_classes: int  # K
-    cam_shape: tuple[int, int] | None = None  # (h, w) of the stored CAM; None: the run stores no cam
+    cam_shape: tuple[int, ...] | None = None  # (h, w) of the stored CAM ((d, h, w) for volumes); None: no cam
     embedding_dim: int | None = None  # D of the stored embedding; None: the run stores no embedding
     mc: bool = False  # the run stores the MC-dropout fields (MC_NAMES)
 
@@ -107,7 +107,7 @@ class Layout:
         return tuple(f for f in FIELDS if self.stores(f))
 
     def tail(self, field: Field) -> tuple[int, ...]:
-        """The per-image shape of ``field``: (), (K,), (h, w) or (D,)."""
+        """The per-image shape of ``field``: (), (K,), (h, w) (volumes: (d, h, w)) or (D,)."""
         if field.shape == PER_CLASS:
             return (self.n_classes,)
         if field.shape == CAM_MAP:
@@ -125,7 +125,7 @@ class Layout:
         """The layout of one batch's results (shapes only: no device synchronisation)."""
         cam, embedding = values.get("cam"), values.get("embedding")
         return cls(n_classes=int(values["probs"].shape[1]),
-                   cam_shape=None if cam is None else (int(cam.shape[1]), int(cam.shape[2])),
+                   cam_shape=None if cam is None else tuple(int(s) for s in cam.shape[1:]),
                    embedding_dim=None if embedding is None else int(embedding.shape[1]),
                    mc="bald" in values)
 

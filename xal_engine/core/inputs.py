@@ -44,14 +44,25 @@ def to_unit_float(images: torch.Tensor, mean: Normalization = None, std: Normali
     if mean is not None or std is not None:
         if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
             mean, std = normalization_tensors(mean, std, x.device)  # type: ignore[arg-type]
-        x = (x - mean) / std  # (n,C,H,W) with (1,C|1,1,1)
+        x = (x - per_channel(mean, x.ndim)) / per_channel(std, x.ndim)  # (n,C,H,W) with (1,C|1,1,1)
     return x
 
 
+def channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last layout of an ``ndim``-D batch: images (n, C, H, W) or volumes (n, C, D, H, W)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(1, C|1, 1, 1) normalisation constants viewed to broadcast over an ``ndim``-D batch."""
+    return values if values.ndim == ndim else values.reshape(1, -1, *(1,) * (ndim - 2))
+
+
 def model_input(images: torch.Tensor, mean: Normalization = None, std: Normalization = None) -> torch.Tensor:
-    """Pool images (n, C, H, W) -> channels-last float32 model input (:func:`to_unit_float`): the
-    layout change runs on the pool dtype (uint8: a quarter of the bytes) before the conversion."""
-    return to_unit_float(images.contiguous(memory_format=torch.channels_last), mean, std)
+    """Pool images (n, C, H, W) (volumes: (n, C, D, H, W)) -> channels-last float32 model input
+    (:func:`to_unit_float`): the layout change runs on the pool dtype (uint8: a quarter of the bytes)
+    before the conversion."""
+    return to_unit_float(images.contiguous(memory_format=channels_last(images.ndim)), mean, std)
 
 
 class ModelInputs:
@@ -73,13 +84,13 @@ class ModelInputs:
         buf = self.buffer
         if buf is None or tuple(buf.shape[1:]) != tail or buf.shape[0] < n or buf.device != images.device:
             buf = self.buffer = torch.empty((n, *tail), dtype=torch.float32, device=images.device,
-                                            memory_format=torch.channels_last)
+                                            memory_format=channels_last(images.ndim))
         x = buf[:n]  # channels-last still: a slice along N
         x.copy_(images)  # the dtype conversion of to_unit_float, into the buffer
         if scale is not None:
             x.mul_(scale)
         if self.mean is not None:
-            x.sub_(self.mean).div_(self.std)  # (x - mean) / std, in that order
+            x.sub_(per_channel(self.mean, x.ndim)).div_(per_channel(self.std, x.ndim))  # (x - mean) / std
         return x
 
 

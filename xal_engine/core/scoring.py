@@ -119,7 +119,8 @@ def score_batch(
     capturer: GradCamCapture | None = None,
     cam_method: str = "gradcam",
 ) -> BatchScores:
-    """Scores of ``images`` (B, C, H, W); ``rois`` (B, H', W') bool at any resolution, or None.
+    """Scores of ``images`` (B, C, H, W); ``rois`` (B, H', W') bool at any resolution, or None. Volumes
+    (a 3-D backbone): images (B, C, D, H, W), rois (B, D', H', W'), the 3-D kernel or reference.
 
     ``head``: the final nn.Linear (e.g. ``fc``); its input, the pooled features, is kept from the same
     forward for ``return_embedding`` (``embedding`` (B, D) fp32) and for ``mc`` (``bald``,
@@ -160,12 +161,13 @@ def score_batch(
     device = act.device
     if rois is None:
         # A stand-in empty ROI at feature resolution (cheap) still yields the map; metrics become NaN.
-        roi_mask = torch.zeros((batch, *act.shape[-2:]), dtype=torch.bool, device=device)
+        roi_mask = torch.zeros((batch, *act.shape[2:]), dtype=torch.bool, device=device)
         valid = torch.zeros(batch, dtype=torch.bool, device=device)
     else:
         roi_mask = _as_device_tensor(rois, device, "rois")
-        if roi_mask.ndim != 3 or roi_mask.shape[0] != batch:
-            raise XalError(f"rois must have shape ({batch}, H, W), got {tuple(roi_mask.shape)}")
+        if roi_mask.ndim != act.ndim - 1 or roi_mask.shape[0] != batch:  # (B, H, W); volumes (B, D, H, W)
+            expected = f"({batch}, H, W)" if act.ndim == 4 else f"({batch}, D, H, W) (volumes)"
+            raise XalError(f"rois must have shape {expected}, got {tuple(roi_mask.shape)}")
         valid = torch.ones(batch, dtype=torch.bool, device=device)
     if has_roi is not None:
         flags = _as_device_tensor(has_roi, device, "has_roi")

@@ -199,7 +199,9 @@ def check_overlays(pool_path: str | Path, run_name: str, out: str | Path,
                    config: OverlayConfig = OverlayConfig()) -> CamSource:
     """Everything ``select --overlays`` needs, checked before the batch is written."""
     check_overlay_dir(out)
-    return cam_source(ScoreRun.open(Pool.open(pool_path).group, run_name), config)
+    pool = Pool.open(pool_path)
+    pool.require_images("select --overlays (2-D overlay PNGs; `xal-engine report` draws volumes)")
+    return cam_source(ScoreRun.open(pool.group, run_name), config)
 
 
 def write_overlays(pool_path: str | Path, selection: BatchSelection, source: CamSource, out: str | Path,

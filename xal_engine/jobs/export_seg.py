@@ -88,6 +88,7 @@ def export_seg(pool_path: str | Path, run_name: str, ids_from: str | Path, sourc
     if not out.parent.is_dir():
         raise XalError(f"--out {out}: its parent folder does not exist")
     pool = Pool.open(pool_path)
+    pool.require_images("export-seg (one SEG frame per 2-D source image)")
     pool.require_settled("before export-seg")
     require_uids(pool, "export-seg")
     ids = read_ids(ids_from)

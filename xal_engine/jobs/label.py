@@ -257,6 +257,7 @@ def load_roi_png(path: Path, height: int, width: int) -> np.ndarray | str:
 def read_label_studio(path: str | Path, pool: Pool, problems: Problems) -> tuple[LabelRows, int]:
     """Label Studio's JSON export as rows (ROIs as in-memory masks at the pool's size) and the number
     of tasks skipped for want of a usable annotation."""
+    pool.require_images("importing a Label Studio export (2-D brush masks)")
     got = read_export(path, pool, problems)
     rows = LabelRows(lines=got.tasks, ids=got.ids, classes=got.classes,
                      rois=[m if m is not None else "" for m in got.masks], ignored_columns=[])
@@ -271,6 +272,7 @@ def read_dicom_seg(path: str | Path, pool: Pool, problems: Problems, segment: in
     class None (kept)."""
     from xal_engine.exchange.dicom_seg import read_seg
 
+    pool.require_images("importing DICOM SEG objects (one frame per source image)")
     got = read_seg(path, pool, problems, segment)
     rows = LabelRows(lines=got.files, ids=got.ids, classes=[None] * len(got.ids), rois=list(got.masks),
                      ignored_columns=[])
@@ -347,6 +349,9 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
                 masks[r] = mask
             else:
                 problems.add(line, f"the ROI of {id_!r} is empty once resized to {pool.height}x{pool.width}")
+        elif roi and pool.is_volume:
+            problems.add(line, f"ROI {roi!r}: ROI images are 2-D; pool {pool.path} holds volumes (import "
+                               "their labels with an empty roi column)")
         elif roi:
             path = csv_path.parent / roi
             outside = None if config.allow_outside_rois else _outside(roi, csv_path.parent)
@@ -366,7 +371,7 @@ def _plan(pool: Pool, rows: LabelRows, csv_path: Path, config: ImportConfig,
     order = np.argsort(index, kind="stable")
     with_roi = np.array([r for r in order if r in masks], dtype=np.int64)
     rois = np.stack([masks[r] for r in with_roi]) if len(with_roi) else \
-        np.zeros((0, pool.height, pool.width), dtype=bool)
+        np.zeros((0, *pool.spatial), dtype=bool)
     return _Plan(index=index[order], labels=labels[order], roi_index=index[with_roi], rois=rois,
                  in_train=split[index[order]] == SPLIT_TRAIN)
 

@@ -72,7 +72,9 @@ def check_out_dir(out: str | Path) -> Path:
 def check_export(pool_path: str | Path, run_name: str, out: str | Path, device: str = "auto") -> CamSource:
     """Everything ``select --format label-studio`` needs, before the ranking: the folder and the CAMs."""
     check_out_dir(out)
-    return cam_source(ScoreRun.open(Pool.open(pool_path).group, run_name), OverlayConfig(device=device))
+    pool = Pool.open(pool_path)
+    pool.require_images("select --format label-studio (2-D image tasks)")
+    return cam_source(ScoreRun.open(pool.group, run_name), OverlayConfig(device=device))
 
 
 def png_images(images: np.ndarray) -> np.ndarray:

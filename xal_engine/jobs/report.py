@@ -7,6 +7,15 @@ strategy), ``contact_<strategy>.png`` (the last selected batch of the strategy's
 Grad-CAM of the model that selected it), ``report.md`` and ``report.html`` (the tables, images by
 relative path).
 
+Volume pools (format v2, images (C, D, H, W)): each shown volume gets two axial panels, the slice of
+largest ROI area and the slice holding the CAM's peak voxel, each with the ROI contour and the CAM
+S at the volume's own scale (the full-resolution map the scorer derives, trilinear, min-max over the
+whole volume; not re-normalised per slice). Why these two rather than an orthogonal triplet through
+the ROI centre: a triplet through the ROI shows the CAM only where the lesion is, so a CAM that peaks
+elsewhere (a shortcut, the case a reviewer must see) stays hidden; the peak slice shows it, and it is
+the voxel the ``hit`` metric tests. Both are axial (H x W) like the 2-D panels, so anisotropic
+volumes (coarse D) are not shown stretched. ``max_images`` counts volumes (two panels each).
+
 Statistics across seeds: mean and sample standard deviation (ddof = 1; none with one seed), NaN
 values left out. The final round of a strategy is the last round every one of its seeds has
 completed, so a run still in progress compares like with like. The area under the learning curve
@@ -18,21 +27,27 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from xal_engine.core import curves
 from xal_engine.core.cam_methods import DEFAULT_CAM_METHOD, check_cam_method
 from xal_engine.errors import XalError
 from xal_engine.jobs.overlay import OverlayStyle, Panel, contact_sheet, save_figure
 from xal_engine.progress import plural
+from xal_engine.store import Pool
 from xal_engine.store.location import Location, parse_location
 from xal_engine.store.location import exists as location_exists
 from xal_engine.store.run_folder import RunFolder, count_selected, read_selected
+
+if TYPE_CHECKING:
+    from xal_engine.jobs.batch_sheet import BatchCams, BatchImages
 
 CURVE_METRICS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
                  "macro_f1": "Macro-F1", "test_dice": "Test Dice"}
@@ -46,6 +61,11 @@ SHEETS_TITLE = "Last selected batches"
 SHEETS_KEY = ("Grad-CAM (jet) over each image, the expert ROI's contour in magenta; captions: id, predicted "
               "class and true class (where the pool knows it), H = predictive entropy (nats), Dice of the CAM "
               "thresholded at the run's threshold with the ROI.")
+VOLUME_SHEETS_KEY = ("Volumes: two axial slices per volume, side by side: the slice of largest ROI area (the "
+                     "centre slice without an ROI) and the slice of the CAM's peak voxel (the voxel the hit "
+                     "metric tests; the centre slice when the CAM is flat or not finite); the CAM at the "
+                     "volume's own scale (min-max over the whole volume), the Dice that of the whole volume.")
+PANELS_PER_VOLUME = 2
 
 
 @dataclass(frozen=True)
@@ -132,8 +152,10 @@ def learning_curve(run: RunData, strategy: str, metric: str) -> Curve:
                  np.asarray([s.std for s in stats]))
 
 
-def learning_curve_figure(run: RunData, metrics: dict[str, str] = FIGURE_METRICS) -> Figure:
-    """One panel per metric; per strategy a line (mean) with a band (± std) over labels."""
+def learning_curve_figure(run: RunData, metrics: dict[str, str] = FIGURE_METRICS,
+                          kind: str = "image") -> Figure:
+    """One panel per metric; per strategy a line (mean) with a band (± std) over labels (``kind``: what
+    a pool row is, "image" or "volume", for the axis label)."""
     fig = Figure(figsize=(4.2 * len(metrics), 3.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -150,7 +172,7 @@ def learning_curve_figure(run: RunData, metrics: dict[str, str] = FIGURE_METRICS
                                 c.mean + np.where(band, c.std, 0.0), color=colours[strategy], alpha=0.2,
                                 linewidth=0)
         ax.set_title(title)
-        ax.set_xlabel("labelled images")
+        ax.set_xlabel(f"labelled {kind}s")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -158,17 +180,6 @@ def learning_curve_figure(run: RunData, metrics: dict[str, str] = FIGURE_METRICS
             ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
-
-
-def _alc(n_labelled: np.ndarray, values: np.ndarray) -> float:
-    """Trapezoid area under values(n_labelled) over the label range; the value itself for one point."""
-    if len(values) == 1:
-        return float(values[0])
-    span = float(n_labelled[-1] - n_labelled[0])
-    if span <= 0:
-        return math.nan
-    area = np.sum(0.5 * (values[1:] + values[:-1]) * np.diff(n_labelled))  # trapezoids (numpy 1.x too)
-    return float(area / span)
 
 
 def summarise(run: RunData) -> list[StrategySummary]:
@@ -187,7 +198,7 @@ def summarise(run: RunData) -> list[StrategySummary]:
             for s in seeds:
                 rows = mine & (run.seed == s) & (run.round <= final)
                 order = np.argsort(run.round[rows])
-                per_seed.append(_alc(run.n_labelled[rows][order], run.metrics[metric][rows][order]))
+                per_seed.append(curves.alc(run.n_labelled[rows][order], run.metrics[metric][rows][order]))
             alc[metric] = stat(np.asarray(per_seed))
         out.append(StrategySummary(
             strategy=strategy, seeds=seeds, final_round=final,
@@ -265,7 +276,89 @@ def batch_panels(pool_path: Location, source: SheetSource, config: ReportConfig,
     scoring = ScoreConfig(threshold=threshold, batch_size=config.batch_size, device=config.device, num_workers=0,
                           **cam_method_field(cam_method))
     cams, ckpt = recompute_cams(source.model, pool, batch, scoring)
+    if pool.is_volume:  # cams.cam (n, d, h, w): two axial panels per volume
+        return volume_panels(batch, cams, ckpt.classes, pool.classes)
     return cam_panels(batch, cams, ckpt.classes, pool.classes)
+
+
+# ----------------------------------------------------------------------------- volume panels
+@dataclass(frozen=True)
+class VolumeSlices:
+    """The two axial slices a volume's panels show (indices into D)."""
+
+    roi: int | None  # largest ROI area (first on ties); None: no ROI voxel
+    cam: int | None  # the CAM's peak voxel (first maximum in (z, y, x) order); None: not finite or flat
+
+
+def roi_slice(roi: np.ndarray | None) -> int | None:
+    """z of the largest ROI area of ``roi`` (D, H, W) bool, the first such z on ties; None when empty."""
+    if roi is None:
+        return None
+    area = roi.reshape(roi.shape[0], -1).sum(axis=1)  # (D,) voxels per axial slice
+    return int(area.argmax()) if area.any() else None
+
+
+def cam_peak_slice(cam: np.ndarray) -> int | None:
+    """z of the peak of ``cam`` (D, H, W): the first maximum in (z, y, x) row-major order, the voxel
+    ``roi_agreement``'s hit tests; None when the map is not finite (no CAM to show) or constant (an
+    all-zero CAM has no peak: its first voxel would be an arbitrary slice)."""
+    if not np.isfinite(cam).all() or cam.max() <= cam.min():
+        return None
+    return int(np.argmax(cam)) // (cam.shape[1] * cam.shape[2])
+
+
+def volume_slices(roi: np.ndarray | None, cam: np.ndarray) -> VolumeSlices:
+    """Both slices of one volume: ``roi`` (D, H, W) bool or None, ``cam`` S (D, H, W)."""
+    return VolumeSlices(roi=roi_slice(roi), cam=cam_peak_slice(cam))
+
+
+def volume_cam(low: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """S (D, H, W) float32 of one volume's low-resolution map N (d, h, w): trilinear, min-max over the
+    volume, exactly as the scorer derives it (``reference3d.upsample_normalise_3d``)."""
+    import torch
+
+    from xal_engine.ops.reference3d import upsample_normalise_3d
+
+    n = torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32))[None]  # (1, d, h, w)
+    return upsample_normalise_3d(n, size)[0].numpy()
+
+
+def volume_panels(batch: BatchImages, cams: BatchCams, pred_classes: Sequence[str],
+                  pool_classes: Sequence[str]) -> list[Panel]:
+    """Two panels per volume of ``batch`` (images (n, C, D, H, W), rois (n, D, H, W)): the slice of
+    largest ROI area, captioned as a 2-D panel plus its z, then the CAM-peak slice; ``cams.cam`` is N
+    (n, d, h, w). One volume's S (D, H, W) is held at a time."""
+    from xal_engine.jobs.batch_sheet import caption
+
+    depth, height, width = (int(v) for v in batch.images.shape[-3:])
+    panels = []
+    for i in range(len(batch.index)):
+        roi = batch.rois[i] if batch.has_roi[i] else None  # (D, H, W)
+        cam = volume_cam(cams.cam[i], (depth, height, width))  # (D, H, W)
+        where = volume_slices(roi, cam)
+        label = int(batch.labels[i])
+        true = pool_classes[label] if 0 <= label < len(pool_classes) else None
+        text = caption(batch.ids[i], pred_classes[int(cams.pred[i])], true, float(cams.entropy[i]),
+                       float(cams.dice[i]))
+        z_roi = depth // 2 if where.roi is None else where.roi
+        z_cam = depth // 2 if where.cam is None else where.cam
+        area = 0 if roi is None else int(roi[z_roi].sum())
+        first = f"z {z_roi} of {depth}: " + ("largest ROI area" if where.roi is not None else
+                                             "centre (no ROI)")
+        no_peak = "centre (no CAM)" if not np.isfinite(cam).all() else "centre (CAM flat)"
+        second = f"z {z_cam} of {depth}: " + ("CAM peak" if where.cam is not None else no_peak)
+        here = "" if roi is None else f"\nROI here: {int(roi[z_cam].sum())} of {area} px"
+        for z, line in ((z_roi, f"{text}\n{first}"), (z_cam, f"{batch.ids[i]}\n{second}{here}")):
+            panels.append(Panel(image=batch.images[i][:, z], cam=cam[z],
+                                roi=None if roi is None else roi[z], caption=line))
+    return panels
+
+
+def volume_sheet_style(style: OverlayStyle) -> OverlayStyle:
+    """``style`` for volume sheets: an even number of columns (a volume's two panels side by side) and
+    room for a fourth caption line."""
+    columns = max(PANELS_PER_VOLUME, style.columns - style.columns % PANELS_PER_VOLUME)
+    return replace(style, columns=columns, caption_inches=style.caption_inches * 4 / 3)
 
 
 # -------------------------------------------------------------------------------------- writing
@@ -291,6 +384,7 @@ class ReportContent:
     curves: str  # file name of the learning curves
     sheets: list[tuple[str, str]]  # (caption, file name)
     notes: list[str]  # what could not be shown, and why
+    sheets_key: str = SHEETS_KEY  # how to read the sheets (the volume paragraph added for volume pools)
 
 
 def render_markdown(c: ReportContent) -> str:
@@ -299,7 +393,7 @@ def render_markdown(c: ReportContent) -> str:
     for title, header, rows in c.tables:
         parts += [f"## {title}", _markdown_table(header, rows) if rows else "_no rounds completed yet_"]
     if c.sheets:
-        parts += [f"## {SHEETS_TITLE}", SHEETS_KEY]
+        parts += [f"## {SHEETS_TITLE}", c.sheets_key]
         parts += [f"{caption}\n\n![{caption}]({name})" for caption, name in c.sheets]
     if c.notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in c.notes)]
@@ -313,7 +407,7 @@ def render_html(c: ReportContent) -> str:
     for title, header, rows in c.tables:
         parts += [f"<h2>{e(title)}</h2>", _html_table(header, rows) if rows else "<p>no rounds completed yet</p>"]
     if c.sheets:
-        parts += [f"<h2>{e(SHEETS_TITLE)}</h2>", f"<p>{e(SHEETS_KEY)}</p>"]
+        parts += [f"<h2>{e(SHEETS_TITLE)}</h2>", f"<p>{e(c.sheets_key)}</p>"]
         parts += [f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption>'
                   "</figure>" for caption, name in c.sheets]
     if c.notes:
@@ -344,17 +438,31 @@ def _sheets(run: RunData, pool_path: Location | None, out: Path, config: ReportC
             notes.append(f"{strategy}: contact sheet skipped, pool {pool_path} not found (pass --pool)")
             continue
         panels = batch_panels(pool_path, source, config, threshold, method)
+        volumes = Pool.open(pool_path).is_volume
+        kind = "volume" if volumes else "image"
+        count = len(panels) // PANELS_PER_VOLUME if volumes else len(panels)
         picked = "initial set" if source.round == 0 else f"round {source.round} batch"
         model = "round-0 model" if source.round == 0 else \
             f"round-{source.round - 1} model (whose scores the selection used)"
         total = count_selected(source.selected)
-        shown = plural(len(panels), "image") if len(panels) == total else \
-            f"the first {len(panels)} of {total} images in rank order"
+        shown = plural(count, kind) if count == total else \
+            f"the first {count} of {total} {kind}s in rank order"
         caption = f"{strategy}, seed {source.seed}: {picked} ({shown}), {cam_name} of the {model}"
         name = f"contact_{strategy}.png"
-        save_figure(contact_sheet(panels, caption, config.style), out / name)
+        style = volume_sheet_style(config.style) if volumes else config.style
+        save_figure(contact_sheet(panels, caption, style), out / name)
         sheets.append((caption, name))
     return sheets
+
+
+def _holds_volumes(pool_path: Location | None) -> bool:
+    """Whether the run's pool holds volumes; False where it cannot be opened (the sheets say why)."""
+    if pool_path is None or not location_exists(pool_path):
+        return False
+    try:
+        return Pool.open(pool_path).is_volume
+    except XalError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -376,7 +484,9 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | 
     out_dir.mkdir(exist_ok=True)
     pool_path = parse_location(pool) if pool is not None else (
         parse_location(run.config["pool"]) if "pool" in run.config else None)  # a path or an object-store URL
-    curves = save_figure(learning_curve_figure(run), out_dir / CURVES_PNG)
+    volumes = _holds_volumes(pool_path)
+    figure = learning_curve_figure(run, kind="volume" if volumes else "image")
+    curves = save_figure(figure, out_dir / CURVES_PNG)
     notes: list[str] = []
     sheets = _sheets(run, pool_path, out_dir, config, notes)
     planned = run.config.get("rounds")
@@ -389,7 +499,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, pool: str | 
              "statistics: mean ± sample std (ddof 1) across seeds; no ± with one seed"]
     content = ReportContent(title=f"xal-engine report: {run.path.name}", facts=facts,
                             tables=summary_tables(summarise(run)), curves=CURVES_PNG, sheets=sheets,
-                            notes=notes)
+                            notes=notes,
+                            sheets_key=f"{SHEETS_KEY} {VOLUME_SHEETS_KEY}" if volumes else SHEETS_KEY)
     markdown = out_dir / "report.md"
     markdown.write_text(render_markdown(content))
     main = out_dir / "report.html"

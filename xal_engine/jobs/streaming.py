@@ -32,7 +32,7 @@ from xal_engine.core import fields
 from xal_engine.core.cam_methods import DEFAULT_CAM_METHOD, check_cam_method
 from xal_engine.core.capture import GradCamCapture
 from xal_engine.core.fields import BatchScores
-from xal_engine.core.inputs import ModelInputs
+from xal_engine.core.inputs import ModelInputs, channels_last
 from xal_engine.core.models import (
     Checkpoint,
     check_layer_name,
@@ -304,9 +304,15 @@ class UnitWriter:
 
 def load_scoring_model(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
     """The checkpoint's model on `device`, channels-last: NHWC convolutions (tensor cores on CUDA;
-    on CPU the forward measured 18 % faster for resnet18, 33 % for densenet121 at 128²)."""
+    on CPU the forward measured 18 % faster for resnet18, 33 % for densenet121 at 128²); a 3-D
+    backbone NDHWC (``channels_last_3d``)."""
     model, ckpt = load_checkpoint(model_path, device=device)
-    return model.to(memory_format=torch.channels_last), ckpt
+    return model.to(memory_format=channels_last(model_rank(model))), ckpt
+
+
+def model_rank(model: torch.nn.Module) -> int:
+    """5 for a model of 3-D convolutions (it reads volumes (B, C, D, H, W)), else 4."""
+    return 5 if any(isinstance(m, torch.nn.Conv3d) for m in model.modules()) else 4
 
 
 def mc_dropout(ckpt: Checkpoint, config: ScoreConfig, model_path: Path | None = None) -> McDropout | None:
@@ -334,7 +340,7 @@ def _stderr(line: str) -> None:
 def fit_target_layer(model: torch.nn.Module, ckpt: Checkpoint, pool: Pool, model_path: Path,
                      config: ScoreConfig, log: Callable[[str], None] = _stderr) -> Checkpoint:
     """The checkpoint as the run scores with it (:func:`with_target_layer`), its layer's map at the
-    pool's (C, H, W) read off a shape probe of ``model``.
+    pool's (C, H, W) (volumes: (C, D, H, W)) read off a shape probe of ``model``.
 
     A line to ``log`` names an overriding layer and its map; a warning when the pool's image size is
     not the training size (both sizes, the map at each) or when the map is 1x1 (a constant Grad-CAM);
@@ -345,27 +351,29 @@ def fit_target_layer(model: torch.nn.Module, ckpt: Checkpoint, pool: Pool, model
     if config.target_layer is not None:
         check_layer_name(model, ckpt.arch, config.target_layer)
     scored = with_target_layer(ckpt, config)
-    shape = (pool.channels, pool.height, pool.width)
+    shape = (pool.channels, *pool.spatial)
     here = layer_choice(model, scored.target_layer, shape)
-    at = f"{'x'.join(map(str, shape))} images"
+    at = f"{'x'.join(map(str, shape))} {pool.kind}s"
+    single = tuple(1 for _ in pool.spatial)  # a one-cell map: a constant Grad-CAM
+    cell = "x".join("1" for _ in single)  # "1x1", volumes "1x1x1"
     if config.target_layer is not None:
         log(f"target layer {here.describe()} at {at} (--target-layer; the checkpoint's is {ckpt.target_layer})")
     trained = ckpt.image_size
     if trained is not None and trained != shape:
-        was = f"{'x'.join(map(str, trained))} images"
-        if here.size == (1, 1):
+        was = f"{'x'.join(map(str, trained))} {pool.kind}s"
+        if tuple(here.size) == single:
             best = choose_target_layer(model, ckpt.arch, shape)
-            hint = (f"pass --target-layer {best.name} ({best.size[0]}x{best.size[1]} map here)"
-                    if best.size != (1, 1) else "score a pool of the training size")
+            hint = (f"pass --target-layer {best.name} ({'x'.join(map(str, best.size))} map here)"
+                    if tuple(best.size) != single else "score a pool of the training size")
             raise XalError(f"model {model_path} was trained on {was}; at pool {pool.path}'s {at} its target "
-                           f"layer {scored.target_layer} gives a 1x1 map (a constant Grad-CAM, every hard Dice "
+                           f"layer {scored.target_layer} gives a {cell} map (a constant Grad-CAM, every hard Dice "
                            f"0); {hint}")
-        then = (f", {ckpt.target_map[0]}x{ckpt.target_map[1]} map"
+        then = (f", {'x'.join(map(str, ckpt.target_map))} map"
                 if ckpt.target_map is not None and scored.target_layer == ckpt.target_layer else "")
         log(f"warning: model {model_path} was trained on {was} ({ckpt.target_layer}{then}); pool "
             f"{pool.path} has {at}: target layer {here.describe()}")
-    elif here.size == (1, 1):
-        log(f"warning: target layer {scored.target_layer} gives a 1x1 map at {at}: its Grad-CAM is constant "
+    elif tuple(here.size) == single:
+        log(f"warning: target layer {scored.target_layer} gives a {cell} map at {at}: its Grad-CAM is constant "
             "and every hard Dice 0; pass --target-layer with a shallower layer")
     return scored
 
@@ -431,12 +439,12 @@ def run_layout(model_path: Path, ckpt: Checkpoint, pool: Pool, config: ScoreConf
 
 
 def cam_shape(model_path: Path, ckpt: Checkpoint, pool: Pool,
-              model: torch.nn.Module | None = None) -> tuple[int, int]:
-    """(h, w) of the low-resolution CAM of this model on the pool's images: the target layer's
+              model: torch.nn.Module | None = None) -> tuple[int, ...]:
+    """(h, w) (volumes: (d, h, w)) of the low-resolution CAM of this model on the pool's images: the target layer's
     feature map, probed on the CPU (a run's arrays are created before any batch)."""
     if model is None:
         model, _ = load_checkpoint(model_path, device="cpu")
-    shape = (pool.channels, pool.height, pool.width)
+    shape = (pool.channels, *pool.spatial)
     return feature_map_sizes(model, [ckpt.target_layer], shape)[ckpt.target_layer]
 
 
@@ -567,6 +575,10 @@ def device_scores(model: torch.nn.Module, ckpt: Checkpoint, batch: dict[str, Any
 
 
 def check_model_fits_pool(ckpt: Any, pool: Pool, model_path: Path) -> None:
+    dims = parse_arch(ckpt.arch).spatial_dims
+    if dims != len(pool.spatial):  # a 2-D backbone on volumes, or a 3-D one on images
+        raise XalError(f"model {model_path} is a {dims}-D {ckpt.arch}; pool {pool.path} holds "
+                       f"{'volumes' if pool.is_volume else '2-D images'} {(pool.channels, *pool.spatial)}")
     if ckpt.in_channels != pool.channels:
         raise XalError(
             f"model {model_path} expects {ckpt.in_channels}-channel images, pool {pool.path} has "

@@ -28,12 +28,13 @@ from torch import nn
 from xal_engine.core.augment import AugmentConfig, augment_batch
 from xal_engine.core.cam_methods import check_cam_method
 from xal_engine.core.explanation import ExplanationTerm
-from xal_engine.core.inputs import resolve_device, to_unit_float
+from xal_engine.core.inputs import channels_last, resolve_device, to_unit_float
 from xal_engine.core.models import (
     MIN_TARGET_MAP,
     Checkpoint,
     LayerChoice,
     build_model,
+    check_arch_fits,
     check_layer_name,
     choose_target_layer,
     head_dropout_p,
@@ -120,6 +121,7 @@ def check_inputs(pool: Pool, config: TrainConfig) -> tuple[TrainConfig, torch.de
     """Everything ``train`` checks before it reads an image: the fields, the pool's classes, the
     normalisation against the pool's channels, the device. The config and the resolved device."""
     config = parse_config(config)
+    check_arch_fits(config.arch, len(pool.spatial), pool.path)
     k = len(pool.classes)
     if k < 2:
         raise XalError(f"pool {pool.path} lists {k} class(es) in its 'classes' attribute; training needs >= 2")
@@ -138,25 +140,28 @@ def check_target_layer(config: TrainConfig) -> None:
         check_layer_name(build_model(config.arch, 2, 1), config.arch, config.target_layer)
 
 
-def pick_target_layer(model: nn.Module, config: TrainConfig, image_shape: tuple[int, int, int],
+def pick_target_layer(model: nn.Module, config: TrainConfig, image_shape: tuple[int, ...],
                       log: Callable[[str], None]) -> LayerChoice:
-    """``config.target_layer`` with its map at ``image_shape`` (C, H, W), or when None the deepest
+    """``config.target_layer`` with its map at ``image_shape`` (C, H, W) (volumes: (C, D, H, W)), or when None the deepest
     candidate of the arch whose map is at least MIN_TARGET_MAP on both sides (a shape probe of
     ``model``: :func:`~xal_engine.core.models.choose_target_layer`). A warning line to ``log`` when no
     candidate reaches the minimum, or a given layer's map is 1x1 (the choice itself is in the
     checkpoint and the summary)."""
     shape = "x".join(map(str, image_shape))
+    spatial = len(image_shape) - 1
+    kind = "volumes" if spatial == 3 else "images"
     if config.target_layer is not None:
         check_layer_name(model, config.arch, config.target_layer)
         choice = layer_choice(model, config.target_layer, image_shape)
-        if choice.size == (1, 1):
-            log(f"warning: target layer {choice.name} gives a 1x1 map at {shape} images: its Grad-CAM is "
-                "constant and every hard Dice 0; choose a shallower layer")
+        if tuple(choice.size) == (1,) * spatial:
+            log(f"warning: target layer {choice.name} gives a {'x'.join('1' * spatial)} map at {shape} {kind}: "
+                "its Grad-CAM is constant and every hard Dice 0; choose a shallower layer")
         return choice
     choice = choose_target_layer(model, config.arch, image_shape)
     if not choice.reaches_min:
-        log(f"warning: no {config.arch} stage gives a map of at least {MIN_TARGET_MAP}x{MIN_TARGET_MAP} at "
-            f"{shape} images; target layer {choice.describe()}, the largest")
+        least = "x".join([str(MIN_TARGET_MAP)] * spatial)
+        log(f"warning: no {config.arch} stage gives a map of at least {least} at "
+            f"{shape} {kind}; target layer {choice.describe()}, the largest")
     return choice
 
 
@@ -164,7 +169,7 @@ def resolve_target_layer(pool: Pool, config: TrainConfig, log: Callable[[str], N
     """:func:`pick_target_layer` for ``pool``'s image size on a throwaway model (layer shapes do not
     depend on the weights or the class count), before any training."""
     model = build_model(config.arch, 2, pool.channels, image_size=(pool.height, pool.width))
-    return pick_target_layer(model, config, (pool.channels, pool.height, pool.width), log)
+    return pick_target_layer(model, config, (pool.channels, *pool.spatial), log)
 
 
 def _check_labelled(pool: Pool, experiment: str, labels: np.ndarray, split: np.ndarray) -> None:
@@ -203,7 +208,7 @@ def class_weights(train_labels: np.ndarray, k: int) -> torch.Tensor:
 def pool_fingerprint(pool: Pool, train: np.ndarray, val: np.ndarray) -> str:
     """sha256 of the pool's shape, classes, labels, splits and the selected index sets."""
     h = hashlib.sha256()
-    meta = [pool.n, pool.channels, pool.height, pool.width, str(pool.image_dtype), list(pool.classes)]
+    meta = [pool.n, pool.channels, *pool.spatial, str(pool.image_dtype), list(pool.classes)]
     h.update(json.dumps(meta).encode())
     for name in ("labels", "split"):
         h.update(np.ascontiguousarray(pool.column(name)).tobytes())
@@ -231,7 +236,7 @@ class _Trainer:
         self.pool, self.config, self.device = pool, config, device
         self.k = len(pool.classes)
         cuda = device.type == "cuda"
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.memory_format = channels_last(len(pool.spatial) + 2) if cuda else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         self.loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -380,8 +385,8 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
         except RuntimeError as err:
             raise XalError(f"initial weights do not fit {config.arch} with {k} classes and {pool.channels} "
                            f"channel(s): {str(err).splitlines()[0]}") from None
-    # The Grad-CAM layer (explanation loss, checkpoint): a shape probe at the pool's (C, H, W).
-    layer = pick_target_layer(model, config, (pool.channels, pool.height, pool.width), log)
+    # The Grad-CAM layer (explanation loss, checkpoint): a shape probe at the pool's (C, H, W) / (C, D, H, W).
+    layer = pick_target_layer(model, config, (pool.channels, *pool.spatial), log)
     target_layer = layer.name
     trainer = _Trainer(pool, config, model, device, weights, show_progress, target_layer)
 
@@ -439,7 +444,8 @@ def _train(pool: Pool, config: TrainConfig = TrainConfig(), *, pretrained: str |
         target_layer=target_layer, target_map=layer.size, config=config_dict,
         head_dropout=head_dropout_p(trainer.model, config.arch),
         pool={"path": str(pool.path), "fingerprint": pool_fingerprint(pool, train_idx, val_idx),
-              "height": pool.height, "width": pool.width, "image_dtype": str(pool.image_dtype)},
+              "height": pool.height, "width": pool.width, "image_dtype": str(pool.image_dtype),
+              **({"depth": pool.depth} if pool.is_volume else {})},
         metrics=metrics)
     return TrainResult(model=trainer.model, checkpoint=info, metrics=metrics, history=history)
 
