@@ -9,7 +9,8 @@ from typing import Any
 
 FORMATS = {
     "brats": "BraTS case folders (2020/2021 and 2023 layouts) -> tumour slices, 3 classes by "
-             "dominant sub-region (edema, necrotic_core, enhancing)",
+             "dominant sub-region (edema, necrotic_core, enhancing); --volumes: whole cases as GRID^3 "
+             "volumes, class by dominant sub-region or grade (LGG/HGG)",
     "vindr": "VinDr-CXR DICOMs + annotations CSV -> radiographs, class = chosen class with most boxes",
     "siim": "SIIM-COVID DICOMs + study/image level CSVs -> radiographs with study labels, opacity ROIs",
     "folder": "PNG/JPEG/TIFF images (8/16 bit) with optional masks folder and labels CSV",
@@ -45,18 +46,61 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _brats(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], Any]:
-    from xal_engine.ingest.brats import BratsSettings, BratsSource
+    from xal_engine.ingest.brats import BratsSettings
+    from xal_engine.ingest.brats_volumes import DEFAULT_GRID
 
     d = BratsSettings()
-    p.add_argument("--min-tumour-voxels", type=int, default=d.min_tumour_voxels,
-                   help="keep axial slices with at least this many tumour voxels (default: %(default)s)")
-    p.add_argument("--normalise", choices=("slice", "volume"), default="slice",
-                   help="min-max each channel per slice or per volume (default: %(default)s)")
-    p.add_argument("--roi", choices=("dominant", "whole-tumour"), default=d.roi,
-                   help="ROI = mask of the dominant label or of the whole tumour (default: %(default)s)")
+    # --size, --min-tumour-voxels, --normalise and --roi default to None so that a 2-D-only flag given
+    # with --volumes is refused rather than ignored; the 2-D defaults are applied in _brats_source.
+    size = next(a for a in p._actions if a.dest == "size")
+    size.help = f"2-D: output slices are SIZE x SIZE (default: {size.default}); volumes use --grid"
+    p.set_defaults(size=None, slice_size=size.default)
+    p.add_argument("--min-tumour-voxels", type=int, default=None,
+                   help="2-D: keep axial slices with at least this many tumour voxels "
+                        f"(default: {d.min_tumour_voxels})")
+    p.add_argument("--normalise", choices=("slice", "volume"), default=None,
+                   help="min-max each channel per slice or per volume (default: slice; --volumes: "
+                        "always per volume, over the brain)")
+    p.add_argument("--roi", choices=("dominant", "whole-tumour"), default=None,
+                   help=f"ROI = mask of the dominant label or of the whole tumour (default: {d.roi}; "
+                        "whole-tumour with --volumes)")
     p.add_argument("--dtype", choices=("uint8", "float16"), default=d.dtype, help="(default: %(default)s)")
-    return lambda a: BratsSource(Path(a.src), a.size, BratsSettings(
-        a.min_tumour_voxels, a.normalise == "volume", a.roi, a.dtype))
+    v = p.add_argument_group("volumes", "whole cases instead of slices: T1ce/FLAIR/T2 cropped to the brain's "
+                                        "bounding box, padded to a cube, resampled to GRID^3, one class a case")
+    v.add_argument("--volumes", action="store_true", help="write one (3, GRID, GRID, GRID) volume per case")
+    v.add_argument("--grid", type=int, default=None, help=f"volumes are GRID^3 voxels (default: {DEFAULT_GRID})")
+    v.add_argument("--class-by", choices=("dominant", "grade"), default=None,
+                   help="class of a volume: sub-region with most voxels (edema, necrotic_core, enhancing) or "
+                        "the BraTS 2020 grade (LGG, HGG) from name_mapping.csv (default: dominant)")
+    v.add_argument("--name-mapping", default=None,
+                   help="with --class-by grade: BraTS 2020's name_mapping.csv (default: found under SRC)")
+    return _brats_source
+
+
+def _brats_source(a: argparse.Namespace) -> Any:
+    """BratsSource (slices) or, with --volumes, BratsVolumeSource; flags of the other mode refused."""
+    from xal_engine.errors import XalError
+    from xal_engine.ingest.brats import BratsSettings, BratsSource
+
+    def given(*dests: str) -> list[str]:
+        return [f"--{n.replace('_', '-')}" for n in dests if getattr(a, n) is not None]
+
+    if not a.volumes:
+        if given("grid", "class_by", "name_mapping"):
+            raise XalError(f"{', '.join(given('grid', 'class_by', 'name_mapping'))}: only with --volumes")
+        d = BratsSettings()
+        return BratsSource(Path(a.src), a.slice_size if a.size is None else a.size, BratsSettings(
+            d.min_tumour_voxels if a.min_tumour_voxels is None else a.min_tumour_voxels,
+            a.normalise == "volume", a.roi or d.roi, a.dtype))
+    from xal_engine.ingest.brats_volumes import DEFAULT_GRID, BratsVolumeSettings, BratsVolumeSource
+
+    if given("size", "min_tumour_voxels") or a.normalise == "slice":
+        flags = given("size", "min_tumour_voxels") + (["--normalise slice"] if a.normalise == "slice" else [])
+        raise XalError(f"{', '.join(flags)}: 2-D only, not with --volumes (volumes are --grid^3, whole cases, "
+                       "normalised per volume)")
+    dv = BratsVolumeSettings()
+    return BratsVolumeSource(Path(a.src), DEFAULT_GRID if a.grid is None else a.grid, BratsVolumeSettings(
+        a.class_by or dv.class_by, a.roi or dv.roi, a.dtype, _path(a.name_mapping)))
 
 
 def _dicom_flags(p: argparse.ArgumentParser) -> None:

@@ -92,6 +92,7 @@ class IngestSource(abc.ABC):
 
     ``classes``, ``channels`` and ``dtype`` describe the pool; they are final after ``scan``.
     ``extra_arrays`` names the optional pool arrays every non-empty result gives in ``extra``.
+    ``depth``: None for images (n, C, S, S); D for volumes (n, C, D, S, S), rois (n, D, S, S).
     """
 
     name: str        # format name, e.g. "brats"
@@ -100,6 +101,7 @@ class IngestSource(abc.ABC):
     channels: int
     dtype: np.dtype
     extra_arrays: tuple[str, ...] = ()
+    depth: int | None = None
 
     def __init__(self, root: Path, size: int) -> None:
         if size < 1:

@@ -120,7 +120,7 @@ def ingest(source: IngestSource, out: Path | str | StoreURL, config: IngestConfi
                 "split_unit": "patient/case (brats), image (vindr, folder), study (siim)",
                 **source.settings()}
     writer = PoolWriter(out, channels=source.channels, height=source.size, width=source.size,
-                        dtype=source.dtype, classes=source.classes, modality=source.modality,
+                        depth=source.depth, dtype=source.dtype, classes=source.classes, modality=source.modality,
                         source=str(source.root.resolve()), attrs={"ingest": settings},
                         overwrite=config.overwrite, chunk_size=config.chunk_size, resume=config.resume,
                         extra_arrays=source.extra_arrays)
@@ -156,7 +156,8 @@ def ingest(source: IngestSource, out: Path | str | StoreURL, config: IngestConfi
                            f"({len(skipped)} skipped; first: {skipped[0].item}: {skipped[0].reason})")
         pool = writer.close()
     log.finish()
-    report = {"format": source.name, "source": str(source.root), "pool": str(out), "items": len(items),
+    report = {"format": source.name, "source": str(source.root), "pool": str(out), "kind": pool.kind,
+              "items": len(items),
               **_counts(pool), "classes": pool.classes, "resumed_from": resumed_from,
               "skipped_count": len(skipped), "skipped": [s._asdict() for s in skipped],
               "settings": settings, "seconds": round(time.perf_counter() - t0, 3)}
@@ -167,7 +168,7 @@ def ingest(source: IngestSource, out: Path | str | StoreURL, config: IngestConfi
 def summary(report: dict[str, Any]) -> str:
     """The one-line summary the CLI prints."""
     splits = " / ".join(f"{k} {v}" for k, v in report["per_split"].items())
-    return (f"ingest {report['format']}: {plural(report['images'], 'image')} from "
+    return (f"ingest {report['format']}: {plural(report['images'], report.get('kind', 'image'))} from "
             f"{plural(report['items'], 'item')} "
             f"({report['skipped_count']} skipped) -> {report['pool']} [{splits}]; "
             f"report {report_path(sidecar_base(parse_location(report['pool'])))}")
