@@ -1,21 +1,21 @@
-"""The paper-claim experiment's statistics (benchmarks/experiments/paper_claim.py): the paired dual − baseline
-differences, the verdicts and the complete-seed rule, on hand-made run folders with hand-computed answers.
-The loops themselves are the tested `xal_engine.jobs.loop`; this checks the numbers the README quotes."""
+"""The paper-claim experiment (benchmarks/experiments/paper_claim.py): the random-map baseline, the arms
+and their seed pairing, the precondition rule and the paired-comparison rows, on hand-made run folders with
+hand-computed answers; and its quick scale end to end (every phase and arm at a smoke-test size)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from xal_engine.bench import checkout
+from xal_engine.bench import checkout, stats
 from xal_engine.errors import XalError
-from xal_engine.jobs.report import load_run
+from xal_engine.store import SPLIT_TEST, SPLIT_TRAIN, Pool, PoolWriter
 
 try:
     SCRIPT = checkout.benchmarks_dir() / "experiments" / "paper_claim.py"
@@ -30,57 +30,89 @@ _spec.loader.exec_module(paper_claim)
 
 HEADER = ("strategy,seed,round,n_labelled,accuracy,balanced_accuracy,macro_f1,auroc,test_dice,test_soft_dice,"
           "test_energy,test_hit_rate,train_seconds,score_seconds")
+# a two-arm configuration: random and dual, hard Dice only, W = 0 only, 1 round
+CONFIG = replace(paper_claim.CPU, explanation_weights=(0.0,),
+                 loop=replace(paper_claim.CPU.loop, strategies=("random", "dual"), rounds=1))
 
 
-def write_run(path: Path, rows: list[tuple[str, int, int, float, float, float]]) -> Path:
-    """A loop run folder: (strategy, seed, round, accuracy, balanced accuracy, test Dice) per row."""
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"strategies": ["random", "entropy", "dual"], "arch": "resnet18",
-                                                   "loop": {"initial": 10, "per_round": 5, "rounds": 1}}))
-    lines = [HEADER] + [f"{s},{k},{r},{10 + 5 * r},{acc},{bal},{acc},0.5,{dice},{dice},{dice},0.5,2.0,1.0"
-                        for s, k, r, acc, bal, dice in rows]
+def write_run(path: Path, rows: list[tuple[str, int, int, float, float]]) -> None:
+    """A loop run folder: (strategy, seed, round, accuracy, test Dice) per row; 10 + 10·round labels."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"strategies": ["random", "dual"], "arch": "resnet18"}))
+    lines = [HEADER] + [f"{s},{k},{r},{10 + 10 * r},{acc},{acc},{acc},0.5,{dice},{dice},{dice},0.5,2.0,1.0"
+                        for s, k, r, acc, dice in rows]
     (path / "metrics.csv").write_text("\n".join(lines) + "\n")
-    return path
 
 
-def test_paired_verdict_by_hand() -> None:
-    # differences 0.1, 0.2, 0.0: mean 0.1, sample std 0.1 -> |mean| <= std
-    s, wins, verdict = paper_claim.paired_verdict({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.4, 1: 0.5, 2: 0.6})
-    assert (s.mean, s.std, s.count, wins) == (pytest.approx(0.1), pytest.approx(0.1), 3, 2)
-    assert verdict == "within one std: no evidence"
-    # differences -0.1, -0.2, -0.15 (seed 3 has no partner, seed 4 is NaN): mean -0.15, std 0.05
-    s, wins, verdict = paper_claim.paired_verdict({0: 0.3, 1: 0.3, 2: 0.3, 3: 0.9, 4: math.nan},
-                                                  {0: 0.4, 1: 0.5, 2: 0.45, 4: 0.1})
-    assert (s.mean, s.std, s.count, wins) == (pytest.approx(-0.15), pytest.approx(0.05), 3, 0)
-    assert verdict == "dual lower by more than one std (weak, 3 seeds)"
-    s, _, verdict = paper_claim.paired_verdict({0: 0.3}, {0: 0.1})
-    assert s.count == 1 and math.isnan(s.std) and verdict == "fewer than two seeds: no verdict"
+def test_random_map_baseline_by_hand(tmp_path: Path) -> None:
+    # 10 x 10 images; test ROIs of 10 and 40 pixels: Dice 2|R| / (100 + 2|R|) = 20/120, 80/180; hit |R|/100
+    rois = np.zeros((4, 10, 10), bool)
+    rois[0, 0, :] = True         # test, 10 px
+    rois[1, :4, :] = True        # test, 40 px
+    rois[2, :, :] = True         # train: not counted
+    split = np.array([SPLIT_TEST, SPLIT_TEST, SPLIT_TRAIN, SPLIT_TEST], np.uint8)  # image 3: test, no ROI
+    with PoolWriter(tmp_path / "p.zarr", channels=1, height=10, width=10, dtype="uint8", classes=["a", "b"]) as w:
+        w.append(np.zeros((4, 1, 10, 10), np.uint8), rois, np.array([1, 1, 1, 0], bool), np.zeros(4, np.int16),
+                 ["a", "b", "c", "d"], split)
+    got = paper_claim.random_map_baseline(Pool.open(tmp_path / "p.zarr"))
+    assert got["dice"] == pytest.approx((20 / 120 + 80 / 180) / 2)
+    assert got["hit"] == pytest.approx((0.1 + 0.4) / 2)
 
 
-def test_summary_rows_pair_dual_with_each_baseline_by_seed(tmp_path: Path) -> None:
-    final = {  # seed -> (random, entropy, dual) accuracy at the final round; balanced acc = accuracy - 0.1
-        0: (0.5, 0.6, 0.6), 1: (0.5, 0.7, 0.7), 2: (0.5, 0.5, 0.8)}
+def test_arms_pair_complete_seeds_and_the_rows_use_the_paired_statistics(tmp_path: Path) -> None:
+    root = tmp_path / "phantom"
+    final = {0: (0.5, 0.6), 1: (0.5, 0.7), 2: (0.6, 0.9)}  # seed -> (random, dual) final accuracy
     rows = []
-    for seed, values in final.items():
-        for strategy, acc in zip(("random", "entropy", "dual"), values):
-            rows += [(strategy, seed, 0, 0.4, 0.3, 0.1), (strategy, seed, 1, acc, acc - 0.1, 0.2)]
-    run = load_run(write_run(tmp_path / "run", rows))
-    spec = paper_claim.PoolSpec("phantom", paper_claim.FULL.pools[0].config)
-    text = "\n".join(paper_claim.pool_section(spec, run, seconds=60.0))
-    # dual - random: 0.1, 0.2, 0.3 -> 0.200 ± 0.100; dual - entropy: 0.0, 0.0, 0.3 -> 0.100 ± 0.173
-    assert ("| dual vs random | accuracy | 0.200 ± 0.100 | 3/3 | "
-            "dual higher by more than one std (weak, 3 seeds) |") in text
-    assert "| dual vs random | balanced accuracy | 0.200 ± 0.100 | 3/3 |" in text
-    assert "| dual vs entropy | accuracy | 0.100 ± 0.173 | 1/3 | within one std: no evidence |" in text
-    assert "| dual vs random | test Dice | 0.000 ± 0.000 | 0/3 | within one std: no evidence |" in text
-    assert "| dual | 3 | 15 | 0.700 ± 0.100 | 0.600 ± 0.100 | 0.200 ± 0.000 |" in text
-    assert "wall time: 1.0 min" in text and "mean seconds per round: train 2.0, score 1.0" in text
+    for seed, (r, d) in final.items():
+        rows += [("random", seed, 0, 0.4, 0.3), ("random", seed, 1, r, 0.3),
+                 ("dual", seed, 0, 0.4, 0.4), ("dual", seed, 1, d, 0.5)]
+    rows += [("random", 3, 0, 0.4, 0.3), ("random", 3, 1, 0.9, 0.3), ("dual", 3, 0, 0.4, 0.3)]  # seed 3 unfinished
+    write_run(root / "w0-hard", rows)
+    arms, seeds = paper_claim.load_arms(root, CONFIG)
+    assert seeds == [0, 1, 2] and sorted(arms) == ["dual W=0", "random W=0"]
+    dual = arms["dual W=0"]
+    assert dual.final["accuracy"] == {0: 0.6, 1: 0.7, 2: 0.9} and dual.round0_dice == {0: 0.4, 1: 0.4, 2: 0.4}
+    # ALC over labels 10..20: the trapezoid mean of (0.4, final)
+    assert dual.alc["accuracy"] == {0: pytest.approx(0.5), 1: pytest.approx(0.55), 2: pytest.approx(0.65)}
+    # precondition: upper bound 0.6 >= 0.5; lowest round-0 Dice 0.3 (random) vs 2 x 0.1
+    measured = {"upper_w1": {"test": {"dice": 0.6}}, "random_map": {"dice": 0.1}}
+    ok, why = paper_claim.precondition_verdict(measured, arms, CONFIG)
+    assert ok and "lowest round-0 test Dice of an arm 0.300" in why
+    ok, _ = paper_claim.precondition_verdict({**measured, "random_map": {"dice": 0.2}}, arms, CONFIG)
+    assert not ok  # 0.3 < 2 x 0.2
+    measured = {"layers": {"layer1": {"val": {"dice": 0.5, "hit": 0.7}, "test": {"dice": 0.4, "hit": 0.6}}},
+                "chosen_layer": "layer1", "random_map": {"dice": 0.1, "hit": 0.05},
+                **{k: {"test": {"accuracy": 0.9, "dice": 0.6, "soft_dice": 0.4, "hit": 0.8}} for k in ("upper_w0", "upper_w1")}}
+    (root / "precondition.json").write_text(json.dumps(measured))
+    spec = paper_claim.PoolSpec("phantom", CONFIG.pools[0].config, CONFIG.pools[0].source)
+    text = "\n".join(paper_claim.pool_section(spec, root, CONFIG, seconds=60.0))
+    # dual − random final accuracy: 0.1, 0.2, 0.3 (mean 0.2); the CI and p values from xal_engine.bench.stats
+    c = stats.compare({"a": {0: 0.6, 1: 0.7, 2: 0.9}, "b": {0: 0.5, 1: 0.5, 2: 0.6}}, "a", "b")
+    assert c.p_permutation == pytest.approx(0.25)  # 2 of the 8 sign patterns reach |mean| >= 0.2
+    assert (f"| dual W=0 − random W=0 | final accuracy | +0.200 [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | 0.250 | "
+            f"{c.p_wilcoxon:.3f} | 3/3 |") in text
+    assert "**Precondition holds**" in text and "| layer1 (chosen) | 0.500 | 0.700 | 0.400 | 0.600 |" in text
+    assert "| dual W=0 | 20 | 0.733 ± 0.153 |" in text
+    need = stats.seeds_needed(c.std_diff, 0.02)  # std of (0.1, 0.2, 0.3) = 0.1: ((1.96 + 0.84) · 5)² -> 197
+    assert need == 197 and f"| 3/3 | {need} |" in text and "this run has 3." in text
 
 
-def test_only_seeds_that_every_strategy_completed_count(tmp_path: Path) -> None:
-    rows = [(s, k, r, 0.5, 0.5, 0.1) for s in ("random", "entropy", "dual") for k in (0, 1) for r in (0, 1)]
-    rows = [row for row in rows if row[:3] != ("entropy", 1, 1)]  # entropy stopped after round 0 on seed 1
-    run = load_run(write_run(tmp_path / "run", rows))
-    loop = replace(paper_claim.FULL.loop, strategies=("random", "entropy", "dual"), seeds=3, rounds=1)
-    config = replace(paper_claim.FULL, loop=loop)
-    assert paper_claim.complete_seeds(run, config) == [0]
+@pytest.mark.slow
+def test_quick_scale_runs_every_phase_and_arm(tmp_path: Path) -> None:
+    assert paper_claim.main(["--scale", "quick", "--work", str(tmp_path), "--pools", "phantom", "shortcut",
+                             "--jobs", "1"]) == 0  # in-process: the script is not an importable module here
+    out = tmp_path / "quick" / "results"
+    text = (out / "summary.md").read_text()
+    record = json.loads((out / "config.json").read_text())
+    assert record["scale"] == "quick" and record["config"]["loop"]["seeds"] == 2
+    for pool in ("phantom", "shortcut"):
+        measured = json.loads((out / pool / "precondition.json").read_text())
+        assert measured["chosen_layer"] == max(measured["layers"], key=lambda k: measured["layers"][k]["val"]["dice"])
+        assert 0.0 <= measured["upper_w1"]["test"]["dice"] <= 1.0
+        for arm in ("w0-hard", "w0-soft", "w1-hard", "w1-soft"):
+            assert (out / pool / arm / "metrics.csv").is_file()
+            assert (out / pool / arm / "report" / "learning_curves.png").is_file()
+        assert f"## {pool}" in text
+    for arm in ("random", "entropy", "bald", "coreset", "misalignment", "dual", "dual-soft"):
+        assert f"| {arm} W=1 |" in text and f"| {arm} W=0 |" in text
+    assert "dual W=1 − random W=1" in text and "dual W=1 − dual W=0" in text
