@@ -247,11 +247,12 @@ def run_pool(spec: PoolSpec, config: ExperimentConfig, work: Path, stop_at: floa
         f"explanation loss; random map {measured['random_map']['dice']:.3f}")
     loop = replace(config.loop, pretrained=str(backbone),
                    train=replace(config.loop.train, target_layer=measured["chosen_layer"]))
-    try:
-        for name, w, dice, strategies in arms(config):
-            run_loop(pool_path, root / name, replace(loop, strategies=strategies, dice=dice,
-                                                     train=replace(loop.train, explanation_weight=w)),
-                     log=log, show_progress=False)
+    try:  # seed by seed across the arms (each run_loop resumes the seeds done): a stop keeps arms paired
+        for seeds in range(1, loop.seeds + 1):
+            for name, w, dice, strategies in arms(config):
+                run_loop(pool_path, root / name, replace(loop, seeds=seeds, strategies=strategies, dice=dice,
+                                                         train=replace(loop.train, explanation_weight=w)),
+                         log=log, show_progress=False)
     except StopExperiment:
         log("stopped at --stop-at; rerun to resume")
     return {"seconds": time.perf_counter() - began}

@@ -154,6 +154,18 @@ def test_resume_refuses_another_config_but_not_another_num_workers(tmp_path: Pat
     assert json.loads(fresh.config_json.read_text()) == cases["loop.train.epochs"]
 
 
+def test_more_seeds_extend_the_run_and_fewer_resume_part_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    RunWriter.prepare(path, CONFIG, overwrite=False).add_row(row("random", 1, 0))
+    more = CONFIG | {"seeds": [0, 1, 2, 3], "loop": {**CONFIG["loop"], "seeds": 4}}
+    grown = RunWriter.prepare(path, more, overwrite=False)
+    assert [(r["strategy"], r["seed"]) for r in grown.rows] == [("random", 1)]  # the done rows are kept
+    assert json.loads(grown.config_json.read_text()) == more  # the record says what the folder now holds
+    fewer = CONFIG | {"seeds": [0], "loop": {**CONFIG["loop"], "seeds": 1}}
+    part = RunWriter.prepare(path, fewer, overwrite=False)
+    assert len(part.rows) == 1 and json.loads(part.config_json.read_text()) == more  # not shrunk
+
+
 def test_the_refusal_names_every_nested_field_that_differs(tmp_path: Path) -> None:
     path = tmp_path / "run"
     RunWriter.prepare(path, CONFIG, overwrite=False)

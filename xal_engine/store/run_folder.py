@@ -206,16 +206,19 @@ class RunWriter(RunFolder):
             raise XalError(f"--out {run.path} exists and is not a folder")
         if run.path.is_dir() and any(p.name != RUN_DIR_LOCK for p in run.path.iterdir()) and not cfg.is_file():
             raise XalError(f"--out {run.path} is not empty and holds no config.json: not a loop run folder")
+        grown = False
         if cfg.is_file():
             old = _read_json(cfg, "; pass --overwrite to start afresh")
             if overwrite:
                 _clear(run.path)
-            elif _comparable(old) != _comparable(config_json):
+            elif _comparable(old, seeds=False) != _comparable(config_json, seeds=False):
                 diff = _differences(_comparable(old), _comparable(config_json)) or ["the whole file"]
                 raise XalError(f"{cfg} holds another configuration (differs in: {', '.join(diff)}); "
                                "use another --out or pass --overwrite")
+            # more seeds than the folder's: the same run extended (seeds 0..k-1 are resumed, not redone)
+            grown = len(config_json.get("seeds", [])) > len(old.get("seeds", []))
         run.path.mkdir(parents=True, exist_ok=True)
-        if not cfg.is_file():
+        if grown or not cfg.is_file():
             atomic_write_text(cfg, dumps_json(config_json, indent=2) + "\n")
         if run.metrics_json.is_file():
             run.rows = _read_json(run.metrics_json, "; pass --overwrite to start afresh")
@@ -300,12 +303,16 @@ def _number(text: str | None, path: Path, line: int, column: str) -> float:
         raise XalError(f"{path}: line {line}: column {column} is {text!r}, expected a number") from None
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+def _comparable(config: dict[str, Any], seeds: bool = True) -> dict[str, Any]:
     """config.json without the RESUME_FREE training fields, and with the fields added since a run
-    folder was begun at the values that run used (ADDED_LOOP, ADDED_TRAIN)."""
+    folder was begun at the values that run used (ADDED_LOOP, ADDED_TRAIN); ``seeds=False`` also
+    without the seed count (a run with more or fewer seeds is the same run, extended or resumed in part)."""
     loop = {**ADDED_LOOP, **dict(config.get("loop", {}))}
     train = {**ADDED_TRAIN, **dict(loop.get("train", {}))}
     loop["train"] = {k: v for k, v in train.items() if k not in RESUME_FREE}
+    if not seeds:
+        loop.pop("seeds", None)
+        return {**{k: v for k, v in config.items() if k != "seeds"}, "loop": loop}
     return {**config, "loop": loop}
 
 
