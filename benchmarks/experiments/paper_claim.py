@@ -30,7 +30,8 @@ protocol creates the precondition itself and checks it before any comparison:
    sign-flip p and the Wilcoxon p, and a verdict; the seeds that would resolve a 0.02 accuracy
    difference, computed from the measured std of the differences.
 
-Pools (the engine's generators; 48² keeps the whole CPU run near an hour on 2 cores):
+Pools (the engine's generators; at 48² the two phantom pools take about 100 min on 2 cores, in parallel,
+and the brain pool as long again):
   phantom   3 lesion shapes, no shortcut: where attention can be meaningful
   shortcut  the same shapes with a class-coded corner marker in 90 % of train/val images and none in
             test: a model can learn the marker; an attention-aware strategy with the explanation loss
@@ -439,7 +440,7 @@ def collect(config: ExperimentConfig, work: Path, out: Path, seconds: dict[str, 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu",
-                   help="cpu: the committed run (about an hour on 2 cores); quick: every phase at a smoke-test size; "
+                   help="cpu: the committed run (phantom + shortcut about 100 min on 2 cores); quick: every phase at a smoke-test size; "
                         "paper: 224², densenet121, 150 + 6 x 120 on the brain pool (a GPU run)")
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default: {RESULTS}; quick: WORK/results)")
     p.add_argument("--work", type=Path, default=Path("/tmp/xal-paper-claim"),
@@ -482,7 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": command, "started": prov["date"], "commit": prov["git_commit"], "scale": args.scale,
               "config": asdict(config)}
     config_json = out / "config.json"
-    if not args.collect_only:  # fixed before any model is trained
+    if not args.collect_only:  # fixed before any model is trained; a resumed run keeps its first start
+        try:
+            first = json.loads(config_json.read_text())
+        except (OSError, ValueError):
+            first = None
+        if isinstance(first, dict) and first.get("config") == json.loads(json.dumps(record["config"], default=str)):
+            record = {**first, "resumed": [*first.get("resumed", []), {"at": prov["date"], "command": command}]}
         config_json.write_text(json.dumps(record, indent=1, default=str))
     seconds: dict[str, float] = {}
     if not args.collect_only:
