@@ -41,7 +41,8 @@ and the brain pool as long again):
 
 Everything that fixes the numbers is in ``SCALES`` and written to OUT/config.json with the commit
 and the start time before any model is trained. Work files (pools, backbones, checkpoints) live
-under --work; a rerun resumes each loop after its last complete round.
+under --work, about 24 GB per pool at the CPU scale (every round's 45 MB checkpoint is kept for the
+resume); a rerun resumes each loop after its last complete round.
 """
 
 from __future__ import annotations
