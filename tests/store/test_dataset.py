@@ -227,14 +227,22 @@ def test_real_pool_blocks_in_forked_workers_match_direct_reads(tmp_path: Path) -
 QUIET_FD_HANDOFF = """
 import functools, os, sys, threading
 import multiprocessing
-from xal_engine.store.dataset import _quiet_fd_handoff
+from xal_engine.store.dataset import _quiet_fd_handoff, _quiet_fd_handoff_sys
 threading.excepthook = functools.partial(_quiet_fd_handoff, previous=threading.excepthook)
+sys.excepthook = functools.partial(_quiet_fd_handoff_sys, previous=sys.excepthook)
 sharer = os.path.join(os.path.dirname(multiprocessing.__file__), "resource_sharer.py")
-scope = {}
-exec(compile("def serve(exc):\\n    raise exc\\n", sharer, "exec"), scope)  # a frame in resource_sharer.py
+scope = {"sys": sys}
+# Frames in resource_sharer.py: one raising out of the thread (threading.excepthook), one catching
+# and reporting through sys.excepthook, as its serving loop does.
+exec(compile("def serve(exc):\\n    raise exc\\n"
+             "def serve_loop(exc):\\n    try:\\n        raise exc\\n    except BaseException:\\n"
+             "        sys.excepthook(*sys.exc_info())\\n", sharer, "exec"), scope)
+auth = multiprocessing.AuthenticationError("digest received was wrong")
 for exc, where in ((ConnectionResetError("reset"), scope["serve"]), (EOFError(), scope["serve"]),
                    (ValueError("a real bug"), scope["serve"]),
-                   (ConnectionResetError("elsewhere"), lambda e: (_ for _ in ()).throw(e))):
+                   (ConnectionResetError("elsewhere"), lambda e: (_ for _ in ()).throw(e)),
+                   (auth, scope["serve_loop"]), (BrokenPipeError("pipe"), scope["serve_loop"]),
+                   (KeyError("a real loop bug"), scope["serve_loop"])):
     t = threading.Thread(target=where, args=(exc,))
     t.start()
     t.join()
@@ -250,5 +258,6 @@ def test_a_workers_fd_handoff_cut_by_a_stopping_parent_prints_nothing() -> None:
 
     err = subprocess.run([sys.executable, "-c", QUIET_FD_HANDOFF], capture_output=True, text=True,
                          check=True).stderr
-    assert "reset" not in err and "EOFError" not in err
+    assert "reset" not in err and "EOFError" not in err and "digest" not in err and "pipe" not in err
     assert "ValueError: a real bug" in err and "ConnectionResetError: elsewhere" in err
+    assert "KeyError: 'a real loop bug'" in err

@@ -12,12 +12,14 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,25 +39,39 @@ Block = dict[str, torch.Tensor]
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _from_fd_handoff(exc_value: BaseException | None, tb: TracebackType | None) -> bool:
+    """Whether an exception is the connection error of a loader worker's file-descriptor handoff
+    (multiprocessing.resource_sharer) that a stopping parent cut mid-handshake."""
+    sharer = False
+    while tb is not None:
+        sharer |= tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))
+        tb = tb.tb_next
+    return sharer and isinstance(exc_value, (OSError, EOFError, multiprocessing.AuthenticationError))
+
+
 def _quiet_fd_handoff(args: threading.ExceptHookArgs, previous: Callable[..., Any]) -> None:
     """threading.excepthook of a loader worker: the thread that hands shared-memory file descriptors
     to the parent (multiprocessing.resource_sharer) raises a connection error when the parent drops
     the connection mid-handshake because it is stopping (SIGTERM, Ctrl-C); that is the parent's exit,
     not a worker error, and must not print a traceback over its one-line message. Anything else is
     reported as before."""
-    tb, sharer = args.exc_traceback, False
-    while tb is not None:
-        sharer |= tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))
-        tb = tb.tb_next
-    if sharer and isinstance(args.exc_value, (OSError, EOFError)):
-        return
-    previous(args)
+    if not _from_fd_handoff(args.exc_value, args.exc_traceback):
+        previous(args)
+
+
+def _quiet_fd_handoff_sys(exc_type: type[BaseException], exc_value: BaseException, tb: TracebackType | None,
+                          previous: Callable[..., Any]) -> None:
+    """The same filter as sys.excepthook: resource_sharer's serving loop catches its errors itself and
+    reports them through sys.excepthook, not threading.excepthook."""
+    if not _from_fd_handoff(exc_value, tb):
+        previous(exc_type, exc_value, tb)
 
 
 def _die_with_parent(worker_id: int, parent: int) -> None:
     """In a loader worker on Linux: the kernel kills it (SIGKILL) as soon as its parent exits, and it
     exits now when the parent already has (it was reparented before the request took effect)."""
     threading.excepthook = functools.partial(_quiet_fd_handoff, previous=threading.excepthook)
+    sys.excepthook = functools.partial(_quiet_fd_handoff_sys, previous=sys.excepthook)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
