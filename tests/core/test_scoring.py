@@ -159,3 +159,32 @@ def test_bad_arguments(model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
         score_batch(model, "layer4", images, rois, targets=[0, 1])
     with pytest.raises(XalError, match="backend: expected one of auto, triton, torch, got 'cuda'"):
         score_batch(model, "layer4", images, rois, backend="cuda")  # passed through to gradcam_dice
+
+
+def test_several_target_layers_combine_as_pytorch_grad_cam(model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
+    # layer3 (4x4) and layer4 (2x2) at 64x64: the agreement of the combined map (reference.multi_layer_maps,
+    # equal to pytorch-grad-cam's aggregation in tests/ops/test_cam_methods.py) from hooks of our own.
+    images, rois = batch
+    targets = [2, 0, 1, 1, 0, 2]
+    got = score_batch(model, ["layer3", "layer4"], images, rois, targets=targets, threshold=0.4)
+    saved: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
+        output.retain_grad()
+        saved.append(output)
+
+    handles = [model.layer3.register_forward_hook(hook), model.layer4.register_forward_hook(hook)]
+    logits = model(images)
+    for h in handles:
+        h.remove()
+    logits.gather(1, torch.tensor(targets)[:, None]).sum().backward()
+    model.zero_grad(set_to_none=True)
+    maps = reference.multi_layer_maps([s.detach() for s in saved], [s.grad for s in saved], (SIZE, SIZE))
+    dice, soft, energy, hit = reference.roi_agreement(maps, rois, 0.4)
+    for name, want in (("dice", dice), ("soft_dice", soft), ("energy", energy)):
+        torch.testing.assert_close(getattr(got, name), want, rtol=0, atol=1e-5)
+    assert torch.equal(got.hit, hit) and got.cam is None
+    single = score_batch(model, "layer4", images, rois, targets=targets, threshold=0.4)
+    assert not torch.equal(got.soft_dice, single.soft_dice)  # the second layer changed the map
+    with pytest.raises(XalError, match="target_layer: several layers combine for images only, without return_cam"):
+        score_batch(model, ["layer3", "layer4"], images, rois, targets=targets, return_cam=True)

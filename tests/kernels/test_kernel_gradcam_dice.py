@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from xal_engine.ops.dispatch import triton_backend as launch  # the method in to
 from xal_engine.ops.reference import RoiAgreement
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 kg = pytest.importorskip("xal_engine.kernels.gradcam_dice")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -253,19 +255,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from xal_engine.kernels.gradcam_dice import _gradcam_dice_kernel as fn, _launch_config
 
-cfg = _launch_config(channels=2048, pixels=14 * 14, height=512, width=512)
-warps = cfg.pop("num_warps")
-ptrs = {"a_ptr": "*bf16", "roi_ptr": "*u8", "hit_ptr": "*u8"}
+ptrs = {"a_ptr": "*bf16", "roi_ptr": "*u8", "hit_ptr": "*u8", "part_ptr": "*i32", "count_ptr": "*i32",
+        "layer_ptr": "*i32"}
 floats = ("scale_y", "scale_x", "threshold")
 found = set()
-for map_given in (False, True):  # channel weights (Grad-CAM, ...) and a given map (HiResCAM, ...)
-    consts = {**cfg, "MAP_GIVEN": map_given}
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "fp32" if n in floats
-                                                       else "i32")
-           for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-    found |= set(re.findall(r"div\\.[a-z]+\\.f32", ptx))
+for shape in ((14 * 14, 512, 512), (7 * 7, 224, 224)):  # 8 x 128 and 32 x 32 tiles
+    cfg = _launch_config(2048, *shape)
+    warps = cfg.pop("num_warps")
+    # channel weights (Grad-CAM, ...), a given map (HiResCAM, ...), two layers' maps
+    for map_given, layers in ((False, 1), (True, 1), (True, 2)):
+        for split, scan in ((False, False), (True, False), (False, True)):  # one program, bands, full scan
+            consts = {**cfg, "MAP_GIVEN": map_given, "SPLIT": split, "SCAN_EXTREMES": scan, "BLOCK_P": 4,
+                      "LAYERS": layers}
+            sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else
+                                                               "fp32" if n in floats else "i32")
+                   for n in fn.arg_names}
+            src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+            found |= set(re.findall(r"div\\.[a-z]+\\.f32", ptx))
+            if split:
+                assert re.search(r"atom\\.[a-z.]*acq_rel[a-z.]*\\.gpu|atom\\.[a-z.]*gpu[a-z.]*acq_rel", ptx), "no acq_rel atomic"
 print(sorted(found))
 """
 
@@ -348,3 +357,142 @@ def test_launcher_wants_weights_or_a_map() -> None:
         kg.gradcam_dice_triton(a, rois, weights=torch.ones(1, 3, device=DEVICE))
     with pytest.raises(XalError, match="low_res: expected a contiguous float32 map"):
         kg.gradcam_dice_triton(None, rois, low_res=torch.ones(1, 3, 3, dtype=torch.float16, device=DEVICE))
+
+
+# -- Work layout: the extremes' candidate grid, row bands, tiles (results do not depend on them) ---
+
+
+@triton.jit
+def _candidates_kernel(out_ptr, ok_ptr, scale, size_in, size_out, n, BLOCK: tl.constexpr):
+    j = tl.arange(0, BLOCK)
+    dst, ok = kg._extreme_dst(j, scale, size_in, size_out, False)
+    tl.store(out_ptr + j, dst, mask=j < n)
+    tl.store(ok_ptr + j, ok.to(tl.int32), mask=j < n)
+
+
+def group_ends(size_in: int, size_out: int) -> set[int]:
+    """By brute force with the kernel's fp32 formula: the first and last output of every group of
+    outputs sharing their lower source neighbour, and the two around the clamp at source 0 (all
+    outputs when size_out <= 2 size_in + 2)."""
+    if size_out <= 2 * size_in + 2:
+        return set(range(size_out))
+    scale = np.float32(size_in) / np.float32(size_out)
+    raw = scale * (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    lo = np.minimum(np.maximum(raw, np.float32(0)).astype(np.int32), size_in - 1)
+    change = np.flatnonzero(np.diff(lo)) + 1  # first output of each group after the first
+    bend = int(np.flatnonzero(raw > 0)[0])  # first output not clamped to source 0
+    ends = {0, size_out - 1, *change.tolist(), *(change - 1).tolist(), bend, bend - 1}
+    return {e for e in ends if 0 <= e < size_out}
+
+
+@pytest.mark.parametrize("size_in, size_out", [(7, 224), (14, 512), (32, 1024), (56, 224), (3, 1030),
+                                               (5, 11), (1, 17), (9, 19), (13, 1000), (128, 129), (16, 8),
+                                               (100, 20), (7, 15)])
+def test_extreme_candidates_are_exactly_the_group_ends(size_in: int, size_out: int) -> None:
+    n = min(size_out, 2 * size_in + 2)
+    dst = torch.full((n,), -1, dtype=torch.int32, device=DEVICE)
+    ok = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    scale = float(np.float32(size_in) / np.float32(size_out))
+    _candidates_kernel[(1,)](dst, ok, scale, size_in, size_out, n, BLOCK=triton.next_power_of_2(n))
+    got = set(dst.cpu()[ok.cpu() == 1].tolist())
+    assert got == group_ends(size_in, size_out)
+
+
+def test_bilinear_extremes_lie_on_the_group_ends() -> None:
+    # The claim the extremes pass rests on, checked on torch's own upsampling of random maps.
+    gen = torch.Generator().manual_seed(21)
+    for (h, w), (big_h, big_w) in [((7, 7), (224, 224)), ((5, 9), (61, 200)), ((14, 14), (512, 512))]:
+        n = torch.rand(4, 1, h, w, generator=gen)
+        u = F.interpolate(n, size=(big_h, big_w), mode="bilinear", align_corners=False)[:, 0]
+        rows, cols = sorted(group_ends(h, big_h)), sorted(group_ends(w, big_w))
+        grid = u[:, rows][:, :, cols]
+        torch.testing.assert_close(grid.amax((1, 2)), u.amax((1, 2)), rtol=0, atol=1e-6)
+        torch.testing.assert_close(grid.amin((1, 2)), u.amin((1, 2)), rtol=0, atol=1e-6)
+
+
+def launch_layout(a, g, rois, **layout) -> RoiAgreement:
+    weights = g.mean(dim=(2, 3))
+    got = kg.gradcam_dice_triton(a.to(DEVICE), rois.to(DEVICE), 0.5, True, weights=weights.to(DEVICE), **layout)
+    return RoiAgreement(*(t.cpu() for t in got))
+
+
+@pytest.mark.parametrize("b, c, h, w, size", [(2, 5, 7, 7, (224, 96)), (3, 4, 5, 9, (61, 70)),
+                                              (1, 3, 6, 4, (130, 33))])
+@pytest.mark.parametrize("bands", [2, 3, 7])
+def test_bands_and_full_scan_equal_one_program(b: int, c: int, h: int, w: int, size: tuple[int, int],
+                                               bands: int) -> None:
+    a, g, rois = random_inputs(b, c, h, w, size, seed=bands * 10 + h)
+    one = launch_layout(a, g, rois, programs_per_image=1)
+    split = launch_layout(a, g, rois, programs_per_image=bands)
+    scan = launch_layout(a, g, rois, programs_per_image=bands, scan_extremes=True)
+    assert torch.equal(split.cam, one.cam) and torch.equal(scan.cam, one.cam)
+    for got in (split, scan):  # band totals are added in another order: a few ulp
+        assert torch.equal(got.hit, one.hit)
+        for name in ("dice", "soft_dice", "energy"):
+            torch.testing.assert_close(getattr(got, name), getattr(one, name), rtol=0, atol=1e-6)
+
+
+def test_band_counts_are_zero_again_after_a_launch() -> None:
+    a, g, rois = random_inputs(3, 4, 5, 6, (40, 30), seed=13)
+    first = launch_layout(a, g, rois, programs_per_image=4)
+    counts = kg._band_counts(torch.device(DEVICE), 3)
+    assert int(counts.abs().sum()) == 0
+    again = launch_layout(a, g, rois, programs_per_image=4)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+
+
+def test_first_maximum_wins_across_column_blocks_and_bands() -> None:
+    # Identity size 64 x 96 in 32 x 32 tiles, column blocks outer: the maxima at (row 5, col 40) and
+    # (row 10, col 3) are met in the opposite order to row-major; with two bands (rows 0-31, 32-63)
+    # a third maximum at (40, 0) lies in the second. The first in row-major order, (5, 40), is the
+    # only one in the ROI: hit must be True.
+    m = torch.zeros(1, 1, 64, 96)
+    m[0, 0, 5, 40] = m[0, 0, 10, 3] = m[0, 0, 40, 0] = 1024.0
+    rois = torch.zeros(1, 64, 96, dtype=torch.bool)
+    rois[0, 5, 40] = True
+    assert kg._tile(64, 96) == (32, 32)
+    for bands in (1, 2):
+        got = launch_layout(m, torch.ones_like(m), rois, programs_per_image=bands)
+        assert got.hit.item()
+    ref = reference.gradcam_dice(m, torch.ones_like(m), rois)
+    assert ref.hit.item()
+
+
+def test_tile_pads_least() -> None:
+    assert kg._tile(224, 224) == (32, 32)  # 7 x 7 tiles, no padding (8 x 128 would pad to 256 columns)
+    assert kg._tile(512, 512) == (8, 128)
+    assert kg._tile(1, 200) == (1, 128)
+    by, bx = kg._tile(33, 40)
+    assert by * bx <= 1024
+
+
+def test_band_plan() -> None:
+    plan = kg._plan_bands
+    assert plan(256, 224, 32, 224, sm_count=132) == (2, 128)  # 256 < 2 x 132 programs: two bands of 4 tiles
+    assert plan(1024, 224, 32, 224, sm_count=132) == (1, 224)  # the batch fills the GPU
+    assert plan(16, 224, 32, 224, sm_count=132) == (7, 32)  # at most one band per row tile
+    assert plan(512, 512, 8, 512, sm_count=132) == (4, 128)  # 512^2: one band per 256^2 pixels
+    assert plan(512, 224, 32, 224, sm_count=132, programs_per_image=3) == (3, 96)  # 7 tiles: 3 + 3 + 1
+    assert plan(1, 1, 1, 1, sm_count=132) == (1, 1)
+    bands, rows = plan(5, 1030, 8, 3, sm_count=132)
+    assert bands == 65 or (bands <= kg.MAX_PROGRAMS_PER_IMAGE and (bands - 1) * rows < 1030 <= bands * rows)
+
+
+def test_programs_per_image_must_be_positive() -> None:
+    a, g, rois = random_inputs(1, 2, 3, 3, (4, 4), seed=0)
+    with pytest.raises(XalError, match="programs_per_image: expected >= 1, got 0"):
+        launch_layout(a, g, rois, programs_per_image=0)
+
+
+def test_old_layout_knobs_keep_the_results() -> None:
+    # gpu_validate times the kernel with one program per image, a full min/max scan and 8 x 128
+    # tiles (its layout before the speed work) next to the default: both must compute the same.
+    a, g, rois = random_inputs(3, 6, 7, 7, (224, 224), seed=17)
+    new = launch_layout(a, g, rois)
+    old = launch_layout(a, g, rois, programs_per_image=1, scan_extremes=True, tile=(8, 128))
+    assert torch.equal(old.cam, new.cam) and torch.equal(old.hit, new.hit)
+    for name in ("dice", "soft_dice", "energy"):
+        torch.testing.assert_close(getattr(old, name), getattr(new, name), rtol=0, atol=1e-6)
+    with pytest.raises(XalError, match=r"tile: expected two powers of two with at most 1024 pixels, got \(8, 256\)"):
+        launch_layout(a, g, rois, tile=(8, 256))

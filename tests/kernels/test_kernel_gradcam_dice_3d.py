@@ -81,6 +81,7 @@ SHAPES = [  # (B, C, (d, h, w), (D, H, W)): what each exercises
     (2, 70, (2, 3, 4), (9, 7, 10)),  # C = 70: several channel blocks, the last partial
     (1, 3, (2, 3, 3), (3, 4, 300)),  # three column tiles (BLOCK_X = 128), the last partial
     (1, 4, (3, 2, 2), (40, 30, 5)),  # 1200 (z, y) rows: ten row tiles, rows crossing depth slices
+    (2, 4, (3, 3, 3), (24, 21, 30)),  # extremes from 8 x 8 x 8 candidate voxels of 15120
 ]
 
 

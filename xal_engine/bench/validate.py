@@ -21,7 +21,10 @@ in summary.md and goals.csv, and does not by itself fail the run.
                  224^2, 14^2 -> 512^2, 32^2 -> 1024^2; max |diff| of the map N and of Dice, soft Dice,
                  energy against docs/gradcam-reference.md (maps 1e-5, Dice 1e-4)   parity.csv
     kernel_time  device time per call from CUDA events (triton.testing.do_bench, L2 flushed) of both
-                 backends, and GB/s of the bytes the kernel must read (A + G + ROI)   kernel_time.csv
+                 backends, and GB/s of the bytes the kernel must read (A + G + ROI); the kernel also
+                 in its earlier work layout ("triton-old-layout": one program per image, a min/max
+                 pass over every pixel, 8 x 128 tiles), the before/after of the CAM-family issue's
+                 kernel-speed item                                            kernel_time.csv
     methods      every CAM method (gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam) at
                  resnet50 layer4 224^2, B = 256, bf16 and fp32: the kernel's parity with the torch
                  reference and both device times, the kernel's speedup          methods.csv
@@ -71,6 +74,7 @@ from xal_engine.bench.timing import device_name, device_times_ms, no_tf32, prove
 from xal_engine.core.cam_methods import CAM_METHOD_NAMES
 from xal_engine.core.inputs import resolve_device
 from xal_engine.ops import gradcam_dice, reference, reference3d
+from xal_engine.ops.cam_methods import get_cam_method
 
 # Parity of the kernel with the reference (docs/gradcam-reference.md): maps 1e-5, Dice 1e-4; soft Dice
 # and energy are held to the Dice tolerance. bf16 inputs are compared with the reference run on the SAME
@@ -451,8 +455,21 @@ def step_parity(ctx: Context) -> StepOutput:
 
 def kernel_call(a: torch.Tensor, g: torch.Tensor, rois: torch.Tensor, backend: str,
                 method: str = "gradcam") -> Callable[[], object]:
-    """One ``gradcam_dice`` call of ``backend`` on these inputs (what the timer repeats)."""
+    """One ``gradcam_dice`` call of ``backend`` on these inputs (what the timer repeats);
+    ``"triton-old-layout"``: Grad-CAM through the kernel in its earlier layout (``OLD_LAYOUT``)."""
+    if backend == OLD_LAYOUT_PROVIDER:
+        from xal_engine.kernels.gradcam_dice import gradcam_dice_triton
+
+        def old_layout() -> object:  # the weights as the dispatcher computes them, then the launch
+            weights = get_cam_method("gradcam").weights(a, g).float()
+            return gradcam_dice_triton(a, rois, THRESHOLD, weights=weights, **OLD_LAYOUT)
+
+        return old_layout
     return lambda: gradcam_dice(a, g, rois, THRESHOLD, backend=backend, method=method)
+
+
+OLD_LAYOUT_PROVIDER = "triton-old-layout"
+OLD_LAYOUT = {"programs_per_image": 1, "scan_extremes": True, "tile": (8, 128)}  # before the kernel-speed item
 
 
 TIME_COLUMNS = ["case", "sizes", "dtype", "layout", "provider", "timer", "calls", "median_ms", "p20_ms", "p80_ms",
@@ -462,6 +479,8 @@ TIME_COLUMNS = ["case", "sizes", "dtype", "layout", "provider", "timer", "calls"
 def step_kernel_time(ctx: Context) -> StepOutput:
     rows: list[dict] = []
     providers = sorted({kernel_backend(ctx.device), "torch"}, reverse=True)  # triton first
+    if providers[0] == "triton":
+        providers.insert(1, OLD_LAYOUT_PROVIDER)
     with no_tf32():
         for case in ctx.profile.timing:
             for dtype in DTYPES:

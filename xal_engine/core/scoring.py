@@ -16,6 +16,7 @@ the same on every device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from xal_engine.core.capture import GradCamCapture, LayerSpec, Targets, capture,
 from xal_engine.core.fields import FIELDS, BatchScores
 from xal_engine.core.uncertainty import bald, entropy, least_confidence, margin, mc_entropy, variation_ratio
 from xal_engine.errors import XalError
-from xal_engine.ops import gradcam_dice
+from xal_engine.ops import gradcam_dice, gradcam_dice_layers
 
 _M32 = 0xFFFFFFFF
 
@@ -104,7 +105,7 @@ def _as_device_tensor(x: Tensor | np.ndarray, device: torch.device, name: str) -
 
 def score_batch(
     model: nn.Module,
-    target_layer: LayerSpec,
+    target_layer: LayerSpec | Sequence[LayerSpec],
     images: Tensor,
     rois: Tensor | np.ndarray | None = None,
     targets: Targets = None,
@@ -135,6 +136,10 @@ def score_batch(
     ``cam_method``: the CAM method of the map and the ROI metrics (a key of
     :data:`xal_engine.core.cam_methods.CAM_METHODS`; the default is Grad-CAM).
 
+    ``target_layer`` may list several layers (images only): their maps combine as pytorch-grad-cam
+    combines them (:func:`xal_engine.ops.gradcam_dice_layers`); there is then no one stage-1 map to
+    return (``return_cam`` is refused).
+
     ``targets`` picks the Grad-CAM class per image (see :func:`xal_engine.core.capture.target_scores`).
     Images without an ROI (``rois`` None, or ``has_roi`` False) get NaN dice/soft_dice/energy and
     ``hit`` False; their uncertainty is computed as usual. An image whose logits are not all finite
@@ -159,6 +164,10 @@ def score_batch(
         out = capturer(images, targets)
     act, grad = out.activations[0], out.gradients[0]
     device = act.device
+    several = len(out.activations) > 1
+    if several and (return_cam or act.ndim != 4):
+        raise XalError("target_layer: several layers combine for images only, without return_cam "
+                       "(there is no one stage-1 map)")
     if rois is None:
         # A stand-in empty ROI at feature resolution (cheap) still yields the map; metrics become NaN.
         roi_mask = torch.zeros((batch, *act.shape[2:]), dtype=torch.bool, device=device)
@@ -181,8 +190,12 @@ def score_batch(
     valid = valid & finite
     with torch.autocast(device.type, enabled=False):
         probs = torch.softmax(out.logits.float(), dim=1)  # (B, K)
-        roi = gradcam_dice(act, grad, roi_mask.bool(), threshold=threshold, return_cam=return_cam,
-                           backend=backend, method=cam_method)
+        if several:
+            roi = gradcam_dice_layers(out.activations, out.gradients, roi_mask.bool(), threshold, backend,
+                                      method=cam_method)
+        else:
+            roi = gradcam_dice(act, grad, roi_mask.bool(), threshold=threshold, return_cam=return_cam,
+                               backend=backend, method=cam_method)
     values = {
         "probs": probs,
         "pred": out.logits.argmax(dim=1).masked_fill(~finite, -1),  # -1: the pred field's fill

@@ -6,6 +6,7 @@ the shared result type (:mod:`xal_engine.ops.agreement`) and :mod:`xal_engine.er
 
 from xal_engine.ops.agreement import RoiAgreement
 from xal_engine.ops.checks import check_inputs
-from xal_engine.ops.dispatch import BACKENDS, Backend, gradcam_dice, pick_backend
+from xal_engine.ops.dispatch import BACKENDS, Backend, gradcam_dice, gradcam_dice_layers, pick_backend
 
-__all__ = ["BACKENDS", "Backend", "RoiAgreement", "check_inputs", "gradcam_dice", "pick_backend"]
+__all__ = ["BACKENDS", "Backend", "RoiAgreement", "check_inputs", "gradcam_dice", "gradcam_dice_layers",
+           "pick_backend"]

@@ -13,6 +13,7 @@ and the 3-D reference (:mod:`xal_engine.ops.reference3d`) elsewhere; the 2-D pat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -81,6 +82,46 @@ def gradcam_dice(
     return triton_backend(activations, gradients, rois, threshold, return_cam, method=cam_method)
 
 
+def gradcam_dice_layers(
+    activations: Sequence[Tensor],
+    gradients: Sequence[Tensor],
+    rois: Tensor | np.ndarray,
+    threshold: float = 0.5,
+    backend: Backend = "auto",
+    *,
+    method: str | CamMethod = "gradcam",
+) -> RoiAgreement:
+    """``gradcam_dice`` of several target layers' A, G (B, C_l, h_l, w_l) (2-D; any C_l, h_l, w_l)
+    against (B, H, W) ROIs, the layers combined as pytorch-grad-cam combines them
+    (:func:`xal_engine.ops.reference.multi_layer_maps`): per layer N_l, U = mean_l bilinear(N_l),
+    S = min-max(U); ``cam`` is None. One layer is ``gradcam_dice`` itself. ``"auto"`` takes the
+    kernel's one launch (``gradcam_dice_layers_triton``) for CUDA tensors of at most ``MAX_LAYERS``
+    layers whose maps fit it, the reference elsewhere.
+    """
+    cam_method = get_cam_method(method)
+    activations, gradients = list(activations), list(gradients)
+    if not activations or len(activations) != len(gradients):
+        raise XalError(f"gradients: expected one per layer's activations (>= 1 layer), got {len(gradients)} "
+                       f"for {len(activations)}")
+    for i, a in enumerate(activations[1:], 1):
+        if isinstance(a, Tensor) and (a.shape[0] != activations[0].shape[0] or a.device != activations[0].device):
+            raise XalError(f"activations[{i}]: expected {activations[0].shape[0]} images on "
+                           f"{activations[0].device}, got {a.shape[0]} on {a.device}")
+    checked = [check_inputs(a, g, rois, threshold) for a, g in zip(activations, gradients)]
+    if len(activations) == 1:
+        return gradcam_dice(activations[0], gradients[0], checked[0], threshold, False, backend, method=cam_method)
+    from xal_engine.kernels.gradcam_dice import MAX_LAYERS
+
+    kernel = {pick_backend(backend, a) for a in activations} == {"triton"}  # each layer's map fits it
+    if not kernel or (backend == "auto" and len(activations) > MAX_LAYERS):
+        return reference.gradcam_dice_layers_checked(activations, gradients, checked[0], threshold,
+                                                     method=cam_method)
+    from xal_engine.kernels.gradcam_dice import gradcam_dice_layers_triton
+
+    low_res = [cam_method.cam(a, g).float().contiguous() for a, g in zip(activations, gradients)]  # pre-ReLU M_l
+    return gradcam_dice_layers_triton(low_res, checked[0], threshold)
+
+
 def triton_backend(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float = 0.5,
                    return_cam: bool = False, *, method: str | CamMethod = "gradcam",
                    out: RoiAgreement | None = None) -> RoiAgreement:
@@ -118,5 +159,5 @@ def triton_backend_3d(activations: Tensor, gradients: Tensor, rois: Tensor, thre
     return gradcam_dice_3d_triton(None, rois, threshold, return_cam, low_res=low_res, out=out)
 
 
-__all__ = ["BACKENDS", "Backend", "RoiAgreement", "gradcam_dice", "pick_backend", "triton_backend",
-           "triton_backend_3d"]
+__all__ = ["BACKENDS", "Backend", "RoiAgreement", "gradcam_dice", "gradcam_dice_layers", "pick_backend",
+           "triton_backend", "triton_backend_3d"]

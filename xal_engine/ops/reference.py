@@ -170,6 +170,17 @@ def gradcam_dice_checked(activations: Tensor, gradients: Tensor, rois: Tensor, t
     return agreement_result(cam, rois, threshold, return_cam, upsampled_agreement)
 
 
+def gradcam_dice_layers_checked(activations: Sequence[Tensor], gradients: Sequence[Tensor], rois: Tensor,
+                                threshold: float, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
+    """The agreement of several layers' combined map (``multi_layer_maps``) with checked bool rois
+    (B, H, W); ``cam`` None (there is no one stage-1 map)."""
+    maps = multi_layer_maps(activations, gradients, (rois.shape[1], rois.shape[2]), method)  # [B, H, W]
+    if maps.shape[0] == 0:
+        empty = maps.new_zeros(0)
+        return RoiAgreement(empty, empty, empty, empty.bool(), None)
+    return RoiAgreement(*roi_agreement(maps, rois, threshold), None)
+
+
 def upsampled_agreement(cam: Tensor, rois: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stage 2 and the ROI agreement of stage-1 maps N (B, h, w) against rois (B, H, W)."""
     return roi_agreement(upsample_normalise(cam, (rois.shape[1], rois.shape[2])), rois, threshold)
