@@ -103,10 +103,12 @@ def gradcam_dice_layers(
     if not activations or len(activations) != len(gradients):
         raise XalError(f"gradients: expected one per layer's activations (>= 1 layer), got {len(gradients)} "
                        f"for {len(activations)}")
+    first = activations[0]
     for i, a in enumerate(activations[1:], 1):
-        if isinstance(a, Tensor) and (a.shape[0] != activations[0].shape[0] or a.device != activations[0].device):
-            raise XalError(f"activations[{i}]: expected {activations[0].shape[0]} images on "
-                           f"{activations[0].device}, got {a.shape[0]} on {a.device}")
+        if isinstance(a, Tensor) and isinstance(first, Tensor) and (a.shape[0] != first.shape[0]
+                                                                    or a.device != first.device):
+            raise XalError(f"activations[{i}]: expected {first.shape[0]} images on {first.device}, got "
+                           f"{a.shape[0]} on {a.device}")
     checked = [check_inputs(a, g, rois, threshold) for a, g in zip(activations, gradients)]
     if len(activations) == 1:
         return gradcam_dice(activations[0], gradients[0], checked[0], threshold, False, backend, method=cam_method)
