@@ -688,8 +688,11 @@ def _launch(stage1: tuple[Tensor, Tensor, Tensor], a_strides: tuple[int, int, in
         config["BLOCK_Y"], config["BLOCK_X"] = tile
     bands, band_rows = _plan_bands(batch, height, config["BLOCK_Y"], width, _sm_count(device), programs_per_image)
     split = bands > 1
-    part = torch.empty(batch * bands * _TOTALS.value if split else 1, dtype=torch.int32, device=device)
-    counts = _band_counts(device, batch) if split else part
+    if split:
+        part = torch.empty(batch * bands * _TOTALS.value, dtype=torch.int32, device=device)
+        counts = _band_counts(device, batch)
+    else:
+        part = counts = out.dice  # unused without bands: any valid pointer
     a, w_in, m_in = stage1
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gradcam_dice_kernel[(batch * bands,)](

@@ -109,7 +109,8 @@ def gradcam_dice_layers(
                                                                     or a.device != first.device):
             raise XalError(f"activations[{i}]: expected {first.shape[0]} images on {first.device}, got "
                            f"{a.shape[0]} on {a.device}")
-    checked = [check_inputs(a, g, rois, threshold) for a, g in zip(activations, gradients)]
+    checked = [check_inputs(activations[0], gradients[0], rois, threshold)]  # rois as a bool tensor once
+    checked += [check_inputs(a, g, checked[0], threshold) for a, g in zip(activations[1:], gradients[1:])]
     if len(activations) == 1:
         return gradcam_dice(activations[0], gradients[0], checked[0], threshold, False, backend, method=cam_method)
     from xal_engine.kernels.gradcam_dice import MAX_LAYERS
