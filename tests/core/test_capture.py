@@ -92,6 +92,25 @@ def test_in_place_op_after_target_layer(x: Tensor) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_reused_copies_equal_fresh_ones_batch_after_batch(x: Tensor, inplace: bool) -> None:
+    """reuse_copies (the scorer's): the same A and G as fresh clones, in-place ReLUs downstream included,
+    across batches of two shapes, with one kept buffer per layer (its storage reused)."""
+    names = ["block1", "block2"]
+    batches = [x, x.flip(0) * 2, x[:3].clone(), x + 1]
+    with GradCamCapture(make_net(inplace), names) as fresh, \
+            GradCamCapture(make_net(inplace), names, reuse_copies=True) as reused:
+        pointers = []
+        for images in batches:
+            want, got = fresh(images), reused(images)
+            for a, b in zip(want.activations + want.gradients + (want.logits,),
+                            got.activations + got.gradients + (got.logits,)):
+                assert torch.equal(a, b)
+            pointers.append([reused._copies[i].data_ptr() for i in range(2)])
+        assert pointers[0] == pointers[1] and pointers[2] != pointers[1] and pointers[3] != pointers[2]
+    assert reused._copies == {}  # released on exit
+
+
 def test_targets(x: Tensor) -> None:
     net = make_net()
     with GradCamCapture(net, "block2") as cap:

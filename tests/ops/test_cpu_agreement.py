@@ -6,7 +6,7 @@ import torch
 
 from xal_engine.ops import cpu_agreement
 from xal_engine.ops.cpu_agreement import Workspace, slice_images, upsample_agreement
-from xal_engine.ops.reference import roi_agreement, upsample_normalise
+from xal_engine.ops.reference import low_res_cam, roi_agreement, upsample_normalise
 
 
 def reference(cam, rois, threshold):
@@ -69,3 +69,20 @@ def test_one_image_and_a_reused_workspace_equal_the_reference():
     for batch in (1, 2, 5, 2):  # the workspace is rebuilt per slice shape and reused across calls
         cam, rois = torch.rand(batch, 4, 4, generator=g), torch.rand(batch, 30, 30, generator=g) > 0.5
         assert_bit_equal(upsample_agreement(cam, rois, 0.5, ws), reference(cam, rois, 0.5))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stage_one_with_kept_products_equals_the_reference(method, channels_last):
+    """low_res_cam_cpu writes w_k A_k into a kept buffer of A's layout: the reference's maps, bit for bit,
+    on contiguous and channels-last maps (the product's layout sets the order of the channel sum)."""
+    ws = Workspace()
+    g = torch.Generator().manual_seed(11)
+    for shape in [(6, 16, 56, 56), (5, 33, 13, 17), (3, 512, 7, 7), (6, 16, 56, 56)]:
+        a, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        if channels_last:
+            a, grad = a.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
+        a[1, 0, 0, 0] = float("nan")  # a non-finite image stays NaN
+        got, want = cpu_agreement.low_res_cam_cpu(a, grad, method, ws), low_res_cam(a, grad, method)
+        assert torch.equal(torch.nan_to_num(got, nan=-1.0), torch.nan_to_num(want, nan=-1.0)), shape
+        assert torch.isnan(got[1]).all() and not torch.isnan(got[0]).any()

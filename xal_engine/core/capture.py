@@ -103,7 +103,8 @@ class GradCamCapture:
 
     def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec],
                  feature_layer: LayerSpec | None = None,
-                 reshape_transform: Callable[[Tensor], Tensor] | None = None) -> None:
+                 reshape_transform: Callable[[Tensor], Tensor] | None = None, *,
+                 reuse_copies: bool = False) -> None:
         layers = [target_layers] if isinstance(target_layers, (nn.Module, str)) else list(target_layers)
         if not layers:
             raise XalError("at least one target layer is required")
@@ -122,6 +123,13 @@ class GradCamCapture:
             resolve_layer(model, feature_layer)
         self._features: list[Tensor] | None = None  # inside __call__: the feature layer's input, once
         self._active = False
+        # reuse_copies: the copy of a target layer's output that runs downstream is written into one
+        # buffer per layer kept across calls, not a fresh tensor each batch (on the CPU a fresh 13 MB
+        # copy per 64-image batch costs about as much in page faults as a small model's forward). For
+        # callers done with a batch's graph before the next call (the scorer), not for a caller that
+        # keeps graphs alive (create_graph, several captures backpropagated together).
+        self.reuse_copies = reuse_copies
+        self._copies: dict[int, Tensor] = {}
 
     def __enter__(self) -> GradCamCapture:  # noqa: PYI034  (typing.Self needs Python 3.11)
         if self._active:  # a second enter would save the frozen state as the one to restore
@@ -157,6 +165,7 @@ class GradCamCapture:
         for p in self._frozen:
             p.requires_grad_(True)
         self._training, self._frozen, self._acts, self._features = [], [], [], None
+        self._copies.clear()
         self._active = False
 
     def _feature_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -193,9 +202,17 @@ class GradCamCapture:
             self._acts[index] = act
             # Downstream gets a copy: an in-place op right after the layer (ReLU(inplace=True), +=)
             # then changes neither the recorded A nor a leaf (in-place on a grad leaf is an error).
-            return act.clone()
+            return self._copy(index, act) if self.reuse_copies else act.clone()
 
         return hook
+
+    def _copy(self, index: int, act: Tensor) -> Tensor:
+        """act.clone()'s value and autograd (CopyBackwards to act), written into layer index's kept buffer."""
+        buf = self._copies.get(index)
+        if buf is None or buf.shape != act.shape or buf.dtype != act.dtype or buf.device != act.device \
+                or buf.stride() != act.stride():
+            buf = self._copies[index] = torch.empty_like(act, memory_format=torch.preserve_format).detach()
+        return buf.detach().copy_(act)  # a fresh leaf on the kept storage each call, then the graph edge
 
     def __call__(self, images: Tensor, targets: Targets = None) -> CamCapture:
         """One forward and a backward down to the target layers only."""

@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xal_engine.ops import cpu_fused
 from xal_engine.ops.agreement import RoiAgreement
-from xal_engine.ops.reference import EPS, agreement_from_sums, agreement_result, low_res_cam
+from xal_engine.ops.cam_methods import CamMethod, get_cam_method
+from xal_engine.ops.reference import EPS, agreement_from_sums, agreement_result, low_res_cam, normalise_cam
 
 SLICE_PIXELS = 1 << 19  # pixels per slice (2 MiB of fp32): a few images at 224x224, one L2/L3-sized block
 EXACT_COUNTS = 1 << 24  # pixel counts are summed in fp32: exact below 2**24 pixels per image
@@ -36,6 +38,24 @@ class Workspace:
     def __init__(self) -> None:
         self.key: tuple[int, int, int] | None = None
         self.u = self.r = self.t = self.prod = torch.empty(0)
+        self.pair_key: tuple[int, int] | None = None
+        self.s = self.sr = torch.empty(0)
+        self.like_key: tuple[torch.Size, tuple[int, ...]] | None = None
+        self.products = torch.empty(0)
+
+    def like(self, x: Tensor) -> Tensor:
+        """A kept fp32 buffer of x's shape and strides (the layout an elementwise op with x would give)."""
+        if self.like_key != (x.shape, x.stride()):
+            self.like_key = (x.shape, x.stride())
+            self.products = torch.empty_like(x, dtype=torch.float32, memory_format=torch.preserve_format)
+        return self.products
+
+    def pair(self, batch: int, pixels: int) -> tuple[Tensor, Tensor]:
+        """(S, S R) buffers (B, H * W) fp32 of the compiled path (:mod:`xal_engine.ops.cpu_fused`)."""
+        if self.pair_key != (batch, pixels):
+            self.pair_key = (batch, pixels)
+            self.s, self.sr = (torch.empty((batch, pixels), dtype=torch.float32) for _ in range(2))
+        return self.s, self.sr
 
     def get(self, k: int, h: int, w: int) -> Workspace:
         if self.key != (k, h, w):
@@ -46,6 +66,15 @@ class Workspace:
 
 
 _WORKSPACE = Workspace()
+
+
+def slices(batch: int, k: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of k images covering the batch; a last range of one image joins the one before
+    (every range holds at least two, see the module docstring)."""
+    cuts = list(range(0, batch, k))
+    if len(cuts) > 1 and batch - cuts[-1] < 2:
+        cuts.pop()
+    return list(zip(cuts, [*cuts[1:], batch]))
 
 
 def slice_images(batch: int, pixels: int) -> int:
@@ -63,16 +92,14 @@ def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
         from xal_engine.ops.reference import roi_agreement, upsample_normalise  # the reference does
 
         return roi_agreement(upsample_normalise(cam, (height, width)), rois, threshold)
-    k = slice_images(batch, pixels)
-    cuts = list(range(0, batch, k))
-    if batch - cuts[-1] < 2:  # a last slice of one image joins the one before
-        cuts.pop()
-    dice, soft, energy = (torch.empty(batch, dtype=torch.float32) for _ in range(3))
-    hit = torch.empty(batch, dtype=torch.bool)
     ws = workspace if workspace is not None else _WORKSPACE
     flat_rois = rois.reshape(batch, pixels)
-    for i, a in enumerate(cuts):
-        b = cuts[i + 1] if i + 1 < len(cuts) else batch
+    if cpu_fused.fused_matches_torch(*cam.shape[1:], height, width) and cpu_fused.accepts(cam):
+        s, sr = ws.pair(batch, pixels)  # the compiled path: one pass per image, torch's two sums
+        return agreement_from_sums(*cpu_fused.agreement_sums(cam, flat_rois, (height, width), threshold, s, sr))
+    dice, soft, energy = (torch.empty(batch, dtype=torch.float32) for _ in range(3))
+    hit = torch.empty(batch, dtype=torch.bool)
+    for a, b in slices(batch, slice_images(batch, pixels)):
         buf = ws.get(b - a, height, width)
         torch._C._nn.upsample_bilinear2d(cam[a:b, None], (height, width), False, out=buf.u)
         s = buf.u.view(b - a, pixels)  # [k, P]: U, then S in place
@@ -92,9 +119,23 @@ def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
     return dice, soft, energy, hit
 
 
+def low_res_cam_cpu(activations: Tensor, gradients: Tensor, method: str | CamMethod,
+                    workspace: Workspace | None = None) -> Tensor:
+    """``reference.low_res_cam`` with a weight method's products w_k A_k written into a kept buffer
+    (``weighted_sum`` allocates them afresh: 13 MB per 64-image batch of 16 x 56 x 56 maps, whose page
+    faults cost more than the sum). The same operations on the same layout: the same bits."""
+    cam_method = get_cam_method(method)
+    if cam_method.weights is None or activations.dtype != torch.float32 or activations.shape[0] == 0:
+        return low_res_cam(activations, gradients, cam_method)
+    ws = workspace if workspace is not None else _WORKSPACE
+    weights = cam_method.weights(activations, gradients)  # [B, C]
+    products = torch.mul(weights[:, :, None, None], activations, out=ws.like(activations))
+    return normalise_cam(products.sum(1))  # [B, h, w]
+
+
 def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
-                     return_cam: bool, *, method: object = "gradcam") -> RoiAgreement:
-    """``reference.gradcam_dice_checked`` for CPU tensors, stage 2 and the agreement through
-    :func:`upsample_agreement`: the same results, bit for bit."""
-    cam = low_res_cam(activations, gradients, method)  # [B, h, w]
+                     return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
+    """``reference.gradcam_dice_checked`` for CPU tensors, stage 1 through :func:`low_res_cam_cpu` and
+    stage 2 with the agreement through :func:`upsample_agreement`: the same results, bit for bit."""
+    cam = low_res_cam_cpu(activations, gradients, method)  # [B, h, w]
     return agreement_result(cam, rois, threshold, return_cam, upsample_agreement)

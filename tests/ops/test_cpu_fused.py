@@ -1,0 +1,157 @@
+"""The compiled CPU stage 2 (ops.cpu_fused) equals the reference bit for bit where it is used, and
+hands every other case to the torch-op path: torch's bilinear weights replayed, the probe per
+shape, 224x224 from the maps real backbones give, edge cases, threads, maps it refuses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("numba")
+
+from test_cpu_agreement import assert_bit_equal, reference
+
+from xal_engine.ops import cpu_agreement, cpu_fused
+from xal_engine.ops.cpu_agreement import Workspace, upsample_agreement
+from xal_engine.ops.reference import roi_agreement, upsample_normalise
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(56, 224), (7, 224), (13, 100), (17, 61), (3, 224), (9, 30),
+                                             (224, 56), (40, 40), (1, 5)])
+def test_axis_weights_are_torchs(n_in, n_out):
+    """Impulse responses: torch's 1-D bilinear of e_q is column q of the interpolation matrix."""
+    i0, i1, l0, l1 = cpu_fused.bilinear_axis(n_in, n_out)
+    want = torch.stack([F.interpolate(torch.eye(n_in)[q][None, None, None], (1, n_out), mode="bilinear",
+                                      align_corners=False)[0, 0, 0] for q in range(n_in)])  # [n_in, n_out]
+    got = torch.zeros(n_in, n_out)
+    cols = torch.arange(n_out)
+    got.index_put_((torch.from_numpy(i0), cols), torch.from_numpy(l0), accumulate=True)
+    got.index_put_((torch.from_numpy(i1), cols), torch.from_numpy(l1), accumulate=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("side", [7, 14, 28, 56])
+@pytest.mark.parametrize("seed", range(3))
+def test_224_from_backbone_maps_is_the_fused_path_and_the_reference_bits(side, seed):
+    assert cpu_fused.fused_matches_torch(side, side, 224, 224)
+    g = torch.Generator().manual_seed(seed)
+    cam = torch.rand(9, side, side, generator=g)
+    rois = torch.rand(9, 224, 224, generator=g) < float(torch.rand(1, generator=g))
+    threshold = float(torch.rand(1, generator=g))
+    assert_bit_equal(upsample_agreement(cam, rois, threshold, Workspace()), reference(cam, rois, threshold))
+
+
+def test_odd_shapes_the_probe_passes_equal_the_reference():
+    """Odd map and ROI sides the probe accepts here (a different torch build may route them elsewhere)."""
+    g = torch.Generator().manual_seed(3)
+    used = 0
+    for h, w, height, width in [(13, 17, 100, 61), (5, 5, 77, 77), (4, 4, 81, 81), (9, 11, 96, 130)]:
+        cam = torch.rand(5, h, w, generator=g)
+        rois = torch.rand(5, height, width, generator=g) > 0.4
+        used += cpu_fused.fused_matches_torch(h, w, height, width)
+        assert_bit_equal(upsample_agreement(cam, rois, 0.35, Workspace()), reference(cam, rois, 0.35))
+    assert used >= 3  # measured here: all four
+
+
+def test_a_shape_where_torch_computes_otherwise_goes_the_torch_way(monkeypatch):
+    """Torch's CPU bilinear takes another formula for small output planes (here 30x30); the probe sees it,
+    and the results are the reference's all the same."""
+    assert not cpu_fused.fused_matches_torch(4, 4, 30, 30)
+    called = []
+    monkeypatch.setattr(cpu_fused, "agreement_sums", lambda *a: called.append(a))
+    g = torch.Generator().manual_seed(4)
+    cam, rois = torch.rand(6, 4, 4, generator=g), torch.rand(6, 30, 30, generator=g) > 0.5
+    assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
+    assert called == []
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_edge_cases_on_the_fused_path(threshold):
+    g = torch.Generator().manual_seed(1)
+    cam = torch.rand(7, 56, 56, generator=g)
+    cam[0] = 0.0  # all-zero map: zeros and no hit, even at tau 0
+    cam[1] = float("nan")  # a non-finite image: NaN metrics, no hit
+    cam[2] = 0.0
+    cam[2, 30, 20] = 1.0  # one peak: the argmax is the first of the tied maxima
+    cam[6, 3, 3] = float("inf")
+    rois = torch.rand(7, 224, 224, generator=g) > 0.5
+    rois[4] = False  # empty ROI: zero denominators give 0
+    rois[5] = True  # the whole image
+    got = upsample_agreement(cam, rois, threshold, Workspace())
+    assert_bit_equal(got, reference(cam, rois, threshold))
+    assert got[0][0] == 0 and not got[3][0] and torch.isnan(got[0][1]) and torch.isnan(got[0][6])
+    assert not got[3][1] and not got[3][6] and got[0][4] == 0
+
+
+def test_maps_with_a_sign_bit_go_the_torch_way(monkeypatch):
+    """-0.0 and negative values (no stage-1 map has them) would break the integer min/max: refused."""
+    g = torch.Generator().manual_seed(6)
+    cam = torch.rand(4, 56, 56, generator=g)
+    cam[1, 0, 0] = -0.0
+    assert not cpu_fused.accepts(cam) and not cpu_fused.accepts(cam.double().abs())
+    assert cpu_fused.accepts(cam.abs())
+    called = []
+    monkeypatch.setattr(cpu_fused, "agreement_sums", lambda *a: called.append(a))
+    cam[2] -= 0.5
+    rois = torch.rand(4, 224, 224, generator=g) > 0.5
+    assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
+    assert called == []
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_give_the_same_bits(threads):
+    g = torch.Generator().manual_seed(7)
+    cam, rois = torch.rand(11, 28, 28, generator=g), torch.rand(11, 224, 224, generator=g) > 0.3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = upsample_agreement(cam, rois, 0.5, Workspace())
+    finally:
+        torch.set_num_threads(before)
+    assert_bit_equal(got, reference(cam, rois, 0.5))
+
+
+def test_the_sums_s_and_s_r_are_the_references_rows():
+    """S and S R land in the buffers: S is upsample_normalise's, bit for bit; their row sums are torch's."""
+    g = torch.Generator().manual_seed(8)
+    cam, rois = torch.rand(3, 14, 14, generator=g), torch.rand(3, 224 * 224, generator=g) > 0.5
+    s, sr = torch.empty(3, 224 * 224), torch.empty(3, 224 * 224)
+    n_both, n_att, n_roi, s_roi, s_sum, s_max, at_max = cpu_fused.agreement_sums(cam, rois, (224, 224), 0.25, s, sr)
+    want = upsample_normalise(cam, (224, 224)).reshape(3, -1)
+    assert torch.equal(s, want) and torch.equal(sr, want * rois)
+    assert torch.equal(n_att, (want >= 0.25).float().sum(1)) and torch.equal(n_roi, rois.float().sum(1))
+    assert torch.equal(n_both, ((want >= 0.25) & rois).float().sum(1))
+    assert torch.equal(s_sum, want.sum(1)) and torch.equal(s_roi, (want * rois).sum(1))
+    assert torch.equal(s_max, want.amax(1)) and torch.equal(at_max, rois.gather(1, want.argmax(1, keepdim=True))[:, 0])
+
+
+def test_without_numba_every_shape_takes_the_torch_ops(monkeypatch):
+    monkeypatch.setattr(cpu_fused, "numba", None)
+    monkeypatch.setattr(cpu_fused, "_CHECKED", {})
+    assert not cpu_fused.fused_matches_torch(56, 56, 224, 224)
+    g = torch.Generator().manual_seed(9)
+    cam, rois = torch.rand(4, 56, 56, generator=g), torch.rand(4, 224, 224, generator=g) > 0.5
+    assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
+
+
+def test_a_failing_compiler_leaves_the_shape_to_the_torch_ops(monkeypatch):
+    monkeypatch.setattr(cpu_fused, "_CHECKED", {})
+
+    def broken(*args):
+        raise RuntimeError("LLVM ERROR: no such target feature")
+
+    monkeypatch.setattr(cpu_fused, "_agreement", broken)
+    assert not cpu_fused.fused_matches_torch(56, 56, 224, 224)
+
+
+def test_one_image_stays_on_the_reference():
+    """A batch of one: torch splits its single row between threads, as the reference does; not fused."""
+    g = torch.Generator().manual_seed(10)
+    cam, rois = torch.rand(1, 56, 56, generator=g), torch.rand(1, 224, 224, generator=g) > 0.5
+    assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()),
+                     roi_agreement(upsample_normalise(cam, (224, 224)), rois, 0.5))
+
+
+def test_slices_cover_the_batch_with_at_least_two_images():
+    assert cpu_agreement.slices(7, 2) == [(0, 2), (2, 4), (4, 7)]
+    assert cpu_agreement.slices(64, 10)[-1] == (60, 64) and cpu_agreement.slices(5, 8) == [(0, 5)]
+    assert cpu_agreement.slices(9, 8) == [(0, 9)]
