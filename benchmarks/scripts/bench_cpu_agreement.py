@@ -1,0 +1,102 @@
+"""CPU stage 2 + ROI agreement at 224x224: the reference, its cache-blocked torch-op form, the compiled form.
+
+    python benchmarks/scripts/bench_cpu_agreement.py [--batch 64] [--repeats 30] [--threads 2]
+
+Per stage-1 map side (7, 14, 28, 56: the maps of densenet121/resnet layer4, layer3, layer2 and
+tiny at 224x224), one batch of random maps N and ROIs; each provider computes (dice, soft_dice,
+energy, hit) of the same inputs, checked equal to the reference's bit for bit before timing:
+    reference   ops.reference: roi_agreement(upsample_normalise(N, (H, W)), R, tau)
+    torch-ops   ops.cpu_agreement.upsample_agreement on its torch-op path (the compiled one disabled)
+    compiled    ops.cpu_agreement.upsample_agreement on the compiled path (ops.cpu_fused)
+Rounds interleave the providers; the median is reported. Rows are appended to
+benchmarks/results/cpu_agreement.csv (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+from pathlib import Path
+
+import numba
+import torch
+
+from xal_engine.bench.timing import append_rows, device_name, git_commit
+from xal_engine.ops import cpu_fused
+from xal_engine.ops.cpu_agreement import Workspace, upsample_agreement
+from xal_engine.ops.reference import roi_agreement, upsample_normalise
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "cpu_agreement.csv"
+SIZE = 224
+COLUMNS = ["provider", "map_side", "batch", "size", "threads", "ms_per_batch", "min_ms", "max_ms",
+           "speedup_vs_reference", "device", "torch", "numba", "date", "git_commit"]
+
+
+def torch_ops(cam: torch.Tensor, rois: torch.Tensor, tau: float, ws: Workspace) -> tuple[torch.Tensor, ...]:
+    checked = dict(cpu_fused._CHECKED)
+    cpu_fused._CHECKED[(*cam.shape[1:], SIZE, SIZE)] = False  # this call only: the torch-op path
+    try:
+        return upsample_agreement(cam, rois, tau, ws)
+    finally:
+        cpu_fused._CHECKED.clear()
+        cpu_fused._CHECKED.update(checked)
+
+
+def make_providers(cam: torch.Tensor, rois: torch.Tensor, tau: float, ws: Workspace) -> dict:
+    return {
+        "reference": lambda: roi_agreement(upsample_normalise(cam, (SIZE, SIZE)), rois, tau),
+        "torch-ops": lambda: torch_ops(cam, rois, tau, ws),
+        "compiled": lambda: upsample_agreement(cam, rois, tau, ws),
+    }
+
+
+def same_bits(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(torch.nan_to_num(g.float(), nan=-1), torch.nan_to_num(w.float(), nan=-1))
+               for g, w in zip(got, want))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    meta = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "numba": numba.__version__,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "git_commit": git_commit()}
+    rows = []
+    for side in (7, 14, 28, 56):
+        g = torch.Generator().manual_seed(side)
+        cam = torch.rand(args.batch, side, side, generator=g)
+        rois = torch.rand(args.batch, SIZE, SIZE, generator=g) > 0.7
+        tau, ws = 0.5, Workspace()
+        if not cpu_fused.fused_matches_torch(side, side, SIZE, SIZE):
+            raise SystemExit(f"the compiled path does not reproduce torch for {side}^2 -> {SIZE}^2 here")
+        providers = make_providers(cam, rois, tau, ws)
+        want = providers["reference"]()
+        for name, fn in providers.items():
+            if not same_bits(fn(), want):  # also the warm-up call
+                raise SystemExit(f"{name} differs from the reference at {side}^2")
+        times: dict[str, list[float]] = {name: [] for name in providers}
+        for _ in range(args.repeats):
+            for name, fn in providers.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+        ref = statistics.median(times["reference"])
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append({"provider": name, "map_side": side, "batch": args.batch, "size": SIZE,
+                         "threads": args.threads, "ms_per_batch": round(ms, 3), "min_ms": round(min(ts), 3),
+                         "max_ms": round(max(ts), 3), "speedup_vs_reference": round(ref / ms, 2), **meta})
+            print(f"{side:>3}^2 -> {SIZE}^2  {name:<10} {ms:8.2f} ms per {args.batch}  ({ref / ms:.2f}x)", flush=True)
+    append_rows(args.out, rows, COLUMNS)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

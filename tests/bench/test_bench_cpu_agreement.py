@@ -1,0 +1,25 @@
+"""benchmarks/scripts/bench_cpu_agreement.py runs end to end at a tiny size: every provider checked
+equal to the reference before it is timed, one row per provider and map side."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "bench_cpu_agreement.py"
+
+
+def test_the_script_writes_one_checked_row_per_provider_and_side(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_cpu_agreement", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cpu_agreement.csv"
+    rows = module.main(["--batch", "3", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert [(r["provider"], r["map_side"]) for r in rows] == [
+        (p, side) for side in (7, 14, 28, 56) for p in ("reference", "torch-ops", "compiled")]
+    stored = list(csv.DictReader(out.open()))
+    assert len(stored) == 12 and all(float(r["ms_per_batch"]) > 0 for r in stored)
+    assert all(r["speedup_vs_reference"] == "1.0" for r in stored if r["provider"] == "reference")
