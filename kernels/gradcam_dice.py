@@ -498,11 +498,12 @@ def _band_counts(device: torch.device, batch: int) -> Tensor:
     return counts
 
 
-def _check_out(out: RoiAgreement, batch: int, h: int, w: int, device: torch.device) -> None:
-    """Preallocated outputs must be contiguous, on ``device``, with the shapes and dtypes written."""
+def _check_out(out: RoiAgreement, batch: int, low_res: tuple[int, ...], device: torch.device) -> None:
+    """Preallocated outputs must be contiguous, on ``device``, with the shapes and dtypes written
+    (``low_res``: the stage-1 map's (h, w), or (d, h, w) for volumes)."""
     for name, shape, dtype in (("dice", (batch,), torch.float32), ("soft_dice", (batch,), torch.float32),
                                ("energy", (batch,), torch.float32), ("hit", (batch,), torch.bool),
-                               ("cam", (batch, h, w), torch.float32)):
+                               ("cam", (batch, *low_res), torch.float32)):
         t = getattr(out, name)
         if not (isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
                 and t.is_contiguous()):
@@ -546,15 +547,13 @@ def gradcam_dice_triton(
     else:
         batch, channels, h, w = activations.shape
         device = activations.device
-        if weights.shape != (batch, channels) or weights.dtype != torch.float32 or weights.device != device:
-            raise XalError(f"weights: expected float32 ({batch}, {channels}) on {device}, got {weights.dtype} "
-                           f"{tuple(weights.shape)} on {weights.device}")
+        _check_weights(weights, batch, channels, device)
     _check_device(device)
     _check_rois(rois, batch, device)
     _check_feature_map(h, w)
     if out is None:
         out = _new_out(batch, (batch, h, w), device)
-    _check_out(out, batch, h, w, device)
+    _check_out(out, batch, (h, w), device)
     if batch == 0:
         return out._replace(cam=out.cam if return_cam else None)
     if map_given:
@@ -641,6 +640,12 @@ def _check_device(device: torch.device) -> None:
             f"activations: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
             f"set before import), got {device}"
         )
+
+
+def _check_weights(weights: Tensor, batch: int, channels: int, device: torch.device) -> None:
+    if weights.shape != (batch, channels) or weights.dtype != torch.float32 or weights.device != device:
+        raise XalError(f"weights: expected float32 ({batch}, {channels}) on {device}, got {weights.dtype} "
+                       f"{tuple(weights.shape)} on {weights.device}")
 
 
 def _check_rois(rois: Tensor, batch: int, device: torch.device) -> None:

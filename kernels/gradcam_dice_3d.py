@@ -41,8 +41,12 @@ import triton.language as tl
 from torch import Tensor
 from xal_engine.kernels.gradcam_dice import (
     _accumulate,
+    _check_device,
+    _check_out,
+    _check_weights,
     _extreme_dst,
     _finish,
+    _new_out,
     _normalise,
     _pre_relu_map,
     _source_index,
@@ -188,17 +192,6 @@ def _launch_config(channels: int, voxels: int, depth: int, height: int, width: i
             "num_warps": num_warps}
 
 
-def _check_out(out: RoiAgreement, batch: int, low_res: tuple[int, int, int], device: torch.device) -> None:
-    """Preallocated outputs must be contiguous, on ``device``, with the shapes and dtypes written."""
-    for name, shape, dtype in (("dice", (batch,), torch.float32), ("soft_dice", (batch,), torch.float32),
-                               ("energy", (batch,), torch.float32), ("hit", (batch,), torch.bool),
-                               ("cam", (batch, *low_res), torch.float32)):
-        t = getattr(out, name)
-        if not (isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
-                and t.is_contiguous()):
-            raise XalError(f"out.{name}: expected a contiguous {dtype} tensor of shape {shape} on {device}")
-
-
 def gradcam_dice_3d_triton(
     activations: Tensor | None,
     rois: Tensor,
@@ -232,14 +225,8 @@ def gradcam_dice_3d_triton(
             raise XalError(f"activations: expected (B, C, d, h, w), got {tuple(activations.shape)}")
         batch, channels, d, h, w = activations.shape
         device = activations.device
-        if weights.shape != (batch, channels) or weights.dtype != torch.float32 or weights.device != device:
-            raise XalError(f"weights: expected float32 ({batch}, {channels}) on {device}, got {weights.dtype} "
-                           f"{tuple(weights.shape)} on {weights.device}")
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
-        raise XalError(
-            f"activations: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
-            f"set before import), got {device}"
-        )
+        _check_weights(weights, batch, channels, device)
+    _check_device(device)
     if rois.dim() != 4 or rois.shape[0] != batch or rois.device != device:
         raise XalError(f"rois: expected ({batch}, D, H, W) on {device}, got {tuple(rois.shape)} on {rois.device}")
     depth, height, width = rois.shape[1:]
@@ -248,10 +235,7 @@ def gradcam_dice_3d_triton(
     if depth * height * width >= 2**31:
         raise XalError(f"rois: {depth}x{height}x{width} voxels exceed the kernel's int32 voxel index")
     if out is None:
-        f32 = {"dtype": torch.float32, "device": device}
-        out = RoiAgreement(torch.empty(batch, **f32), torch.empty(batch, **f32), torch.empty(batch, **f32),
-                           torch.empty(batch, dtype=torch.bool, device=device),
-                           torch.empty(batch, d, h, w, **f32))
+        out = _new_out(batch, (batch, d, h, w), device)
     _check_out(out, batch, (d, h, w), device)
     if batch == 0:
         return out._replace(cam=out.cam if return_cam else None)
