@@ -125,7 +125,7 @@ def test_the_sums_s_and_s_r_are_the_references_rows():
 
 
 def test_without_numba_every_shape_takes_the_torch_ops(monkeypatch):
-    monkeypatch.setattr(cpu_fused, "numba", None)
+    monkeypatch.setattr(cpu_fused, "_kernels", lambda: None)  # as when `import numba` fails
     monkeypatch.setattr(cpu_fused, "_CHECKED", {})
     assert not cpu_fused.fused_matches_torch(56, 56, 224, 224)
     g = torch.Generator().manual_seed(9)
@@ -139,8 +139,29 @@ def test_a_failing_compiler_leaves_the_shape_to_the_torch_ops(monkeypatch):
     def broken(*args):
         raise RuntimeError("LLVM ERROR: no such target feature")
 
-    monkeypatch.setattr(cpu_fused, "_agreement", broken)
+    monkeypatch.setattr(cpu_fused, "_in_parallel", broken)
     assert not cpu_fused.fused_matches_torch(56, 56, 224, 224)
+
+
+def test_numba_is_imported_on_first_use_not_with_the_package():
+    """Importing numba costs about half a second: a CLI command that scores nothing on a CPU skips it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, xal_engine.cli, xal_engine.ops; assert 'numba' not in sys.modules, 'imported'; "
+            "from xal_engine.ops import cpu_fused; assert cpu_fused.available() and 'numba' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_forked_child_gets_its_own_thread_pool():
+    import os
+
+    pool = cpu_fused._pool(2)
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads do not exist here, so the pool must be new
+        os._exit(0 if cpu_fused._pool(2) is not pool and list(cpu_fused._pool(2).map(abs, [-1])) == [1] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_one_image_stays_on_the_reference():

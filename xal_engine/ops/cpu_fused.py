@@ -25,7 +25,8 @@ contracted): per output index o of an axis of n_in -> n_out, with scale = float(
 Whether this torch computes exactly that is checked, not assumed: the first call for a shape runs
 both on a fixed random probe and compares S bit for bit (:func:`fused_matches_torch`); a shape
 where they differ (another torch build, another CPU) stays on the torch-op path. Without numba
-installed, every shape does.
+installed, every shape does. The compiled functions live in :mod:`xal_engine.ops.cpu_fused_kernels`,
+imported on first use (numba's import costs about half a second).
 
 Fast-math flags: the elementwise functions carry only nnan/ninf/nsz (finite inputs: non-finite images
 are masked before the call), never reassoc or contract, so each operation rounds once as in torch;
@@ -36,135 +37,30 @@ results.
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
+import os
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
-try:  # optional: without numba the torch-op path serves every shape
-    import numba
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
-EPS32 = np.float32(1e-7)  # the min-max epsilon as torch adds it to an fp32 tensor
-
-if numba is not None:
-    _EXACT = {"nnan", "ninf", "nsz"}  # one rounding per operation, in source order
-    _ORDER_FREE = _EXACT | {"reassoc"}  # min, max and integer sums only
-
-    @intrinsic
-    def _fma(typingctx, a, b, c):
-        """fma(a, b, c) = a * b + c rounded once (llvm.fma.f32), as torch's contracted kernels."""
-        f32 = ir.FloatType()
-
-        def codegen(context, builder, signature, args):
-            fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
-            return builder.call(fn, args)
-
-        return types.float32(types.float32, types.float32, types.float32), codegen
-
-    @njit(fastmath=_EXACT, error_model="numpy", cache=True)
-    def _upsample(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u):
-        """U (H * W,) of one stage-1 map N (h, w); rows (h, W) is scratch."""
-        h, width = cam.shape[0], j0.shape[0]
-        for p in range(h):
-            for j in range(width):
-                rows[p, j] = _fma(cam[p, j0[j]], m0[j], cam[p, j1[j]] * m1[j])
-        for i in range(i0.shape[0]):
-            a, b, wa, wb, base = i0[i], i1[i], l0[i], l1[i], i * width
-            for j in range(width):
-                u[base + j] = _fma(rows[a, j], wa, rows[b, j] * wb)
-
-    @njit(fastmath=_ORDER_FREE, error_model="numpy", cache=True)
-    def _extremes(u):
-        """(min, max) of u >= +0 (no sign bit): such floats order as their bits do as int32, and integer
-        min/max vectorise where float ones (NaN-aware) do not."""
-        bits = u.view(np.int32)
-        lo, hi = bits[0], bits[0]
-        for i in range(bits.shape[0]):
-            lo, hi = min(lo, bits[i]), max(hi, bits[i])
-        return np.array([lo, hi], np.int32).view(np.float32)
-
-    @njit(fastmath=_EXACT, error_model="numpy", cache=True)
-    def _normalise(u, lo, d):
-        for i in range(u.shape[0]):
-            u[i] = (u[i] - lo) / d
-
-    @njit(fastmath=_ORDER_FREE, error_model="numpy", cache=True)
-    def _counts(s, r, tau):
-        n_att, n_both, n_roi = 0, 0, 0
-        for i in range(s.shape[0]):
-            t, m = s[i] >= tau, r[i]
-            n_att += t
-            n_both += t & m
-            n_roi += m
-        return n_att, n_both, n_roi
-
-    @njit(fastmath=_EXACT, error_model="numpy", cache=True)
-    def _masked(s, r, out):
-        for i in range(s.shape[0]):
-            out[i] = s[i] * np.float32(r[i])
-
-    @njit(fastmath=_ORDER_FREE, error_model="numpy", cache=True)
-    def _first(s, value):
-        """The first index i with s[i] == value (0 if none), found 64 at a time: a block's count
-        vectorises, the scan of one block does not."""
-        n = s.shape[0]
-        whole = n - n % 64
-        for a in range(0, whole, 64):
-            hits = 0
-            for i in range(64):  # a fixed trip count: vectorised
-                hits += s[a + i] == value
-            if hits:
-                for i in range(a, a + 64):
-                    if s[i] == value:
-                        return i
-        for i in range(whole, n):
-            if s[i] == value:
-                return i
-        return 0
-
-    @njit(nogil=True, error_model="numpy", cache=True)
-    def _agreement(cam, valid, rois, s, sr, counts, s_max, first, tau, i0, i1, l0, l1, j0, j1, m0, m1):
-        """Per image b of cam (k, h, w) fp32 and rois (k, H * W) uint8: S into s[b], S R into sr[b],
-        (|T|, |T & R|, |R|) into counts[b], max S and its first index. Images with valid[b] False
-        (a non-finite map) get max S = NaN, which turns their metrics into NaN downstream."""
-        for b in range(cam.shape[0]):
-            if not valid[b]:
-                s_max[b], first[b] = np.float32(np.nan), 0
-                counts[b, 0], counts[b, 1], counts[b, 2] = 0, 0, 0
-                continue
-            rows = np.empty((cam.shape[1], j0.shape[0]), np.float32)
-            u = s[b]
-            _upsample(cam[b], i0, i1, l0, l1, j0, j1, m0, m1, rows, u)
-            lo, hi = _extremes(u)  # U >= +0: the caller passes maps without a sign bit
-            d = (hi - lo) + EPS32
-            _normalise(u, lo, d)
-            counts[b, 0], counts[b, 1], counts[b, 2] = _counts(u, rois[b], tau)
-            _masked(u, rois[b], sr[b])
-            s_max[b] = (hi - lo) / d
-            first[b] = _first(u, s_max[b])
-
-
-PER_IMAGE = 8  # _agreement's first 8 arguments are per image (split between threads), the rest shared
-
 
 def _in_parallel(k: int, args: tuple) -> None:
-    """_agreement over k images, in contiguous parts on torch's thread count: the compiled function
+    """The compiled ``agreement`` over k images, in contiguous parts on torch's thread count: the compiled function
     releases the GIL, and the threads block (rather than spin, as an OpenMP pool would between calls,
     taking the cores from the model's next forward pass)."""
+    kernels = _kernels()
     threads = max(1, min(torch.get_num_threads(), k))
     if threads == 1:
-        _agreement(*args)
+        kernels.agreement(*args)
         return
     cuts = [k * t // threads for t in range(threads + 1)]
-    parts = [tuple(a[lo:hi] for a in args[:PER_IMAGE]) + args[PER_IMAGE:] for lo, hi in itertools.pairwise(cuts)]
-    list(_pool(threads).map(lambda part: _agreement(*part), parts))
+    per_image = kernels.PER_IMAGE
+    parts = [tuple(a[lo:hi] for a in args[:per_image]) + args[per_image:] for lo, hi in itertools.pairwise(cuts)]
+    list(_pool(threads).map(lambda part: kernels.agreement(*part), parts))
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,8 +68,20 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="xal-cpu-fused")
 
 
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the parent's threads
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType | None:
+    """:mod:`xal_engine.ops.cpu_fused_kernels`, imported on first use; None without numba."""
+    try:
+        return importlib.import_module("xal_engine.ops.cpu_fused_kernels")
+    except ImportError:
+        return None
+
+
 def available() -> bool:
-    return numba is not None
+    return _kernels() is not None
 
 
 def accepts(cam: Tensor) -> bool:
@@ -225,7 +133,7 @@ def fused_matches_torch(h: int, w: int, height: int, width: int) -> bool:
     key = (h, w, height, width)
     if key not in _CHECKED:
         try:
-            _CHECKED[key] = numba is not None and _probe(h, w, height, width)
+            _CHECKED[key] = available() and _probe(h, w, height, width)
         except Exception:  # noqa: BLE001 - a compiler failure on this machine: the torch-op path serves
             _CHECKED[key] = False
     return _CHECKED[key]
