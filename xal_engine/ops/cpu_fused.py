@@ -49,9 +49,9 @@ from torch import Tensor
 
 
 def _in_parallel(k: int, args: tuple) -> None:
-    """The compiled ``agreement`` over k images, in contiguous parts on torch's thread count: the compiled function
-    releases the GIL, and the threads block (rather than spin, as an OpenMP pool would between calls,
-    taking the cores from the model's next forward pass)."""
+    """The compiled ``agreement`` over k images, in contiguous parts on torch's thread count: it
+    releases the GIL, and these threads block between calls (an OpenMP pool would spin, taking the
+    cores from the model's next forward pass)."""
     kernels = _kernels()
     threads = max(1, min(torch.get_num_threads(), k))
     if threads == 1:
