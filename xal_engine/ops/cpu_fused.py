@@ -49,9 +49,9 @@ from torch import Tensor
 
 
 def _in_parallel(k: int, args: tuple) -> None:
-    """The compiled ``agreement`` over k images, in contiguous parts on torch's thread count: it
-    releases the GIL, and these threads block between calls (an OpenMP pool would spin, taking the
-    cores from the model's next forward pass)."""
+    """The compiled ``agreement`` over k images, in contiguous parts on torch's thread count, the
+    calling thread taking the first: it releases the GIL, and the pool's threads block between calls
+    (an OpenMP pool would spin, taking the cores from the model's next forward pass)."""
     kernels = _kernels()
     threads = max(1, min(torch.get_num_threads(), k))
     if threads == 1:
@@ -60,7 +60,10 @@ def _in_parallel(k: int, args: tuple) -> None:
     cuts = [k * t // threads for t in range(threads + 1)]
     per_image = kernels.PER_IMAGE
     parts = [tuple(a[lo:hi] for a in args[:per_image]) + args[per_image:] for lo, hi in itertools.pairwise(cuts)]
-    list(_pool(threads).map(lambda part: kernels.agreement(*part), parts))
+    others = [_pool(threads - 1).submit(kernels.agreement, *part) for part in parts[1:]]
+    kernels.agreement(*parts[0])  # the calling thread takes the first part
+    for f in others:
+        f.result()
 
 
 @functools.lru_cache(maxsize=4)
