@@ -6,7 +6,7 @@ Per stage-1 map side (7, 14, 28, 56: the maps of densenet121/resnet layer4, laye
 tiny at 224x224), one batch of random maps N and ROIs; each provider computes (dice, soft_dice,
 energy, hit) of the same inputs, checked equal to the reference's bit for bit before timing:
     reference   ops.reference: roi_agreement(upsample_normalise(N, (H, W)), R, tau)
-    torch-ops   ops.cpu_agreement.upsample_agreement on its torch-op path (the compiled one disabled)
+    torch-ops   ops.cpu_agreement.upsample_agreement_torch (its torch-op path)
     compiled    ops.cpu_agreement.upsample_agreement on the compiled path (ops.cpu_fused)
 Rounds interleave the providers; the median is reported. Rows are appended to
 benchmarks/results/cpu_agreement.csv (--out).
@@ -25,7 +25,7 @@ import torch
 
 from xal_engine.bench.timing import append_rows, device_name, git_commit
 from xal_engine.ops import cpu_fused
-from xal_engine.ops.cpu_agreement import Workspace, upsample_agreement
+from xal_engine.ops.cpu_agreement import Workspace, upsample_agreement, upsample_agreement_torch
 from xal_engine.ops.reference import roi_agreement, upsample_normalise
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "cpu_agreement.csv"
@@ -34,20 +34,10 @@ COLUMNS = ["provider", "map_side", "batch", "size", "threads", "ms_per_batch", "
            "speedup_vs_reference", "device", "torch", "numba", "date", "git_commit"]
 
 
-def torch_ops(cam: torch.Tensor, rois: torch.Tensor, tau: float, ws: Workspace) -> tuple[torch.Tensor, ...]:
-    checked = dict(cpu_fused._CHECKED)
-    cpu_fused._CHECKED[(*cam.shape[1:], SIZE, SIZE)] = False  # this call only: the torch-op path
-    try:
-        return upsample_agreement(cam, rois, tau, ws)
-    finally:
-        cpu_fused._CHECKED.clear()
-        cpu_fused._CHECKED.update(checked)
-
-
 def make_providers(cam: torch.Tensor, rois: torch.Tensor, tau: float, ws: Workspace) -> dict:
     return {
         "reference": lambda: roi_agreement(upsample_normalise(cam, (SIZE, SIZE)), rois, tau),
-        "torch-ops": lambda: torch_ops(cam, rois, tau, ws),
+        "torch-ops": lambda: upsample_agreement_torch(cam, rois, tau, ws),
         "compiled": lambda: upsample_agreement(cam, rois, tau, ws),
     }
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xal_engine.ops import cpu_agreement
-from xal_engine.ops.cpu_agreement import Workspace, slice_images, upsample_agreement
+from xal_engine.ops.cpu_agreement import Workspace, slice_images, upsample_agreement, upsample_agreement_torch
 from xal_engine.ops.reference import low_res_cam, roi_agreement, upsample_normalise
 
 
@@ -48,17 +48,27 @@ def test_slices_hold_at_least_two_images_and_at_most_the_batch():
     assert slice_images(3, 8 * 8) == 3
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
-def test_edge_cases_equal_the_reference(threshold):
+def edge_cases(side: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seven maps (side x side) and ROIs (size), one case each: 0 all-zero map, 1 NaN map, 2 a single
+    peak on zeros (the argmax is the first of the tied maxima), 3 random, 4 empty ROI, 5 full ROI,
+    6 a map with an inf."""
     g = torch.Generator().manual_seed(1)
-    cam = torch.rand(6, 7, 7, generator=g)
+    cam = torch.rand(7, side, side, generator=g)
     cam[0] = 0.0  # all-zero map: zeros and no hit, even at tau 0
     cam[1] = float("nan")  # a non-finite image: NaN metrics, no hit
-    cam[2, 3, 3] = 1.0  # one peak
-    rois = torch.rand(6, 50, 45, generator=g) > 0.5
-    rois[2] = False  # empty ROI: zero denominators give 0
-    rois[3] = True  # the whole image
-    got = upsample_agreement(cam, rois, threshold, Workspace())
+    cam[2] = 0.0
+    cam[2, side // 2, side // 3] = 1.0  # one peak
+    cam[6, 0, side - 1] = float("inf")
+    rois = torch.rand(7, *size, generator=g) > 0.5
+    rois[4] = False  # empty ROI: zero denominators give 0
+    rois[5] = True  # the whole image
+    return cam, rois
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_edge_cases_equal_the_reference(threshold):
+    cam, rois = edge_cases(7, (50, 45))
+    got = upsample_agreement_torch(cam, rois, threshold, Workspace())
     assert_bit_equal(got, reference(cam, rois, threshold))
     assert got[0][0] == 0 and not got[3][0] and torch.isnan(got[0][1]) and not got[3][1]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("numba")
 
-from test_cpu_agreement import assert_bit_equal, reference
+from test_cpu_agreement import assert_bit_equal, edge_cases, reference
 
 from xal_engine.ops import cpu_agreement, cpu_fused
 from xal_engine.ops.cpu_agreement import Workspace, upsample_agreement
@@ -66,16 +66,7 @@ def test_a_shape_where_torch_computes_otherwise_goes_the_torch_way(monkeypatch):
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_edge_cases_on_the_fused_path(threshold):
-    g = torch.Generator().manual_seed(1)
-    cam = torch.rand(7, 56, 56, generator=g)
-    cam[0] = 0.0  # all-zero map: zeros and no hit, even at tau 0
-    cam[1] = float("nan")  # a non-finite image: NaN metrics, no hit
-    cam[2] = 0.0
-    cam[2, 30, 20] = 1.0  # one peak: the argmax is the first of the tied maxima
-    cam[6, 3, 3] = float("inf")
-    rois = torch.rand(7, 224, 224, generator=g) > 0.5
-    rois[4] = False  # empty ROI: zero denominators give 0
-    rois[5] = True  # the whole image
+    cam, rois = edge_cases(56, (224, 224))
     got = upsample_agreement(cam, rois, threshold, Workspace())
     assert_bit_equal(got, reference(cam, rois, threshold))
     assert got[0][0] == 0 and not got[3][0] and torch.isnan(got[0][1]) and torch.isnan(got[0][6])

@@ -64,12 +64,16 @@ def _nan_where_not_finite(m: Tensor, x: Tensor) -> Tensor:
     return torch.where(finite[:, None, None], m, torch.full_like(m, float("nan")))
 
 
-def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+def weighted_sum(weights: Tensor, activations: Tensor, products: Tensor | None = None) -> Tensor:
     """M = Σ_k w_k A_k (B, h, w): weights (B, C), activations (B, C, h, w), in fp32 (or fp64).
 
-    Elementwise product and sum, not einsum/bmm: a matmul may run in TF32 on a GPU.
+    Elementwise product and sum, not einsum/bmm: a matmul may run in TF32 on a GPU. ``products``: a
+    buffer of A's shape and strides for the w_k A_k (a caller's kept one; no autograd through it),
+    the same values and the same sum order as a fresh product.
     """
-    return (weights[:, :, None, None] * _wide(activations)).sum(1)
+    w = weights[:, :, None, None]
+    a = _wide(activations)
+    return (w * a if products is None else torch.mul(w, a, out=products)).sum(1)
 
 
 # -- channel-weight methods: (A, G) -> w (B, C) ------------------------------------------------------
@@ -146,10 +150,11 @@ class CamMethod:
     low_res: CamFn | None = None
     uses_gradients: bool = True
 
-    def cam(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        """Pre-ReLU M (B, h, w) in fp32 (fp64 for fp64 inputs)."""
+    def cam(self, activations: Tensor, gradients: Tensor, products: Tensor | None = None) -> Tensor:
+        """Pre-ReLU M (B, h, w) in fp32 (fp64 for fp64 inputs); ``products`` as :func:`weighted_sum`'s
+        (weight methods only)."""
         if self.weights is not None:
-            return weighted_sum(self.weights(activations, gradients), activations)
+            return weighted_sum(self.weights(activations, gradients), activations, products)
         assert self.low_res is not None
         return self.low_res(activations, gradients)
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from xal_engine.ops import cpu_fused
 from xal_engine.ops.agreement import RoiAgreement
 from xal_engine.ops.cam_methods import CamMethod, get_cam_method
-from xal_engine.ops.reference import EPS, agreement_from_sums, agreement_result, low_res_cam, normalise_cam
+from xal_engine.ops.reference import EPS, agreement_from_sums, agreement_result, low_res_cam
 
 SLICE_PIXELS = 1 << 19  # pixels per slice (2 MiB of fp32): a few images at 224x224, one L2/L3-sized block
 EXACT_COUNTS = 1 << 24  # pixel counts are summed in fp32: exact below 2**24 pixels per image
@@ -93,10 +93,20 @@ def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
 
         return roi_agreement(upsample_normalise(cam, (height, width)), rois, threshold)
     ws = workspace if workspace is not None else _WORKSPACE
-    flat_rois = rois.reshape(batch, pixels)
     if cpu_fused.fused_matches_torch(*cam.shape[1:], height, width) and cpu_fused.accepts(cam):
         s, sr = ws.pair(batch, pixels)  # the compiled path: one pass per image, torch's two sums
-        return agreement_from_sums(*cpu_fused.agreement_sums(cam, flat_rois, (height, width), threshold, s, sr))
+        return agreement_from_sums(*cpu_fused.agreement_sums(cam, rois.reshape(batch, pixels), (height, width),
+                                                             threshold, s, sr))
+    return upsample_agreement_torch(cam, rois, threshold, ws)
+
+
+def upsample_agreement_torch(cam: Tensor, rois: Tensor, threshold: float,
+                             workspace: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`upsample_agreement` through torch operations over cache-sized slices (B >= 2)."""
+    batch, (height, width) = cam.shape[0], rois.shape[1:]
+    pixels = height * width
+    ws = workspace if workspace is not None else _WORKSPACE
+    flat_rois = rois.reshape(batch, pixels)
     dice, soft, energy = (torch.empty(batch, dtype=torch.float32) for _ in range(3))
     hit = torch.empty(batch, dtype=torch.bool)
     for a, b in slices(batch, slice_images(batch, pixels)):
@@ -121,16 +131,12 @@ def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
 
 def low_res_cam_cpu(activations: Tensor, gradients: Tensor, method: str | CamMethod,
                     workspace: Workspace | None = None) -> Tensor:
-    """``reference.low_res_cam`` with a weight method's products w_k A_k written into a kept buffer
-    (``weighted_sum`` allocates them afresh: 13 MB per 64-image batch of 16 x 56 x 56 maps, whose page
-    faults cost more than the sum). The same operations on the same layout: the same bits."""
-    cam_method = get_cam_method(method)
-    if cam_method.weights is None or activations.dtype != torch.float32 or activations.shape[0] == 0:
-        return low_res_cam(activations, gradients, cam_method)
+    """``reference.low_res_cam`` with a weight method's products w_k A_k in a kept buffer of A's
+    layout (fresh ones cost 13 MB per 64-image batch of 16 x 56 x 56 maps, whose page faults cost
+    more than the sum): the same operations in the same order, the same bits."""
+    kept = get_cam_method(method).weights is not None and activations.dtype == torch.float32
     ws = workspace if workspace is not None else _WORKSPACE
-    weights = cam_method.weights(activations, gradients)  # [B, C]
-    products = torch.mul(weights[:, :, None, None], activations, out=ws.like(activations))
-    return normalise_cam(products.sum(1))  # [B, h, w]
+    return low_res_cam(activations, gradients, method, products=ws.like(activations) if kept else None)
 
 
 def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,

@@ -67,9 +67,11 @@ def normalise_cam(cam: Tensor) -> Tensor:
     return torch.where(finite[:, None, None], n, torch.full_like(n, float("nan")))
 
 
-def low_res_cam(activations: Tensor, gradients: Tensor, method: str | CamMethod = "gradcam") -> Tensor:
-    """Stage-1 map N (B, h, w) float32; all NaN for an image whose pre-ReLU map is not finite."""
-    cam = get_cam_method(method).cam(activations.float(), gradients.float())  # [B, h, w], pre-ReLU
+def low_res_cam(activations: Tensor, gradients: Tensor, method: str | CamMethod = "gradcam",
+                products: Tensor | None = None) -> Tensor:
+    """Stage-1 map N (B, h, w) float32; all NaN for an image whose pre-ReLU map is not finite.
+    ``products``: see :func:`xal_engine.ops.cam_methods.weighted_sum`."""
+    cam = get_cam_method(method).cam(activations.float(), gradients.float(), products)  # [B, h, w], pre-ReLU
     return normalise_cam(cam)
 
 
