@@ -105,6 +105,17 @@ def test_shards_of_multi_chunk_units_together_equal_one_run(scored):
     assert_equal_runs(pool, "ref", "sh")
 
 
+def test_another_unit_size_for_an_existing_run_is_noted_and_the_run_keeps_its_own(scored, capsys):
+    pool, model = scored
+    again = score_pool(pool, model, ScoreConfig(run="ref", unit_size=32, batch_size=UNIT, num_workers=0))
+    assert (again.units_already_done, again.images) == (8, 0)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [(f"note: run 'ref' keeps its {UNIT}-image work units; --unit-size 32 applies to a new "
+                      "run (another --run, or --overwrite)")]
+    score_pool(pool, model, ScoreConfig(run="ref", unit_size=UNIT, batch_size=UNIT, num_workers=0))
+    assert "note:" not in capsys.readouterr().err  # the same size (or none): nothing to note
+
+
 def test_an_old_run_of_one_chunk_units_resumes_in_its_own_layout(scored):
     """A run made when a unit was one pool chunk (and, older still, without a ``unit_size`` attribute)
     resumes with its units, whatever the unit size a new run would get."""

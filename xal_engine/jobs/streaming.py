@@ -418,12 +418,16 @@ def open_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     layout = run_layout(model_path, ckpt, pool, config)
-    return ScoreRun.create_or_resume(
-        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes,
-        unit_size=unit_size_for(pool.chunk_size, pool.n, config.unit_size),
+    unit_size = unit_size_for(pool.chunk_size, pool.n, config.unit_size)
+    run = ScoreRun.create_or_resume(
+        pool.group, config.run, n=pool.n, n_classes=ckpt.num_classes, unit_size=unit_size,
         fingerprint=fingerprint, attrs=attrs, overwrite=config.overwrite, cam_shape=layout.cam_shape,
         embedding_dim=layout.embedding_dim, mc=layout.mc,
     )
+    if config.unit_size is not None and run.unit_size != unit_size:  # an existing run keeps its layout
+        _stderr(f"note: run '{config.run}' keeps its {run.unit_size}-image work units; --unit-size "
+                f"{config.unit_size} applies to a new run (another --run, or --overwrite)")
+    return run
 
 
 def run_layout(model_path: Path, ckpt: Checkpoint, pool: Pool, config: ScoreConfig) -> fields.Layout:
