@@ -57,7 +57,7 @@ def test_a_shape_where_torch_computes_otherwise_goes_the_torch_way(monkeypatch):
     and the results are the reference's all the same."""
     assert not cpu_fused.fused_matches_torch(4, 4, 30, 30)
     called = []
-    monkeypatch.setattr(cpu_fused, "agreement_sums", lambda *a: called.append(a))
+    monkeypatch.setattr(cpu_fused, "agreement", lambda *a: called.append(a))
     g = torch.Generator().manual_seed(4)
     cam, rois = torch.rand(6, 4, 4, generator=g), torch.rand(6, 30, 30, generator=g) > 0.5
     assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
@@ -73,19 +73,20 @@ def test_edge_cases_on_the_fused_path(threshold):
     assert not got[3][1] and not got[3][6] and got[0][4] == 0
 
 
-def test_maps_with_a_sign_bit_go_the_torch_way(monkeypatch):
-    """-0.0 and negative values (no stage-1 map has them) would break the integer min/max: refused."""
+def test_maps_with_a_sign_bit_go_the_torch_way():
+    """-0.0 and negative values (no stage-1 map has them) would break the integer min/max: the
+    compiled pass refuses the batch (None), and the results are the torch-op path's."""
     g = torch.Generator().manual_seed(6)
     cam = torch.rand(4, 56, 56, generator=g)
-    cam[1, 0, 0] = -0.0
-    assert not cpu_fused.accepts(cam) and not cpu_fused.accepts(cam.double().abs())
-    assert cpu_fused.accepts(cam.abs())
-    called = []
-    monkeypatch.setattr(cpu_fused, "agreement_sums", lambda *a: called.append(a))
-    cam[2] -= 0.5
     rois = torch.rand(4, 224, 224, generator=g) > 0.5
+    flat = rois.reshape(4, -1)
+    assert cpu_fused.agreement(cam, flat, (224, 224), 0.5) is not None
+    cam[1, 0, 0] = -0.0
+    assert cpu_fused.agreement(cam, flat, (224, 224), 0.5) is None
     assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
-    assert called == []
+    cam[1, 0, 0], cam[2] = 0.0, cam[2] - 0.5
+    assert cpu_fused.agreement(cam, flat, (224, 224), 0.5) is None
+    assert_bit_equal(upsample_agreement(cam, rois, 0.5, Workspace()), reference(cam, rois, 0.5))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -101,18 +102,32 @@ def test_thread_counts_give_the_same_bits(threads):
     assert_bit_equal(got, reference(cam, rois, 0.5))
 
 
-def test_the_sums_s_and_s_r_are_the_references_rows():
-    """S and S R land in the buffers: S is upsample_normalise's, bit for bit; their row sums are torch's."""
+@pytest.mark.parametrize("n", [8, 9, 31, 32, 33, 100, 255, 1000, 3136, 4097, 50176, 65536, 70001, 1 << 20])
+def test_row_sum_is_torchs_sum_bit_for_bit(n):
+    """Lengths through every branch of torch's cascade: under one row of 32, tails of vectors and of
+    values, one chunk, several chunks and levels (2**20: 32768 rows, chunks of 16, three levels)."""
+    kernels = cpu_fused._kernels()
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, n, generator=g) * (torch.rand(3, n, generator=g) > 0.3)  # zeros as where(R, S, 0) has
+    x[2] *= 1e4 * torch.rand(n, generator=g)  # a wide range: an order difference shows in the last bits
+    levels = torch.empty(4, 32).numpy()
+    want = x.sum(1)  # the reference's per-image sums: rows of a (B, P) batch, each summed whole
+    got = torch.tensor([kernels.row_sum(row, levels) for row in x.numpy()])
+    assert torch.equal(got, want)
+
+
+def test_level_power_is_torchs_chunk_rule():
+    kernels = cpu_fused._kernels()
+    assert [kernels.level_power(r) for r in (0, 1, 2, 3, 16, 1 << 16, (1 << 16) + 1, 1 << 20, (1 << 20) + 1)] \
+        == [4, 4, 4, 4, 4, 4, 4, 5, 5]
+
+
+def test_the_metrics_are_the_references_bits_and_nothing_big_is_written():
     g = torch.Generator().manual_seed(8)
-    cam, rois = torch.rand(3, 14, 14, generator=g), torch.rand(3, 224 * 224, generator=g) > 0.5
-    s, sr = torch.empty(3, 224 * 224), torch.empty(3, 224 * 224)
-    n_both, n_att, n_roi, s_roi, s_sum, s_max, at_max = cpu_fused.agreement_sums(cam, rois, (224, 224), 0.25, s, sr)
-    want = upsample_normalise(cam, (224, 224)).reshape(3, -1)
-    assert torch.equal(s, want) and torch.equal(sr, want * rois)
-    assert torch.equal(n_att, (want >= 0.25).float().sum(1)) and torch.equal(n_roi, rois.float().sum(1))
-    assert torch.equal(n_both, ((want >= 0.25) & rois).float().sum(1))
-    assert torch.equal(s_sum, want.sum(1)) and torch.equal(s_roi, (want * rois).sum(1))
-    assert torch.equal(s_max, want.amax(1)) and torch.equal(at_max, rois.gather(1, want.argmax(1, keepdim=True))[:, 0])
+    cam, rois = torch.rand(5, 14, 14, generator=g), torch.rand(5, 224, 224, generator=g) > 0.5
+    got = cpu_fused.agreement(cam, rois.reshape(5, -1), (224, 224), 0.25)
+    assert got is not None and [tuple(t.shape) for t in got] == [(5,)] * 4
+    assert_bit_equal(got, roi_agreement(upsample_normalise(cam, (224, 224)), rois, 0.25))
 
 
 def test_without_numba_every_shape_takes_the_torch_ops(monkeypatch):

@@ -38,8 +38,6 @@ class Workspace:
     def __init__(self) -> None:
         self.key: tuple[int, int, int] | None = None
         self.u = self.r = self.t = self.prod = torch.empty(0)
-        self.pair_key: tuple[int, int] | None = None
-        self.s = self.sr = torch.empty(0)
         self.like_key: tuple[torch.Size, tuple[int, ...]] | None = None
         self.products = torch.empty(0)
 
@@ -49,13 +47,6 @@ class Workspace:
             self.like_key = (x.shape, x.stride())
             self.products = torch.empty_like(x, dtype=torch.float32, memory_format=torch.preserve_format)
         return self.products
-
-    def pair(self, batch: int, pixels: int) -> tuple[Tensor, Tensor]:
-        """(S, S R) buffers (B, H * W) fp32 of the compiled path (:mod:`xal_engine.ops.cpu_fused`)."""
-        if self.pair_key != (batch, pixels):
-            self.pair_key = (batch, pixels)
-            self.s, self.sr = (torch.empty((batch, pixels), dtype=torch.float32) for _ in range(2))
-        return self.s, self.sr
 
     def get(self, k: int, h: int, w: int) -> Workspace:
         if self.key != (k, h, w):
@@ -92,12 +83,11 @@ def upsample_agreement(cam: Tensor, rois: Tensor, threshold: float,
         from xal_engine.ops.reference import roi_agreement, upsample_normalise  # the reference does
 
         return roi_agreement(upsample_normalise(cam, (height, width)), rois, threshold)
-    ws = workspace if workspace is not None else _WORKSPACE
-    if cpu_fused.fused_matches_torch(*cam.shape[1:], height, width) and cpu_fused.accepts(cam):
-        s, sr = ws.pair(batch, pixels)  # the compiled path: one pass per image, torch's two sums
-        return agreement_from_sums(*cpu_fused.agreement_sums(cam, rois.reshape(batch, pixels), (height, width),
-                                                             threshold, s, sr))
-    return upsample_agreement_torch(cam, rois, threshold, ws)
+    if cpu_fused.fused_matches_torch(*cam.shape[1:], height, width) and cam.dtype == torch.float32:
+        fused = cpu_fused.agreement(cam, rois.reshape(batch, pixels), (height, width), threshold)
+        if fused is not None:  # None: a map with a sign bit, which only a hand-made map has
+            return fused
+    return upsample_agreement_torch(cam, rois, threshold, workspace)
 
 
 def upsample_agreement_torch(cam: Tensor, rois: Tensor, threshold: float,

@@ -5,17 +5,19 @@ with the package. The math, the fast-math flags and why: see ``cpu_fused``'s doc
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
 EPS32 = np.float32(1e-7)  # the min-max epsilon as torch adds it to an fp32 tensor
-PER_IMAGE = 8  # agreement's first 8 arguments are per image (split between threads), the rest shared
+LANES = 8  # the lanes of torch's fp32 CPU sum on x86 (its AVX2 kernel, on AVX-512 CPUs too)
 
 _EXACT = {"nnan", "ninf", "nsz"}  # one rounding per operation, in source order
 _ORDER_FREE = _EXACT | {"reassoc"}  # min, max and integer sums only
-
+_Z32 = (np.float32(0),) * (4 * LANES)  # a zeroed block of partial sums
 
 @intrinsic
 def _fma(typingctx, a, b, c):
@@ -73,7 +75,88 @@ def _counts(s, r, tau):
 @njit(fastmath=_EXACT, error_model="numpy", cache=True)
 def _masked(s, r, out):
     for i in range(s.shape[0]):
-        out[i] = s[i] * np.float32(r[i])
+        out[i] = s[i] if r[i] else np.float32(0)  # where(R, S, 0)
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def _rows(x, i, j, a):
+    """a + rows i..j-1 of x seen as (-1, 32), row after row: the 4 x 8 lane partial sums of torch's
+    sum (4 vectors of 8 lanes side by side). Written out so that they stay in registers."""
+    (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+     a16, a17, a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31) = a
+    for r in range(i, j):
+        o = 32 * r
+        a0, a1, a2, a3 = a0 + x[o], a1 + x[o + 1], a2 + x[o + 2], a3 + x[o + 3]
+        a4, a5, a6, a7 = a4 + x[o + 4], a5 + x[o + 5], a6 + x[o + 6], a7 + x[o + 7]
+        a8, a9, a10, a11 = a8 + x[o + 8], a9 + x[o + 9], a10 + x[o + 10], a11 + x[o + 11]
+        a12, a13, a14, a15 = a12 + x[o + 12], a13 + x[o + 13], a14 + x[o + 14], a15 + x[o + 15]
+        a16, a17, a18, a19 = a16 + x[o + 16], a17 + x[o + 17], a18 + x[o + 18], a19 + x[o + 19]
+        a20, a21, a22, a23 = a20 + x[o + 20], a21 + x[o + 21], a22 + x[o + 22], a23 + x[o + 23]
+        a24, a25, a26, a27 = a24 + x[o + 24], a25 + x[o + 25], a26 + x[o + 26], a27 + x[o + 27]
+        a28, a29, a30, a31 = a28 + x[o + 28], a29 + x[o + 29], a30 + x[o + 30], a31 + x[o + 31]
+    return (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+            a16, a17, a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31)
+
+
+@njit(cache=True)
+def level_power(rows):
+    """max(4, ceil(log2(rows)) // 4): torch's chunk size 2**p of the cascade over ``rows`` rows."""
+    ceil_log2 = 1 if rows <= 2 else 64 - _leading_zeros(rows - 1)
+    return max(4, ceil_log2 // 4)
+
+
+@njit(cache=True)
+def _leading_zeros(v):
+    n = 64
+    while v:
+        v >>= 1
+        n -= 1
+    return n
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def row_sum(x, levels):
+    """sum(x) of a contiguous fp32 row of n >= 8 values, in torch's order (its CPU cascade sum,
+    vectorized_inner_sum with 8 lanes): x as (-1, 32) rows summed lane-wise in chunks of 2**p rows,
+    chunks cascaded over three more levels (every 2**p chunks, and so on), the 4 vectors added, the
+    n % 8 tail summed from zero, then the 8 lanes added to it in order; p = ``level_power(n // 32)``;
+    ``levels`` (4, 32) scratch."""
+    n = x.shape[0]
+    vectors = n // LANES
+    rows = vectors // 4
+    power = level_power(rows)
+    step, mask = 1 << power, (1 << power) - 1
+    levels[:] = 0
+    i = 0
+    while i + step <= rows:
+        a = _rows(x, i, i + step, _Z32)
+        i += step
+        for k in range(32):
+            levels[0, k] += a[k]
+        if (i & (mask << power)) == 0:
+            for k in range(32):
+                levels[1, k] += levels[0, k]
+                levels[0, k] = 0
+            if (i & (mask << (2 * power))) == 0:
+                for k in range(32):
+                    levels[2, k] += levels[1, k]
+                    levels[1, k] = 0
+    a = _rows(x, i, rows, _Z32)
+    part = levels[3]
+    for k in range(32):
+        part[k] = ((a[k] + levels[0, k]) + levels[1, k]) + levels[2, k]
+    for v in range(4 * rows, vectors):  # vectors past the last whole row of 4
+        for k in range(LANES):
+            part[k] += x[v * LANES + k]
+    for q in range(1, 4):
+        for k in range(LANES):
+            part[k] += part[q * LANES + k]
+    total = np.float32(0)
+    for t in range(vectors * LANES, n):
+        total += x[t]
+    for k in range(LANES):
+        total += part[k]
+    return np.float32(0) + total  # torch adds the row's sum to its zero-filled output
 
 
 @njit(fastmath=_ORDER_FREE, error_model="numpy", cache=True)
@@ -96,23 +179,71 @@ def _first(s, value):
     return 0
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
-def agreement(cam, valid, rois, s, sr, counts, s_max, first, tau, i0, i1, l0, l1, j0, j1, m0, m1):
-    """Per image b of cam (k, h, w) fp32 and rois (k, H * W) uint8: S into s[b], S R into sr[b],
-    (|T|, |T & R|, |R|) into counts[b], max S and its first index. Images with valid[b] False
-    (a non-finite map) get max S = NaN, which turns their metrics into NaN downstream."""
+@njit(error_model="numpy", cache=True)
+def _stage2(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u):
+    """S (H * W,) of one stage-1 map N (h, w) >= +0 into u; returns max S."""
+    _upsample(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u)
+    lo, hi = _extremes(u)
+    d = (hi - lo) + EPS32
+    _normalise(u, lo, d)
+    return (hi - lo) / d
+
+
+@njit(error_model="numpy", cache=True)
+def maps(cam, s, i0, i1, l0, l1, j0, j1, m0, m1):
+    """S of stage-1 maps cam (k, h, w) >= +0 into s (k, H * W), as ``agreement`` computes it."""
+    rows = np.empty((cam.shape[1], j0.shape[0]), np.float32)
     for b in range(cam.shape[0]):
-        if not valid[b]:
-            s_max[b], first[b] = np.float32(np.nan), 0
-            counts[b, 0], counts[b, 1], counts[b, 2] = 0, 0, 0
+        _stage2(cam[b], i0, i1, l0, l1, j0, j1, m0, m1, rows, s[b])
+
+
+@njit(cache=True)
+def _check(cam):
+    """(finite, signed) of one stage-1 map: every value finite; some value with its sign bit set."""
+    finite, signed = True, False
+    bits = cam.view(np.int32)
+    for i in range(cam.shape[0]):
+        finite &= math.isfinite(cam[i])
+        signed |= bits[i] < 0
+    return finite, signed
+
+
+@njit(cache=True)
+def _ratio(num, den):
+    return num / den if den > 0 else np.float32(0)
+
+
+@njit(cache=True)
+def _metrics(n_both, n_att, n_roi, s_roi, s_sum, s_max, roi_at_max):
+    """(dice, soft_dice, energy, hit): ``reference.agreement_from_sums`` for one finite image, fp32."""
+    if s_max == 0:  # all-zero map: nothing attended, even at tau = 0
+        return np.float32(0), np.float32(0), np.float32(0), False
+    f_both, f_att, f_roi = np.float32(n_both), np.float32(n_att), np.float32(n_roi)
+    dice = _ratio(np.float32(2) * f_both, f_att + f_roi)
+    soft = _ratio(np.float32(2) * s_roi, s_sum + f_roi)
+    return dice, soft, _ratio(s_roi, s_sum), roi_at_max and s_max > 0
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def agreement(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, j0, j1, m0, m1):
+    """Per image b of cam (k, h, w) fp32 and rois (k, H * W) uint8: dice, soft dice, energy and hit
+    into dice[b], soft[b], energy[b], hit[b]. A map with a non-finite value gets NaN metrics and no
+    hit; a map with a sign bit set (-0.0, a negative value: no stage-1 map has one) is left alone and
+    flagged in refused[b], for the caller to take the torch-op way."""
+    pixels = rois.shape[1]
+    rows = np.empty((cam.shape[1], j0.shape[0]), np.float32)
+    u, sr = np.empty(pixels, np.float32), np.empty(pixels, np.float32)
+    levels = np.empty((4, 32), np.float32)
+    for b in range(cam.shape[0]):
+        finite, signed = _check(cam[b].reshape(-1))
+        refused[b] = finite and signed
+        if not finite or signed:
+            dice[b], soft[b], energy[b], hit[b] = np.nan, np.nan, np.nan, False
             continue
-        rows = np.empty((cam.shape[1], j0.shape[0]), np.float32)
-        u = s[b]
-        _upsample(cam[b], i0, i1, l0, l1, j0, j1, m0, m1, rows, u)
-        lo, hi = _extremes(u)  # U >= +0: the caller passes maps without a sign bit
-        d = (hi - lo) + EPS32
-        _normalise(u, lo, d)
-        counts[b, 0], counts[b, 1], counts[b, 2] = _counts(u, rois[b], tau)
-        _masked(u, rois[b], sr[b])
-        s_max[b] = (hi - lo) / d
-        first[b] = _first(u, s_max[b])
+        r = rois[b]
+        s_max = _stage2(cam[b], i0, i1, l0, l1, j0, j1, m0, m1, rows, u)  # U >= +0: no sign bit (above)
+        n_att, n_both, n_roi = _counts(u, r, tau)
+        _masked(u, r, sr)
+        at_max = r[_first(u, s_max)] != 0
+        dice[b], soft[b], energy[b], hit[b] = _metrics(n_both, n_att, n_roi, row_sum(sr, levels),
+                                                       row_sum(u, levels), s_max, at_max)
