@@ -40,16 +40,21 @@ class S3:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def keys(self, prefix: str = "") -> list[str]:
-        """Every key in the bucket under ``prefix`` (sorted)."""
+    def client(self):  # a boto3 S3 client
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
-                              aws_secret_access_key=self.secret, region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key in the bucket under ``prefix`` (sorted)."""
         keys: list[str] = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys += [item["Key"] for item in page.get("Contents", [])]
         return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client().delete_object(Bucket=self.bucket, Key=key)
 
 
 _LAUNCH = ("import subprocess, sys; print(subprocess.Popen(sys.argv[1:], start_new_session=True, "

@@ -132,6 +132,25 @@ def test_training_on_the_s3_pool_gives_the_local_weights(pair):
         torch.testing.assert_close(got["state_dict"][name], value, rtol=0, atol=0, msg=name)
 
 
+def test_a_chunk_lost_on_s3_is_refused_on_read_from_one_listing_per_array(s3, monkeypatch):
+    """On an object store the stored chunks of an array are listed once, on its first read (not at
+    open, and not one request per chunk): a lost chunk is refused, the chunks around it read."""
+    url = make_pool(s3.url("lost/pool.zarr"))
+    s3.delete("lost/pool.zarr/split/c/1")
+    from xal_engine.store import pool as pool_module
+
+    listed = []
+    listing = pool_module.missing_chunks
+    monkeypatch.setattr(pool_module, "missing_chunks", lambda array: listed.append(array.path) or listing(array))
+    p = Pool.open(url)
+    assert listed == []
+    assert p.read(0, 16).split.shape == (16,) and p.take("split", np.array([40])).shape == (1,)
+    with pytest.raises(PoolError, match=r"array 'split' chunk 1 \(images 16\.\.31\)"):
+        p.read(16, 32)
+    assert p.missing_chunks("split") == [1] and p.missing_chunks("images") == []
+    assert sorted(listed) == sorted(PER_IMAGE_ARRAYS)  # read() reads every array, each listed once
+
+
 def test_score_select_and_label_import_equal_the_local_steps(pair, tmp_path, capsys):
     _, local, remote, model = pair
     for pool in (local, remote):

@@ -74,6 +74,23 @@ def test_a_deleted_split_chunk_raises_on_read_and_select_refuses(pool_copy, tmp_
     assert not (tmp_path / "b.csv").exists()
 
 
+def test_open_lists_no_chunks_and_a_chunk_lost_after_open_is_still_caught(pool_copy, monkeypatch):
+    """Opening a pool reads no chunk listing (a 1M-image pool has 375k chunk files); each read checks
+    the chunks it needs, so a chunk deleted after open is refused too, not read as fill values."""
+    pool, _ = pool_copy
+    monkeypatch.setattr("xal_engine.store.pool.missing_chunks", lambda *a, **k: pytest.fail("listed"))
+    p = Pool.open(pool)
+    assert p.read(0, 8).split.shape == (8,)  # chunk 0 checked (a stat) and remembered
+    (pool / "split" / "c" / "1").unlink()
+    (pool / "images" / "c" / "2" / "0" / "0" / "0").unlink()
+    assert p.missing_chunks("split") == [1] and p.missing_chunks("split", [0, 2, 1]) == [1]
+    assert p.missing_chunks("images", range(1, 3)) == [2] and p.missing_chunks("labels") == []
+    with pytest.raises(PoolError, match=r"array 'split' chunk 1 \(images 8\.\.15\)"):
+        p.read(8, 16)
+    with pytest.raises(PoolError, match=r"array 'images' chunk 2 "):
+        p.read_arrays(8, 24, ["images"])
+
+
 def test_a_deleted_images_chunk_stops_scoring(pool_copy, capsys):
     pool, model = pool_copy
     (pool / "images" / "c" / "2" / "0" / "0" / "0").unlink()

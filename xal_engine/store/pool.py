@@ -9,6 +9,7 @@ callers import all of them from :mod:`xal_engine.store`.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from xal_engine.store.format import (
     PER_IMAGE_ARRAYS,
     WRITING_ATTR,
     as_str,
+    chunk_key,
     missing_chunk_error,
     missing_chunks,
     open_group,
@@ -85,10 +87,15 @@ class Pool:
         self.chunk_size = int(images.chunks[0])
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.classes: list[str] = list(self.attrs.get("classes", []))
-        # A missing chunk would read as fill values (black images, split 0): the chunks are listed once
-        # here, as per-image arrays only change through write_rows, which stores every chunk it touches.
-        self.missing: dict[str, set[int]] = {name: set(missing_chunks(array))
-                                             for name, array in {**self.arrays, **self.optional}.items()}
+        # A missing chunk would read as fill values (black images, split 0), so every read checks that
+        # its chunks are stored, when it needs them (listing a 1M-image pool's 375k chunk files at
+        # open took ~18 s): on a local store each chunk's file once (a stat), remembered; on an
+        # object store one listing per array (one request per 1000 keys, where a check per chunk
+        # would be one request each), taken on the array's first read.
+        store = group.store
+        self._root: Path | None = Path(store.root) if isinstance(store, zarr.storage.LocalStore) else None
+        self._stored: dict[str, set[int]] = {}  # local: chunks seen stored
+        self._missing: dict[str, set[int]] = {}  # object store: the listing's missing chunks
 
     @classmethod
     def open(cls, path: str | Path | StoreURL, mode: str = "r") -> Pool:
@@ -209,18 +216,37 @@ class Pool:
         if self.group.read_only:
             raise PoolError(f"pool {self.path} is open read-only; open it with mode 'r+' to write '{name}'")
         written = write_rows(array, index, values)
-        self.missing[name].difference_update(np.unique(index // self.chunk_size).tolist())
+        rewritten = np.unique(index // self.chunk_size).tolist()  # stored now, every one of them
+        self._stored.setdefault(name, set()).update(rewritten)
+        self._missing.get(name, set()).difference_update(rewritten)
         return written
+
+    def missing_chunks(self, name: str, chunks: Sequence[int] | range | None = None) -> list[int]:
+        """Chunks along N of the per-image array ``name`` (of ``chunks``, or all) that are not stored,
+        ascending."""
+        array = self._array(name)
+        chunks = range(-(-array.shape[0] // array.chunks[0])) if chunks is None else chunks
+        if self._root is None:
+            if name not in self._missing:
+                self._missing[name] = set(missing_chunks(array))
+            missing = self._missing[name]
+            return sorted(missing.intersection(chunks)) if missing else []
+        stored = self._stored.setdefault(name, set())
+        lost = []
+        for c in chunks:
+            if c not in stored:
+                if os.path.isfile(self._root / chunk_key(array, c)):
+                    stored.add(c)
+                else:
+                    lost.append(c)
+        return sorted(lost)
 
     def _check_stored(self, arrays: dict[str, zarr.Array], chunks: Any = None) -> None:
         """:class:`PoolError` when a chunk (of ``chunks``, or any) of ``arrays`` is not stored."""
         for name in arrays:
-            missing = self.missing[name]
-            if not missing:
-                continue
-            hit = sorted(missing if chunks is None else missing.intersection(np.asarray(chunks).tolist()))
-            if hit:
-                raise missing_chunk_error(f"pool {self.path}", name, hit[0], self.chunk_size, self.n)
+            lost = self.missing_chunks(name, None if chunks is None else [int(c) for c in chunks])
+            if lost:
+                raise missing_chunk_error(f"pool {self.path}", name, lost[0], self.chunk_size, self.n)
 
     def _decoded(self, name: str, read: Callable[[zarr.Array], Any]) -> np.ndarray:
         """``read(array)`` of the per-image array ``name`` as numpy; :class:`PoolError` when a chunk of it
