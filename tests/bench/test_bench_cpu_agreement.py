@@ -2,20 +2,19 @@
 equal to the reference before it is timed, one row per provider and map side."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("numba")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "bench_cpu_agreement.py"
+from bench_scripts import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "scripts" / "bench_cpu_agreement.py"
 
 
 def test_the_script_writes_one_checked_row_per_provider_and_side(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_cpu_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     out = tmp_path / "cpu_agreement.csv"
     rows = module.main(["--batch", "3", "--repeats", "1", "--threads", "1", "--out", str(out)])
     assert [(r["provider"], r["map_side"]) for r in rows] == [

@@ -2,16 +2,15 @@
 check finds nothing missing), one row per step, the chunk files counted."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "bench_pool_open.py"
+from bench_scripts import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "scripts" / "bench_pool_open.py"
 
 
 def test_the_script_times_open_the_unit_check_and_the_full_listing(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_pool_open", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     out = tmp_path / "pool_open.csv"
     rows = module.main(["--n", "200", "--chunk", "16", "--repeats", "2", "--out", str(out)])
     assert [r["step"] for r in rows] == ["open", "unit_check", "list_all"]
