@@ -28,8 +28,8 @@ in chunks of 2**p rows cascaded over four levels (p = max(4, ceil(log2(rows)) //
 vectors, the n % 8 tail and the 8 lanes are added in a fixed order (``row_sum``).
 
 Whether this torch computes exactly that is checked, not assumed: the first call for a shape runs
-both on a fixed random probe and compares the metrics bit for bit (:func:`fused_matches_torch`); a
-shape where they differ (another torch build, another CPU) stays on the torch-op path. Without numba
+both on a fixed random probe and compares S and the metrics bit for bit (:func:`fused_matches_torch`);
+a shape where they differ (another torch build, another CPU) stays on the torch-op path. Without numba
 installed, every shape does. The compiled functions live in :mod:`xal_engine.ops.cpu_fused_kernels`,
 imported on first use (numba's import costs about half a second).
 
@@ -52,20 +52,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+PER_IMAGE = 7  # the compiled agreement's first 7 arguments are per image (split between threads)
 
-def _in_parallel(name: str, per_image: int, args: tuple) -> None:
-    """The compiled function ``name`` over the images of its first ``per_image`` arguments (the rest
-    shared), in contiguous parts on torch's thread count, the calling thread taking the first: it
-    releases the GIL, and the pool's threads block between calls (an OpenMP pool would spin, taking
-    the cores from the model's next forward pass)."""
-    fn = getattr(_kernels(), name)
+
+def _in_parallel(args: tuple) -> None:
+    """The compiled ``agreement`` over its images, in contiguous parts on torch's thread count, the
+    calling thread taking the first: it releases the GIL, and the pool's threads block between calls
+    (an OpenMP pool would spin, taking the cores from the model's next forward pass)."""
+    fn = _kernels().agreement
     k = args[0].shape[0]
     threads = max(1, min(torch.get_num_threads(), k))
     if threads == 1:
         fn(*args)
         return
     cuts = [k * t // threads for t in range(threads + 1)]
-    parts = [tuple(a[lo:hi] for a in args[:per_image]) + args[per_image:] for lo, hi in itertools.pairwise(cuts)]
+    parts = [tuple(a[lo:hi] for a in args[:PER_IMAGE]) + args[PER_IMAGE:] for lo, hi in itertools.pairwise(cuts)]
     others = [_pool(threads - 1).submit(fn, *part) for part in parts[1:]]
     fn(*parts[0])  # the calling thread takes the first part
     for f in others:
@@ -119,7 +120,7 @@ def agreement(cam: Tensor, rois: Tensor, size: tuple[int, int],
     hit, refused = np.empty(k, np.bool_), np.empty(k, np.bool_)
     args = (cam.numpy(), rois.numpy().view(np.uint8), dice, soft, energy, hit, refused,
             np.float32(threshold), *bilinear_axis(h, height), *bilinear_axis(w, width))
-    _in_parallel("agreement", 7, args)
+    _in_parallel(args)
     if refused.any():
         return None
     return torch.from_numpy(dice), torch.from_numpy(soft), torch.from_numpy(energy), torch.from_numpy(hit)

@@ -89,7 +89,7 @@ class Pool:
         self.classes: list[str] = list(self.attrs.get("classes", []))
         # A missing chunk would read as fill values (black images, split 0), so every read checks that
         # its chunks are stored, when it needs them (listing a 1M-image pool's 375k chunk files at
-        # open took ~18 s): on a local store each chunk's file once (a stat), remembered; on an
+        # open took 24 s): on a local store each chunk's file once (a stat), remembered; on an
         # object store one listing per array (one request per 1000 keys, where a check per chunk
         # would be one request each), taken on the array's first read.
         store = group.store
