@@ -93,22 +93,51 @@ def test_in_place_op_after_target_layer(x: Tensor) -> None:
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_reused_copies_equal_fresh_ones_batch_after_batch(x: Tensor, inplace: bool) -> None:
-    """reuse_copies (the scorer's): the same A and G as fresh clones, in-place ReLUs downstream included,
-    across batches of two shapes, with one kept buffer per layer (its storage reused)."""
+def test_shared_outputs_equal_fresh_copies_batch_after_batch(x: Tensor, inplace: bool) -> None:
+    """share_outputs (the scorer's): the same A, G and logits as fresh clones, across batches of two
+    shapes. Downstream runs on A itself (no copy) where the model leaves it alone; an in-place ReLU
+    right after a layer makes the first batch run again with copies, one kept buffer per layer (its
+    storage reused)."""
     names = ["block1", "block2"]
     batches = [x, x.flip(0) * 2, x[:3].clone(), x + 1]
     with GradCamCapture(make_net(inplace), names) as fresh, \
-            GradCamCapture(make_net(inplace), names, reuse_copies=True) as reused:
+            GradCamCapture(make_net(inplace), names, share_outputs=True) as shared:
         pointers = []
         for images in batches:
-            want, got = fresh(images), reused(images)
+            want, got = fresh(images), shared(images)
             for a, b in zip(want.activations + want.gradients + (want.logits,),
                             got.activations + got.gradients + (got.logits,)):
                 assert torch.equal(a, b)
-            pointers.append([reused._copies[i].data_ptr() for i in range(2)])
-        assert pointers[0] == pointers[1] and pointers[2] != pointers[1] and pointers[3] != pointers[2]
-    assert reused._copies == {}  # released on exit
+            pointers.append([shared._copies[i].data_ptr() for i in range(2)] if inplace else [])
+        assert shared._sharing is not inplace
+        if inplace:
+            assert pointers[0] == pointers[1] and pointers[2] != pointers[1] and pointers[3] != pointers[2]
+        else:
+            assert shared._copies == {}  # nothing copied
+    assert shared._copies == {} and shared._sharing  # released on exit; the next `with` tries sharing again
+
+
+class _ScalesUnderNoGrad(nn.Module):
+    """Changes its input in place where autograd does not see it: only A's version shows it."""
+
+    def forward(self, a: Tensor) -> Tensor:
+        with torch.no_grad():
+            a.mul_(2)
+        return a
+
+
+def test_an_output_changed_in_place_without_autograd_is_copied(x: Tensor) -> None:
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ScalesUnderNoGrad(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 3))
+
+    with GradCamCapture(net(), "0") as fresh, GradCamCapture(net(), "0", share_outputs=True) as shared:
+        want, got = fresh(x), shared(x)
+        assert not shared._sharing
+    for a, b in zip(want.activations + want.gradients + (want.logits,), got.activations + got.gradients + (got.logits,)):
+        assert torch.equal(a, b)
+    assert not torch.equal(want.activations[0] * 2, want.activations[0])  # the change would have shown
 
 
 def test_targets(x: Tensor) -> None:

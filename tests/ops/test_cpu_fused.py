@@ -159,13 +159,53 @@ def test_numba_is_imported_on_first_use_not_with_the_package():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_forked_child_gets_its_own_thread_pool():
+def test_torchs_threads_and_the_thread_pool_give_the_same_bits(monkeypatch):
+    """Both ways of splitting the images (numba's team on torch's OpenMP threads, where its omp
+    layer loads; a pool of threads elsewhere) give the reference's bits."""
+    g = torch.Generator().manual_seed(11)
+    cam, rois = torch.rand(13, 14, 14, generator=g), torch.rand(13, 224, 224, generator=g) > 0.4
+    want = reference(cam, rois, 0.5)
+    team = cpu_fused.agreement(cam, rois.reshape(13, -1), (224, 224), 0.5)
+    monkeypatch.setattr(cpu_fused, "_team", lambda: False)
+    pool = cpu_fused.agreement(cam, rois.reshape(13, -1), (224, 224), 0.5)
+    assert team is not None and pool is not None
+    assert_bit_equal(team, want)
+    assert_bit_equal(pool, want)
+
+
+def test_the_team_launch_leaves_torchs_thread_count():
+    """numba's OpenMP launch sets the runtime's thread count to its own (the cores): torch's comes
+    back, so that `--threads 1` with loader workers stays one thread. In a fresh process, where the
+    launch happens."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); from xal_engine.ops import cpu_fused; "
+            "assert cpu_fused._team() in (True, False); assert torch.get_num_threads() == 1, torch.get_num_threads(); "
+            "torch.set_num_threads(2); import numba; print(numba.threading_layer(), cpu_fused._team())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out[1] == str(out[0] == "omp")  # the team serves exactly where the omp layer loaded
+
+
+def test_a_forked_child_scores_on_its_own_thread_pool():
+    """numba's omp layer terminates a forked child that runs a parallel function (GNU OpenMP does not
+    survive a fork): a child takes the pool, a new one (the parent's threads do not exist there)."""
     import os
 
+    g = torch.Generator().manual_seed(12)
+    cam, rois = torch.rand(6, 14, 14, generator=g), torch.rand(6, 224, 224, generator=g) > 0.5
+    want = reference(cam, rois, 0.5)
+    assert cpu_fused.fused_matches_torch(14, 14, 224, 224)
+    assert_bit_equal(cpu_fused.agreement(cam, rois.reshape(6, -1), (224, 224), 0.5), want)  # launched here
     pool = cpu_fused._pool(2)
     pid = os.fork()
-    if pid == 0:  # the child: the parent's pool threads do not exist here, so the pool must be new
-        os._exit(0 if cpu_fused._pool(2) is not pool and list(cpu_fused._pool(2).map(abs, [-1])) == [1] else 1)
+    if pid == 0:  # the child
+        try:
+            got = cpu_fused.agreement(cam, rois.reshape(6, -1), (224, 224), 0.5)
+            same = got is not None and all(torch.equal(a, b) for a, b in zip(got, want))
+            os._exit(0 if same and cpu_fused._forked and cpu_fused._pool(2) is not pool else 1)
+        except BaseException:  # noqa: BLE001 - any failure in the child is its exit code
+            os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 

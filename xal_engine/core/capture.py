@@ -104,7 +104,7 @@ class GradCamCapture:
     def __init__(self, model: nn.Module, target_layers: LayerSpec | Sequence[LayerSpec],
                  feature_layer: LayerSpec | None = None,
                  reshape_transform: Callable[[Tensor], Tensor] | None = None, *,
-                 reuse_copies: bool = False) -> None:
+                 share_outputs: bool = False) -> None:
         layers = [target_layers] if isinstance(target_layers, (nn.Module, str)) else list(target_layers)
         if not layers:
             raise XalError("at least one target layer is required")
@@ -123,12 +123,17 @@ class GradCamCapture:
             resolve_layer(model, feature_layer)
         self._features: list[Tensor] | None = None  # inside __call__: the feature layer's input, once
         self._active = False
-        # reuse_copies: the copy of a target layer's output that runs downstream is written into one
-        # buffer per layer kept across calls, not a fresh tensor each batch (on the CPU a fresh 13 MB
-        # copy per 64-image batch costs about as much in page faults as a small model's forward). For
-        # callers done with a batch's graph before the next call (the scorer), not for a caller that
-        # keeps graphs alive (create_graph, several captures backpropagated together).
-        self.reuse_copies = reuse_copies
+        # share_outputs: downstream runs on A itself, no copy (a 13 MB pass per 64-image 224x224 batch
+        # of a small model on the CPU), while the model leaves A alone. One that changes it in place
+        # (an in-place op on the leaf raises; one under no_grad bumps A's version) has that batch run
+        # again with copies, and so have its later batches: a copy into one buffer per layer kept
+        # across calls (a fresh 13 MB copy per batch costs about as much in page faults as a small
+        # model's forward). For callers done with a batch's graph before the next call (the scorer),
+        # not for a caller that keeps graphs alive (create_graph, several captures backpropagated
+        # together).
+        self.share_outputs = share_outputs
+        self._sharing = share_outputs  # until the model changes a shared A
+        self._versions: list[int] = []  # per target layer: A's version when handed downstream
         self._copies: dict[int, Tensor] = {}
 
     def __enter__(self) -> GradCamCapture:  # noqa: PYI034  (typing.Self needs Python 3.11)
@@ -166,6 +171,7 @@ class GradCamCapture:
             p.requires_grad_(True)
         self._training, self._frozen, self._acts, self._features = [], [], [], None
         self._copies.clear()
+        self._sharing = self.share_outputs
         self._active = False
 
     def _feature_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -200,9 +206,12 @@ class GradCamCapture:
             # downstream of it stay graph tensors so the one autograd.grad reaches all of them.
             act = output if downstream else output.detach().requires_grad_()
             self._acts[index] = act
+            if self._sharing:  # downstream gets A itself (share_outputs), checked after the forward
+                self._versions[index] = act._version
+                return act
             # Downstream gets a copy: an in-place op right after the layer (ReLU(inplace=True), +=)
             # then changes neither the recorded A nor a leaf (in-place on a grad leaf is an error).
-            return self._copy(index, act) if self.reuse_copies else act.clone()
+            return self._copy(index, act) if self.share_outputs else act.clone()
 
         return hook
 
@@ -214,15 +223,33 @@ class GradCamCapture:
             buf = self._copies[index] = torch.empty_like(act, memory_format=torch.preserve_format).detach()
         return buf.detach().copy_(act)  # a fresh leaf on the kept storage each call, then the graph edge
 
+    def _forward(self, images: Tensor) -> object:
+        """The model's output, the target layers' A recorded by the hooks; while sharing, run again
+        with copies where the model changed a shared A in place."""
+        while True:
+            self._acts = [None] * len(self.layers)
+            self._versions = [0] * len(self.layers)
+            self._features = [] if self.feature_layer is not None else None
+            sharing = self._sharing
+            try:
+                output = self.model(images)
+            except RuntimeError:  # e.g. an in-place op on the shared leaf: with copies it may run
+                if not sharing:
+                    raise
+                self._sharing = False
+                continue
+            if sharing and any(a is not None and a._version != v for a, v in zip(self._acts, self._versions)):
+                self._sharing = False  # changed in place without autograd (under no_grad, via .data)
+                continue
+            return output
+
     def __call__(self, images: Tensor, targets: Targets = None) -> CamCapture:
         """One forward and a backward down to the target layers only."""
         if not self._active:
             raise RuntimeError("GradCamCapture must be used inside a `with` block")
-        self._acts = [None] * len(self.layers)
-        self._features = [] if self.feature_layer is not None else None
         try:
             with torch.enable_grad():
-                logits = self.model(images)
+                logits = self._forward(images)
                 if not isinstance(logits, Tensor):
                     raise XalError(f"model must return a logits tensor (B, K), got {type(logits).__name__}")
                 missing = [n for n, a in zip(self.layer_names, self._acts) if a is None]

@@ -491,7 +491,7 @@ class Scorer:
                                   device)  # as in training
         self.mc = mc_dropout(ckpt, config)
         self.head = parse_arch(ckpt.arch).head if config.embeddings or self.mc is not None else None
-        self.capturer = GradCamCapture(model, ckpt.target_layer, feature_layer=self.head, reuse_copies=True)
+        self.capturer = GradCamCapture(model, ckpt.target_layer, feature_layer=self.head, share_outputs=True)
         self.autocast = PRECISIONS[config.precision]
 
     def __enter__(self) -> Scorer:  # noqa: PYI034  (typing.Self needs Python 3.11)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 EPS32 = np.float32(1e-7)  # the min-max epsilon as torch adds it to an fp32 tensor
@@ -247,3 +247,14 @@ def agreement(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, 
         at_max = r[_first(u, s_max)] != 0
         dice[b], soft[b], energy[b], hit[b] = _metrics(n_both, n_att, n_roi, row_sum(sr, levels),
                                                        row_sum(u, levels), s_max, at_max)
+
+
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+def agreement_team(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, j0, j1, m0, m1, parts):
+    """``agreement`` over its images in ``parts`` contiguous parts, each run by one thread of the
+    threading layer's team; with the ``omp`` layer that team is torch's own OpenMP threads."""
+    k = cam.shape[0]
+    for t in prange(parts):
+        lo, hi = k * t // parts, k * (t + 1) // parts
+        agreement(cam[lo:hi], rois[lo:hi], dice[lo:hi], soft[lo:hi], energy[lo:hi], hit[lo:hi], refused[lo:hi],
+                  tau, i0, i1, l0, l1, j0, j1, m0, m1)
