@@ -233,6 +233,8 @@ class GradCamCapture:
             sharing = self._sharing
             try:
                 output = self.model(images)
+            except torch.OutOfMemoryError:  # copies need more memory, not less
+                raise
             except RuntimeError:  # e.g. an in-place op on the shared leaf: with copies it may run
                 if not sharing:
                     raise
