@@ -2,6 +2,7 @@
 
     python benchmarks/scripts/profile_score.py               # CPU: N=512 1x64x64, resnet18, loader in-process
     python benchmarks/scripts/profile_score.py --device cuda --n 8192 --image-size 224 --workers 4
+    python benchmarks/scripts/profile_score.py --arch tiny --n 4096 --image-size 224 --channels 3 --threads 2
     python benchmarks/scripts/profile_score.py --cprofile 25 # + the 25 costliest functions (main thread)
 
 The scorer's stages are wrapped with timers (synchronised on CUDA, so a stage holds its own kernels):
@@ -80,7 +81,7 @@ def instrumented(timers: Timers) -> Iterator[None]:
                (scorer, "load_scoring_model", load_timed),
                (cam.torch.autograd, "grad", timers.wrap("backward", torch.autograd.grad)),
                (scoring, "gradcam_dice", timers.wrap("gradcam", scoring.gradcam_dice)),
-               (streaming, "_to_host", timers.wrap("to_host", streaming._to_host)),
+               (streaming.ResultCopies, "put", timers.wrap("to_host", streaming.ResultCopies.put)),
                (ScoreRun, "write_unit", timers.wrap("writes", ScoreRun.write_unit))]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
@@ -95,11 +96,12 @@ def instrumented(timers: Timers) -> Iterator[None]:
 def build(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
     """A synthetic pool and a random-init checkpoint for it."""
     pool_path, model_path = folder / "pool.zarr", folder / "model.pt"
-    create_synthetic_pool(SyntheticConfig(n=args.n, size=args.image_size, classes=3, channels=1, seed=0),
+    create_synthetic_pool(SyntheticConfig(n=args.n, size=args.image_size, classes=3, channels=args.channels,
+                                          seed=0),
                           pool_path, show_progress=False)
     torch.manual_seed(0)
-    save_checkpoint(model_path, build_model(args.arch, 3, 1),
-                    Checkpoint(arch=args.arch, num_classes=3, in_channels=1, classes=tuple(class_names(3)),
+    save_checkpoint(model_path, build_model(args.arch, 3, args.channels),
+                    Checkpoint(arch=args.arch, num_classes=3, in_channels=args.channels, classes=tuple(class_names(3)),
                                target_layer=parse_arch(args.arch).target_layer))
     return pool_path, model_path
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512, help="pool size")
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=1, help="image channels (3: RGB)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--cprofile", type=int, default=0, help="also print the N costliest functions")
     args = p.parse_args(argv)
     result = profile(args)
-    print(f"score_pool N={args.n} 1x{args.image_size}x{args.image_size} {args.arch} batch={args.batch_size} "
+    print(f"score_pool N={args.n} {args.channels}x{args.image_size}x{args.image_size} {args.arch} batch={args.batch_size} "
           f"workers={args.workers} {args.precision}: {result['wall']:.2f} s, {args.n / result['wall']:.0f} img/s")
     for stage in (*STAGES, "other"):
         note = "  (writer thread, overlapped)" if stage == "writes" else ""
