@@ -104,7 +104,7 @@ def test_thread_counts_give_the_same_bits(threads):
 
 @pytest.mark.parametrize("n", [8, 9, 31, 32, 33, 100, 255, 1000, 3136, 4097, 50176, 65536, 70001, 1 << 20])
 def test_row_sum_is_torchs_sum_bit_for_bit(n):
-    """Lengths through every branch of torch's cascade: under one row of 32, tails of vectors and of
+    """Plain and masked. Lengths through every branch of torch's cascade: under one row of 32, tails of vectors and of
     values, one chunk, several chunks and levels (2**20: 32768 rows, chunks of 16, three levels)."""
     kernels = cpu_fused._kernels()
     g = torch.Generator().manual_seed(n)
@@ -113,6 +113,10 @@ def test_row_sum_is_torchs_sum_bit_for_bit(n):
     levels = torch.empty(4, 32).numpy()
     want = x.sum(1)  # the reference's per-image sums: rows of a (B, P) batch, each summed whole
     got = torch.tensor([kernels.row_sum(row, levels) for row in x.numpy()])
+    assert torch.equal(got, want)
+    r = torch.rand(3, n, generator=g) > 0.5  # the masked sum, sum(where(R, S, 0)), without writing it
+    want = torch.where(r, x, 0.0).sum(1)
+    got = torch.tensor([kernels.masked_row_sum(row, m, levels) for row, m in zip(x.numpy(), r.numpy().view("u1"))])
     assert torch.equal(got, want)
 
 

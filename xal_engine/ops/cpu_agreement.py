@@ -131,7 +131,27 @@ def low_res_cam_cpu(activations: Tensor, gradients: Tensor, method: str | CamMet
 
 def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
                      return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
-    """``reference.gradcam_dice_checked`` for CPU tensors, stage 1 through :func:`low_res_cam_cpu` and
-    stage 2 with the agreement through :func:`upsample_agreement`: the same results, bit for bit."""
-    cam = low_res_cam_cpu(activations, gradients, method)  # [B, h, w]
+    """``reference.gradcam_dice_checked`` for CPU tensors, the same results bit for bit: a weight
+    method's channels-last fp32 A in one compiled pass from A to the metrics (``cpu_fused.cam_agreement``)
+    where its shape passes the probe; otherwise stage 1 through :func:`low_res_cam_cpu` and stage 2
+    with the agreement through :func:`upsample_agreement`."""
+    cam_method = get_cam_method(method)
+    if cam_method.weights is not None and _fused_from_activations(activations, rois):
+        weights = cam_method.weights(activations, gradients.float()).float()  # [B, C], as low_res_cam's
+        cam, *metrics = cpu_fused.cam_agreement(activations, weights, rois.reshape(rois.shape[0], -1),
+                                                tuple(rois.shape[1:]), threshold)
+        return RoiAgreement(*metrics, cam if return_cam else None)
+    cam = low_res_cam_cpu(activations, gradients, cam_method)  # [B, h, w]
     return agreement_result(cam, rois, threshold, return_cam, upsample_agreement)
+
+
+def _fused_from_activations(activations: Tensor, rois: Tensor) -> bool:
+    """Whether A (B, C, h, w) takes ``cpu_fused.cam_agreement``: fp32, channels-last and not also
+    contiguous (there torch sums each pixel's C products as one contiguous row; h * w > 1), B >= 2,
+    fewer than 2**24 ROI pixels, and a shape the probe passes."""
+    if activations.dtype != torch.float32 or activations.dim() != 4 or activations.shape[0] < 2:
+        return False
+    if not activations.is_contiguous(memory_format=torch.channels_last) or activations.is_contiguous():
+        return False
+    height, width = rois.shape[1:]
+    return height * width < EXACT_COUNTS and cpu_fused.cam_fused_matches_torch(*activations.shape[1:], height, width)

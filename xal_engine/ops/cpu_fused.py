@@ -1,9 +1,17 @@
-"""Stage 2 and the ROI agreement on the CPU in one pass per image, compiled (numba), the reference's bits.
+"""Grad-CAM to the ROI agreement on the CPU in one pass per image, compiled (numba), the reference's bits.
 
 :mod:`xal_engine.ops.cpu_agreement` runs the reference's torch operations over cache-sized slices:
 about a dozen passes over each (k, H, W) slice, each a separate kernel. Here one compiled function
 does an image's whole stage 2 and its metrics while its (H, W) map stays in L2 (images in parallel
-over the torch thread count); nothing (B, H, W) is written:
+over the torch thread count); nothing (B, H, W) is written. For a weight method (Grad-CAM, ++, X)
+on channels-last fp32 A, ``cam_agreement`` also does stage 1 in the same pass, from A and the
+weights w (torch computes w): A is read once, and neither w_c A_c nor M is written:
+
+    M   = sum_c w_c A_c      each product rounded once; each pixel's C products summed as torch
+                             sums a contiguous row (``row_sum``'s order; written out for C < 32)
+    N   = (c - lo) / ((hi - lo) + 1e-7),  c = max(M, +0),  lo, hi = min c, max c
+                             (torch's clamp_min keeps a -0.0 of M; here it is +0: equal values,
+                             and a zero's sign shows only in results that are zero)
 
     U   = bilinear(N)            torch's CPU formula, replayed (below)
     lo, hi = min U, max U        order-free
@@ -25,10 +33,13 @@ contracted): per output index o of an axis of n_in -> n_out, with scale = float(
 Torch's fp32 sum of a contiguous row of n >= 8 values (``cascade_sum``, ``vectorized_inner_sum``; on
 x86 its AVX2 kernel): 8 lanes, 4 vectors side by side, so x is read as rows of 32 summed lane-wise,
 in chunks of 2**p rows cascaded over four levels (p = max(4, ceil(log2(rows)) // 4)); then the 4
-vectors, the n % 8 tail and the 8 lanes are added in a fixed order (``row_sum``).
+vectors, the n % 8 tail and the 8 lanes are added in a fixed order (``row_sum``). A chunk's 32 lane
+sums are written in LLVM IR as 4 <8 x float> accumulators (``_lane_sums``): numba's compiler kept
+32 scalar sums scalar, 3.4x slower.
 
 Whether this torch computes exactly that is checked, not assumed: the first call for a shape runs
-both on a fixed random probe and compares S and the metrics bit for bit (:func:`fused_matches_torch`);
+both on a fixed random probe and compares S and the metrics bit for bit (:func:`fused_matches_torch`;
+N and the metrics for stage 1 too, per channel count, :func:`cam_fused_matches_torch`);
 a shape where they differ (another torch build, another CPU) stays on the torch-op path. Without numba
 installed, every shape does. The compiled functions live in :mod:`xal_engine.ops.cpu_fused_kernels`,
 imported on first use (numba's import costs about half a second).
@@ -36,7 +47,7 @@ imported on first use (numba's import costs about half a second).
 Fast-math flags: the elementwise functions and the sums carry only nnan/ninf/nsz (finite inputs:
 each map is checked before its pass), never reassoc or contract, so each operation rounds once as in
 torch; the min/max and integer-count loops add reassoc, which vectorises them and cannot change their
-results.
+results. Stage 1's products and channel sums carry none: M may overflow (the image is then NaN).
 """
 
 from __future__ import annotations
@@ -52,34 +63,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PER_IMAGE = 7  # the compiled agreement's first 7 arguments are per image (split between threads)
 
-
-def _in_parallel(args: tuple) -> None:
-    """The compiled ``agreement`` over its images, in contiguous parts on torch's thread count.
+def _in_parallel(name: str, args: tuple, per_image: int) -> None:
+    """The compiled function ``name`` (``agreement`` or ``cam_agreement``) over its images, in
+    contiguous parts on torch's thread count; its first ``per_image`` arguments are per image.
 
     Where numba's threading layer is ``omp`` (:func:`_team`), the parts run on torch's own OpenMP
-    threads. Those spin for a while after each torch op, so threads of another pool, started right
-    after stage 1, got half a core each: the pass then took as long as a serial one (8.8 against
-    8.6 ms for stage 1 + 2 of 64 images; 6.4 ms on torch's threads). Elsewhere (another layer, a
-    forked child: GNU OpenMP does not survive a fork) the calling thread takes the first part and a
-    pool of threads that block takes the rest."""
+    threads (``name + "_team"``). Those spin for a while after each torch op, so threads of another
+    pool, started right after stage 1, got half a core each: the pass then took as long as a serial
+    one (8.8 against 8.6 ms for stage 1 + 2 of 64 images; 6.4 ms on torch's threads). Elsewhere
+    (another layer, a forked child: GNU OpenMP does not survive a fork) the calling thread takes the
+    first part and a pool of threads that block takes the rest."""
     kernels = _kernels()
+    serial = getattr(kernels, name)
     k = args[0].shape[0]
     threads = max(1, min(torch.get_num_threads(), k))
     if threads == 1:
-        kernels.agreement(*args)
+        serial(*args)
         return
     if not _forked and _team():
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # the team's size, this call
-        kernels.agreement_team(*args, threads)
+        getattr(kernels, name + "_team")(*args, threads)
         return
     cuts = [k * t // threads for t in range(threads + 1)]
-    parts = [tuple(a[lo:hi] for a in args[:PER_IMAGE]) + args[PER_IMAGE:] for lo, hi in itertools.pairwise(cuts)]
-    others = [_pool(threads - 1).submit(kernels.agreement, *part) for part in parts[1:]]
-    kernels.agreement(*parts[0])  # the calling thread takes the first part
+    parts = [tuple(a[lo:hi] for a in args[:per_image]) + args[per_image:] for lo, hi in itertools.pairwise(cuts)]
+    others = [_pool(threads - 1).submit(serial, *part) for part in parts[1:]]
+    serial(*parts[0])  # the calling thread takes the first part
     for f in others:
         f.result()
 
@@ -160,10 +171,27 @@ def agreement(cam: Tensor, rois: Tensor, size: tuple[int, int],
     hit, refused = np.empty(k, np.bool_), np.empty(k, np.bool_)
     args = (cam.numpy(), rois.numpy().view(np.uint8), dice, soft, energy, hit, refused,
             np.float32(threshold), *bilinear_axis(h, height), *bilinear_axis(w, width))
-    _in_parallel(args)
+    _in_parallel("agreement", args, 7)
     if refused.any():
         return None
     return torch.from_numpy(dice), torch.from_numpy(soft), torch.from_numpy(energy), torch.from_numpy(hit)
+
+
+def cam_agreement(activations: Tensor, weights: Tensor, rois: Tensor, size: tuple[int, int],
+                  threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(N, dice, soft_dice, energy, hit) of a weight method's stage 1 and then ``agreement``'s pass, in
+    one compiled pass per image: channels-last fp32 activations A (k, C, h, w), their weights w (k, C)
+    fp32, rois (k, H * W) bool, (H, W) = size, k >= 2. N (k, h, w) = normalise_cam(sum_c w_c A_c);
+    A is read once, and neither the products nor M are written."""
+    (k, channels, h, w), (height, width) = activations.shape, size
+    acts = activations.permute(0, 2, 3, 1).reshape(k, h * w, channels)  # a view of channels-last A
+    cam = torch.empty(k, h, w)
+    dice, soft, energy = (np.empty(k, np.float32) for _ in range(3))
+    hit = np.empty(k, np.bool_)
+    args = (acts.numpy(), weights.contiguous().numpy(), cam.numpy(), rois.numpy().view(np.uint8),
+            dice, soft, energy, hit, np.float32(threshold), *bilinear_axis(h, height), *bilinear_axis(w, width))
+    _in_parallel("cam_agreement", args, 8)
+    return cam, torch.from_numpy(dice), torch.from_numpy(soft), torch.from_numpy(energy), torch.from_numpy(hit)
 
 
 _CHECKED: dict[tuple[int, int, int, int], bool] = {}
@@ -198,3 +226,35 @@ def _probe(h: int, w: int, height: int, width: int) -> bool:
     got = agreement(cam, rois.reshape(PROBE_IMAGES, -1), (height, width), 0.5)
     want = roi_agreement(want_s, rois, 0.5)
     return got is not None and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+_CAM_CHECKED: dict[tuple[int, int, int, int, int], bool] = {}
+
+
+def cam_fused_matches_torch(channels: int, h: int, w: int, height: int, width: int) -> bool:
+    """Whether :func:`cam_agreement` gives torch's N and metrics bit for bit for channels-last (C, h, w)
+    activations and (H, W) ROIs: stage 2 passes :func:`fused_matches_torch`, C >= 8 (a vectorised
+    channel sum in torch) and a fixed random probe agrees; once per shape and process."""
+    key = (channels, h, w, height, width)
+    if key not in _CAM_CHECKED:
+        try:
+            _CAM_CHECKED[key] = (available() and channels >= _kernels().LANES
+                                 and fused_matches_torch(h, w, height, width) and _cam_probe(channels, h, w, height, width))
+        except Exception:  # noqa: BLE001 - as fused_matches_torch
+            _CAM_CHECKED[key] = False
+    return _CAM_CHECKED[key]
+
+
+def _cam_probe(channels: int, h: int, w: int, height: int, width: int) -> bool:
+    from xal_engine.ops.cam_methods import weighted_sum
+    from xal_engine.ops.reference import normalise_cam, roi_agreement, upsample_normalise
+
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(PROBE_IMAGES, channels, h, w, generator=g).clamp_min(0)  # post-ReLU: zeros too
+    acts = acts.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(PROBE_IMAGES, channels, generator=g)
+    rois = torch.rand(PROBE_IMAGES, height, width, generator=g) > 0.5
+    want_cam = normalise_cam(weighted_sum(weights, acts))
+    want = roi_agreement(upsample_normalise(want_cam, (height, width)), rois, 0.5)
+    got_cam, *got = cam_agreement(acts, weights, rois.reshape(PROBE_IMAGES, -1), (height, width), 0.5)
+    return torch.equal(got_cam, want_cam) and all(torch.equal(a, b) for a, b in zip(got, want))

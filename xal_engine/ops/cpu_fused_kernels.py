@@ -17,7 +17,6 @@ LANES = 8  # the lanes of torch's fp32 CPU sum on x86 (its AVX2 kernel, on AVX-5
 
 _EXACT = {"nnan", "ninf", "nsz"}  # one rounding per operation, in source order
 _ORDER_FREE = _EXACT | {"reassoc"}  # min, max and integer sums only
-_Z32 = (np.float32(0),) * (4 * LANES)  # a zeroed block of partial sums
 
 @intrinsic
 def _fma(typingctx, a, b, c):
@@ -72,30 +71,58 @@ def _counts(s, r, tau):
     return n_att, n_both, n_roi
 
 
-@njit(fastmath=_EXACT, error_model="numpy", cache=True)
-def _masked(s, r, out):
-    for i in range(s.shape[0]):
-        out[i] = s[i] if r[i] else np.float32(0)  # where(R, S, 0)
+@intrinsic
+def _lane_sums(typingctx, x, r, i, j, out):
+    """out[:32] = the sum of rows i..j-1 of x (contiguous fp32) seen as (-1, 32), lane by lane from
+    zero: torch's 4 vectors of 8 lanes side by side, as 4 <8 x float> accumulators in registers (the
+    compiler keeps 32 scalar sums scalar). Plain fadd, no fast-math flags: one rounding per add.
+    r: None, or a uint8 mask of x's length: then the values summed are where(r, x, +0)."""
+    masked = not isinstance(r, types.NoneType)
 
+    def codegen(context, builder, signature, args):
+        i64, vec = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
+        bytes8 = ir.VectorType(ir.IntType(8), LANES)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        mask = context.make_array(signature.args[1])(context, builder, args[1]).data if masked else None
+        out_data = context.make_array(signature.args[4])(context, builder, args[4]).data
+        start, stop = args[2], args[3]
 
-@njit(fastmath=_EXACT, error_model="numpy", cache=True)
-def _rows(x, i, j, a):
-    """a + rows i..j-1 of x seen as (-1, 32), row after row: the 4 x 8 lane partial sums of torch's
-    sum (4 vectors of 8 lanes side by side). Written out so that they stay in registers."""
-    (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-     a16, a17, a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31) = a
-    for r in range(i, j):
-        o = 32 * r
-        a0, a1, a2, a3 = a0 + x[o], a1 + x[o + 1], a2 + x[o + 2], a3 + x[o + 3]
-        a4, a5, a6, a7 = a4 + x[o + 4], a5 + x[o + 5], a6 + x[o + 6], a7 + x[o + 7]
-        a8, a9, a10, a11 = a8 + x[o + 8], a9 + x[o + 9], a10 + x[o + 10], a11 + x[o + 11]
-        a12, a13, a14, a15 = a12 + x[o + 12], a13 + x[o + 13], a14 + x[o + 14], a15 + x[o + 15]
-        a16, a17, a18, a19 = a16 + x[o + 16], a17 + x[o + 17], a18 + x[o + 18], a19 + x[o + 19]
-        a20, a21, a22, a23 = a20 + x[o + 20], a21 + x[o + 21], a22 + x[o + 22], a23 + x[o + 23]
-        a24, a25, a26, a27 = a24 + x[o + 24], a25 + x[o + 25], a26 + x[o + 26], a27 + x[o + 27]
-        a28, a29, a30, a31 = a28 + x[o + 28], a29 + x[o + 29], a30 + x[o + 30], a31 + x[o + 31]
-    return (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-            a16, a17, a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31)
+        def lanes(base, q, kind=vec):  # <8 x kind>* at base + 8 q elements
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, LANES * q)], inbounds=True), kind.as_pointer())
+
+        def load(q):
+            value = builder.load(lanes(row, q), align=4)
+            if not masked:
+                return value
+            keep = builder.icmp_unsigned("!=", builder.load(lanes(row_mask, q, bytes8), align=1), ir.Constant(bytes8, [0] * LANES))
+            return builder.select(keep, value, zero)
+
+        zero = ir.Constant(vec, [0.0] * LANES)
+        entry, loop, done = builder.basic_block, builder.append_basic_block("rows"), builder.append_basic_block("done")
+        builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+        builder.position_at_end(loop)
+        row_index, sums = builder.phi(i64), [builder.phi(vec) for _ in range(4)]
+        offset = builder.mul(row_index, ir.Constant(i64, 4 * LANES))
+        row = builder.gep(data, [offset], inbounds=True)
+        row_mask = builder.gep(mask, [offset], inbounds=True) if masked else None
+        added = [builder.fadd(a, load(q)) for q, a in enumerate(sums)]
+        following = builder.add(row_index, ir.Constant(i64, 1))
+        row_index.add_incoming(start, entry)
+        row_index.add_incoming(following, loop)
+        for a, b in zip(sums, added):
+            a.add_incoming(zero, entry)
+            a.add_incoming(b, loop)
+        builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
+        builder.position_at_end(done)
+        results = [builder.phi(vec) for _ in range(4)]
+        for res, b in zip(results, added):
+            res.add_incoming(zero, entry)
+            res.add_incoming(b, loop)
+        for q, res in enumerate(results):
+            builder.store(res, lanes(out_data, q), align=4)
+        return context.get_dummy_value()
+
+    return types.void(x, r, i, j, out), codegen
 
 
 @njit(cache=True)
@@ -120,40 +147,56 @@ def row_sum(x, levels):
     vectorized_inner_sum with 8 lanes): x as (-1, 32) rows summed lane-wise in chunks of 2**p rows,
     chunks cascaded over three more levels (every 2**p chunks, and so on), the 4 vectors added, the
     n % 8 tail summed from zero, then the 8 lanes added to it in order; p = ``level_power(n // 32)``;
-    ``levels`` (4, 32) scratch."""
+    ``levels`` (4, 32) scratch: a chunk's sums and the three levels."""
+    return _row_sum(x, None, levels)
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def masked_row_sum(x, r, levels):
+    """``row_sum`` of where(r, x, 0) (r uint8, x's length), without writing it."""
+    return _row_sum(x, r, levels)
+
+
+@njit(error_model="numpy", cache=True)
+def _at(x, r, t):
+    return x[t] if r is None or r[t] else np.float32(0)
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def _row_sum(x, r, levels):
     n = x.shape[0]
     vectors = n // LANES
     rows = vectors // 4
     power = level_power(rows)
     step, mask = 1 << power, (1 << power) - 1
-    levels[:] = 0
+    part, level1, level2, level3 = levels[0], levels[1], levels[2], levels[3]
+    levels[1:] = 0
     i = 0
     while i + step <= rows:
-        a = _rows(x, i, i + step, _Z32)
+        _lane_sums(x, r, i, i + step, part)  # a chunk's sums, from zero
         i += step
         for k in range(32):
-            levels[0, k] += a[k]
+            level1[k] += part[k]
         if (i & (mask << power)) == 0:
             for k in range(32):
-                levels[1, k] += levels[0, k]
-                levels[0, k] = 0
+                level2[k] += level1[k]
+                level1[k] = 0
             if (i & (mask << (2 * power))) == 0:
                 for k in range(32):
-                    levels[2, k] += levels[1, k]
-                    levels[1, k] = 0
-    a = _rows(x, i, rows, _Z32)
-    part = levels[3]
+                    level3[k] += level2[k]
+                    level2[k] = 0
+    _lane_sums(x, r, i, rows, part)
     for k in range(32):
-        part[k] = ((a[k] + levels[0, k]) + levels[1, k]) + levels[2, k]
-    for v in range(4 * rows, vectors):  # vectors past the last whole row of 4
+        part[k] = ((part[k] + level1[k]) + level2[k]) + level3[k]
+    for v in range(4 * rows, vectors):  # vectors past the last whole row of 4 join vector 0
         for k in range(LANES):
-            part[k] += x[v * LANES + k]
+            part[k] += _at(x, r, v * LANES + k)
     for q in range(1, 4):
         for k in range(LANES):
             part[k] += part[q * LANES + k]
     total = np.float32(0)
     for t in range(vectors * LANES, n):
-        total += x[t]
+        total += _at(x, r, t)
     for k in range(LANES):
         total += part[k]
     return np.float32(0) + total  # torch adds the row's sum to its zero-filled output
@@ -180,13 +223,19 @@ def _first(s, value):
 
 
 @njit(error_model="numpy", cache=True)
-def _stage2(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u):
-    """S (H * W,) of one stage-1 map N (h, w) >= +0 into u; returns max S."""
-    _upsample(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u)
+def _min_max(u):
+    """u >= +0 (no sign bit) in place: (u - min u) / ((max u - min u) + 1e-7); returns max of the result."""
     lo, hi = _extremes(u)
     d = (hi - lo) + EPS32
     _normalise(u, lo, d)
     return (hi - lo) / d
+
+
+@njit(error_model="numpy", cache=True)
+def _stage2(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u):
+    """S (H * W,) of one stage-1 map N (h, w) >= +0 into u; returns max S."""
+    _upsample(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u)
+    return _min_max(u)
 
 
 @njit(error_model="numpy", cache=True)
@@ -224,6 +273,16 @@ def _metrics(n_both, n_att, n_roi, s_roi, s_sum, s_max, roi_at_max):
     return dice, soft, _ratio(s_roi, s_sum), roi_at_max and s_max > 0
 
 
+@njit(error_model="numpy", cache=True)
+def _agree(cam, r, tau, i0, i1, l0, l1, j0, j1, m0, m1, rows, u, levels):
+    """(dice, soft dice, energy, hit) of one finite stage-1 map N (h, w) >= +0 against r (H * W,) uint8;
+    rows, u, levels: scratch."""
+    s_max = _stage2(cam, i0, i1, l0, l1, j0, j1, m0, m1, rows, u)  # U >= +0: no sign bit
+    n_att, n_both, n_roi = _counts(u, r, tau)
+    at_max = r[_first(u, s_max)] != 0
+    return _metrics(n_both, n_att, n_roi, masked_row_sum(u, r, levels), row_sum(u, levels), s_max, at_max)
+
+
 @njit(nogil=True, error_model="numpy", cache=True)
 def agreement(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, j0, j1, m0, m1):
     """Per image b of cam (k, h, w) fp32 and rois (k, H * W) uint8: dice, soft dice, energy and hit
@@ -232,7 +291,7 @@ def agreement(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, 
     flagged in refused[b], for the caller to take the torch-op way."""
     pixels = rois.shape[1]
     rows = np.empty((cam.shape[1], j0.shape[0]), np.float32)
-    u, sr = np.empty(pixels, np.float32), np.empty(pixels, np.float32)
+    u = np.empty(pixels, np.float32)
     levels = np.empty((4, 32), np.float32)
     for b in range(cam.shape[0]):
         finite, signed = _check(cam[b].reshape(-1))
@@ -240,13 +299,8 @@ def agreement(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0, l1, 
         if not finite or signed:
             dice[b], soft[b], energy[b], hit[b] = np.nan, np.nan, np.nan, False
             continue
-        r = rois[b]
-        s_max = _stage2(cam[b], i0, i1, l0, l1, j0, j1, m0, m1, rows, u)  # U >= +0: no sign bit (above)
-        n_att, n_both, n_roi = _counts(u, r, tau)
-        _masked(u, r, sr)
-        at_max = r[_first(u, s_max)] != 0
-        dice[b], soft[b], energy[b], hit[b] = _metrics(n_both, n_att, n_roi, row_sum(sr, levels),
-                                                       row_sum(u, levels), s_max, at_max)
+        dice[b], soft[b], energy[b], hit[b] = _agree(cam[b], rois[b], tau, i0, i1, l0, l1, j0, j1, m0, m1,
+                                                     rows, u, levels)
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
@@ -258,3 +312,83 @@ def agreement_team(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0,
         lo, hi = k * t // parts, k * (t + 1) // parts
         agreement(cam[lo:hi], rois[lo:hi], dice[lo:hi], soft[lo:hi], energy[lo:hi], hit[lo:hi], refused[lo:hi],
                   tau, i0, i1, l0, l1, j0, j1, m0, m1)
+
+
+# -- stage 1 of a weight method, fused: M = sum_c w_c A_c, N = min-max(max(M, 0)) -----------------------
+
+@njit(error_model="numpy", cache=True)
+def _weighted_map(a, w, m, products, levels):
+    """m (P,) = M of one channels-last image a (P, C) fp32, weights w (C,), as torch's w * A then
+    sum(1) gives it: each product rounded once, each pixel's C products summed as a contiguous row in
+    ``row_sum``'s order. For 8 <= C < 32 (fewer than 4 vectors of 8) that order is written out:
+    lane k = (0 + x[k]) + x[8 + k] + ..., plus three empty partials, total = (0 + tail) + lane 0 + ...
+    + lane 7, and 0 + total. No fast-math flags: M may overflow, and zeros keep torch's signs."""
+    pixels, channels = a.shape
+    vectors = channels // LANES
+    if vectors >= 4:
+        for p in range(pixels):
+            for c in range(channels):
+                products[c] = w[c] * a[p, c]
+            m[p] = row_sum(products, levels)
+        return
+    zero = np.float32(0)
+    for p in range(pixels):
+        total = zero
+        for t in range(vectors * LANES, channels):
+            total += w[t] * a[p, t]
+        for k in range(LANES):
+            lane = zero + w[k] * a[p, k]
+            for v in range(1, vectors):
+                lane += w[v * LANES + k] * a[p, v * LANES + k]
+            total += ((lane + zero) + zero) + zero
+        m[p] = zero + total
+
+
+@njit(cache=True)
+def _all_finite(m):
+    finite = True
+    for i in range(m.shape[0]):
+        finite &= math.isfinite(m[i])
+    return finite
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def _relu(m, out):
+    """out = max(m, +0): torch's clamp_min(0) up to the sign of zeros (a -0.0 of M becomes +0 here),
+    which leaves every later value equal (a zero's sign shows only in results that are zero)."""
+    for i in range(m.shape[0]):
+        out[i] = m[i] if m[i] > 0 else np.float32(0)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def cam_agreement(acts, weights, cam, rois, dice, soft, energy, hit, tau, i0, i1, l0, l1, j0, j1, m0, m1):
+    """Per image b of channels-last activations acts (k, h * w, C) fp32 with weights (k, C) fp32:
+    the stage-1 map N = min-max(max(M, 0)), M = sum_c w_c A_c, into cam[b] (h, w), then ``agreement``'s
+    metrics of it against rois[b]. A non-finite M gives an all-NaN N, NaN metrics and no hit."""
+    pixels, (h, width) = rois.shape[1], cam.shape[1:]
+    rows = np.empty((h, j0.shape[0]), np.float32)
+    u = np.empty(pixels, np.float32)
+    levels = np.empty((4, 32), np.float32)
+    m, products = np.empty(h * width, np.float32), np.empty(acts.shape[2], np.float32)
+    for b in range(acts.shape[0]):
+        n = cam[b].reshape(-1)
+        _weighted_map(acts[b], weights[b], m, products, levels)
+        if not _all_finite(m):
+            n[:] = np.nan
+            dice[b], soft[b], energy[b], hit[b] = np.nan, np.nan, np.nan, False
+            continue
+        _relu(m, n)
+        _min_max(n)
+        dice[b], soft[b], energy[b], hit[b] = _agree(cam[b], rois[b], tau, i0, i1, l0, l1, j0, j1, m0, m1,
+                                                     rows, u, levels)
+
+
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+def cam_agreement_team(acts, weights, cam, rois, dice, soft, energy, hit, tau, i0, i1, l0, l1, j0, j1, m0, m1,
+                       parts):
+    """``cam_agreement`` in ``parts`` contiguous parts on the threading layer's team (``agreement_team``)."""
+    k = acts.shape[0]
+    for t in prange(parts):
+        lo, hi = k * t // parts, k * (t + 1) // parts
+        cam_agreement(acts[lo:hi], weights[lo:hi], cam[lo:hi], rois[lo:hi], dice[lo:hi], soft[lo:hi],
+                      energy[lo:hi], hit[lo:hi], tau, i0, i1, l0, l1, j0, j1, m0, m1)
