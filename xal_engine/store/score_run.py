@@ -159,11 +159,8 @@ class ScoreRun:
         elif name in scores:
             del scores[name]
         group = scores.create_group(name, attributes=attrs)
-        for field in layout.fields:  # (N,), (N, K), (N, h, w) or (N, D), chunked by work unit
-            tail = layout.tail(field)
-            dtype = np.dtype(field.dtype)
-            group.create_array(field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=dtype,
-                               fill_value=field.fill, compressors=compressors(dtype, "lz4", 5), overwrite=True)
+        # the field arrays in one concurrent creation (a third of the time of one create_array each)
+        dict(group.create_hierarchy(_field_metadata(layout, n, unit_size), overwrite=True))
         group.create_array(DONE, shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
                            fill_value=False, compressors=compressors(np.dtype(bool), "lz4", 5), overwrite=True)
         return cls(group, name, n, unit_size)
@@ -265,6 +262,19 @@ class ScoreRun:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def _field_metadata(layout: Layout, n: int, unit_size: int) -> dict[str, Any]:
+    """Each field array's metadata, (N,), (N, K), (N, h, w) or (N, D) chunked by work unit, as Zarr
+    makes it (drawn up in memory, for ``create_hierarchy``)."""
+    template = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    metadata = {}
+    for field in layout.fields:
+        tail, dtype = layout.tail(field), np.dtype(field.dtype)
+        metadata[field.name] = template.create_array(
+            field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=dtype, fill_value=field.fill,
+            compressors=compressors(dtype, "lz4", 5)).metadata
+    return metadata
 
 
 def _created(group: zarr.Group) -> bool:
