@@ -174,3 +174,32 @@ def test_the_creation_lock_is_held_by_one_at_a_time_and_deleted_on_release(tmp_p
         order.append("first releases")
     thread.join()
     assert order == ["first releases", "second holds"] and not path.exists()
+
+
+def test_a_run_is_created_with_the_metadata_one_create_array_per_field_gives(pool: Path) -> None:
+    """The field arrays are created together (create_hierarchy from metadata drawn up in memory): each
+    zarr.json equals the one a create_array of that field writes, and the group and done are as before."""
+    import json
+    import math
+
+    import zarr
+
+    from xal_engine.core.fields import Layout
+    from xal_engine.store.format import compressors
+
+    create(pool)
+    group = Pool.open(pool, mode="r+").group["scores"].create_group("by-hand", attributes={"model": "m"})
+    layout = Layout(n_classes=2)
+    for field in layout.fields:
+        tail, dtype = layout.tail(field), np.dtype(field.dtype)
+        group.create_array(field.name, shape=(N, *tail), chunks=(CHUNK, *tail), dtype=dtype, fill_value=field.fill,
+                           compressors=compressors(dtype, "lz4", 5))
+    group.create_array("done", shape=(math.ceil(N / CHUNK),), chunks=(1,), dtype="bool", fill_value=False,
+                       compressors=compressors(np.dtype(bool), "lz4", 5))
+    made, by_hand = pool / "scores" / "r", pool / "scores" / "by-hand"
+    names = sorted(p.relative_to(made) for p in made.rglob("zarr.json") if p.parent != made)
+    assert names == sorted(p.relative_to(by_hand) for p in by_hand.rglob("zarr.json") if p.parent != by_hand)
+    assert len(names) == len(layout.fields) + 1
+    for name in names:
+        assert json.loads((made / name).read_text()) == json.loads((by_hand / name).read_text()), name
+    assert isinstance(zarr.open_group(made, mode="r")["dice"], zarr.Array)
