@@ -162,3 +162,17 @@ def test_a_failing_compiler_leaves_the_shape_to_the_two_step_path(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_kernels", lambda: None)  # without numba, too
     monkeypatch.setattr(cpu_fused, "_CAM_CHECKED", {})
     assert not cpu_fused.cam_fused_matches_torch(16, 56, 56, 224, 224)
+
+
+def test_activations_that_require_grad_are_read_as_values(fused_calls):
+    """A hooked A that was not detached (and a G with a graph): the same values as detached inputs,
+    on the compiled pass and on the two-step path, not a RuntimeError from numpy() or out=."""
+    g = torch.Generator().manual_seed(6)
+    a, grad = activations((4, 16, 14, 14), g)
+    rois = torch.rand(4, 224, 224, generator=g) > 0.5
+    for acts in (a, a.contiguous()):
+        want = reference_gradcam_dice(acts, grad, rois, 0.5, return_cam=True)
+        got = gradcam_dice(acts.clone().requires_grad_(), grad.clone().requires_grad_(), rois, 0.5, return_cam=True)
+        assert_same(got, want)
+        assert not got.cam.requires_grad
+    assert fused_calls == [(4, 16, 14, 14)]

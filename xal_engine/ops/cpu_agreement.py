@@ -131,11 +131,13 @@ def low_res_cam_cpu(activations: Tensor, gradients: Tensor, method: str | CamMet
 
 def gradcam_dice_cpu(activations: Tensor, gradients: Tensor, rois: Tensor, threshold: float,
                      return_cam: bool, *, method: str | CamMethod = "gradcam") -> RoiAgreement:
-    """``reference.gradcam_dice_checked`` for CPU tensors, the same results bit for bit: a weight
+    """``reference.gradcam_dice_checked`` for CPU tensors, the same values bit for bit (not a graph): a weight
     method's channels-last fp32 A in one compiled pass from A to the metrics (``cpu_fused.cam_agreement``)
     where its shape passes the probe; otherwise stage 1 through :func:`low_res_cam_cpu` and stage 2
     with the agreement through :func:`upsample_agreement`."""
     cam_method = get_cam_method(method)
+    # values only, as the kernel's: a graph tensor (a hooked A without detach) is read, not differentiated
+    activations, gradients = activations.detach(), gradients.detach()
     if cam_method.weights is not None and _fused_from_activations(activations, rois):
         weights = cam_method.weights(activations, gradients.float()).float()  # [B, C], as low_res_cam's
         cam, *metrics = cpu_fused.cam_agreement(activations, weights, rois.reshape(rois.shape[0], -1),
