@@ -74,11 +74,12 @@ def test_weight_methods_take_the_compiled_pass_and_give_the_reference_bits(metho
     assert fused_calls == [shape for shape, _ in SHAPES]
 
 
-def test_non_finite_and_overflowing_images_are_nan_alone(fused_calls):
+@pytest.mark.parametrize("channels", [16, 64])  # one vector per pixel; torch's row sum (row_sum)
+def test_non_finite_and_overflowing_images_are_nan_alone(fused_calls, channels):
     """inf and NaN in A, and an fp32 overflow of sum_c w_c A_c from finite values: that image's N and
     metrics are NaN and its hit False, the others' are the reference's."""
     g = torch.Generator().manual_seed(1)
-    a, grad = activations((6, 16, 28, 28), g)
+    a, grad = activations((6, channels, 28, 28), g)
     a[1, 3, 5, 7] = float("inf")
     a[2, 0, 0, 0] = float("nan")
     a[3] = 3e38  # each product finite, their sum not
@@ -88,7 +89,7 @@ def test_non_finite_and_overflowing_images_are_nan_alone(fused_calls):
     assert_same(got, reference_gradcam_dice(a, grad, rois, 0.5, return_cam=True))
     assert torch.isnan(got.dice[1:4]).all() and not got.hit[1:4].any() and torch.isnan(got.cam[1:4]).all()
     assert not torch.isnan(got.dice[[0, 4, 5]]).any()
-    assert fused_calls == [(6, 16, 28, 28)]
+    assert fused_calls == [(6, channels, 28, 28)]
 
 
 def test_maps_the_relu_zeroes_give_the_references_zeros(fused_calls):

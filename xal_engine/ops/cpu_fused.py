@@ -44,10 +44,11 @@ a shape where they differ (another torch build, another CPU) stays on the torch-
 installed, every shape does. The compiled functions live in :mod:`xal_engine.ops.cpu_fused_kernels`,
 imported on first use (numba's import costs about half a second).
 
-Fast-math flags: the elementwise functions and the sums carry only nnan/ninf/nsz (finite inputs:
-each map is checked before its pass), never reassoc or contract, so each operation rounds once as in
-torch; the min/max and integer-count loops add reassoc, which vectorises them and cannot change their
-results. Stage 1's products and channel sums carry none: M may overflow (the image is then NaN).
+Fast-math flags: the elementwise functions carry only nnan/ninf/nsz (finite inputs: each map is
+checked before its pass), never reassoc or contract, so each operation rounds once as in torch; the
+min/max and integer-count loops add reassoc, which vectorises them and cannot change their results.
+The sums (``row_sum``, stage 1's products and channel sums) carry none: M may overflow (the image
+is then NaN), and its check must see the inf.
 """
 
 from __future__ import annotations

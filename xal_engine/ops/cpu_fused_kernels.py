@@ -142,7 +142,7 @@ def _leading_zeros(v):
     return n
 
 
-@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True)
 def row_sum(x, levels):
     """sum(x) of a contiguous fp32 row of n >= 8 values, in torch's order (its CPU cascade sum,
     vectorized_inner_sum with 8 lanes): x as (-1, 32) rows summed lane-wise in chunks of 2**p rows,
@@ -152,7 +152,7 @@ def row_sum(x, levels):
     return _row_sum(x, None, levels)
 
 
-@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True)
 def masked_row_sum(x, r, levels):
     """``row_sum`` of where(r, x, 0) (r uint8, x's length), without writing it."""
     return _row_sum(x, r, levels)
@@ -163,7 +163,7 @@ def _at(x, r, t):
     return x[t] if r is None or r[t] else np.float32(0)
 
 
-@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True)
 def _row_sum(x, r, levels):
     n = x.shape[0]
     vectors = n // LANES
