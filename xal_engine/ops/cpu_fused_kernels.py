@@ -72,6 +72,12 @@ def _counts(s, r, tau):
     return n_att, n_both, n_roi
 
 
+def _lanes_at(builder, base, q, kind):
+    """IR: a pointer to the <8 x element> vector ``kind`` at element pointer base + 8 q."""
+    return builder.bitcast(builder.gep(base, [ir.Constant(ir.IntType(64), LANES * q)], inbounds=True),
+                           kind.as_pointer())
+
+
 @intrinsic
 def _lane_sums(typingctx, x, r, i, j, out):
     """out[:32] = the sum of rows i..j-1 of x (contiguous fp32) seen as (-1, 32), lane by lane from
@@ -81,21 +87,18 @@ def _lane_sums(typingctx, x, r, i, j, out):
     masked = not isinstance(r, types.NoneType)
 
     def codegen(context, builder, signature, args):
-        i64, vec = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
-        bytes8 = ir.VectorType(ir.IntType(8), LANES)
+        i64, vec, bytes8 = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.IntType(8), LANES)
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         mask = context.make_array(signature.args[1])(context, builder, args[1]).data if masked else None
         out_data = context.make_array(signature.args[4])(context, builder, args[4]).data
         start, stop = args[2], args[3]
 
-        def lanes(base, q, kind=vec):  # <8 x kind>* at base + 8 q elements
-            return builder.bitcast(builder.gep(base, [ir.Constant(i64, LANES * q)], inbounds=True), kind.as_pointer())
-
         def load(q):
-            value = builder.load(lanes(row, q), align=4)
+            value = builder.load(_lanes_at(builder, row, q, vec), align=4)
             if not masked:
                 return value
-            keep = builder.icmp_unsigned("!=", builder.load(lanes(row_mask, q, bytes8), align=1), ir.Constant(bytes8, [0] * LANES))
+            keep = builder.icmp_unsigned("!=", builder.load(_lanes_at(builder, row_mask, q, bytes8), align=1),
+                                         ir.Constant(bytes8, [0] * LANES))
             return builder.select(keep, value, zero)
 
         zero = ir.Constant(vec, [0.0] * LANES)
@@ -120,7 +123,7 @@ def _lane_sums(typingctx, x, r, i, j, out):
             res.add_incoming(zero, entry)
             res.add_incoming(b, loop)
         for q, res in enumerate(results):
-            builder.store(res, lanes(out_data, q), align=4)
+            builder.store(res, _lanes_at(builder, out_data, q, vec), align=4)
         return context.get_dummy_value()
 
     return types.void(x, r, i, j, out), codegen
@@ -333,10 +336,7 @@ def _pixel_sums(typingctx, a, w, m, vectors):
         weights_data = context.make_array(signature.args[1])(context, builder, args[1]).data
         out = context.make_array(signature.args[2])(context, builder, args[2]).data
 
-        def lanes_at(base, q):  # <8 x float>* at base + 8 q floats
-            return builder.bitcast(builder.gep(base, [ir.Constant(i64, LANES * q)], inbounds=True), vec.as_pointer())
-
-        weights = [builder.load(lanes_at(weights_data, q), align=4) for q in range(count)]
+        weights = [builder.load(_lanes_at(builder, weights_data, q, vec), align=4) for q in range(count)]
         zero, scalar_zero = ir.Constant(vec, [0.0] * LANES), ir.Constant(f32, 0.0)
         entry, loop, done = builder.basic_block, builder.append_basic_block("pixels"), builder.append_basic_block("done")
         builder.cbranch(builder.icmp_signed(">", pixels, ir.Constant(i64, 0)), loop, done)
@@ -345,7 +345,7 @@ def _pixel_sums(typingctx, a, w, m, vectors):
         row = builder.gep(acts.data, [builder.mul(p, ir.Constant(i64, LANES * count))], inbounds=True)
         lanes = zero
         for q in range(count):
-            lanes = builder.fadd(lanes, builder.fmul(weights[q], builder.load(lanes_at(row, q), align=4)))
+            lanes = builder.fadd(lanes, builder.fmul(weights[q], builder.load(_lanes_at(builder, row, q, vec), align=4)))
         for _ in range(3):  # the three empty partial sums of torch's row of 4 vectors
             lanes = builder.fadd(lanes, zero)
         total = scalar_zero
