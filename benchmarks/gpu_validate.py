@@ -28,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from xal_engine.bench.validate import main as validate
+    from xal_engine.errors import XalError
 
-    return validate(argv)
+    try:
+        return validate(argv)
+    except XalError as err:  # a bad flag or a missing device: one line, as the CLI gives it
+        print(f"gpu_validate.py: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -222,6 +222,20 @@ def test_unknown_steps_are_refused() -> None:
     assert validate.parse_args(["--steps", "goals"]).steps == ["goals"]
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "tpu"], "device 'tpu' is not valid"),
+    (["--budget-scale", "0"], "--budget-scale: expected a positive factor, got 0.0"),
+    (["--tiny", "--device", "cpu", "--out", "/proc/no-such-folder/out"], "--out /proc/no-such-folder/out: cannot create"),
+])
+def test_bad_flags_and_a_missing_device_are_one_line_and_exit_2(args, message) -> None:
+    """As a person types them: one line on stderr naming the flag, exit code 2, no traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_validate.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("gpu_validate.py: error: ")
+
+
 def test_the_gpu_profile_covers_the_issue_and_fits_in_eight_minutes() -> None:
     full = validate.FULL
     shapes = {(c.channels, c.feature, c.image) for c in full.parity}

@@ -73,6 +73,7 @@ from xal_engine.bench.compare import near_tie_hits
 from xal_engine.bench.timing import device_name, device_times_ms, no_tf32, provenance, summarise
 from xal_engine.core.cam_methods import CAM_METHOD_NAMES
 from xal_engine.core.inputs import resolve_device
+from xal_engine.errors import XalError
 from xal_engine.ops import gradcam_dice, reference, reference3d
 from xal_engine.ops.cam_methods import get_cam_method
 
@@ -821,6 +822,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--steps: unknown {', '.join(unknown) or '(none)'}; expected some of {', '.join(dict(STEPS))}")
     args.steps = names
+    if not args.budget_scale > 0:  # 0 or less would time every step out before it starts
+        p.error(f"--budget-scale: expected a positive factor, got {args.budget_scale}")
     return args
 
 
@@ -830,7 +833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     profile = TINY if args.tiny else FULL
     out = args.out if args.out is not None else checkout.results_dir("pass --out DIR") / "gpu"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise XalError(f"--out {out}: cannot create the results folder ({err.strerror})") from None
     for stale in out.glob("*.error.txt"):
         stale.unlink()
     ctx = Context(out=out, device=device, profile=profile, workdir=args.workdir)
