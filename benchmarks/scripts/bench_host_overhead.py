@@ -43,6 +43,7 @@ from xal_engine.bench.timing import append_rows, device_name, git_commit, synchr
 from xal_engine.core.fields import REQUIRED_NAMES, PerImage
 from xal_engine.core.inputs import ModelInputs, resolve_device
 from xal_engine.core.models import Checkpoint, build_model, save_checkpoint
+from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import class_names
 from xal_engine.jobs.runtime import available_cores, resolve_threads, torch_threads
 from xal_engine.jobs.score import score_pool, unit_loader
@@ -179,8 +180,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    workers = [int(w) for w in args.workers.split(",")]
-    device = resolve_device(args.device)
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        ap.error(f"--workers: expected comma-separated counts such as 0,2, got {args.workers!r}")
+    for flag, value, least in (("--n", args.n, 1), ("--repeats", args.repeats, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", min(workers), 0)):
+        if value < least:
+            ap.error(f"{flag}: expected at least {least}, got {value}")
+    try:
+        device = resolve_device(args.device)
+    except XalError as err:
+        ap.error(str(err))
     start_load = load_avg()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xal-host-overhead-") as tmp:
