@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    # a batch of one takes the reference path (torch splits its one row between threads): not "compiled"
+    for flag, value, least in (("--batch", args.batch, 2), ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):
+        if value < least:
+            ap.error(f"{flag}: expected at least {least}, got {value}")
     torch.set_num_threads(args.threads)
     meta = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "numba": numba.__version__,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "git_commit": git_commit()}

@@ -24,3 +24,15 @@ def test_the_script_writes_one_checked_row_per_provider_and_side(tmp_path: Path)
     stored = list(csv.DictReader(out.open()))
     assert len(stored) == 24 and all(float(r["ms_per_batch"]) > 0 for r in stored)
     assert all(r["speedup_vs_reference"] == "1.0" for r in stored if r["provider"] == "reference")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch", "1"], "--batch: expected at least 2, got 1"),
+    (["--repeats", "0"], "--repeats: expected at least 1, got 0"),
+    (["--threads", "0"], "--threads: expected at least 1, got 0"),
+])
+def test_bad_flags_are_one_line_and_exit_2(args, message, capsys) -> None:
+    module = load_script(SCRIPT)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
