@@ -36,6 +36,7 @@ from xal_engine.core import capture as cam
 from xal_engine.core import scoring
 from xal_engine.core.inputs import resolve_device
 from xal_engine.core.models import Checkpoint, build_model, parse_arch, save_checkpoint
+from xal_engine.errors import XalError
 from xal_engine.ingest.synthetic import SyntheticConfig, class_names, create_synthetic_pool
 from xal_engine.jobs import score as scorer
 from xal_engine.jobs import streaming
@@ -143,7 +144,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cprofile", type=int, default=0, help="also print the N costliest functions")
     args = p.parse_args(argv)
-    result = profile(args)
+    if args.threads < 0:
+        p.error(f"--threads: expected 0 (torch's default) or more, got {args.threads}")
+    try:
+        result = profile(args)
+    except XalError as err:  # a bad --n, --arch, --device ...: one line, as the CLI gives it
+        p.error(str(err))
     print(f"score_pool N={args.n} {args.channels}x{args.image_size}x{args.image_size} {args.arch} batch={args.batch_size} "
           f"workers={args.workers} {args.precision}: {result['wall']:.2f} s, {args.n / result['wall']:.0f} img/s")
     for stage in (*STAGES, "other"):
