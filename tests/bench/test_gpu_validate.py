@@ -224,7 +224,7 @@ def test_unknown_steps_are_refused() -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--device", "tpu"], "device 'tpu' is not valid"),
-    (["--budget-scale", "0"], "--budget-scale: expected a positive factor, got 0.0"),
+    (["--budget-scale", "-1"], "--budget-scale: expected a factor >= 0, got -1.0"),
     (["--tiny", "--device", "cpu", "--out", "/proc/no-such-folder/out"], "--out /proc/no-such-folder/out: cannot create"),
 ])
 def test_bad_flags_and_a_missing_device_are_one_line_and_exit_2(args, message) -> None:

@@ -822,8 +822,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--steps: unknown {', '.join(unknown) or '(none)'}; expected some of {', '.join(dict(STEPS))}")
     args.steps = names
-    if not args.budget_scale > 0:  # 0 or less would time every step out before it starts
-        p.error(f"--budget-scale: expected a positive factor, got {args.budget_scale}")
+    if not args.budget_scale >= 0:  # a negative factor or NaN; 0 spends no budget (every case skipped)
+        p.error(f"--budget-scale: expected a factor >= 0, got {args.budget_scale}")
     return args
 
 
