@@ -1,6 +1,6 @@
 """Score run creation: a killed creation is created again, concurrent creation happens once, a shard
-cleans only its own half-written chunks, a label change makes a run stale; a killed pool swap is
-finished by the next writer."""
+cleans only its own half-written chunks, a label change makes a run stale; a unit whose write fails
+stays pending; a killed pool swap is finished by the next writer."""
 
 import subprocess
 import sys
@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xal_engine.core.fields import PerImage
 from xal_engine.errors import PoolError, XalError
 from xal_engine.store import Pool, PoolWriter
 from xal_engine.store.al_state import GENERATION_ATTR, bump_generation, pool_generation
-from xal_engine.store.score_run import GENERATION_KEY, ScoreRun
+from xal_engine.store.score_run import GENERATION_KEY, ScoreRun, UnitResult
 
 N, CHUNK = 20, 4  # 5 work units
 FINGERPRINT = {"model_sha256": "ab", "threshold": 0.5}
@@ -91,6 +92,53 @@ def test_a_created_run_resumes_and_keeps_its_done_units(pool: Path) -> None:
                                        r"\(threshold\); choose another --run or pass --overwrite$"):
         create(pool, {**FINGERPRINT, "threshold": 0.6})
     assert create(pool, {**FINGERPRINT, "threshold": 0.6}, overwrite=True).pending_units() == [0, 1, 2, 3, 4]
+
+
+def unit_rows(run: ScoreRun, unit: int, value: float) -> UnitResult:
+    """Unit ``unit``'s results, every field ``value`` (pred the value as an int), in stored dtypes."""
+    start, stop = run.unit_range(unit)
+    tails = {"probs": (2,)}
+    return PerImage(**{f.name: np.full((stop - start, *tails.get(f.name, ())), value, dtype=f.dtype)
+                       for f in run.fields})
+
+
+def test_only_a_run_just_created_counts_as_created_and_completeness_reads_other_shards_flags(pool: Path) -> None:
+    """A run made by this call is `created` (its plan skips reading `done`); a resumed one is not. It
+    is complete once every unit is done, whoever marked it: this object's writes, or another
+    shard's, read from the stored flags."""
+    mine = create(pool)
+    assert mine.created and not create(pool).created
+    other = create(pool)
+    for unit in mine.shard_units(0, 2):
+        mine.write_unit(unit, unit_rows(mine, unit, 0.25))
+    assert not mine.is_complete() and mine.pending_units(1, 2) == [2, 3, 4]
+    for unit in other.shard_units(1, 2):
+        other.write_unit(unit, unit_rows(other, unit, 0.5))
+    assert mine.is_complete() and other.is_complete()
+    dice = create(pool).read(("dice",))["dice"]
+    np.testing.assert_array_equal(dice, np.repeat(np.float32([0.25, 0.5]), [8, 12]))
+
+
+def test_a_unit_whose_write_fails_stays_pending_and_its_rerun_stores_it(pool: Path) -> None:
+    """write_unit stores a unit's arrays concurrently: one array's failure (its chunk's path is a
+    folder) is raised once the others ended, the unit is not marked done, and writing it again stores
+    every array. A result of the wrong shape is refused before anything is written."""
+    run = create(pool)
+    rows = unit_rows(run, 1, 0.75)
+    wrong = type(rows)(**{**{f.name: rows[f.name] for f in run.fields}, "probs": np.zeros((CHUNK, 3), np.float16)})
+    with pytest.raises(ValueError, match=r"^unit 1: field 'probs' has shape \(4, 3\), expected \(4, 2\)$"):
+        run.write_unit(1, wrong)
+    blocked = pool / "scores" / "r" / "dice" / "c" / "1"
+    blocked.mkdir(parents=True)
+    with pytest.raises(OSError):
+        run.write_unit(1, rows)
+    assert create(pool).pending_units() == [0, 1, 2, 3, 4] and not run.done_mask()[1]
+    blocked.rmdir()
+    run.write_unit(1, rows)
+    again = create(pool)
+    assert again.pending_units() == [0, 2, 3, 4]
+    np.testing.assert_array_equal(again.take("probs", np.arange(4, 8)), np.full((4, 2), 0.75, np.float16))
+    np.testing.assert_array_equal(again.take("dice", np.arange(4, 8)), np.full(4, 0.75, np.float32))
 
 
 def test_a_shard_cleans_only_the_half_written_chunks_of_its_own_units(pool: Path) -> None:
@@ -176,9 +224,12 @@ def test_the_creation_lock_is_held_by_one_at_a_time_and_deleted_on_release(tmp_p
     assert order == ["first releases", "second holds"] and not path.exists()
 
 
-def test_a_run_is_created_with_the_metadata_one_create_array_per_field_gives(pool: Path) -> None:
-    """The field arrays are created together (create_hierarchy from metadata drawn up in memory): each
-    zarr.json equals the one a create_array of that field writes, and the group and done are as before."""
+@pytest.mark.parametrize("optional", [{}, {"cam_shape": (3, 5), "embedding_dim": 7, "mc": True}],
+                         ids=["required", "every-optional-field"])
+def test_a_run_is_created_with_the_metadata_one_create_array_per_field_gives(pool: Path, optional: dict) -> None:
+    """The field arrays are created together (create_hierarchy from zarr.json documents drawn up by
+    hand): each zarr.json equals the one a create_array of that field writes (float16, int16, float32,
+    bool; 1-D to 3-D), and the group and done are as before."""
     import json
     import math
 
@@ -187,9 +238,10 @@ def test_a_run_is_created_with_the_metadata_one_create_array_per_field_gives(poo
     from xal_engine.core.fields import Layout
     from xal_engine.store.format import compressors
 
-    create(pool)
+    ScoreRun.create_or_resume(Pool.open(pool, mode="r+").group, "r", n=N, n_classes=2, unit_size=CHUNK,
+                              fingerprint=FINGERPRINT, attrs={"model": "m"}, **optional)
     group = Pool.open(pool, mode="r+").group["scores"].create_group("by-hand", attributes={"model": "m"})
-    layout = Layout(n_classes=2)
+    layout = Layout(n_classes=2, **optional)
     for field in layout.fields:
         tail, dtype = layout.tail(field), np.dtype(field.dtype)
         group.create_array(field.name, shape=(N, *tail), chunks=(CHUNK, *tail), dtype=dtype, fill_value=field.fill,

@@ -466,8 +466,11 @@ class RunPlan:
 def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> RunPlan:
     """Create or resume the run (``open_run``) and cut this shard's pending units into loader items."""
     run = open_run(pool, model_path, ckpt, config)
-    run.clean_partial_files(run.shard_units(config.shard_id, config.num_shards))  # this shard's own
-    pending = run.pending_units(config.shard_id, config.num_shards)
+    if run.created:  # made just now: nothing done, no half-written chunk to clean
+        pending = list(run.shard_units(config.shard_id, config.num_shards))
+    else:
+        run.clean_partial_files(run.shard_units(config.shard_id, config.num_shards))  # this shard's own
+        pending = run.pending_units(config.shard_id, config.num_shards)
     items = unit_items(run, pending, pool.chunk_size, config.batch_size)
     return RunPlan(run=run, pending=pending,
                    already_done=len(run.shard_units(config.shard_id, config.num_shards)) - len(pending),

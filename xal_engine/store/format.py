@@ -150,10 +150,23 @@ def optional_specs() -> dict[str, tuple[tuple[int, ...], Any, Any]]:
     }
 
 
-def optional_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
-    """The optional per-image arrays ``group`` stores (name -> array; {} in a pool without them)."""
+def optional_arrays(group: zarr.Group, members: Mapping[str, zarr.Array] | None = None) -> dict[str, zarr.Array]:
+    """The optional per-image arrays ``group`` stores (name -> array; {} in a pool without them);
+    ``members``: its arrays as :func:`group_arrays` read them, when the caller has them."""
+    if members is not None:
+        return {name: members[name] for name in OPTIONAL_ARRAYS if name in members}
     present = set(group.array_keys())
     return {name: group[name] for name in OPTIONAL_ARRAYS if name in present}
+
+
+def group_arrays(group: zarr.Group) -> dict[str, zarr.Array] | None:
+    """Every array directly in ``group`` (name -> array), their metadata read concurrently in one
+    pass (a pool's open fetched it array by array, 16 round trips); None when some child's
+    metadata does not parse: the one-by-one checks then name which."""
+    try:
+        return {name: node for name, node in group.members() if isinstance(node, zarr.Array)}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError):
+        return None
 
 
 def as_str(values: np.ndarray) -> np.ndarray:
@@ -179,6 +192,21 @@ def read_arrays(arrays: Mapping[str, zarr.Array], start: int,
         if isinstance(value, BaseException) and not isinstance(value, Exception):
             raise value  # KeyboardInterrupt and the like
     return dict(zip(arrays, values, strict=True))  # type: ignore[arg-type]
+
+
+def write_arrays(arrays: Mapping[str, zarr.Array], start: int, values: Mapping[str, np.ndarray]) -> None:
+    """Rows [start, start + len) of every array from ``values`` (name -> rows), encoded and stored
+    concurrently (a score run's unit of nine arrays: 11 ms instead of 16 one by one); the first
+    failure is raised once every write has ended."""
+
+    async def gather() -> list[None | BaseException]:
+        writes = (array.async_array.setitem(slice(start, start + len(values[name])), values[name])
+                  for name, array in arrays.items())
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    for outcome in sync(gather()):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def chunk_key(array: zarr.Array, chunk: int) -> str:
@@ -263,13 +291,14 @@ def _open_remote_group(url: StoreURL, mode: str) -> zarr.Group:
                         f"({type(err).__name__}: {err})") from err
 
 
-def structure_problems(group: zarr.Group) -> list[str]:
-    """Missing arrays, wrong dtypes, inconsistent N/C/D/H/W or chunk lengths ([] when consistent)."""
+def structure_problems(group: zarr.Group, members: Mapping[str, zarr.Array] | None = None) -> list[str]:
+    """Missing arrays, wrong dtypes, inconsistent N/C/D/H/W or chunk lengths ([] when consistent);
+    ``members``: the group's arrays as :func:`group_arrays` read them, when the caller has them."""
     arrays: dict[str, zarr.Array] = {}
     problems = []
     for name in PER_IMAGE_ARRAYS:
         try:
-            node = group.get(name)
+            node = members.get(name) if members is not None else group.get(name)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as err:
             # its zarr.json does not parse, or describes no valid array
             problems.append(f"array '{name}' has unreadable metadata ({name}/zarr.json: "
@@ -305,13 +334,14 @@ def structure_problems(group: zarr.Group) -> list[str]:
         if array.chunks[0] != images.chunks[0]:
             problems.append(f"array '{name}' has {array.chunks[0]} images per chunk, 'images' "
                             f"{images.chunks[0]}: every per-image array must use the same chunk length")
-    return problems + _optional_problems(group, n, images.chunks[0])
+    return problems + _optional_problems(group, n, images.chunks[0], members)
 
 
-def _optional_problems(group: zarr.Group, n: int, chunk: int) -> list[str]:
+def _optional_problems(group: zarr.Group, n: int, chunk: int,
+                       members: Mapping[str, zarr.Array] | None) -> list[str]:
     """The optional per-image arrays present: whole groups, shape (n, ...), dtype, chunked like 'images'."""
     try:
-        present = optional_arrays(group)
+        present = optional_arrays(group, members)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as err:
         return [f"an optional per-image array has unreadable metadata ({type(err).__name__}: {err})"]
     problems = []

@@ -31,6 +31,7 @@ from xal_engine.store.format import (
     WRITING_ATTR,
     as_str,
     chunk_key,
+    group_arrays,
     missing_chunk_error,
     missing_chunks,
     open_group,
@@ -69,13 +70,15 @@ def _check_unfinished(path: Location) -> None:
 class Pool:
     """An open pool. Use :meth:`open`; ``mode="r+"`` lets other commands add subgroups."""
 
-    def __init__(self, path: Location, group: zarr.Group) -> None:
+    def __init__(self, path: Location, group: zarr.Group, members: dict[str, zarr.Array] | None = None) -> None:
+        """``members``: the group's arrays as ``group_arrays`` read them (:meth:`open` passes them)."""
         self.path = path
         self.group = group
         # the per-image arrays' metadata never changes after the writer closes: open it once
-        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in PER_IMAGE_ARRAYS}
+        self.arrays: dict[str, zarr.Array] = {name: members[name] if members is not None else group[name]
+                                              for name in PER_IMAGE_ARRAYS}
         # the optional per-image arrays this pool stores ({} without them): read by take / column only
-        self.optional: dict[str, zarr.Array] = optional_arrays(group)
+        self.optional: dict[str, zarr.Array] = optional_arrays(group, members)
         images = self.arrays["images"]
         self.n, self.channels = int(images.shape[0]), int(images.shape[1])
         # (H, W), or (D, H, W) in a volume pool (format version 2)
@@ -120,15 +123,16 @@ class Pool:
         classes = attrs.get("classes")
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise PoolError(f"{path}: attribute 'classes' must be a list of class names")
-        problems = structure_problems(group)
+        members = group_arrays(group)  # every array's metadata in one pass, for the checks and the pool
+        problems = structure_problems(group, members)
         if problems:
             raise PoolError(f"{path}: " + "; ".join(problems))
-        rank = group["images"].ndim
-        if rank != version + 3:  # v1: (N, C, H, W), v2: (N, C, D, H, W)
+        images = members["images"] if members is not None else group["images"]
+        if images.ndim != version + 3:  # v1: (N, C, H, W), v2: (N, C, D, H, W)
             raise PoolError(f"{path}: pool format version {version} stores "
                             f"{'volumes (N, C, D, H, W)' if version == 2 else 'images (N, C, H, W)'}, but "
-                            f"array 'images' has shape {group['images'].shape}")
-        return cls(path, group)
+                            f"array 'images' has shape {images.shape}")
+        return cls(path, group, members)
 
     def __repr__(self) -> str:
         return (f"Pool({str(self.path)!r}, n={self.n}, shape={(self.channels, *self.spatial)}, "

@@ -15,8 +15,8 @@ Layout (N = pool size, K = classes, U = number of work units): one array per res
 
 A work unit is a whole number of the pool's chunks, sized for the writer (:func:`unit_size_for`: at
 least 4096 images by default, ``score --unit-size``), and every result array is chunked by unit, so
-writing a unit is one chunk-aligned assignment per array and a 1M-image run has ~245 units, not
-62.5k. A unit's `done` flag is set only after all its arrays are written; a crash before that leaves
+writing a unit is one chunk-aligned assignment per array (all arrays concurrently) and a 1M-image
+run has ~245 units, not 62.5k. A unit's `done` flag is set only after all its arrays are written; a crash before that leaves
 it pending and a rerun recomputes it, so a run is idempotent. Each flag is its own chunk: shards that
 write different units never touch the same chunk (Zarr has no locks). A run keeps the unit size it
 was created with (``unit_size`` attribute): runs made when a unit was one pool chunk open and resume
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from xal_engine.core.fields import BY_NAME, FIELDS, REQUIRED_NAMES, Field, Layout, PerImage
 from xal_engine.errors import PoolError, XalError
@@ -52,6 +53,7 @@ from xal_engine.store.format import (
     missing_chunk_error,
     missing_chunks,
     stored_keys,
+    write_arrays,
 )
 from xal_engine.store.location import local_root
 from xal_engine.store.locks import score_create_lock_path, waiting_lock
@@ -84,20 +86,31 @@ def unit_size_for(chunk_size: int, n: int, requested: int | None = None) -> int:
 class ScoreRun:
     """One run's arrays in an open pool group (mode "r+" to write)."""
 
-    def __init__(self, group: zarr.Group, name: str, n: int, unit_size: int) -> None:
+    def __init__(self, group: zarr.Group, name: str, n: int, unit_size: int,
+                 created: dict[str, zarr.Array] | None = None) -> None:
+        """``created``: every array of a run this process has just created (name -> handle), which
+        makes the run :attr:`created` and spares reading back what was just written."""
         self.group = group
         self.name = name
         self.n = n
         self.unit_size = unit_size
         self.n_units = math.ceil(n / unit_size)
         # the registry fields this run stores: every required one, and the optional ones it was made with
-        present = set(group.array_keys())
+        present = set(group.array_keys() if created is None else created)
         self.fields: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional or f.name in present)
         # Runs written before checksums skipped chunks equal to the fill value (a unit without ROIs
         # has no dice chunk): there only the fields that never equal their fill must be stored.
-        self.checked = DONE in present and any(isinstance(c, Crc32cCodec) for c in group[DONE].compressors)
+        done = None if DONE not in present else group[DONE] if created is None else created[DONE]
+        self.checked = done is not None and any(isinstance(c, Crc32cCodec) for c in done.compressors)
         self.always_stored = tuple(f.name for f in self.fields if self.checked or not f.needs_roi)
+        # True when this object created the run: no unit is done and no chunk file exists, so a
+        # plan needs neither a cleaning pass nor a read of the done flags.
+        self.created = created is not None
         self._writable: dict[str, zarr.Array] | None = None  # handles opened once, by write_unit
+        if created is not None:
+            self._writable = self._writable_handles(created)
+        # units this object marked done (a lower bound of the stored flags: other shards write theirs)
+        self._written = np.zeros(self.n_units, dtype=bool)
 
     def has(self, name: str) -> bool:
         """Whether the run stores field ``name`` (an optional field such as ``cam`` may be absent)."""
@@ -160,10 +173,11 @@ class ScoreRun:
             del scores[name]
         group = scores.create_group(name, attributes=attrs)
         # the field arrays in one concurrent creation (a third of the time of one create_array each)
-        dict(group.create_hierarchy(_field_metadata(layout, n, unit_size), overwrite=True))
-        group.create_array(DONE, shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool",
-                           fill_value=False, compressors=compressors(np.dtype(bool), "lz4", 5), overwrite=True)
-        return cls(group, name, n, unit_size)
+        arrays = dict(group.create_hierarchy(_field_metadata(layout, n, unit_size), overwrite=True))
+        arrays[DONE] = group.create_array(
+            DONE, shape=(math.ceil(n / unit_size),), chunks=(1,), dtype="bool", fill_value=False,
+            compressors=compressors(np.dtype(bool), "lz4", 5), overwrite=True)
+        return cls(group, name, n, unit_size, created=arrays)
 
     @classmethod
     def open(cls, pool_group: zarr.Group, name: str) -> ScoreRun:
@@ -198,20 +212,33 @@ class ScoreRun:
         return [u for u in self.shard_units(shard_id, num_shards) if not done[u]]
 
     def write_unit(self, unit: int, result: UnitResult) -> None:
-        """Write one unit's rows (one chunk per array), then mark it done."""
+        """Write one unit's rows (one chunk per array, all arrays concurrently), then mark it done."""
         start, stop = self.unit_range(unit)
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
         if self._writable is None:  # one metadata read per array and run, not per unit
-            self._writable = {f.name: self.group[f.name].with_config({"write_empty_chunks": True})
-                              for f in self.fields}
-            self._writable[DONE] = self.group[DONE]
-        for field in self.fields:
-            self._writable[field.name][start:stop] = np.asarray(result[field.name], dtype=field.dtype)
-        self._writable[DONE][unit] = True
+            self._writable = self._writable_handles({name: self.group[name] for name in (*self.field_names, DONE)})
+        fields = {name: self._writable[name] for name in self.field_names}
+        rows = {f.name: np.asarray(result[f.name], dtype=f.dtype) for f in self.fields}
+        for name, values in rows.items():  # Zarr would store a wider row cut to size, silently
+            if values.shape != (want := (stop - start, *fields[name].shape[1:])):
+                raise ValueError(f"unit {unit}: field '{name}' has shape {values.shape}, expected {want}")
+        write_arrays(fields, start, rows)
+        self._writable[DONE][unit] = True  # only once every array of the unit is stored
+        self._written[unit] = True
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def _writable_handles(self, arrays: dict[str, zarr.Array]) -> dict[str, zarr.Array]:
+        """The handles write_unit writes through: every chunk stored, fill values included."""
+        return {name: arrays[name] if name == DONE else arrays[name].with_config({"write_empty_chunks": True})
+                for name in (*self.field_names, DONE)}
 
     def is_complete(self) -> bool:
-        return bool(self.done_mask().all())
+        """Whether every unit is done; without reading the flags when this object wrote all of them."""
+        return bool(self._written.all()) or bool(self.done_mask().all())
 
     def read(self, fields: tuple[str, ...] = REQUIRED_NAMES) -> dict[str, np.ndarray]:
         """Fields ``fields`` of every image; :class:`PoolError` when a chunk of a done unit or of
@@ -264,16 +291,22 @@ class ScoreRun:
         return removed
 
 
-def _field_metadata(layout: Layout, n: int, unit_size: int) -> dict[str, Any]:
-    """Each field array's metadata, (N,), (N, K), (N, h, w) or (N, D) chunked by work unit, as Zarr
-    makes it (drawn up in memory, for ``create_hierarchy``)."""
-    template = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+def _field_metadata(layout: Layout, n: int, unit_size: int) -> dict[str, ArrayV3Metadata]:
+    """Each field array's metadata, (N,), (N, K), (N, h, w) or (N, D) chunked by work unit, for
+    ``create_hierarchy``: its zarr.json document (Zarr v3 spec) parsed by Zarr, equal to what
+    ``create_array`` makes (tested) in a tenth of the time (drawing each up in a store took 5 ms a run)."""
     metadata = {}
     for field in layout.fields:
         tail, dtype = layout.tail(field), np.dtype(field.dtype)
-        metadata[field.name] = template.create_array(
-            field.name, shape=(n, *tail), chunks=(unit_size, *tail), dtype=dtype, fill_value=field.fill,
-            compressors=compressors(dtype, "lz4", 5)).metadata
+        blosc, checksum = (codec.to_dict() for codec in compressors(dtype, "lz4", 5))
+        blosc["configuration"]["typesize"] = dtype.itemsize  # as Zarr sets it from the dtype
+        serializer = {"name": "bytes", **({"configuration": {"endian": "little"}} if dtype.itemsize > 1 else {})}
+        metadata[field.name] = ArrayV3Metadata.from_dict({
+            "zarr_format": 3, "node_type": "array", "shape": (n, *tail), "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": (unit_size, *tail)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": field.fill, "codecs": (serializer, blosc, checksum), "attributes": {},
+        })
     return metadata
 
 
