@@ -19,6 +19,8 @@ next to nothing, so what remains is the host side. Measured in one run, per ``--
             unit into a fresh run
 One warm-up pass of each, outside the timing; then ``--repeats`` rounds, each running every case
 for every W in turn (interleaved, so drift hits all cases alike); the median round is reported.
+Besides the ratio of medians, each row has the ratios of one round (plain's time over the case's in
+the same round: a shared machine's slow spells hit both alike), their median, minimum and maximum.
 The pool is built fast: a few chunks generated, then repeated (ids kept unique). Torch threads
 follow the CLI's rule (threads + loader workers <= cores) for every case. Rows are appended to
 benchmarks/results/host_overhead.csv (--out) and printed as a table.
@@ -66,7 +68,7 @@ SIZE, CHANNELS, CLASSES = 224, 3, 3
 CASES = ("loader", "plain", "compute", "score", "writer")
 COLUMNS = ["case", "num_workers", "threads", "n_images", "unit_size", "batch_size", "seconds", "min_s",
            "max_s", "images_per_s", "images_per_s_per_loader_core", "ms_per_unit", "ratio_vs_plain",
-           "ratio_vs_compute",
+           "ratio_vs_compute", "round_ratio_vs_plain", "round_ratio_min", "round_ratio_max",
            "device", "cores", "torch", "zarr", "date", "load_avg_start", "load_avg_end", "git_commit"]
 
 
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         compute_ips = n / statistics.median(times["compute", w])
         for case in CASES:
             s = statistics.median(times[case, w])
+            paired = [p / c for p, c in zip(times["plain", w], times[case, w], strict=True)]
             ips = n / s
             rows.append({"case": case, "num_workers": w, "threads": resolve_threads(None, w), "n_images": n,
                          "unit_size": unit_size, "batch_size": args.batch_size, "seconds": round(s, 4),
@@ -230,18 +233,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          # the writer runs in the main process: no loader core
                          "images_per_s_per_loader_core": round(ips / max(1, w), 1) if case != "writer" else "",
                          "ms_per_unit": round(1e3 * s / units, 3), "ratio_vs_plain": round(ips / plain_ips, 3),
-                         "ratio_vs_compute": round(ips / compute_ips, 3), **meta})
+                         "ratio_vs_compute": round(ips / compute_ips, 3),
+                         "round_ratio_vs_plain": round(statistics.median(paired), 3),
+                         "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
+                         **meta})
     append_rows(args.out, rows, COLUMNS)
     print(f"\n{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, zarr {meta['zarr']}, "
           f"load {start_load} -> {end_load}; {n} images, {units} units of {unit_size}, "
           f"median of {args.repeats} ({time.perf_counter() - t_start:.0f} s in all)")
     print(f"{'case':<8}{'workers':>8}{'threads':>8}{'s':>9}{'img/s':>10}{'img/s/core':>12}{'ms/unit':>10}"
-          f"{'vs plain':>10}{'vs compute':>12}")
+          f"{'vs plain':>10}{'vs compute':>12}{'per round vs plain':>24}")
     for row in rows:
         per_core = row["images_per_s_per_loader_core"]
         print(f"{row['case']:<8}{row['num_workers']:>8}{row['threads']:>8}{row['seconds']:>9.3f}"
               f"{row['images_per_s']:>10.1f}{per_core if per_core == '' else f'{per_core:.1f}':>12}"
-              f"{row['ms_per_unit']:>10.2f}{row['ratio_vs_plain']:>10.3f}{row['ratio_vs_compute']:>12.3f}")
+              f"{row['ms_per_unit']:>10.2f}{row['ratio_vs_plain']:>10.3f}{row['ratio_vs_compute']:>12.3f}"
+              f"{row['round_ratio_vs_plain']:>10.3f} ({row['round_ratio_min']:.3f}-{row['round_ratio_max']:.3f})")
     print(f"wrote {len(rows)} rows to {args.out}")
     return rows
 

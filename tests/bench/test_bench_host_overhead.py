@@ -20,9 +20,23 @@ def test_every_case_is_measured_and_its_ratios_come_from_the_same_run(tmp_path: 
     assert by_case["plain"]["ratio_vs_plain"] == 1.0 and by_case["compute"]["ratio_vs_compute"] == 1.0
     score, plain = by_case["score"], by_case["plain"]
     assert score["ratio_vs_plain"] == pytest.approx(score["images_per_s"] / plain["images_per_s"], rel=1e-2)
+    # one round: the per-round ratio is the ratio of the round's times, which are the medians
+    assert score["round_ratio_vs_plain"] == score["round_ratio_min"] == score["round_ratio_max"]
+    assert score["round_ratio_vs_plain"] == pytest.approx(score["ratio_vs_plain"], abs=2e-3)
     assert by_case["writer"]["images_per_s_per_loader_core"] == ""  # the writer runs in the main process
     stored = list(csv.DictReader(out.open()))
     assert [r["case"] for r in stored] == list(module.CASES)
+
+
+def test_per_round_ratios_pair_each_case_with_plain_of_the_same_round(tmp_path: Path) -> None:
+    module = load_script(SCRIPT)
+    rows = module.main(["--n", "24", "--repeats", "3", "--workers", "0", "--batch-size", "16",
+                        "--out", str(tmp_path / "host_overhead.csv")])
+    by_case = {r["case"]: r for r in rows}
+    plain = by_case["plain"]
+    assert plain["round_ratio_vs_plain"] == plain["round_ratio_min"] == plain["round_ratio_max"] == 1.0
+    for row in rows:
+        assert 0 < row["round_ratio_min"] <= row["round_ratio_vs_plain"] <= row["round_ratio_max"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
