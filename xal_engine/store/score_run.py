@@ -16,8 +16,8 @@ Layout (N = pool size, K = classes, U = number of work units): one array per res
 A work unit is a whole number of the pool's chunks, sized for the writer (:func:`unit_size_for`: at
 least 4096 images by default, ``score --unit-size``), and every result array is chunked by unit, so
 writing a unit is one chunk-aligned assignment per array (all arrays concurrently) and a 1M-image
-run has ~245 units, not 62.5k. A unit's `done` flag is set only after all its arrays are written; a crash before that leaves
-it pending and a rerun recomputes it, so a run is idempotent. Each flag is its own chunk: shards that
+run has ~245 units, not 62.5k. A unit's `done` flag is set only after all its arrays are written; a
+crash before that leaves it pending and a rerun recomputes it, so a run is idempotent. Each flag is its own chunk: shards that
 write different units never touch the same chunk (Zarr has no locks). A run keeps the unit size it
 was created with (``unit_size`` attribute): runs made when a unit was one pool chunk open and resume
 as they are.
@@ -98,6 +98,7 @@ class ScoreRun:
         # the registry fields this run stores: every required one, and the optional ones it was made with
         present = set(group.array_keys() if created is None else created)
         self.fields: tuple[Field, ...] = tuple(f for f in FIELDS if not f.optional or f.name in present)
+        self.field_names: tuple[str, ...] = tuple(f.name for f in self.fields)
         # Runs written before checksums skipped chunks equal to the fill value (a unit without ROIs
         # has no dice chunk): there only the fields that never equal their fill must be stored.
         done = None if DONE not in present else group[DONE] if created is None else created[DONE]
@@ -217,7 +218,8 @@ class ScoreRun:
         if result.pred.shape[0] != stop - start:
             raise ValueError(f"unit {unit} has {stop - start} images, result has {result.pred.shape[0]}")
         if self._writable is None:  # one metadata read per array and run, not per unit
-            self._writable = self._writable_handles({name: self.group[name] for name in (*self.field_names, DONE)})
+            self._writable = self._writable_handles({name: self.group[name]
+                                                     for name in (*self.field_names, DONE)})
         fields = {name: self._writable[name] for name in self.field_names}
         rows = {f.name: np.asarray(result[f.name], dtype=f.dtype) for f in self.fields}
         for name, values in rows.items():  # Zarr would store a wider row cut to size, silently
@@ -227,14 +229,10 @@ class ScoreRun:
         self._writable[DONE][unit] = True  # only once every array of the unit is stored
         self._written[unit] = True
 
-    @property
-    def field_names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self.fields)
-
     def _writable_handles(self, arrays: dict[str, zarr.Array]) -> dict[str, zarr.Array]:
-        """The handles write_unit writes through: every chunk stored, fill values included."""
-        return {name: arrays[name] if name == DONE else arrays[name].with_config({"write_empty_chunks": True})
-                for name in (*self.field_names, DONE)}
+        """The handles write_unit writes through: every field chunk stored, fill values included."""
+        fields = {name: arrays[name].with_config({"write_empty_chunks": True}) for name in self.field_names}
+        return {**fields, DONE: arrays[DONE]}
 
     def is_complete(self) -> bool:
         """Whether every unit is done; without reading the flags when this object wrote all of them."""
@@ -300,7 +298,9 @@ def _field_metadata(layout: Layout, n: int, unit_size: int) -> dict[str, ArrayV3
         tail, dtype = layout.tail(field), np.dtype(field.dtype)
         blosc, checksum = (codec.to_dict() for codec in compressors(dtype, "lz4", 5))
         blosc["configuration"]["typesize"] = dtype.itemsize  # as Zarr sets it from the dtype
-        serializer = {"name": "bytes", **({"configuration": {"endian": "little"}} if dtype.itemsize > 1 else {})}
+        serializer = {"name": "bytes"}  # with an endianness only where there are bytes to order
+        if dtype.itemsize > 1:
+            serializer["configuration"] = {"endian": "little"}
         metadata[field.name] = ArrayV3Metadata.from_dict({
             "zarr_format": 3, "node_type": "array", "shape": (n, *tail), "data_type": dtype.name,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": (unit_size, *tail)}},
