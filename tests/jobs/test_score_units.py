@@ -105,6 +105,33 @@ def test_shards_of_multi_chunk_units_together_equal_one_run(scored):
     assert_equal_runs(pool, "ref", "sh")
 
 
+@pytest.mark.parametrize(("shard_id", "num_shards", "message"), [
+    (0, 0, "--num-shards must be at least 1, got 0"),
+    (2, 2, r"--shard-id must lie in \[0, --num-shards\), got 2 of 2"),
+    (-1, 3, r"--shard-id must lie in \[0, --num-shards\), got -1 of 3"),
+])
+def test_a_bad_shard_is_one_line_naming_the_flag(shard_id, num_shards, message):
+    with pytest.raises(XalError, match=f"^{message}$"):
+        ScoreConfig(shard_id=shard_id, num_shards=num_shards)
+
+
+def test_a_shard_that_owns_no_unit_says_so_and_names_the_fix(scored, capsys):
+    """60 images in one default unit (64), two shards: shard 0 owns none and notes why; shard 1 scores
+    everything, with nothing to note."""
+    pool, model = scored
+    config = {"run": "few-units", "batch_size": UNIT, "num_workers": 0, "num_shards": 2}
+    idle = score_pool(pool, model, ScoreConfig(shard_id=0, **config))
+    assert (idle.units, idle.images, idle.complete) == (0, 0, False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [("note: run 'few-units' has 1 work unit of 64 images, fewer than 2 shards: shard 0 has "
+                      "nothing to score; a new run with a smaller --unit-size (whole pool chunks of 8 images) "
+                      "gives every shard work")]
+    busy = score_pool(pool, model, ScoreConfig(shard_id=1, **config))
+    assert (busy.units, busy.images, busy.complete) == (1, 60, True)
+    assert "note:" not in capsys.readouterr().err
+    assert_equal_runs(pool, "ref", "few-units")
+
+
 def test_another_unit_size_for_an_existing_run_is_noted_and_the_run_keeps_its_own(scored, capsys):
     pool, model = scored
     again = score_pool(pool, model, ScoreConfig(run="ref", unit_size=32, batch_size=UNIT, num_workers=0))

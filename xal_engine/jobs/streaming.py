@@ -101,7 +101,9 @@ class ScoreConfig:
             raise XalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.num_workers < 0:
             raise XalError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
+        if self.num_shards < 1:
+            raise XalError(f"--num-shards must be at least 1, got {self.num_shards}")
+        if not 0 <= self.shard_id < self.num_shards:
             raise XalError(
                 f"--shard-id must lie in [0, --num-shards), got {self.shard_id} of {self.num_shards}"
             )
@@ -466,6 +468,11 @@ class RunPlan:
 def plan_run(pool: Pool, model_path: Path, ckpt: Checkpoint, config: ScoreConfig) -> RunPlan:
     """Create or resume the run (``open_run``) and cut this shard's pending units into loader items."""
     run = open_run(pool, model_path, ckpt, config)
+    if not run.shard_units(config.shard_id, config.num_shards):  # more shards than units: say why it idles
+        _stderr(f"note: run '{config.run}' has {run.n_units} work unit{'s' * (run.n_units != 1)} of "
+                f"{run.unit_size} images, fewer than {config.num_shards} shards: shard {config.shard_id} "
+                f"has nothing to score; a new run with a smaller --unit-size (whole pool chunks of "
+                f"{pool.chunk_size} images) gives every shard work")
     if run.created:  # made just now: nothing done, no half-written chunk to clean
         pending = list(run.shard_units(config.shard_id, config.num_shards))
     else:
