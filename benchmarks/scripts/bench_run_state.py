@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-old", action="store_true", help="skip the one-unit-per-chunk layout (slow)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--chunk", args.chunk), ("--repeats", args.repeats)):
+        if value < 1:
+            ap.error(f"{flag}: expected at least 1, got {value}")
     layouts = [("units", unit_size_for(args.chunk, args.n))]
     if not args.no_old:
         layouts.append(("one_chunk_per_unit", args.chunk))
