@@ -267,3 +267,16 @@ def test_every_cam_method_and_the_volume_kernel_match_the_reference(tiny_run) ->
         kernel, torch_ms = float(row["kernel_ms"]), float(row["torch_ms"])
         assert kernel > 0 and torch_ms > 0
         assert math.isclose(float(row["speedup_vs_torch"]), torch_ms / kernel, rel_tol=1e-2, abs_tol=1e-3)
+
+
+def test_the_tests_step_without_its_runner_names_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    """A `[cpu]`-only install has no pytest: the tests step fails with what to install, in its detail
+    and in tests.log, instead of 'no junit xml'."""
+    monkeypatch.setattr(validate, "TEST_RUNNER", "xal_engine_no_such_test_runner")
+    ctx = validate.Context(out=tmp_path, device=validate.torch.device("cpu"), profile=validate.TINY, workdir=None)
+    ctx.deadline = math.inf
+    result = validate.step_tests(ctx)
+    want = (f"xal_engine_no_such_test_runner is not installed for {sys.executable}: install the dev extra "
+            "(pip install -e '.[cpu,dev]') and run again")
+    assert not result.ok and result.rows == [] and result.detail == want
+    assert (tmp_path / "tests.log").read_text() == want + "\n" and not (tmp_path / "tests_junit.xml").exists()
